@@ -1,0 +1,529 @@
+"""The Wan 2.1 / 2.2 diffusion transformer (DiT).
+
+Parameter names follow the original Wan repositories (``wan/modules/model.py``); diffusers
+checkpoints are renamed at load by :meth:`WanTransformerModel.prepare_state_dict`.
+
+The model is run one stage at a time so an executor can compile, offload or stream blocks::
+
+    x = model.embed(latents, timestep, text_embeds, image_embeds)
+    hidden = x.hidden
+    for block in model.blocks:
+        hidden = block(hidden, x.context, x.modulation, x.rope, num_image_tokens=x.num_image_tokens)
+    out = model.head(hidden, x.temb, x.grid)
+
+Precision islands (the rest runs in the parameters' dtype):
+
+* time embedding MLP, sinusoid and its output ``temb``: float32 (``keep_in_fp32``);
+* modulation: the ``time_projection`` output is promoted to float32 and added to the float32
+  ``modulation`` tables; the modulated LayerNorms and the gated residual adds are float32;
+* every LayerNorm is computed in float32 (the affine ones keep float32 weights);
+* RoPE angles are computed in float64 and stored as float32 cos/sin tables; rotation in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wanpipe.weights.keymap import remap_state_dict
+from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED, TRANSFORMER_DIFFUSERS_KEYS
+
+Rope = tuple[Tensor, Tensor]
+"""``(cos, sin)``, each (L, head_dim // 2) float32: one angle per rotated channel pair."""
+
+ROPE_THETA = 10000.0
+TIME_MAX_PERIOD = 10000.0
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The DiT hyper-parameters: the keys of a diffusers ``transformer/config.json``."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int | None = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> TransformerConfig:
+        """Build from a parsed config.json; ``_``-prefixed and unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if not k.startswith("_") and k in known}
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        patch = tuple(self.patch_size)
+        if len(patch) != 3 or any(not isinstance(p, int) or p < 1 for p in patch):
+            raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size!r}")
+        object.__setattr__(self, "patch_size", patch)
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        for name in ("num_attention_heads", "in_channels", "out_channels", "text_dim", "ffn_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
+        head_dim = self.attention_head_dim
+        if head_dim < 6 or head_dim % 2:
+            raise ValueError(
+                "attention_head_dim must be even and >= 6 so that 3-D RoPE can split it into "
+                f"frame/height/width parts of even size, got {head_dim}"
+            )
+        if self.freq_dim < 2 or self.freq_dim % 2:
+            raise ValueError(f"freq_dim must be even and positive, got {self.freq_dim}")
+        if self.qk_norm not in ("rms_norm_across_heads", None):
+            raise ValueError(f"qk_norm must be 'rms_norm_across_heads' or None, got {self.qk_norm!r}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.rope_max_seq_len < 1:
+            raise ValueError(f"rope_max_seq_len must be positive, got {self.rope_max_seq_len}")
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
+            raise ValueError(
+                "image_dim and added_kv_proj_dim come together (image-to-video models set both), "
+                f"got image_dim={self.image_dim}, added_kv_proj_dim={self.added_kv_proj_dim}"
+            )
+        if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.dim:
+            raise ValueError(
+                f"added_kv_proj_dim must equal the model dim {self.dim} (the image keys/values are "
+                f"projected from the embedded image tokens), got {self.added_kv_proj_dim}"
+            )
+        if self.pos_embed_seq_len is not None and (self.image_dim is None or self.pos_embed_seq_len < 1):
+            raise ValueError("pos_embed_seq_len needs image_dim and must be positive")
+
+    @property
+    def dim(self) -> int:
+        """Model width: heads * head_dim."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Channels of each head rotated by the frame, height and width positions."""
+        hw = 2 * (self.attention_head_dim // 6)
+        return self.attention_head_dim - 2 * hw, hw, hw
+
+
+# --------------------------------------------------------------------------------------------
+# Functional pieces
+# --------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal timestep features, float32: (...,) -> (..., dim) laid out as [cos | sin]."""
+    half = dim // 2
+    exponent = -math.log(TIME_MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / half)
+    angles = t.float()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def rope_angles(positions: int, dim: int, theta: float = ROPE_THETA) -> Tensor:
+    """float64 rotation angles for ``positions`` positions: (positions, dim // 2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
+
+
+def apply_rope(x: Tensor, rope: Rope) -> Tensor:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) in float32.
+
+    x: (B, H, L, D); rope: cos, sin (L, D/2) -> (B, H, L, D) in x's dtype.
+    """
+    cos, sin = rope
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Multi-head attention: q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, Lq, H*D)."""
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype: (..., C) -> (..., C), input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+def _qk_norm(dim: int, cfg: TransformerConfig) -> nn.Module:
+    # RMSNorm across all heads at once (the projection output before the head split).
+    return nn.RMSNorm(dim, eps=cfg.eps) if cfg.qk_norm is not None else nn.Identity()
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, L, H*D) -> (B, H, L, D)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with RMS-normed q/k and 3-D RoPE."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.heads = cfg.num_attention_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = _qk_norm(dim, cfg)
+        self.norm_k = _qk_norm(dim, cfg)
+
+    def forward(self, x: Tensor, rope: Rope) -> Tensor:
+        """x (B, L, dim), rope cos/sin (L, head_dim/2) -> (B, L, dim)."""
+        q = apply_rope(_split_heads(self.norm_q(self.q(x)), self.heads), rope)
+        k = apply_rope(_split_heads(self.norm_k(self.k(x)), self.heads), rope)
+        v = _split_heads(self.v(x), self.heads)
+        return self.o(attention(q, k, v))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to the text tokens, plus a separate image-token branch for I2V models."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.heads = cfg.num_attention_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = _qk_norm(dim, cfg)
+        self.norm_k = _qk_norm(dim, cfg)
+        self.has_image = cfg.added_kv_proj_dim is not None
+        if self.has_image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = _qk_norm(dim, cfg)
+
+    def forward(self, x: Tensor, context: Tensor, num_image_tokens: int = 0) -> Tensor:
+        """x (B, L, dim), context (B, Li + Lt, dim) with the Li image tokens first -> (B, L, dim)."""
+        if self.has_image and num_image_tokens <= 0:
+            raise ValueError("this image-to-video block needs image tokens in its context")
+        if not self.has_image and num_image_tokens:
+            raise ValueError("this block has no image branch but got image tokens")
+        image, text = context[:, :num_image_tokens], context[:, num_image_tokens:]
+        q = _split_heads(self.norm_q(self.q(x)), self.heads)
+        k = _split_heads(self.norm_k(self.k(text)), self.heads)
+        v = _split_heads(self.v(text), self.heads)
+        out = attention(q, k, v)
+        if self.has_image:
+            k_img = _split_heads(self.norm_k_img(self.k_img(image)), self.heads)
+            v_img = _split_heads(self.v_img(image), self.heads)
+            out = out + attention(q, k_img, v_img)
+        return self.o(out)
+
+
+def _modulation_rows(table: Tensor, modulation: Tensor) -> tuple[Tensor, ...]:
+    """float32 table (1, n, dim) + modulation (B, n, dim) or (B, L, n, dim) -> n x (B, 1|L, dim)."""
+    if modulation.ndim == 3:
+        modulation = modulation.unsqueeze(1)
+    return (table.float() + modulation.float()).unbind(2)
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention, modulated tanh-GELU FFN."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = Fp32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = Fp32LayerNorm(dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = Fp32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        context: Tensor,
+        modulation: Tensor,
+        rope: Rope,
+        num_image_tokens: int = 0,
+    ) -> Tensor:
+        """Run the block.
+
+        hidden (B, L, dim); context (B, Li + Lt, dim), image tokens first, ``num_image_tokens`` = Li;
+        modulation (B, 6, dim) or per-token (B, L, 6, dim), float32; rope cos/sin (L, head_dim/2)
+        -> hidden (B, L, dim) in hidden's dtype.
+        """
+        shift, scale, gate, c_shift, c_scale, c_gate = _modulation_rows(self.modulation, modulation)
+        dtype = hidden.dtype
+
+        x = (self.norm1(hidden.float()) * (1 + scale) + shift).to(dtype)
+        hidden = (hidden.float() + self.self_attn(x, rope) * gate).to(dtype)
+
+        hidden = hidden + self.cross_attn(self.norm3(hidden), context, num_image_tokens)
+
+        x = (self.norm2(hidden.float()) * (1 + c_scale) + c_shift).to(dtype)
+        return (hidden.float() + self.ffn(x).float() * c_gate).to(dtype)
+
+
+class WanHead(nn.Module):
+    """Final modulated LayerNorm, projection to patches, and unpatchify."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.patch_size = cfg.patch_size
+        self.out_channels = cfg.out_channels
+        self.norm = Fp32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, hidden: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """hidden (B, L, dim), temb (B, dim) or (B, L, dim) float32, grid (f, h, w) tokens
+        -> (B, C_out, f*pt, h*ph, w*pw)."""
+        if temb.ndim == 2:
+            temb = temb.unsqueeze(1)
+        shift, scale = _modulation_rows(self.modulation, temb.unsqueeze(2))
+        x = (self.norm(hidden.float()) * (1 + scale) + shift).to(hidden.dtype)
+        x = self.head(x)
+        f, h, w = grid
+        pt, ph, pw = self.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(x.shape[0], self.out_channels, f * pt, h * ph, w * pw)
+
+
+class ImageProjection(nn.Module):
+    """CLIP image tokens -> model width (I2V), with FLF2V's learned position table."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        assert cfg.image_dim is not None
+        self.proj = nn.Sequential(
+            Fp32LayerNorm(cfg.image_dim),
+            nn.Linear(cfg.image_dim, cfg.image_dim),
+            nn.GELU(),
+            nn.Linear(cfg.image_dim, cfg.dim),
+            Fp32LayerNorm(cfg.dim),
+        )
+        self.emb_pos: nn.Parameter | None = None
+        if cfg.pos_embed_seq_len is not None:
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.pos_embed_seq_len, cfg.image_dim))
+
+    def forward(self, image_embeds: Tensor) -> Tensor:
+        """image_embeds (B, Li, image_dim) -> (B, Li, dim); FLF2V: Li = pos_embed_seq_len."""
+        if self.emb_pos is not None:
+            if image_embeds.shape[1] != self.emb_pos.shape[1]:
+                raise ValueError(
+                    f"this model takes exactly {self.emb_pos.shape[1]} image tokens per sample "
+                    f"(first and last frame), got {image_embeds.shape[1]}"
+                )
+            image_embeds = image_embeds + self.emb_pos
+        return self.proj(image_embeds)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiTInputs:
+    """What :meth:`WanTransformerModel.embed` hands to the blocks and the head."""
+
+    hidden: Tensor
+    """(B, L, dim) patch tokens, model dtype; L = f * h * w."""
+    context: Tensor
+    """(B, Li + Lt, dim) image tokens (I2V) then text tokens, model dtype."""
+    modulation: Tensor
+    """(B, 6, dim) float32, or (B, L, 6, dim) for per-token timesteps."""
+    temb: Tensor
+    """(B, dim) float32, or (B, L, dim) for per-token timesteps."""
+    rope: Rope
+    """cos, sin (L, head_dim / 2) float32."""
+    grid: tuple[int, int, int]
+    """(f, h, w): the latent size in tokens."""
+    num_image_tokens: int = 0
+    """Li: how many leading context tokens are image tokens (0 for text-only models)."""
+
+
+class WanTransformerModel(nn.Module):
+    """The Wan DiT (T2V, I2V, FLF2V, TI2V) built from a :class:`TransformerConfig`."""
+
+    keep_in_fp32: tuple[str, ...] = (
+        r"time_embedding\..+",
+        r"(blocks\.\d+|head)\.modulation",
+        r"blocks\.\d+\.norm3\..+",
+        r"img_emb\.proj\.[04]\..+",
+    )
+    """Parameter names (``re.fullmatch``) that stay float32 when the model runs in bf16/fp16."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(
+            config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = WanHead(config)
+        self.img_emb = ImageProjection(config) if config.image_dim is not None else None
+        self._rope_cache: dict[tuple[int, int, int, torch.device], Rope] = {}
+
+    # -- weights -------------------------------------------------------------------------------
+
+    @classmethod
+    def keeps_fp32(cls, name: str) -> bool:
+        """Whether parameter ``name`` must stay float32 under a low-precision model dtype."""
+        return any(re.fullmatch(p, name) for p in cls.keep_in_fp32)
+
+    @staticmethod
+    def prepare_state_dict(checkpoint_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Rename a diffusers-format checkpoint to our names (original-format keys pass through)."""
+        kept = {
+            k: v
+            for k, v in checkpoint_state_dict.items()
+            if not any(re.fullmatch(p, k) for p in TRANSFORMER_DIFFUSERS_IGNORED)
+        }
+        return remap_state_dict(kept, TRANSFORMER_DIFFUSERS_KEYS)
+
+    # -- RoPE ----------------------------------------------------------------------------------
+
+    def compute_rope(
+        self, num_frames: int, height: int, width: int, device: torch.device | None = None
+    ) -> Rope:
+        """3-D RoPE tables for a (num_frames, height, width) token grid, cached per (grid, device).
+
+        Returns cos, sin (L, head_dim / 2) float32 with L = num_frames * height * width in
+        frame-major order; angles are computed in float64 on the CPU.
+        """
+        device = torch.device(device) if device is not None else self.patch_embedding.weight.device
+        key = (num_frames, height, width, device)
+        cached = self._rope_cache.get(key)
+        if cached is not None:
+            return cached
+        limit = self.config.rope_max_seq_len
+        if max(num_frames, height, width) > limit:
+            raise ValueError(
+                f"token grid {(num_frames, height, width)} exceeds rope_max_seq_len={limit} on some axis"
+            )
+        dt, dh, dw = self.config.rope_dims
+        grid = (num_frames, height, width)
+        parts = (
+            rope_angles(num_frames, dt)[:, None, None].expand(*grid, -1),
+            rope_angles(height, dh)[None, :, None].expand(*grid, -1),
+            rope_angles(width, dw)[None, None, :].expand(*grid, -1),
+        )
+        angles = torch.cat(parts, dim=-1).reshape(num_frames * height * width, -1)
+        rope = (angles.cos().float().to(device), angles.sin().float().to(device))
+        self._rope_cache[key] = rope
+        return rope
+
+    def clear_rope_cache(self) -> None:
+        """Drop every cached RoPE table."""
+        self._rope_cache.clear()
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def embed(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_embeds: Tensor,
+        image_embeds: Tensor | None = None,
+    ) -> DiTInputs:
+        """Patchify the latents and embed the conditions.
+
+        latents (B, C_in, F, H, W); timestep (B,) or per-token (B, L) floats in [0, 1000];
+        text_embeds (B, Lt, text_dim); image_embeds (B, Li, image_dim) for I2V models, else None.
+        """
+        cfg = self.config
+        batch, _, frames, height, width = latents.shape
+        pt, ph, pw = cfg.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(
+                f"latent size {(frames, height, width)} is not a multiple of patch {cfg.patch_size}"
+            )
+        grid = (frames // pt, height // ph, width // pw)
+        num_tokens = math.prod(grid)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if timestep.shape not in ((batch,), (batch, num_tokens)):
+            raise ValueError(
+                f"timestep must have shape ({batch},) or ({batch}, {num_tokens}), got {tuple(timestep.shape)}"
+            )
+        if (image_embeds is None) != (self.img_emb is None):
+            need = "needs" if self.img_emb is not None else "takes no"
+            raise ValueError(f"this model {need} image_embeds")
+
+        dtype = self.patch_embedding.weight.dtype
+        hidden = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+
+        time_dtype = self.time_embedding[0].weight.dtype
+        temb = self.time_embedding(timestep_sinusoid(timestep, cfg.freq_dim).to(time_dtype)).float()
+        proj_dtype = self.time_projection[1].weight.dtype
+        modulation = self.time_projection(temb.to(proj_dtype)).float().unflatten(-1, (6, cfg.dim))
+
+        context = self.text_embedding(text_embeds.to(self.text_embedding[0].weight.dtype))
+        num_image_tokens = 0
+        if self.img_emb is not None and image_embeds is not None:
+            image = self.img_emb(image_embeds.to(self.img_emb.proj[1].weight.dtype))
+            num_image_tokens = image.shape[1]
+            context = torch.cat([image, context.to(image.dtype)], dim=1)
+
+        return DiTInputs(
+            hidden=hidden,
+            context=context,
+            modulation=modulation,
+            temb=temb,
+            rope=self.compute_rope(*grid, device=latents.device),
+            grid=grid,
+            num_image_tokens=num_image_tokens,
+        )
+
+    def forward(
+        self,
+        latents: Tensor,
+        timestep: Tensor,
+        text_embeds: Tensor,
+        image_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """Predict the flow: latents (B, C_in, F, H, W), timestep (B,) or (B, L),
+        text_embeds (B, Lt, text_dim), image_embeds (B, Li, image_dim) | None -> (B, C_out, F, H, W)."""
+        x = self.embed(latents, timestep, text_embeds, image_embeds)
+        hidden = x.hidden
+        for block in self.blocks:
+            hidden = block(hidden, x.context, x.modulation, x.rope, num_image_tokens=x.num_image_tokens)
+        return self.head(hidden, x.temb, x.grid)
