@@ -1,0 +1,633 @@
+"""The Wan 2.1 video VAE: a causal 3-D convolutional autoencoder.
+
+A video of ``1 + 4k`` frames maps to ``1 + k`` latent frames, 8x smaller in height and width, with
+``z_dim`` (16) channels. Every temporal convolution is causal (it only looks at past frames), so a
+video is encoded and decoded chunk by chunk: each causal layer keeps the last input frames of the
+previous chunk in an explicit :class:`CausalCache`, created per ``encode``/``decode`` call. The first
+frame is special: it is encoded alone and decoded without temporal upsampling.
+
+Same numerics as diffusers' ``AutoencoderKLWan`` (Wan 2.1 layout); parameter names follow diffusers'
+checkpoints except for the few renames in :data:`wanpipe.weights.vae_keys.VAE_DIFFUSERS_KEYS`.
+Wan 2.2's residual VAE (``is_residual`` / ``patch_size``) is parsed by :class:`VAEConfig` but not yet
+built by :class:`WanVAE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wanpipe.weights.keymap import remap_state_dict
+from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS
+
+# diffusers' defaults: the Wan 2.1 VAE's per-channel latent statistics.
+WAN21_LATENTS_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENTS_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The keys of diffusers' ``vae/config.json`` (``AutoencoderKLWan``), with its defaults.
+
+    ``temperal_downsample`` keeps the checkpoint's spelling. Lists become tuples.
+    """
+
+    base_dim: int = 96
+    decoder_base_dim: int | None = None  # Wan 2.2: the decoder is wider than the encoder
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    is_residual: bool = False  # Wan 2.2
+    in_channels: int = 3
+    out_channels: int = 3
+    patch_size: int | None = None  # Wan 2.2
+    scale_factor_temporal: int | None = 4
+    scale_factor_spatial: int | None = 8
+    clip_output: bool = True  # clamp decoded pixels to [-1, 1]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VAEConfig:
+        """Build from a parsed ``config.json``; ``_``-prefixed and unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if not k.startswith("_") and k in names})
+
+    def __post_init__(self) -> None:
+        for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
+            raise ValueError(f"VAEConfig.decoder_base_dim must be >= 1 or None, got {self.decoder_base_dim}")
+        if not self.dim_mult or any(m < 1 for m in self.dim_mult):
+            raise ValueError(f"VAEConfig.dim_mult must be non-empty positive ints, got {self.dim_mult}")
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"VAEConfig.temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} "
+                f"entries, got {len(self.temperal_downsample)}"
+            )
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(
+                f"VAEConfig.latents_mean ({len(self.latents_mean)}) and latents_std "
+                f"({len(self.latents_std)}) must both have z_dim = {self.z_dim} entries"
+            )
+        if any(s <= 0 for s in self.latents_std):
+            raise ValueError("VAEConfig.latents_std must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"VAEConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ValueError(f"VAEConfig.patch_size must be >= 1 or None, got {self.patch_size}")
+        if self.scale_factor_temporal is not None and self.scale_factor_temporal != self.temporal_stride:
+            raise ValueError(
+                f"VAEConfig.scale_factor_temporal={self.scale_factor_temporal} disagrees with "
+                f"temperal_downsample={self.temperal_downsample} (stride {self.temporal_stride})"
+            )
+        if self.scale_factor_spatial is not None and self.scale_factor_spatial != self.spatial_stride:
+            raise ValueError(
+                f"VAEConfig.scale_factor_spatial={self.scale_factor_spatial} disagrees with dim_mult and "
+                f"patch_size (stride {self.spatial_stride})"
+            )
+
+    @property
+    def temporal_stride(self) -> int:
+        """Pixel frames per latent frame after the first (4 for Wan)."""
+        return 2 ** sum(bool(t) for t in self.temperal_downsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent pixel along height and width (8 for Wan 2.1, 16 for Wan 2.2)."""
+        return 2 ** (len(self.dim_mult) - 1) * (self.patch_size or 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal cache and posterior
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CausalCache:
+    """What the causal layers of one encoder or decoder carry from one chunk to the next.
+
+    ``frames[key]`` holds the last input frames of the layer whose ``cache_key`` is ``key`` (a
+    module path such as ``"up_blocks.0.resnets.1.conv1"``): at most 2 frames per layer, so the cache
+    is bounded whatever the video length. ``seen`` counts the input frames already processed; the
+    first chunk (``seen == 0``) is where the first frame gets its special treatment. Make a fresh
+    cache for every video.
+    """
+
+    frames: dict[str, Tensor] = field(default_factory=dict)
+    seen: int = 0
+
+    @property
+    def first_chunk(self) -> bool:
+        return self.seen == 0
+
+    def nbytes(self) -> int:
+        """Memory held by the cached frames."""
+        return sum(t.numel() * t.element_size() for t in self.frames.values())
+
+
+@dataclass
+class LatentDistribution:
+    """The encoder's diagonal Gaussian posterior; ``mean``, ``logvar``: (B, z_dim, f, h, w).
+
+    ``logvar`` is clamped to [-30, 20] as in the reference.
+    """
+
+    mean: Tensor
+    logvar: Tensor
+
+    @classmethod
+    def from_moments(cls, moments: Tensor) -> LatentDistribution:
+        """Split (B, 2 * z_dim, f, h, w) encoder moments into mean and log-variance."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return cls(mean, logvar.clamp(-30.0, 20.0))
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> Tensor:
+        """The most likely latents, i.e. the mean: (B, z_dim, f, h, w)."""
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """Draw latents ``mean + std * noise``: (B, z_dim, f, h, w)."""
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.std * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+class CausalConv3d(nn.Conv3d):
+    """A 3-D convolution padded with ``2 * padding[0]`` zero frames in the past and none in the future.
+
+    With a cache, the past frames are the last ones of the previous chunk instead of zeros, so
+    running chunk by chunk equals running on the whole video.
+    """
+
+    cache_key: str = ""  # set by the encoder / decoder that owns the layer
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int, int] = 0,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
+        pt, ph, pw = _triple(padding)
+        self.time_pad = 2 * pt
+        self.space_pad = (pw, pw, ph, ph)
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        """(B, C_in, T, H, W) -> (B, C_out, T', H', W'); T' = T for stride 1."""
+        time_pad = self.time_pad
+        if cache is not None and time_pad > 0:
+            if not self.cache_key:
+                raise RuntimeError(
+                    "CausalConv3d has no cache_key: it is not registered with an encoder/decoder"
+                )
+            past = cache.frames.get(self.cache_key)
+            if past is not None:
+                x = torch.cat([past, x], dim=2)
+                time_pad -= past.shape[2]
+            cache.frames[self.cache_key] = x[:, :, -self.time_pad :].clone()
+        x = F.pad(x, (*self.space_pad, time_pad, 0))
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """Channel RMS norm: ``x / ||x||_channels * sqrt(dim) * gamma``, in fp32 for low precision."""
+
+    def __init__(self, dim: int, images: bool = False) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, [T,] H, W) -> same shape."""
+        low_precision = x.is_floating_point() and x.dtype.itemsize < 4
+        normalized = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
+        return normalized * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """norm -> SiLU -> causal conv, twice, plus a (1x1x1 conv) shortcut."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        """(B, in_dim, T, H, W) -> (B, out_dim, T, H, W)."""
+        h = self.conv_shortcut(x)
+        x = self.conv1(F.silu(self.norm1(x)), cache)
+        x = self.conv2(self.dropout(F.silu(self.norm2(x))), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (no attention across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, T, H, W) -> (B, C, T, H, W); frames are independent, so no cache."""
+        b, c, t, h, w = x.shape
+        y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(y)).flatten(2).transpose(1, 2).unsqueeze(1)  # (BT, 1, HW, 3C)
+        q, k, v = qkv.contiguous().chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)  # (BT, 1, HW, C)
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return y.view(b, t, c, h, w).permute(0, 2, 1, 3, 4) + x
+
+
+ResampleMode = Literal["upsample2d", "upsample3d", "downsample2d", "downsample3d"]
+
+
+class Resample(nn.Module):
+    """2x spatial up/down sampling per frame, plus 2x temporal up/down sampling for the 3d modes.
+
+    Temporal upsampling turns every frame but the video's first into two (a causal conv makes
+    ``2 * dim`` channels, split into two frames). Temporal downsampling keeps the first frame and
+    then takes a stride-2 conv over ``[previous frame, f1, f2]`` windows, so it halves the 4k frames
+    that follow the first.
+    """
+
+    cache_key: str = ""  # set by the encoder / decoder that owns the layer
+
+    def __init__(self, dim: int, mode: ResampleMode, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("upsample"):
+            self.conv = nn.Conv2d(dim, dim // 2 if out_dim is None else out_dim, 3, padding=1)
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode.startswith("downsample"):
+            self.conv = nn.Conv2d(dim, dim, 3, stride=2)
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """(B, C, T, H, W) -> (B, C', T', 2H, 2W) up or (B, C, T', H/2, W/2) down.
+
+        T' = T for the 2d modes; for upsample3d T' = 2T (2T - 1 in the first chunk); for downsample3d
+        T' = T/2 (1 + (T - 1)/2 in the first chunk).
+        """
+        if self.mode == "upsample3d":
+            x = self._upsample_time(x, cache)
+        b, c, t, h, w = x.shape
+        y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        if self.mode.startswith("upsample"):
+            y = F.interpolate(y.float(), scale_factor=2.0, mode="nearest-exact").type_as(y)
+        else:
+            y = F.pad(y, (0, 1, 0, 1))
+        y = self.conv(y)
+        x = y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+        if self.mode == "downsample3d":
+            x = self._downsample_time(x, cache)
+        return x
+
+    def _upsample_time(self, x: Tensor, cache: CausalCache) -> Tensor:
+        head = None
+        if cache.first_chunk:  # the video's first frame is not upsampled in time
+            head, x = x[:, :, :1], x[:, :, 1:]
+        if x.shape[2] > 0:
+            y = self.time_conv(x, cache)  # (B, 2C, T, H, W): the two frames of each input frame
+            b, c2, t, h, w = y.shape
+            x = y.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        if head is None:
+            return x
+        return torch.cat([head, x], dim=2) if x.shape[2] > 0 else head
+
+    def _downsample_time(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if not self.cache_key:
+            raise RuntimeError("Resample has no cache_key: it is not registered with an encoder/decoder")
+        if cache.first_chunk:  # the first frame passes; it is also the left context of the next window
+            out = x[:, :, :1]
+            if x.shape[2] > 1:
+                out = torch.cat([out, self.time_conv(x)], dim=2)
+        else:
+            out = self.time_conv(torch.cat([cache.frames[self.cache_key], x], dim=2))
+        cache.frames[self.cache_key] = x[:, :, -1:].clone()
+        return out
+
+
+class MidBlock(nn.Module):
+    """Residual block, attention, residual block, at the lowest resolution."""
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout), ResidualBlock(dim, dim, dropout)])
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """(B, C, T, H, W) -> (B, C, T, H, W)."""
+        x = self.resnets[0](x, cache)
+        for attention, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attention(x), cache)
+        return x
+
+
+def _register_cache_keys(root: nn.Module) -> None:
+    """Name every stateful layer's cache slot after its path under ``root``."""
+    for name, module in root.named_modules():
+        if isinstance(module, (CausalConv3d, Resample)):
+            module.cache_key = name
+
+
+class Encoder3d(nn.Module):
+    """Video -> latent moments (Wan 2.1 layout: a flat list of residual and resample blocks)."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        dim = config.base_dim
+        dims = [dim * m for m in (1, *config.dim_mult)]
+        self.conv_in = CausalConv3d(config.in_channels, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        last = len(config.dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim, config.dropout))
+                in_dim = out_dim
+            if i != last:
+                mode: ResampleMode = "downsample3d" if config.temperal_downsample[i] else "downsample2d"
+                blocks.append(Resample(out_dim, mode))
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1], config.dropout)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * config.z_dim, 3, padding=1)
+        _register_cache_keys(self)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """(B, in_channels, T, H, W) -> (B, 2 * z_dim, T', H/8, W/8).
+
+        One chunk of the video: T = 1 + 4n in the first chunk (T' = 1 + n), T = 4n after (T' = n).
+        """
+        frames = x.shape[2]
+        x = self.conv_in(x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        x = self.conv_out(F.silu(self.norm_out(x)), cache)
+        cache.seen += frames
+        return x
+
+
+class UpBlock(nn.Module):
+    """``num_res_blocks + 1`` residual blocks, then an optional upsampler (Wan 2.1 layout)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_res_blocks: int,
+        dropout: float = 0.0,
+        upsample_mode: ResampleMode | None = None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [
+                ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout)
+                for i in range(num_res_blocks + 1)
+            ]
+        )
+        self.upsampler = Resample(out_dim, upsample_mode) if upsample_mode is not None else None
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """(B, in_dim, T, H, W) -> (B, out_dim // 2, T', 2H, 2W) with an upsampler, else (B, out_dim, T, H, W)."""
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        return x if self.upsampler is None else self.upsampler(x, cache)
+
+
+class Decoder3d(nn.Module):
+    """Latents -> video (Wan 2.1 layout). Like diffusers', it has no attention outside the mid block."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        dim = config.decoder_base_dim or config.base_dim
+        mult = config.dim_mult
+        dims = [dim * m for m in (mult[-1], *mult[::-1])]
+        temporal_upsample = config.temperal_downsample[::-1]
+        self.conv_in = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], config.dropout)
+        blocks = []
+        last = len(mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous upsampler halved the channels
+            mode: ResampleMode | None = None
+            if i != last:
+                mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
+            blocks.append(UpBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], config.out_channels, 3, padding=1)
+        _register_cache_keys(self)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """(B, z_dim, t, h, w) -> (B, out_channels, T, 8h, 8w).
+
+        One chunk of latents: T = 1 + 4(t - 1) in the first chunk, T = 4t after.
+        """
+        frames = x.shape[2]
+        x = self.conv_in(x, cache)
+        x = self.mid_block(x, cache)
+        for block in self.up_blocks:
+            x = block(x, cache)
+        x = self.conv_out(F.silu(self.norm_out(x)), cache)
+        cache.seen += frames
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The autoencoder
+# ----------------------------------------------------------------------------------------------
+
+
+class WanVAE(nn.Module):
+    """The Wan 2.1 VAE: ``encode`` videos to latents, ``decode`` latents to videos, chunk by chunk.
+
+    Latents here are raw (what the encoder makes); the diffusion model works on
+    ``normalize_latents(raw)``. Run under ``torch.inference_mode()`` for inference: the model does
+    not switch autograd off itself.
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        if config.is_residual or (config.patch_size or 1) != 1:
+            raise NotImplementedError(
+                "the Wan 2.2 residual VAE (is_residual=True / patch_size > 1) is not implemented yet; "
+                "only the Wan 2.1 VAE is supported"
+            )
+        if config.attn_scales:
+            # Wan's original code puts attention blocks at these scales in the encoder and decoder;
+            # diffusers' port does not run them. No released checkpoint uses them.
+            raise NotImplementedError(f"attention at attn_scales={config.attn_scales} is not implemented")
+        self.config = config
+        self.encoder = Encoder3d(config)
+        self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder3d(config)
+
+    @staticmethod
+    def prepare_state_dict(checkpoint_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Rename a diffusers ``AutoencoderKLWan`` state dict to this module's names."""
+        return remap_state_dict(checkpoint_sd, VAE_DIFFUSERS_KEYS)
+
+    # -- encode ---------------------------------------------------------------------------------
+
+    def encode(self, video: Tensor, chunk_latents: int = 1) -> LatentDistribution:
+        """(B, in_channels, F, H, W) in [-1, 1], F = 4k + 1 -> posterior over (B, z_dim, k + 1, H/8, W/8).
+
+        As in the reference, the first frame is encoded alone, then 4 frames at a time
+        (``4 * chunk_latents`` frames at a time, same result, for fewer and bigger steps).
+        """
+        cfg = self.config
+        if video.ndim != 5 or video.shape[1] != cfg.in_channels:
+            raise ValueError(f"video must be (B, {cfg.in_channels}, F, H, W), got {tuple(video.shape)}")
+        _, _, frames, height, width = video.shape
+        ts, ss = cfg.temporal_stride, cfg.spatial_stride
+        if frames < 1 or (frames - 1) % ts:
+            raise ValueError(
+                f"the number of frames must be {ts}k + 1 (1, {ts + 1}, {2 * ts + 1}, ...), got {frames}"
+            )
+        if height % ss or width % ss:
+            raise ValueError(f"height and width must be multiples of {ss}, got {height}x{width}")
+        if chunk_latents < 1:
+            raise ValueError(f"chunk_latents must be >= 1, got {chunk_latents}")
+        cache = CausalCache()
+        step = ts * chunk_latents
+        starts = [0, *range(1, frames, step)]
+        ends = [*starts[1:], frames]
+        moments = [self.encoder(video[:, :, s:e], cache) for s, e in zip(starts, ends)]
+        return LatentDistribution.from_moments(self.quant_conv(torch.cat(moments, dim=2)))
+
+    def encode_mean(self, video: Tensor) -> Tensor:
+        """(B, in_channels, F, H, W) in [-1, 1] -> raw latents (B, z_dim, (F - 1)/4 + 1, H/8, W/8), the posterior mode."""
+        return self.encode(video).mean
+
+    # -- decode ---------------------------------------------------------------------------------
+
+    def decode_chunk(self, z: Tensor, cache: CausalCache) -> Tensor:
+        """Decode the next chunk of raw latents, continuing from ``cache`` (updated in place).
+
+        (B, z_dim, t, h, w) -> (B, out_channels, T, 8h, 8w) with T = 1 + 4(t - 1) for the first
+        chunk of a video (an empty cache) and T = 4t after.
+        """
+        x = self.decoder(self.post_quant_conv(z), cache)
+        return x.clamp(-1.0, 1.0) if self.config.clip_output else x
+
+    def iter_decode(self, z: Tensor, chunk_frames: int = 1) -> Iterator[Tensor]:
+        """Yield the pixel frames of raw latents (B, z_dim, f, h, w) in order, ``chunk_frames`` latent
+        frames at a time: (B, out_channels, 1 + 4(c - 1), 8h, 8w) first, then (B, out_channels, 4c, 8h, 8w).
+
+        Memory is bounded by one chunk plus the cache (2 frames per causal layer). Bad input raises
+        here, not at the first ``next``.
+        """
+        cfg = self.config
+        if z.ndim != 5 or z.shape[1] != cfg.z_dim:
+            raise ValueError(f"latents must be (B, {cfg.z_dim}, f, h, w), got {tuple(z.shape)}")
+        if z.shape[2] < 1:
+            raise ValueError("latents have no frames")
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        return self._iter_decode(z, chunk_frames)
+
+    def _iter_decode(self, z: Tensor, chunk_frames: int) -> Iterator[Tensor]:
+        cache = CausalCache()
+        for start in range(0, z.shape[2], chunk_frames):
+            yield self.decode_chunk(z[:, :, start : start + chunk_frames], cache)
+
+    def decode(self, z: Tensor, chunk_frames: int = 1) -> Tensor:
+        """Raw latents (B, z_dim, f, h, w) -> video (B, out_channels, 4(f - 1) + 1, 8h, 8w) in [-1, 1]."""
+        frames = self.config.temporal_stride * (z.shape[2] - 1) + 1 if z.ndim == 5 else 0
+        video: Tensor | None = None
+        start = 0
+        for chunk in self.iter_decode(z, chunk_frames):
+            if video is None:  # allocated once: no second copy of the video for a final cat
+                b, c, _, h, w = chunk.shape
+                video = chunk.new_empty(b, c, frames, h, w)
+            video[:, :, start : start + chunk.shape[2]] = chunk
+            start += chunk.shape[2]
+        assert video is not None and start == frames
+        return video
+
+    # -- latent statistics ----------------------------------------------------------------------
+
+    def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        if z.ndim != 5 or z.shape[1] != cfg.z_dim:
+            raise ValueError(f"latents must be (B, {cfg.z_dim}, f, h, w), got {tuple(z.shape)}")
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape).to(z.device, z.dtype)
+        return mean, inv_std
+
+    def normalize_latents(self, z: Tensor) -> Tensor:
+        """Raw latents -> the diffusion model's: ``(z - mean) / std``, (B, z_dim, f, h, w) -> same.
+
+        Computed as diffusers' pipelines do, ``(z - mean) * (1 / std)`` in ``z``'s dtype.
+        """
+        mean, inv_std = self._latent_stats(z)
+        return (z - mean) * inv_std
+
+    def denormalize_latents(self, z: Tensor) -> Tensor:
+        """The diffusion model's latents -> raw: ``z * std + mean``, (B, z_dim, f, h, w) -> same.
+
+        Computed as diffusers' pipelines do, ``z / (1 / std) + mean`` in ``z``'s dtype.
+        """
+        mean, inv_std = self._latent_stats(z)
+        return z / inv_std + mean
+
+
+__all__ = [
+    "CausalCache",
+    "LatentDistribution",
+    "VAEConfig",
+    "WanVAE",
+]
