@@ -1,0 +1,444 @@
+"""Video and image encode / decode: the last step of the data path (frames -> media file).
+
+The pipeline hands over frames as float32 ``(F, H, W, 3)`` in [0, 1] plus an fps; :class:`Video` holds them,
+:meth:`Video.save` writes them in the format chosen by :func:`output_format_for`, and :func:`read_video` /
+:func:`read_image` read media back (tests, video-to-video, image-to-video).
+
+Decisions:
+
+* 8-bit conversion is ``(clip(x, 0, 1) * 255).round()``, as diffusers' ``numpy_to_pil``.
+* ``.mp4`` is H.264 (libx264) yuv420p, crf 18 (visually lossless), preset ``medium``, ``+faststart``.
+  RGB -> YUV uses FFmpeg's default (BT.601, limited range, untagged), the same as diffusers'
+  ``export_to_video``; :func:`read_video` uses the same matrix, so a round trip is consistent.
+* 4:2:0 needs an even width and height: odd sizes are padded by one row / column that repeats the edge
+  (bottom / right), so the mp4 is at most one pixel larger than the frames. Wan's sizes are multiples of 16,
+  so this only matters for other callers. Every other format keeps the exact size.
+* Animated GIF and WebP store per-frame durations in 10 ms / 1 ms steps: each frame's duration is rounded
+  on the cumulative timeline, so the total length is exact (a 16 fps GIF mixes 60 and 70 ms frames). Both
+  encoders merge a frame identical to the one before into it (longer duration), so they can hold fewer
+  frames than the video.
+* No half-written output: a file is written to a hidden temporary file in the destination's directory
+  and moved into place with ``os.replace`` after the encoder finished (an existing file is replaced
+  atomically); a PNG folder is written to a hidden temporary sibling folder and renamed into place. An
+  existing non-empty folder is refused unless ``overwrite=True``, which replaces the folder as a whole.
+  On any error the temporary is removed and the destination is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "Video",
+    "output_format_for",
+    "read_image",
+    "read_video",
+]
+
+# Formats Video.save writes. "png" and "jpg" are single images (one frame only).
+OUTPUT_FORMATS: tuple[str, ...] = ("mp4", "webp", "gif", "png-folder", "png", "jpg")
+
+_SUFFIX_FORMATS: dict[str, str] = {
+    ".mp4": "mp4",
+    ".webp": "webp",
+    ".gif": "gif",
+    ".png": "png",
+    ".jpg": "jpg",
+    ".jpeg": "jpg",
+}
+_FORMAT_ALIASES: dict[str, str] = {"jpeg": "jpg", "png_folder": "png-folder", "folder": "png-folder"}
+_SINGLE_IMAGE_FORMATS = frozenset({"png", "jpg"})
+_PILLOW_VIDEO_SUFFIXES = frozenset({".gif", ".webp"})
+
+PathLike = str | os.PathLike[str]
+
+
+def _allowed_formats_text() -> str:
+    suffixes = ", ".join(_SUFFIX_FORMATS)
+    return f"{suffixes} (png/jpg: one frame only), or a path with no suffix / an existing folder for a folder of PNGs"
+
+
+def output_format_for(path: PathLike, num_frames: int, format: str | None = None) -> str:
+    """Return the output format (one of ``OUTPUT_FORMATS``) for writing ``num_frames`` frames to ``path``.
+
+    An explicit ``format`` wins over the suffix. Otherwise: an existing directory or a path with no suffix
+    is a PNG folder, and the suffix picks the rest. ``png`` / ``jpg`` take exactly one frame.
+    """
+    if num_frames < 1:
+        raise ValueError(f"need at least one frame, got {num_frames}")
+    path = Path(path)
+    if format is not None:
+        fmt = format.lower().lstrip(".")
+        fmt = _FORMAT_ALIASES.get(fmt, fmt)
+        if fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"unknown output format {format!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
+    elif path.is_dir() or path.suffix == "":
+        fmt = "png-folder"
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in _SUFFIX_FORMATS:
+            raise ValueError(
+                f"cannot tell the output format of {str(path)!r} from its suffix {path.suffix!r}; "
+                f"use {_allowed_formats_text()}, or pass format= (one of {', '.join(OUTPUT_FORMATS)})"
+            )
+        fmt = _SUFFIX_FORMATS[suffix]
+    if fmt in _SINGLE_IMAGE_FORMATS and num_frames != 1:
+        raise ValueError(
+            f"{fmt} holds a single image but the video has {num_frames} frames; "
+            "use a video format (.mp4, .webp, .gif) or a folder of PNGs (a path with no suffix)"
+        )
+    return fmt
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    """Validate a (F, H, W, 3) float array and return it as float32."""
+    if not isinstance(frames, np.ndarray):
+        raise TypeError(f"frames must be a numpy array, got {type(frames).__name__}")
+    if frames.ndim != 4:
+        hint = " (for a single image use frames[None])" if frames.ndim == 3 else ""
+        raise ValueError(f"frames must have shape (F, H, W, 3), got shape {frames.shape}{hint}")
+    if frames.shape[-1] != 3:
+        raise ValueError(f"frames must have 3 (RGB) channels in the last dim, got shape {frames.shape}")
+    if min(frames.shape[:3]) < 1:
+        raise ValueError(f"frames must be non-empty, got shape {frames.shape}")
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise TypeError(
+            f"frames must be a float array in [0, 1], got dtype {frames.dtype} "
+            "(for uint8 frames use Video.from_uint8)"
+        )
+    frames = np.asarray(frames, dtype=np.float32)
+    if not np.isfinite(frames).all():
+        raise ValueError("frames contain NaN or infinite values")
+    return frames
+
+
+def _float_to_uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+@dataclass(eq=False)
+class Video:
+    """Frames ``(F, H, W, 3)`` float32 in [0, 1] (values outside are clipped when encoded) and their fps."""
+
+    frames: np.ndarray
+    fps: float
+    seed: int | None = None  # the seed that drew the initial noise, when a pipeline made the video
+    timings: dict[str, float] | None = None  # seconds per stage, when a pipeline made the video
+
+    def __post_init__(self) -> None:
+        self.frames = _check_frames(self.frames)
+        fps = float(self.fps)
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a positive number, got {self.fps!r}")
+        self.fps = fps
+
+    @classmethod
+    def from_uint8(cls, frames: np.ndarray, fps: float) -> Video:
+        """Build a Video from uint8 frames ``(F, H, W, 3)`` (as returned by :func:`read_video`)."""
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+            raise TypeError(f"expected a uint8 numpy array, got {getattr(frames, 'dtype', type(frames))}")
+        return cls(frames.astype(np.float32) / 255.0, fps)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.frames.shape[2])
+
+    def to_uint8(self) -> np.ndarray:
+        """``(F, H, W, 3)`` uint8: ``(clip(frames, 0, 1) * 255).round()``."""
+        return _float_to_uint8(self.frames)
+
+    def _iter_uint8(self) -> Iterator[np.ndarray]:
+        # One frame at a time: a 121-frame 1280x704 video is 1.3 GB in float32, no need to copy it whole.
+        for frame in self.frames:
+            yield _float_to_uint8(frame)
+
+    def save(
+        self,
+        path: PathLike,
+        *,
+        format: str | None = None,
+        crf: int = 18,
+        preset: str = "medium",
+        quality: int = 95,
+        lossless: bool = False,
+        loop: int = 0,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the video to ``path`` and return the path written.
+
+        The format comes from ``format`` or the path (see :func:`output_format_for`).
+
+        Args:
+            crf: mp4 quality, 0 (lossless) to 51; 18 is visually lossless.
+            preset: libx264 speed / size trade-off (``ultrafast`` ... ``veryslow``).
+            quality: 0-100 for lossy WebP and JPEG.
+            lossless: lossless WebP.
+            loop: GIF / WebP loop count, 0 = forever.
+            overwrite: replace an existing non-empty folder (PNG folder output). Files are always replaced.
+        """
+        path = Path(path)
+        fmt = output_format_for(path, self.num_frames, format)
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in [0, 51], got {crf}")
+        if not 0 <= quality <= 100:
+            raise ValueError(f"quality must be in [0, 100], got {quality}")
+        if loop < 0:
+            raise ValueError(f"loop must be >= 0, got {loop}")
+
+        if fmt == "png-folder":
+            _write_png_folder(self, path, overwrite=overwrite)
+            return path
+        if path.is_dir():
+            raise IsADirectoryError(f"cannot write a {fmt} file to {str(path)!r}: it is a directory")
+        with _atomic_file(path) as tmp:
+            if fmt == "mp4":
+                _write_mp4(self, tmp, crf=crf, preset=preset)
+            elif fmt in ("webp", "gif"):
+                _write_animation(self, tmp, fmt, quality=quality, lossless=lossless, loop=loop)
+            else:
+                image = Image.fromarray(_float_to_uint8(self.frames[0]))
+                if fmt == "jpg":
+                    image.save(tmp, format="JPEG", quality=quality)
+                else:
+                    image.save(tmp, format="PNG")
+        return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic destinations
+
+
+def _temp_sibling(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+
+
+@contextmanager
+def _atomic_file(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; move it onto ``dest`` when the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _temp_sibling(dest)
+        try:
+            # Created by us (O_EXCL) with the umask's permissions, unlike tempfile's 0600.
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_png_folder(video: Video, dest: Path, *, overwrite: bool) -> None:
+    if dest.exists():
+        if not dest.is_dir():
+            raise FileExistsError(f"cannot write a PNG folder to {str(dest)!r}: a file with that name exists")
+        if any(dest.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"folder {str(dest)!r} exists and is not empty; pass overwrite=True to replace it"
+            )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = _temp_sibling(dest)
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
+    try:
+        for i, frame in enumerate(video._iter_uint8()):
+            Image.fromarray(frame).save(tmp / f"frame_{i:05d}.png", format="PNG")
+        if dest.is_dir() and any(dest.iterdir()):
+            # overwrite=True: move the old folder aside, move the new one in, then delete the old one.
+            old = _temp_sibling(dest)
+            os.replace(dest, old)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)  # an empty existing folder is replaced by rename(2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoders (each writes to a path it owns; the caller moves it into place)
+
+
+def _write_mp4(video: Video, path: Path, *, crf: int, preset: str) -> None:
+    if "libx264" not in av.codecs_available:
+        raise RuntimeError("this PyAV build has no libx264 encoder; cannot write .mp4")
+    height, width = video.height + video.height % 2, video.width + video.width % 2
+    pad = ((0, height - video.height), (0, width - video.width), (0, 0))
+    rate = Fraction(video.fps).limit_denominator(100_000)
+    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": preset})
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuv420p"
+        for i, frame in enumerate(video._iter_uint8()):
+            if height != video.height or width != video.width:
+                frame = np.pad(frame, pad, mode="edge")
+            av_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            av_frame.pts = i
+            container.mux(stream.encode(av_frame))
+        container.mux(stream.encode(None))
+
+
+def _frame_durations_ms(num_frames: int, fps: float, step_ms: int) -> list[int]:
+    """Per-frame durations in multiples of ``step_ms``, rounded on the cumulative timeline (exact total)."""
+    ends = [round((i + 1) * 1000.0 / fps / step_ms) * step_ms for i in range(num_frames)]
+    durations = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+    return [max(d, step_ms) for d in durations]
+
+
+def _write_animation(video: Video, path: Path, fmt: str, *, quality: int, lossless: bool, loop: int) -> None:
+    images = [Image.fromarray(frame) for frame in video._iter_uint8()]
+    if fmt == "gif":
+        durations = _frame_durations_ms(video.num_frames, video.fps, 10)
+        images[0].save(
+            path, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=loop
+        )
+    else:
+        durations = _frame_durations_ms(video.num_frames, video.fps, 1)
+        images[0].save(
+            path,
+            format="WEBP",
+            save_all=True,
+            append_images=images[1:],
+            duration=durations,
+            loop=loop,
+            lossless=lossless,
+            quality=quality,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Readers
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file not found: {str(path)!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected a {what} file, got a directory: {str(path)!r}")
+
+
+def _read_video_pyav(path: Path) -> tuple[np.ndarray, float]:
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not frames:
+        raise ValueError("no frames")
+    return np.stack(frames), float(rate) if rate else 0.0
+
+
+def _read_video_pillow(path: Path) -> tuple[np.ndarray, float]:
+    frames: list[np.ndarray] = []
+    total_ms = 0.0
+    with Image.open(path) as image:
+        for i in range(getattr(image, "n_frames", 1)):
+            image.seek(i)
+            frames.append(np.asarray(image.convert("RGB")))
+            total_ms += float(image.info.get("duration") or 0)
+    return np.stack(frames), len(frames) * 1000.0 / total_ms if total_ms > 0 else 0.0
+
+
+def read_video(path: PathLike) -> tuple[np.ndarray, float]:
+    """Read a video file into ``(frames uint8 (F, H, W, 3), fps)``.
+
+    GIF and WebP are read with Pillow (FFmpeg does not decode animated WebP), everything else with PyAV,
+    falling back to Pillow. fps is the average rate; 0.0 when the file stores no timing.
+    """
+    path = Path(path)
+    _check_readable(path, "video")
+    readers = [_read_video_pyav, _read_video_pillow]
+    if path.suffix.lower() in _PILLOW_VIDEO_SUFFIXES:
+        readers.reverse()
+    errors: list[str] = []
+    for reader in readers:
+        try:
+            return reader(path)
+        except (av.error.FFmpegError, UnidentifiedImageError, OSError, ValueError, EOFError) as e:
+            errors.append(f"{e}")
+    raise ValueError(f"cannot read video {str(path)!r}: {'; '.join(errors)}")
+
+
+def _image_array_to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"image array must have shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    array = array[..., :3]
+    if min(array.shape[:2]) < 1:
+        raise ValueError(f"image array is empty: shape {array.shape}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError("image array contains NaN or infinite values")
+        lo, hi = float(array.min()), float(array.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"float image array must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        return _float_to_uint8(array)
+    raise TypeError(f"image array must be uint8 or float in [0, 1], got dtype {array.dtype}")
+
+
+def read_image(image: PathLike | Image.Image | np.ndarray) -> np.ndarray:
+    """Return an image as uint8 ``(H, W, 3)`` RGB.
+
+    Accepts a path (EXIF orientation applied; first frame of an animation), a PIL image, or a numpy array
+    (H, W, 3) uint8 or float in [0, 1] ((H, W) and (H, W, 4) too). Alpha is dropped, grey is expanded,
+    like ``PIL.Image.convert("RGB")``.
+    """
+    if isinstance(image, np.ndarray):
+        return _image_array_to_uint8(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB")).copy()
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"expected a path, PIL image or numpy array, got {type(image).__name__}")
+    path = Path(image)
+    _check_readable(path, "image")
+    try:
+        with Image.open(path) as pil:
+            pil.load()
+            pil = ImageOps.exif_transpose(pil)
+            return np.asarray(pil.convert("RGB")).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
