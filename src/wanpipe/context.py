@@ -1,0 +1,93 @@
+"""Typed messages between the layers: a request at the edge, one request's context inside.
+
+``WanRequest`` is what a user (Python, CLI or HTTP) asks for, with ``None`` for "use the default".
+``WanContext`` is one validated request's state as the executor consumes it: token ids, the schedule
+with its precomputed step coefficients, the initial noise, the resolved sizes and the status.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class GenerationStatus(enum.StrEnum):
+    ACTIVE = "active"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class InvalidRequestError(ValueError):
+    """A request value that is not allowed; ``param`` names the field (for HTTP error bodies)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class WanRequest:
+    """One generation request. ``None`` means the checkpoint family's default."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    flow_shift: float | None = None
+    seed: int | None = None
+    latents: np.ndarray | None = None  # (1, C, f, h, w) or (C, f, h, w) float32 initial noise
+    output_format: str = "mp4"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class WanContext:
+    """One request's state, as the executor reads it (MAX's ``WanContext``, text-to-video subset).
+
+    Shapes: tokens/mask (L,), negative_tokens/negative_mask (L,) or None when no classifier-free
+    guidance is done, timesteps (N,), sigmas (N+1,), step_coefficients (N, K), latents (C, f, h, w).
+    """
+
+    request_id: str
+    tokens: np.ndarray
+    mask: np.ndarray
+    negative_tokens: np.ndarray | None
+    negative_mask: np.ndarray | None
+    explicit_negative_prompt: bool
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    step_coefficients: np.ndarray
+    latents: np.ndarray
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    flow_shift: float
+    seed: int
+    output_format: str = "mp4"
+    fps: int = 16
+    status: GenerationStatus = GenerationStatus.ACTIVE
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """The reference runs the unconditional branch only when guidance_scale > 1."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def batch_key(self) -> tuple:
+        """Contexts with equal keys can run together in one executor batch."""
+        return (
+            self.latents.shape,
+            self.num_frames,
+            self.num_inference_steps,
+            self.timesteps.tobytes(),
+            self.step_coefficients.tobytes(),
+        )
