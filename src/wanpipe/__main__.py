@@ -1,0 +1,5 @@
+import sys
+
+from wanpipe.cli import main
+
+sys.exit(main())

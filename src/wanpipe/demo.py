@@ -1,0 +1,222 @@
+"""The built-in demo checkpoint: a tiny random-weight Wan 2.1 T2V in the diffusers layout.
+
+Made once, with wanpipe's own modules, in the user's cache (``$WANPIPE_CACHE`` or
+``~/.cache/wanpipe``), so ``wanpipe generate`` works on any machine offline. Its weights are random:
+the video it makes is noise. It exists to show the tool end to end; pass ``--model`` for real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+from wanpipe.models.vae import VAEConfig, WanVAE
+from wanpipe.weights.keymap import remap_state_dict
+from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS
+from wanpipe.weights.vae_keys import VAE_TO_DIFFUSERS_KEYS
+
+DEMO_VERSION = "demo-v1"
+
+# A few sentences to train the demo's sentencepiece-style (Unigram) tokenizer on.
+_CORPUS = [
+    "a cat walks on the grass in the garden",
+    "a dog runs along the beach at sunset, waves rolling in",
+    "a red car drives down a city street at night with neon lights",
+    "an astronaut floats in space above the blue earth",
+    "a bird flies over snowy mountains under a clear sky",
+    "a cup of coffee steams on a wooden table by the window",
+    "waves crash against the rocks, slow motion, cinematic lighting",
+    "a child laughs while playing with a kite in a green park",
+    "the quick brown fox jumps over the lazy dog",
+    "bright tones, overexposed, static, blurred details, subtitles, worst quality, low quality",
+]
+
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "_class_name": "WanTransformer3DModel",
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 128,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+    "pos_embed_seq_len": None,
+}
+
+VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKLWan",
+    "base_dim": 16,
+    "z_dim": 16,
+    "dim_mult": [1, 1, 2, 2],
+    "num_res_blocks": 1,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+}
+
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "architectures": ["UMT5EncoderModel"],
+    "model_type": "umt5",
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "tie_word_embeddings": True,
+}
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "solver_order": 2,
+    "solver_type": "bh2",
+    "predict_x0": True,
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+    "timestep_spacing": "linspace",
+}
+
+MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "WanPipeline",
+    "_wanpipe_demo": True,
+    "boundary_ratio": None,
+    "expand_timesteps": False,
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "WanTransformer3DModel"],
+    "transformer_2": [None, None],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WANPIPE_CACHE", Path.home() / ".cache" / "wanpipe")).expanduser()
+
+
+def _randomize(module: nn.Module, generator: torch.Generator) -> None:
+    """Random weights with sane scales: unit norms, fan-in scaled matrices, small biases."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name or name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim >= 2 and "modulation" not in name:
+                fan_in = max(1, p[0].numel())
+                p.copy_(torch.randn(p.shape, generator=generator) / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_tokenizer(folder: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    _write_json(
+        folder / "tokenizer_config.json",
+        {"tokenizer_class": "T5Tokenizer", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+    )
+    return tok.get_vocab_size()
+
+
+def write_demo_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """Write the demo checkpoint into ``folder`` (created); returns it."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    folder = Path(folder)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    _write_json(folder / "model_index.json", MODEL_INDEX)
+    _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    vocab_size = _write_tokenizer(folder / "tokenizer")
+
+    te_config = {**TEXT_ENCODER_CONFIG, "vocab_size": vocab_size}
+    encoder = UMT5EncoderModel(UMT5Config(**{k: v for k, v in te_config.items() if k != "architectures"}))
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    _write_json(folder / "text_encoder" / "config.json", te_config)
+    save_file(state, str(folder / "text_encoder" / "model.safetensors"))
+
+    transformer = WanTransformerModel(TransformerConfig.from_dict(TRANSFORMER_CONFIG))
+    _randomize(transformer, generator)
+    _write_json(folder / "transformer" / "config.json", TRANSFORMER_CONFIG)
+    state = remap_state_dict(transformer.state_dict(), TRANSFORMER_TO_DIFFUSERS_KEYS)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(folder / "transformer" / "diffusion_pytorch_model.safetensors"),
+    )
+
+    vae = WanVAE(VAEConfig.from_dict(VAE_CONFIG))
+    _randomize(vae, generator)
+    _write_json(folder / "vae" / "config.json", VAE_CONFIG)
+    state = remap_state_dict(vae.state_dict(), VAE_TO_DIFFUSERS_KEYS)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(folder / "vae" / "diffusion_pytorch_model.safetensors"),
+    )
+    return folder
+
+
+def ensure_demo_checkpoint(root: Path | None = None) -> Path:
+    """The demo checkpoint's folder, written on first use (atomically: a half-made one is never seen)."""
+    root = Path(root) if root is not None else cache_root()
+    target = root / DEMO_VERSION
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-", dir=root))
+    try:
+        write_demo_checkpoint(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # not a concurrent writer that won
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
