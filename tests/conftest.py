@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import tiny
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Wan 2.1 T2V checkpoint (UniPC scheduler) in the diffusers layout."""
+    return tiny.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "wan-tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_pipe(tiny_ckpt: Path):
+    return tiny.load_reference(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def wan_pipe(tiny_ckpt: Path):
+    from wanpipe import WanPipeline
+
+    return WanPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
