@@ -1,0 +1,142 @@
+"""What both samplers share: the Schedule, the SolverState, the flow shift and the noising formula."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The flow-matching schedule shift, sigma -> s*sigma / (1 + (s-1)*sigma), in the array's own dtype.
+
+    The one place this formula lives; s > 1 spends more steps at high noise.
+    """
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def stretch_to_terminal(sigmas: np.ndarray, terminal: float) -> np.ndarray:
+    """Stretch the schedule's distance from 1 so that its last sigma becomes ``terminal``."""
+    one_minus = 1 - sigmas
+    if one_minus[-1] == 0:
+        raise ValueError("shift_terminal needs a schedule that ends below sigma 1 (num_inference_steps >= 2)")
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
+
+
+def add_noise(x0: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
+    """The flow-matching forward process at noise level sigma: (1 - sigma) * x0 + sigma * noise.
+
+    sigma: a float or a tensor broadcastable to x0 (e.g. (B, 1, 1, 1, 1) for one level per sample);
+    take it from ``Schedule.sigmas[i]`` to start denoising at step i (video-to-video).
+    """
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def _readonly(array: np.ndarray, dtype: type[np.floating], name: str, ndim: int) -> np.ndarray:
+    out = np.array(array, dtype=dtype, copy=True)
+    if out.ndim != ndim:
+        raise ValueError(f"Schedule.{name} must be {ndim}-D, got shape {out.shape}")
+    out.flags.writeable = False
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """One request's sampling schedule: everything the denoising loop needs, computed up front.
+
+    timesteps: (N,) float32, the values the DiT is conditioned on, exactly diffusers'
+        ``scheduler.timesteps`` (UniPC: integers, diffusers truncates sigma*T to int64; Euler: sigma*T).
+    sigmas: (N+1,) float32, the noise level before each step plus the final one.
+    step_coefficients: (N, K) float32, per step the weights of a fixed linear update, so that step i is
+        only tensor arithmetic with these numbers. The width tells the sampler (``kind``):
+
+        * Euler, K = 1: ``x_{i+1} = x_i + c[0] * v_i`` with c[0] = sigma_{i+1} - sigma_i.
+        * UniPC of order S, K = 5 + 2S (K = 9 for the Wan configs, S = 2). With v_i the model output,
+          x_i the sample passed to step i, xc_i the corrected sample, d_j the x0 predictions:
+
+          - ``c[0]`` = sigma_i: ``d_i = x_i - c[0] * v_i``
+          - corrector (UniC; uses v_i to correct the predictor's output of step i-1), columns 1 .. 3+S:
+            ``xc_i = c[1]*x_i + c[2]*xc_{i-1} + c[3]*d_i + c[4]*d_{i-1} + ... + c[3+S]*d_{i-S}``
+            (c[1] = 1 and the rest 0 where no corrector runs: the first step, disable_corrector)
+          - predictor (UniP), columns 4+S .. 4+2S:
+            ``x_{i+1} = c[4+S]*xc_i + c[5+S]*d_i + c[6+S]*d_{i-1} + ... + c[4+2S]*d_{i-S+1}``
+
+          Weights of history that does not exist yet (the warm-up steps) are 0.
+    """
+
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    step_coefficients: np.ndarray
+
+    def __post_init__(self) -> None:
+        timesteps = _readonly(self.timesteps, np.float32, "timesteps", 1)
+        sigmas = _readonly(self.sigmas, np.float32, "sigmas", 1)
+        coefficients = _readonly(self.step_coefficients, np.float32, "step_coefficients", 2)
+        n, k = coefficients.shape
+        if n < 1 or timesteps.shape != (n,) or sigmas.shape != (n + 1,):
+            raise ValueError(
+                f"inconsistent Schedule shapes: timesteps {timesteps.shape}, sigmas {sigmas.shape}, "
+                f"step_coefficients {coefficients.shape} (expected (N,), (N+1,), (N, K) with N >= 1)"
+            )
+        if k != 1 and (k < 7 or k % 2 == 0 or k > 11):
+            raise ValueError(
+                f"step_coefficients width {k} is neither Euler (1) nor UniPC (5 + 2*order, order 1..3)"
+            )
+        object.__setattr__(self, "timesteps", timesteps)
+        object.__setattr__(self, "sigmas", sigmas)
+        object.__setattr__(self, "step_coefficients", coefficients)
+
+    @property
+    def kind(self) -> str:
+        """The sampler these coefficients are for: "euler" or "unipc"."""
+        return "euler" if self.step_coefficients.shape[1] == 1 else "unipc"
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def solver_order(self) -> int:
+        """UniPC's order S (1 for Euler)."""
+        return max(1, (self.step_coefficients.shape[1] - 5) // 2)
+
+    def _key(self) -> tuple[bytes, bytes, bytes, tuple[int, ...]]:
+        return (
+            self.timesteps.tobytes(),
+            self.sigmas.tobytes(),
+            self.step_coefficients.tobytes(),
+            self.step_coefficients.shape,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+@dataclass
+class SolverState:
+    """One trajectory's solver memory, advanced by ``step``.
+
+    step_index: the step to run next.
+    last_sample: UniPC's corrected sample xc_{i-1}, which the next corrector starts from.
+    x0_history: UniPC's x0 predictions (d_{i-1}, d_{i-2}, ...), newest first, at most ``solver_order``.
+    """
+
+    step_index: int = 0
+    last_sample: Tensor | None = None
+    x0_history: tuple[Tensor, ...] = ()
+
+
+def coefficient_row(schedule: Schedule, i: int) -> tuple[Tensor, ...]:
+    """Step i's coefficients as 0-dim float32 CPU tensors.
+
+    CPU scalars, like the reference's sigmas: they enter CUDA kernels as scalars (no copy, no sync)
+    and follow the same type promotion as diffusers (a bf16 tensor times one of them stays bf16).
+    """
+    return torch.from_numpy(schedule.step_coefficients[i].copy()).unbind()
