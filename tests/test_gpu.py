@@ -1,0 +1,41 @@
+"""Checks that need a CUDA device (skipped on the CPU-only machines, run where a GPU is lent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wanpipe import WanPipeline
+
+pytestmark = pytest.mark.gpu
+
+KW = dict(
+    prompt="a cat walks", height=32, width=48, num_frames=9, num_inference_steps=3, guidance_scale=5.0, seed=4
+)
+
+
+def test_cuda_fp32_matches_cpu(tiny_ckpt, wan_pipe) -> None:
+    gpu = WanPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="float32")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    diff = float(
+        np.abs(
+            gpu.generate(**KW, progress=False).frames - wan_pipe.generate(**KW, progress=False).frames
+        ).max()
+    )
+    assert diff <= 1e-3, diff
+
+
+def test_cuda_bf16_matches_diffusers_bf16(tiny_ckpt) -> None:
+    from tests import tiny
+
+    ours = WanPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bfloat16")
+    ref = tiny.load_reference(tiny_ckpt, dtype=torch.bfloat16)
+    ref.vae.to(torch.float32)
+    ref.to("cuda")
+    kw = {k: v for k, v in KW.items() if k != "seed"}
+    theirs = ref(generator=torch.Generator("cpu").manual_seed(KW["seed"]), output_type="np", **kw).frames[0]
+    frames = ours.generate(**KW, progress=False).frames
+    assert np.isfinite(frames).all()
+    assert float(np.abs(frames - theirs).mean()) < 0.02
