@@ -223,6 +223,8 @@ class WanPipeline:
         def on_step(i: int, n: int, t: float) -> None:
             if bar is not None:
                 bar.update(1)
+                if i == n - 1:
+                    bar.close()  # the bar times the denoising steps only, not the decode
             if callback is not None:
                 callback(i, n, t)
 
