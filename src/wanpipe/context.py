@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,11 @@ class WanRequest:
     flow_shift: float | None = None
     seed: int | None = None
     latents: np.ndarray | None = None  # (1, C, f, h, w) or (C, f, h, w) float32 initial noise
+    guidance_scale_2: float | None = None  # the low-noise expert's guidance (Wan 2.2 A14B)
+    image: Any = None  # image-to-video: a path, PIL image or (H, W, 3) array
+    last_image: Any = None  # first-last-frame: the last frame
+    video: Any = None  # video-to-video: a path or (F, H, W, 3) array
+    strength: float | None = None  # video-to-video: how much of the input video is re-noised
     output_format: str = "mp4"
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
