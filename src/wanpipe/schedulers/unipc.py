@@ -44,7 +44,7 @@ def unipc_schedule(config: SchedulerConfig, num_inference_steps: int, flow_shift
     timesteps = (sigmas * t_train).astype(np.int64).astype(np.float32)
     final = 0.0 if config.final_sigmas_type == "zero" else sigmas[-1]
     sigmas32 = np.append(sigmas, final).astype(np.float32)
-    coefficients = _coefficients(sigmas32.astype(np.float64), config)
+    coefficients = unipc_coefficients(sigmas32.astype(np.float64), config)
     return Schedule(timesteps=timesteps, sigmas=sigmas32, step_coefficients=coefficients.astype(np.float32))
 
 
@@ -57,7 +57,7 @@ def step_orders(config: SchedulerConfig, n: int) -> list[int]:
     return orders
 
 
-def _coefficients(sigmas: np.ndarray, config: SchedulerConfig) -> np.ndarray:
+def unipc_coefficients(sigmas: np.ndarray, config: SchedulerConfig) -> np.ndarray:
     """(N, 5 + 2S) float64 weights; see ``Schedule`` for the column layout."""
     s_max, n = config.solver_order, len(sigmas) - 1
     orders = step_orders(config, n)
