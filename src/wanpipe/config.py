@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from wanpipe.models.image_encoder import ImageProcessorConfig
 from wanpipe.models.text_encoder import TextEncoderConfig
 from wanpipe.models.transformer import TransformerConfig
 from wanpipe.models.vae import VAEConfig
@@ -43,7 +44,6 @@ class WanVariant:
     task: str  # "t2v", "i2v", "flf2v", "ti2v"
     version: str  # "2.1" or "2.2"
     defaults: SamplingDefaults
-    supported: bool = True
 
 
 _T2V_480P = SamplingDefaults(height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0)
@@ -54,32 +54,25 @@ VARIANTS: dict[str, WanVariant] = {
     for v in (
         WanVariant("wan2.1-t2v-1.3b", "t2v", "2.1", _T2V_480P),
         WanVariant("wan2.1-t2v-14b", "t2v", "2.1", _T2V_720P),
-        WanVariant(
-            "wan2.1-i2v-14b", "i2v", "2.1", replace(_T2V_720P, num_inference_steps=40), supported=False
-        ),
-        WanVariant(
-            "wan2.1-flf2v-14b", "flf2v", "2.1", replace(_T2V_720P, num_inference_steps=40), supported=False
-        ),
+        WanVariant("wan2.1-i2v-14b", "i2v", "2.1", replace(_T2V_720P, num_inference_steps=40)),
+        WanVariant("wan2.1-flf2v-14b", "flf2v", "2.1", replace(_T2V_720P, num_inference_steps=40)),
         WanVariant(
             "wan2.2-t2v-a14b",
             "t2v",
             "2.2",
             replace(_T2V_720P, num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0),
-            supported=False,
         ),
         WanVariant(
             "wan2.2-i2v-a14b",
             "i2v",
             "2.2",
             replace(_T2V_720P, num_inference_steps=40, guidance_scale=3.5, guidance_scale_2=3.5),
-            supported=False,
         ),
         WanVariant(
             "wan2.2-ti2v-5b",
             "ti2v",
             "2.2",
             SamplingDefaults(704, 1280, 121, 50, 5.0, fps=24),
-            supported=False,
         ),
         # The built-in demo checkpoint: tiny random weights, small defaults so it runs anywhere.
         WanVariant("demo", "t2v", "2.1", SamplingDefaults(128, 128, 9, 8, 5.0)),
@@ -108,6 +101,10 @@ def detect_variant(
     return VARIANTS["wan2.1-t2v-14b" if transformer.dim >= 5120 else "wan2.1-t2v-1.3b"]
 
 
+def _present(entry: Any) -> bool:
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
 @dataclass(frozen=True)
 class WanArchConfig:
     """Pipeline-level config of a Wan checkpoint (no KV cache; fixed 512-token text context)."""
@@ -121,6 +118,8 @@ class WanArchConfig:
     transformer_2: TransformerConfig | None = None
     boundary_ratio: float | None = None
     expand_timesteps: bool = False
+    image_encoder: dict[str, Any] | None = None  # CLIP vision config (Wan 2.1 I2V / FLF2V)
+    image_processor: ImageProcessorConfig | None = None
     components: dict[str, Any] = field(default_factory=dict)
 
     def get_max_seq_len(self) -> int:
@@ -140,6 +139,39 @@ class WanArchConfig:
     def temporal_stride(self) -> int:
         return self.vae.temporal_stride
 
+    @property
+    def has_second_expert(self) -> bool:
+        return self.transformer_2 is not None
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        """The high-noise expert runs while t >= this (Wan 2.2 A14B); None with one expert."""
+        if self.boundary_ratio is None or self.transformer_2 is None:
+            return None
+        return float(self.boundary_ratio) * self.scheduler.num_train_timesteps
+
+    @property
+    def takes_image(self) -> bool:
+        """An image-to-video checkpoint (the first frame is required)."""
+        return self.variant.task in ("i2v", "flf2v")
+
+    @property
+    def accepts_image(self) -> bool:
+        """Image conditioning is possible (required for i2v/flf2v, optional for TI2V-5B)."""
+        return self.takes_image or self.variant.task == "ti2v"
+
+    @property
+    def accepts_last_image(self) -> bool:
+        """First-last-frame: FLF2V (CLIP with position embeddings for two images) or a CLIP-free
+        image-to-video checkpoint (Wan 2.2 I2V-A14B)."""
+        dit = self.transformer
+        return self.takes_image and (dit.image_dim is None or dit.pos_embed_seq_len is not None)
+
+    @property
+    def in_channels_condition(self) -> int:
+        """Channels of the mask + condition latents concatenated to the noise (0 without)."""
+        return self.transformer.in_channels - self.transformer.out_channels
+
     @classmethod
     def from_folder(cls, folder: str | Path) -> WanArchConfig:
         """Read ``model_index.json`` and every component's config from a diffusers-layout folder."""
@@ -154,10 +186,12 @@ class WanArchConfig:
         pipeline_class = str(index.get("_class_name", ""))
         if not pipeline_class.startswith("Wan"):
             raise CheckpointError(f"{folder}: model_index.json names {pipeline_class!r}, not a Wan pipeline")
-        for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
             entry = index.get(name)
-            if name != "transformer" and (not isinstance(entry, list) or entry[0] is None):
+            if not isinstance(entry, list) or entry[0] is None:
                 raise CheckpointError(f"{folder}: model_index.json has no {name!r} component")
+        if not _present(index.get("transformer")):
+            raise CheckpointError(f"{folder}: model_index.json has no 'transformer' component")
 
         def component(name: str, file: str = "config.json") -> dict[str, Any]:
             return read_json(folder / name / file, name)
@@ -166,8 +200,12 @@ class WanArchConfig:
             transformer = TransformerConfig.from_dict(component("transformer"))
             second = index.get("transformer_2")
             transformer_2 = (
-                TransformerConfig.from_dict(component("transformer_2"))
-                if isinstance(second, list) and second[0] is not None
+                TransformerConfig.from_dict(component("transformer_2")) if _present(second) else None
+            )
+            image_encoder = component("image_encoder") if _present(index.get("image_encoder")) else None
+            image_processor = (
+                ImageProcessorConfig.from_dict(component("image_processor", "preprocessor_config.json"))
+                if _present(index.get("image_processor"))
                 else None
             )
             vae = VAEConfig.from_dict(component("vae"))
@@ -193,5 +231,7 @@ class WanArchConfig:
             scheduler=scheduler,
             boundary_ratio=index.get("boundary_ratio"),
             expand_timesteps=bool(index.get("expand_timesteps", False)),
+            image_encoder=image_encoder,
+            image_processor=image_processor,
             components={k: v for k, v in index.items() if not k.startswith("_")},
         )

@@ -80,6 +80,14 @@ class WanContext:
     seed: int
     output_format: str = "mp4"
     fps: int = 16
+    guidance_scale_2: float | None = None
+    boundary_timestep: float | None = None
+    strength: float | None = None
+    input_image: np.ndarray | None = None  # (H0, W0, 3) uint8: the first frame as given
+    input_images: list[np.ndarray] | None = None  # first (and last) frame as given, uint8
+    condition_pixels: np.ndarray | None = None  # (K, 3, H, W) float32 in [-1, 1]: the images at the size
+    clip_pixels: np.ndarray | None = None  # (K, 3, S, S) float32: the images as CLIP sees them
+    video_pixels: np.ndarray | None = None  # (3, F, H, W) float32 in [-1, 1]: video-to-video input
     status: GenerationStatus = GenerationStatus.ACTIVE
 
     @property
@@ -90,10 +98,18 @@ class WanContext:
     @property
     def batch_key(self) -> tuple:
         """Contexts with equal keys can run together in one executor batch."""
+
+        def shape(a: np.ndarray | None) -> tuple | None:
+            return None if a is None else a.shape
+
         return (
             self.latents.shape,
             self.num_frames,
             self.num_inference_steps,
             self.timesteps.tobytes(),
             self.step_coefficients.tobytes(),
+            self.boundary_timestep,
+            shape(self.condition_pixels),
+            shape(self.clip_pixels),
+            shape(self.video_pixels),
         )

@@ -4,23 +4,32 @@
 :class:`WanExecutorInputs`; ``execute(inputs)`` returns :class:`WanExecutorOutputs` with the decoded
 frames. The DiT runs block by block (``transformer.blocks``), so later work can compile, offload or
 stream blocks one at a time; the conditional and unconditional branches of classifier-free guidance
-run as one batch.
+run as one batch. Around the loop:
+
+- image-to-video (Wan 2.1 I2V, FLF2V, Wan 2.2 I2V-A14B): CLIP image tokens (2.1) and a condition of
+  4 mask channels + the VAE latents of the image(s) followed by zero frames, concatenated to the noise;
+- TI2V-5B (``expand_timesteps``): per-token timesteps, and with an image its first latent frame kept
+  clean (timestep 0 on its tokens);
+- Wan 2.2 A14B: the high-noise expert while t >= the boundary, the low-noise one after, each with its
+  own guidance scale; both resident, or one set of modules whose weights are swapped in place;
+- video-to-video: the input video's latents noised to the first step's sigma.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
 from wanpipe.context import WanContext
+from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.vae import WanVAE
-from wanpipe.schedulers import Schedule, new_state, step
+from wanpipe.schedulers import Schedule, add_noise, new_state, step
 
 StepCallback = Callable[[int, int, float], None]
 """Called after each denoising step with (step index, number of steps, timestep)."""
@@ -32,9 +41,14 @@ class CancelledError(RuntimeError):
 
 @dataclass
 class WanExecutorInputs:
-    """A batch of B contexts as tensors. tokens/mask (B, L); negative_* (B, L) or None when no row
-    uses guidance; latents (B, C, f, h, w) float32; timesteps (N,), sigmas (N+1,),
-    step_coefficients (N, K) shared by the batch; guidance_scale (B,) float32; do_cfg (B,) bool."""
+    """A batch of B contexts as tensors.
+
+    tokens/mask (B, L); negative_* (B, L) or None when no row uses guidance; latents (B, C, f, h, w)
+    float32 noise; timesteps (N,), sigmas (N+1,), step_coefficients (N, K) shared by the batch;
+    guidance_scale, guidance_scale_2 (B,) float32; do_cfg (B,) bool; boundary_timestep: the expert
+    switch or None; condition_pixels (B, K, 3, H, W) in [-1, 1] (first / last frame) or None;
+    clip_pixels (B, K, 3, S, S) or None; video_pixels (B, 3, F, H, W) in [-1, 1] or None.
+    """
 
     tokens: torch.Tensor
     mask: torch.Tensor
@@ -47,6 +61,11 @@ class WanExecutorInputs:
     guidance_scale: torch.Tensor
     do_cfg: torch.Tensor
     num_frames: int
+    guidance_scale_2: torch.Tensor | None = None
+    boundary_timestep: float | None = None
+    condition_pixels: torch.Tensor | None = None
+    clip_pixels: torch.Tensor | None = None
+    video_pixels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> WanExecutorInputs:
         moved = {
@@ -54,6 +73,14 @@ class WanExecutorInputs:
             for f in fields(self)
         }
         return WanExecutorInputs(**moved)
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(
+            timesteps=self.timesteps.cpu().numpy(),
+            sigmas=self.sigmas.cpu().numpy(),
+            step_coefficients=self.step_coefficients.cpu().numpy(),
+        )
 
 
 @dataclass
@@ -79,44 +106,99 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Experts:
+    """Which DiT runs a step: one model; or Wan 2.2's high- and low-noise experts, either both
+    resident or one set of modules whose weights are swapped in place (``reload_model_weights``)
+    while the other expert's weights wait memory-mapped or in host memory."""
+
+    def __init__(
+        self,
+        high: WanTransformerModel,
+        low: WanTransformerModel | None = None,
+        *,
+        swap_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ):
+        if low is not None and swap_states is not None:
+            raise ValueError("experts are either both resident or swapped, not both")
+        if swap_states is not None and set(swap_states) != {"high", "low"}:
+            raise ValueError("swap_states needs the 'high' and 'low' state dicts")
+        self.high = high
+        self.low = low
+        self.swap_states = swap_states
+        self.active = "high"
+        self.swaps = 0
+
+    @property
+    def two(self) -> bool:
+        return self.low is not None or self.swap_states is not None
+
+    @property
+    def mode(self) -> str:
+        return "single" if not self.two else ("swap" if self.swap_states is not None else "resident")
+
+    def get(self, which: str) -> WanTransformerModel:
+        if which == "high" or not self.two:
+            which = "high"
+        if self.swap_states is None:
+            return self.high if which == "high" else self.low  # type: ignore[return-value]
+        if which != self.active:
+            self.high.reload_model_weights(self.swap_states[which])
+            self.active = which
+            self.swaps += 1
+        return self.high
+
+
 class WanExecutor:
     """Owns the loaded components; runs batches of contexts on one device."""
 
     def __init__(
         self,
         text_encoder: WanTextEncoder,
-        transformer: WanTransformerModel,
+        transformer: WanTransformerModel | Experts,
         vae: WanVAE,
         *,
+        image_encoder: WanImageEncoder | None = None,
+        expand_timesteps: bool = False,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         vae_dtype: torch.dtype = torch.float32,
         vae_chunk_frames: int = 1,
     ):
         self.text_encoder = text_encoder
-        self.transformer = transformer
+        self.experts = transformer if isinstance(transformer, Experts) else Experts(transformer)
         self.vae = vae
+        self.image_encoder = image_encoder
+        self.expand_timesteps = expand_timesteps
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae_dtype = vae_dtype
         self.vae_chunk_frames = vae_chunk_frames
 
+    @property
+    def transformer(self) -> WanTransformerModel:
+        """The (high-noise) DiT."""
+        return self.experts.high
+
     # -- batching -----------------------------------------------------------------------------
     def prepare_inputs(self, contexts: list[WanContext]) -> WanExecutorInputs:
-        """Stack contexts (same latent shape and schedule) into CPU tensors."""
+        """Stack contexts (same latent shape, schedule and kind of conditioning) into CPU tensors."""
         if not contexts:
             raise ValueError("prepare_inputs needs at least one context")
         key = contexts[0].batch_key
         for ctx in contexts[1:]:
             if ctx.batch_key != key:
                 raise ValueError(
-                    "contexts in one batch must share size, frame count and schedule "
+                    "contexts in one batch must share size, frame count, schedule and conditioning "
                     f"({contexts[0].request_id} and {ctx.request_id} differ)"
                 )
         any_cfg = any(c.do_classifier_free_guidance for c in contexts)
 
         def stack(arrays: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.stack(arrays))
+
+        def optional(name: str) -> torch.Tensor | None:
+            arrays = [getattr(c, name) for c in contexts]
+            return None if arrays[0] is None else stack(arrays)
 
         first = contexts[0]
         return WanExecutorInputs(
@@ -138,6 +220,13 @@ class WanExecutor:
             guidance_scale=torch.tensor([c.guidance_scale for c in contexts], dtype=torch.float32),
             do_cfg=torch.tensor([c.do_classifier_free_guidance for c in contexts]),
             num_frames=first.num_frames,
+            guidance_scale_2=torch.tensor([c.guidance_scale_2 for c in contexts], dtype=torch.float32)
+            if first.guidance_scale_2 is not None
+            else None,
+            boundary_timestep=first.boundary_timestep,
+            condition_pixels=optional("condition_pixels"),
+            clip_pixels=optional("clip_pixels"),
+            video_pixels=optional("video_pixels"),
         )
 
     # -- stages -------------------------------------------------------------------------------
@@ -153,6 +242,55 @@ class WanExecutor:
             return embeds, None
         return embeds[:batch], embeds[batch:]
 
+    def encode_images(self, inputs: WanExecutorInputs) -> torch.Tensor | None:
+        """CLIP tokens of the first (and last) frame: (B, K * T, D) in the DiT's dtype, or None."""
+        if inputs.clip_pixels is None or self.image_encoder is None:
+            return None
+        batch, k = inputs.clip_pixels.shape[:2]
+        tokens = self.image_encoder(inputs.clip_pixels.flatten(0, 1).to(self.device))
+        return tokens.reshape(batch, k * tokens.shape[1], tokens.shape[2]).to(self.dtype)
+
+    def _encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, f, h, w) float32 (posterior mode)."""
+        z = self.vae.encode_mean(video.to(self.device, self.vae_dtype)).float()
+        return self.vae.normalize_latents(z)
+
+    def prepare_condition(self, inputs: WanExecutorInputs) -> torch.Tensor | None:
+        """The image condition of an image-to-video model.
+
+        36-channel models: mask (B, 4, f, h, w) + latents of [first, zeros..., (last)] -> (B, 4 + z, f, h, w).
+        TI2V (``expand_timesteps``): latents of the first frame alone, (B, z, 1, h, w).
+        """
+        pixels = inputs.condition_pixels
+        if pixels is None:
+            return None
+        batch, k, _, height, width = pixels.shape
+        num_frames = inputs.num_frames
+        first = pixels[:, 0].unsqueeze(2)
+        if self.expand_timesteps:
+            return self._encode_video(first)
+        zeros = first.new_zeros(batch, 3, num_frames - k, height, width)
+        video = torch.cat([first, zeros] + ([pixels[:, 1].unsqueeze(2)] if k == 2 else []), dim=2)
+        latents = self._encode_video(video)
+        stride = self.vae.config.temporal_stride
+        f, h, w = latents.shape[2:]
+        mask = torch.zeros(batch, 1, num_frames, h, w, device=latents.device)
+        mask[:, :, 0] = 1
+        if k == 2:
+            mask[:, :, -1] = 1
+        # The first frame stands for `stride` frames: the mask is (B, 4, f, h, w), frame-major.
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(stride, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(batch, f, stride, h, w).transpose(1, 2)
+        return torch.cat([mask, latents], dim=1)
+
+    def initial_latents(self, inputs: WanExecutorInputs) -> torch.Tensor:
+        """The noise; for video-to-video the input video's latents noised to the first sigma."""
+        noise = inputs.latents.to(device=self.device, dtype=torch.float32)
+        if inputs.video_pixels is None:
+            return noise
+        clean = self._encode_video(inputs.video_pixels)
+        return add_noise(clean, noise, inputs.sigmas[0].to(self.device))
+
     def denoise(
         self,
         inputs: WanExecutorInputs,
@@ -161,47 +299,81 @@ class WanExecutor:
         callback: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """The denoising loop: latents (B, C, f, h, w) float32 -> denoised latents, same shape."""
+        """The denoising loop: -> denoised latents (B, C, f, h, w) float32."""
         device = self.device
-        latents = inputs.latents.to(device=device, dtype=torch.float32)
-        schedule = Schedule(
-            timesteps=inputs.timesteps.numpy(),
-            sigmas=inputs.sigmas.numpy(),
-            step_coefficients=inputs.step_coefficients.numpy(),
-        )
+        latents = self.initial_latents(inputs)
+        condition = self.prepare_condition(inputs)
+        image_embeds = self.encode_images(inputs)
+        schedule = inputs.schedule
         batch = latents.shape[0]
+        cfg = uncond is not None
         context = cond if uncond is None else torch.cat([cond, uncond])
-        guidance = inputs.guidance_scale.to(device).view(-1, 1, 1, 1, 1)
-        do_cfg = inputs.do_cfg.to(device).view(-1, 1, 1, 1, 1)
-        timesteps = inputs.timesteps.to(device)
+        if image_embeds is not None and cfg:
+            image_embeds = torch.cat([image_embeds, image_embeds])
         rows = context.shape[0]
+        do_cfg = inputs.do_cfg.to(device).view(-1, 1, 1, 1, 1)
+        guidances = {"high": inputs.guidance_scale.to(device).view(-1, 1, 1, 1, 1)}
+        if inputs.guidance_scale_2 is not None:
+            guidances["low"] = inputs.guidance_scale_2.to(device).view(-1, 1, 1, 1, 1)
+        # Which expert runs each step is known up front: no device-to-host read in the loop.
+        boundary = inputs.boundary_timestep
+        experts = [
+            "high" if boundary is None or float(t) >= boundary else "low" for t in schedule.timesteps.tolist()
+        ]
+        timesteps = inputs.timesteps.to(device)
+        first_frame_mask = None
+        if self.expand_timesteps:
+            # 0 on the first latent frame when it is the clean image condition, 1 elsewhere.
+            first_frame_mask = torch.ones(1, 1, *latents.shape[2:], device=device)
+            if condition is not None:
+                first_frame_mask[:, :, 0] = 0
+        patch = self.transformer.config.patch_size
         state = new_state()
         num_steps = len(timesteps)
         for i in range(num_steps):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("generation cancelled")
-            model_input = latents.to(self.dtype)
-            if uncond is not None:
+            t = timesteps[i]
+            if first_frame_mask is not None:
+                model_input = (
+                    latents
+                    if condition is None
+                    else (1 - first_frame_mask) * condition + first_frame_mask * latents
+                )
+                token_mask = first_frame_mask[0, 0, :: patch[0], :: patch[1], :: patch[2]]
+                timestep = (token_mask * t).flatten().unsqueeze(0).expand(rows, -1)
+            else:
+                model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+                timestep = t.expand(rows)
+            model_input = model_input.to(self.dtype)
+            if cfg:
                 model_input = torch.cat([model_input, model_input])
-            timestep = timesteps[i].expand(rows)
-            pred = self.run_transformer(model_input, timestep, context)
-            if uncond is None:
+            which = experts[i]
+            pred = self.run_transformer(self.experts.get(which), model_input, timestep, context, image_embeds)
+            if not cfg:
                 noise_pred = pred
             else:
                 pred_cond, pred_uncond = pred[:batch], pred[batch:]
-                guided = pred_uncond + guidance.to(pred.dtype) * (pred_cond - pred_uncond)
+                guidance = guidances.get(which, guidances["high"]).to(pred.dtype)
+                guided = pred_uncond + guidance * (pred_cond - pred_uncond)
                 noise_pred = torch.where(do_cfg, guided, pred_cond)
             latents = step(schedule, state, i, noise_pred, latents)
             if callback is not None:
-                callback(i, num_steps, float(inputs.timesteps[i]))
+                callback(i, num_steps, float(schedule.timesteps[i]))
+        if first_frame_mask is not None and condition is not None:
+            latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return latents
 
+    @staticmethod
     def run_transformer(
-        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+        dit: WanTransformerModel,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One DiT forward, block by block: latents (B, C, f, h, w) -> noise prediction, same shape."""
-        dit = self.transformer
-        x = dit.embed(latents, timestep, context)
+        """One DiT forward, block by block: latents (B, C_in, f, h, w) -> prediction (B, C_out, f, h, w)."""
+        x = dit.embed(latents, timestep, context, image_embeds)
         hidden = x.hidden
         for block in dit.blocks:
             hidden = block(hidden, x.context, x.modulation, x.rope, x.num_image_tokens)

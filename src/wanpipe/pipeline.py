@@ -7,14 +7,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from wanpipe.config import WanArchConfig
 from wanpipe.context import GenerationStatus, WanContext, WanRequest
-from wanpipe.executor import Timings, WanExecutor
+from wanpipe.executor import Experts, Timings, WanExecutor
 from wanpipe.media import Video
+from wanpipe.models.image_encoder import (
+    WanImageEncoder,
+    build_clip_vision,
+    clip_key_map,
+    materialize_clip_buffers,
+)
 from wanpipe.models.text_encoder import (
     TEXT_ENCODER_ALIASES,
     WanTextEncoder,
@@ -22,10 +29,11 @@ from wanpipe.models.text_encoder import (
     build_text_encoder,
     text_encoder_fp32_patterns,
 )
-from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
 from wanpipe.models.vae import WanVAE
 from wanpipe.tokenizer import WanTokenizer
 from wanpipe.weights.loader import load_weights, open_component_weights, resolve_checkpoint
+from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED
 
 logger = logging.getLogger(__name__)
 
@@ -92,28 +100,25 @@ class WanPipeline:
         vae_dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         cache_dir: str | Path | None = None,
+        experts: str = "resident",
     ) -> WanPipeline:
         """Load a diffusers-layout Wan checkpoint from a local folder or a hub id.
 
         ``dtype`` is the DiT's and text encoder's (default bf16 on CUDA, fp32 on CPU); the VAE runs in
-        ``vae_dtype`` (default fp32, as the reference recommends).
+        ``vae_dtype`` (default fp32, as the reference recommends). ``experts`` (Wan 2.2 A14B): "resident"
+        keeps both experts loaded; "swap" keeps one set of DiT modules and copies the other expert's
+        weights into it at the switch (half the DiT memory; the same frames).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = parse_dtype(dtype, device)
         vae_dtype = parse_dtype(vae_dtype, torch.device("cpu"))
+        if experts not in ("resident", "swap"):
+            raise ValueError(f"experts must be 'resident' or 'swap', got {experts!r}")
         folder = resolve_checkpoint(path_or_id, revision=revision, cache_dir=cache_dir)
         arch = WanArchConfig.from_folder(folder)
-        if not arch.variant.supported:
-            raise NotImplementedError(
-                f"{folder} is a {arch.variant.name} checkpoint; this version of wanpipe runs Wan 2.1 "
-                "text-to-video checkpoints (T2V-1.3B, T2V-14B) only"
-            )
-        if arch.transformer_2 is not None or "transformer" not in arch.components:
-            raise NotImplementedError(f"{folder}: two-expert checkpoints are not supported yet")
 
         t0 = time.perf_counter()
         text_tokenizer = WanTextTokenizer(folder / "tokenizer", max_length=arch.get_max_seq_len())
-
         encoder = build_text_encoder(arch.text_encoder)
         load_weights(
             encoder,
@@ -125,17 +130,31 @@ class WanPipeline:
             aliases=TEXT_ENCODER_ALIASES,
         )
 
-        with torch.device("meta"):
-            transformer = WanTransformerModel(arch.transformer)
-        load_weights(
-            transformer,
-            open_component_weights(folder, "transformer"),
-            component="transformer",
-            dtype=dtype,
-            device=device,
-            prepare=WanTransformerModel.prepare_state_dict,
-            keep_in_fp32=WanTransformerModel.keep_in_fp32,
-        )
+        def dit(name: str, config: TransformerConfig) -> WanTransformerModel:
+            with torch.device("meta"):
+                model = WanTransformerModel(config)
+            return load_weights(
+                model,
+                open_component_weights(folder, name),
+                component=name,
+                dtype=dtype,
+                device=device,
+                prepare=WanTransformerModel.prepare_state_dict,
+                keep_in_fp32=WanTransformerModel.keep_in_fp32,
+                ignore_unexpected=TRANSFORMER_DIFFUSERS_IGNORED,
+            )
+
+        transformer: WanTransformerModel | Experts = dit("transformer", arch.transformer)
+        if arch.transformer_2 is not None:
+            if experts == "resident":
+                transformer = Experts(transformer, dit("transformer_2", arch.transformer_2))
+            else:
+                # Fresh mappings: the resident module's tensors must not alias the states it swaps in.
+                states = {
+                    which: WanTransformerModel.prepare_state_dict(open_component_weights(folder, name))
+                    for which, name in (("high", "transformer"), ("low", "transformer_2"))
+                }
+                transformer = Experts(transformer, swap_states=states)
 
         with torch.device("meta"):
             vae = WanVAE(arch.vae)
@@ -147,9 +166,29 @@ class WanPipeline:
             device=device,
             prepare=WanVAE.prepare_state_dict,
         )
+        image_encoder = None
+        if arch.image_encoder is not None and arch.transformer.image_dim is not None:
+            vision = build_clip_vision(arch.image_encoder)
+            load_weights(
+                vision,
+                open_component_weights(folder, "image_encoder"),
+                component="image_encoder",
+                dtype=dtype,
+                device=device,
+                prepare=clip_key_map(vision),
+                materialize=materialize_clip_buffers,
+            )
+            image_encoder = WanImageEncoder(vision)
         logger.info("loaded %s (%s) in %.1f s", folder, arch.variant.name, time.perf_counter() - t0)
         executor = WanExecutor(
-            WanTextEncoder(encoder), transformer, vae, device=device, dtype=dtype, vae_dtype=vae_dtype
+            WanTextEncoder(encoder),
+            transformer,
+            vae,
+            image_encoder=image_encoder,
+            expand_timesteps=arch.expand_timesteps,
+            device=device,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
         )
         return cls(arch, WanTokenizer(arch, text_tokenizer), executor)
 
@@ -168,12 +207,20 @@ class WanPipeline:
         latents: np.ndarray | torch.Tensor | None = None,
         callback: Callable[[int, int, float], None] | None = None,
         *,
+        image: Any = None,
+        last_image: Any = None,
+        video: Any = None,
+        strength: float | None = None,
+        guidance_scale_2: float | None = None,
         progress: bool = True,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
         Returns a :class:`~wanpipe.media.Video` whose ``frames`` are (F, H, W, 3) float32 in [0, 1].
-        ``callback(step, num_steps, timestep)`` is called after every denoising step.
+        ``callback(step, num_steps, timestep)`` is called after every denoising step. ``image`` (and
+        ``last_image``) condition image-to-video checkpoints; ``video`` with ``strength`` re-noises a
+        video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
+        and videos are paths, PIL images or uint8 arrays.
         """
         request = WanRequest(
             prompt=prompt,
@@ -186,6 +233,11 @@ class WanPipeline:
             flow_shift=flow_shift,
             seed=seed,
             latents=latents,
+            guidance_scale_2=guidance_scale_2,
+            image=image,
+            last_image=last_image,
+            video=video,
+            strength=strength,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 

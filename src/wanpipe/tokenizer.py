@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from wanpipe.config import WanArchConfig
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
-from wanpipe.media import OUTPUT_FORMATS
+from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
+from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.models.text_encoder import WanTextTokenizer
 from wanpipe.schedulers import make_schedule
 
@@ -103,6 +106,11 @@ class WanTokenizer:
                 "output_format",
             )
 
+        conditioning = self._conditioning(request, height, width, num_frames)
+        num_frames = conditioning.pop("num_frames")
+        guidance_2, boundary = self._experts(request, guidance)
+        start_step, strength = self._start_step(request, steps)
+
         shape = (
             arch.transformer.out_channels,
             (num_frames - 1) // stride + 1,
@@ -119,7 +127,7 @@ class WanTokenizer:
                 "the prompt is longer than %d tokens and was truncated (the reference does the same)",
                 self.text_tokenizer.max_length,
             )
-        schedule = make_schedule(arch.scheduler, steps, flow_shift=flow_shift)
+        schedule = make_schedule(arch.scheduler, steps, flow_shift=flow_shift, start_step=start_step)
         return WanContext(
             request_id=request.request_id,
             tokens=tokens.ids[0],
@@ -140,7 +148,115 @@ class WanTokenizer:
             seed=seed,
             output_format=request.output_format,
             fps=arch.defaults.fps,
+            guidance_scale_2=guidance_2,
+            boundary_timestep=boundary,
+            strength=strength,
+            **conditioning,
         )
+
+    # -- conditioning inputs -------------------------------------------------------------------
+    def _conditioning(self, request: WanRequest, height: int, width: int, num_frames: int) -> dict[str, Any]:
+        """Validate and preprocess image / last_image / video; returns the context fields."""
+        arch, name = self.arch, self.arch.variant.name
+        out: dict[str, Any] = {"num_frames": num_frames}
+        if request.image is None and request.last_image is not None:
+            raise InvalidRequestError("last_image needs image (the first frame) too", "last_image")
+        if request.image is not None:
+            if not arch.accepts_image:
+                raise InvalidRequestError(
+                    f"this {name} checkpoint is text-to-video only and takes no image; use an image-to-video "
+                    "checkpoint (Wan2.1-I2V, FLF2V, Wan2.2-I2V-A14B or TI2V-5B)",
+                    "image",
+                )
+            if request.video is not None:
+                raise InvalidRequestError(
+                    "give either image (image-to-video) or video (video-to-video)", "video"
+                )
+        elif arch.takes_image:
+            raise InvalidRequestError(
+                f"this {name} checkpoint is image-to-video: pass image (the first frame)", "image"
+            )
+        if request.last_image is not None and not arch.accepts_last_image:
+            raise InvalidRequestError(
+                f"this {name} checkpoint cannot take last_image (first-last-frame needs an FLF2V checkpoint "
+                "or Wan2.2-I2V-A14B)",
+                "last_image",
+            )
+        if (
+            arch.transformer.pos_embed_seq_len is not None
+            and request.last_image is None
+            and request.image is not None
+        ):
+            raise InvalidRequestError(
+                f"this {name} checkpoint is first-last-frame: pass last_image too", "last_image"
+            )
+        if request.image is not None:
+            images = [_read_image(request.image, "image")]
+            if request.last_image is not None:
+                images.append(_read_image(request.last_image, "last_image"))
+            out["input_image"] = images[0]
+            out["input_images"] = images
+            out["condition_pixels"] = np.stack([_to_pixels(im, height, width) for im in images])
+            if arch.image_processor is not None and arch.transformer.image_dim is not None:
+                out["clip_pixels"] = clip_preprocess(images, arch.image_processor).numpy()
+        if request.strength is not None and request.video is None:
+            raise InvalidRequestError("strength is for video-to-video: pass video too", "strength")
+        if request.video is not None:
+            if arch.variant.task != "t2v":
+                raise InvalidRequestError(
+                    f"video-to-video runs on text-to-video checkpoints, not on this {name} checkpoint",
+                    "video",
+                )
+            frames = _read_video(request.video)
+            stride = arch.temporal_stride
+            if request.num_frames is None:
+                num_frames = (len(frames) - 1) // stride * stride + 1
+            if len(frames) < num_frames:
+                raise InvalidRequestError(
+                    f"the video has {len(frames)} frames, fewer than num_frames={num_frames}", "video"
+                )
+            out["num_frames"] = num_frames
+            out["video_pixels"] = np.stack(
+                [_to_pixels(f, height, width) for f in frames[:num_frames]], axis=1
+            )
+        return out
+
+    def _experts(self, request: WanRequest, guidance: float) -> tuple[float | None, float | None]:
+        """The low-noise expert's guidance and the switch timestep (Wan 2.2 A14B), else (None, None)."""
+        arch = self.arch
+        if not arch.has_second_expert:
+            if request.guidance_scale_2 is not None:
+                raise InvalidRequestError(
+                    f"guidance_scale_2 is for checkpoints with two experts (Wan2.2 A14B); this "
+                    f"{arch.variant.name} checkpoint has one",
+                    "guidance_scale_2",
+                )
+            return None, None
+        if request.guidance_scale_2 is not None:
+            guidance_2 = _float(request.guidance_scale_2, "guidance_scale_2")
+        elif request.guidance_scale is None and arch.defaults.guidance_scale_2 is not None:
+            guidance_2 = arch.defaults.guidance_scale_2
+        else:  # as the reference: the low-noise expert takes guidance_scale when none is given
+            guidance_2 = guidance
+        if guidance_2 < 0:
+            raise InvalidRequestError(f"guidance_scale_2 must be >= 0, got {guidance_2}", "guidance_scale_2")
+        return guidance_2, arch.boundary_timestep
+
+    @staticmethod
+    def _start_step(request: WanRequest, steps: int) -> tuple[int, float | None]:
+        """Video-to-video: the first step to run and the strength, as the reference derives them."""
+        if request.video is None:
+            return 0, None
+        strength = 0.8 if request.strength is None else _float(request.strength, "strength")
+        if not 0.0 < strength <= 1.0:
+            raise InvalidRequestError(f"strength must be in (0, 1], got {strength}", "strength")
+        init = min(int(steps * strength), steps)
+        if init < 1:
+            raise InvalidRequestError(
+                f"strength {strength} with {steps} steps runs no step: use strength >= 1/{steps} or more steps",
+                "strength",
+            )
+        return steps - init, strength
 
     @staticmethod
     def _latents(given: Any, seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -158,3 +274,34 @@ class WanTokenizer:
         if not np.isfinite(array).all():
             raise InvalidRequestError("latents must be finite", "latents")
         return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _read_image(value: Any, param: str) -> np.ndarray:
+    """A path, PIL image or array -> uint8 (H, W, 3); unreadable input is an InvalidRequestError."""
+    try:
+        return read_image(value)
+    except (OSError, ValueError, TypeError) as e:
+        raise InvalidRequestError(f"{param}: cannot read the image ({e})", param) from None
+
+
+def _read_video(value: Any) -> np.ndarray:
+    """A path, a list of frames or an (F, H, W, 3) array -> uint8 (F, H, W, 3)."""
+    try:
+        if isinstance(value, str | os.PathLike):
+            frames, _ = read_video(value)
+            return frames
+        if isinstance(value, np.ndarray) and value.ndim == 4:
+            return np.stack([read_image(f) for f in value])
+        if isinstance(value, list | tuple) and value:
+            return np.stack([read_image(f) for f in value])
+    except (OSError, ValueError, TypeError) as e:
+        raise InvalidRequestError(f"video: cannot read the video ({e})", "video") from None
+    raise InvalidRequestError("video must be a file path, a list of frames or an (F, H, W, 3) array", "video")
+
+
+def _to_pixels(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H0, W0, 3) -> float32 (3, height, width) in [-1, 1], resized as the reference does
+    (PIL Lanczos to the target size, then x / 255 * 2 - 1)."""
+    resized = Image.fromarray(image).resize((width, height), resample=Image.Resampling.LANCZOS)
+    pixels = np.asarray(resized).astype(np.float32) / 255.0
+    return np.ascontiguousarray((2.0 * pixels - 1.0).transpose(2, 0, 1))

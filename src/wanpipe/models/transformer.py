@@ -419,6 +419,27 @@ class WanTransformerModel(nn.Module):
         }
         return remap_state_dict(kept, TRANSFORMER_DIFFUSERS_KEYS)
 
+    @torch.no_grad()
+    def reload_model_weights(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Copy another checkpoint of the same shape into this model's tensors, in place.
+
+        No module is rebuilt and no tensor is replaced, so compiled or captured code keeps working:
+        this is how one set of modules serves both Wan 2.2 experts. ``state_dict`` is in our names
+        (see :meth:`prepare_state_dict`); each tensor is cast to the parameter's dtype and device.
+        """
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"reload_model_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, param in params.items():
+            source = state_dict[name]
+            if tuple(source.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"reload_model_weights: {name} has shape {list(source.shape)}, the model {list(param.shape)}"
+                )
+            param.copy_(source, non_blocking=True)
+
     # -- RoPE ----------------------------------------------------------------------------------
 
     def compute_rope(

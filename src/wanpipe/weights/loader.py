@@ -105,13 +105,15 @@ def load_weights(
     keep_in_fp32: Iterable[str] = (),
     aliases: Mapping[str, str] | None = None,
     ignore_unexpected: Iterable[str] = (),
+    materialize: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Assign ``checkpoint``'s tensors to ``module`` (built on the meta device) in place.
 
     - ``prepare`` renames checkpoint keys to the module's (a key map kept as data);
     - floating tensors are cast to ``dtype``, except names that a ``keep_in_fp32`` regex matches whole;
     - ``aliases`` maps a module key to another key whose tensor it shares (tied weights);
-    - ``ignore_unexpected`` are regexes of checkpoint keys the reference also ignores.
+    - ``ignore_unexpected`` are regexes of checkpoint keys the reference also ignores;
+    - ``materialize(module)`` recreates buffers that are not saved in checkpoints (non-persistent).
     Returns the module, on ``device``, in eval mode, without gradients.
     """
     state = dict(prepare(checkpoint) if prepare is not None else checkpoint)
@@ -121,7 +123,8 @@ def load_weights(
         if target in expected and target not in state and source in state:
             state[target] = state[source]
     ignore = [re.compile(p) for p in ignore_unexpected]
-    unexpected = sorted(k for k in state if k not in expected and not any(p.search(k) for p in ignore))
+    state = {k: v for k, v in state.items() if k in expected or not any(p.fullmatch(k) for p in ignore)}
+    unexpected = sorted(k for k in state if k not in expected)
     missing = sorted(k for k in expected if k not in state)
     problems = []
     if missing:
@@ -152,6 +155,8 @@ def load_weights(
             target_dtype = torch.float32 if name in fp32 else dtype
         loaded[name] = tensor.to(device=device, dtype=target_dtype)
     module.load_state_dict(loaded, strict=True, assign=True)
+    if materialize is not None:
+        materialize(module)
     still_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if still_meta:
         raise CheckpointError(f"{component}: tensors left unloaded after loading: {still_meta[:8]}")
