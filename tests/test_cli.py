@@ -167,3 +167,64 @@ def test_demo_checkpoint_is_a_diffusers_checkpoint(tmp_path: Path) -> None:
         **{k: v for k, v in kw.items() if k != "seed"},
     ).frames[0]
     assert float(np.abs(ours.generate(**kw, progress=False).frames - theirs).max()) <= 1e-3
+
+
+def test_image_on_a_text_to_video_checkpoint_is_refused(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "in.png")
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_ckpt),
+            "--prompt",
+            "a cat",
+            "--image",
+            str(tmp_path / "in.png"),
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--num-frames",
+            "5",
+            "--output",
+            str(tmp_path / "o.mp4"),
+        ]
+    )
+    assert code == 2
+    assert "text-to-video only" in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_video_to_video_from_a_file(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from wanpipe.media import Video
+
+    rng = np.random.default_rng(0)
+    Video(rng.random((9, 32, 32, 3), dtype=np.float32), fps=16).save(tmp_path / "in.mp4")
+    out = tmp_path / "out.gif"
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_ckpt),
+            "--prompt",
+            "a cat",
+            "--video",
+            str(tmp_path / "in.mp4"),
+            "--strength",
+            "0.5",
+            "--steps",
+            "4",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    frames, _ = read_video(out)
+    assert frames.shape[1:] == (32, 32, 3) and frames.shape[0] <= 9

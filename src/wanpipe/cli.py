@@ -30,6 +30,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument(
+        "--guidance-scale-2", type=float, default=None, help="the low-noise expert's guidance (Wan 2.2 A14B)"
+    )
+    p.add_argument(
+        "--image", default=None, help="first frame for image-to-video checkpoints (I2V, FLF2V, TI2V)"
+    )
+    p.add_argument(
+        "--last-image", default=None, help="last frame (first-last-frame: FLF2V, Wan 2.2 I2V-A14B)"
+    )
+    p.add_argument("--video", default=None, help="input video for video-to-video")
+    p.add_argument("--strength", type=float, default=None, help="video-to-video: how much to re-noise (0, 1]")
+    p.add_argument(
+        "--experts",
+        choices=("resident", "swap"),
+        default="resident",
+        help="Wan 2.2 A14B: keep both experts loaded, or swap one set of weights in place (less memory)",
+    )
+    p.add_argument(
         "--flow-shift", type=float, default=None, help="schedule shift (default: the checkpoint's)"
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
@@ -80,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        pipe = WanPipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
+        pipe = WanPipeline.from_pretrained(model, device=args.device, dtype=args.dtype, experts=args.experts)
     except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     load_s = time.perf_counter() - t0
@@ -95,6 +112,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         flow_shift=args.flow_shift,
         seed=args.seed,
+        guidance_scale_2=args.guidance_scale_2,
+        image=args.image,
+        last_image=args.last_image,
+        video=args.video,
+        strength=args.strength,
     )
     try:
         context = pipe.tokenizer.make_context(request)
