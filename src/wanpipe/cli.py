@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    from wanpipe.serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "serve":
+        from wanpipe.serving.cli import cmd_serve
+
+        return cmd_serve(args)
     return _fail(
         f"unknown command {args.command}", EXIT_BAD_INPUT
     )  # pragma: no cover - argparse refuses first
