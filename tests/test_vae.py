@@ -110,7 +110,7 @@ def test_config_from_dict_ignores_private_and_unknown_keys() -> None:
     assert cfg == VAEConfig()
 
 
-def test_config_wan22_parses_but_model_is_not_implemented() -> None:
+def test_config_wan22_parses() -> None:
     cfg = VAEConfig.from_dict(
         {
             "base_dim": 160,
@@ -126,9 +126,10 @@ def test_config_wan22_parses_but_model_is_not_implemented() -> None:
             "clip_output": False,
         }
     )
-    assert cfg.spatial_stride == 16 and cfg.temporal_stride == 4
-    with pytest.raises(NotImplementedError, match="2.2"):
-        WanVAE(cfg)
+    assert cfg.spatial_stride == 16 and cfg.temporal_stride == 4 and not cfg.clip_output
+    assert cfg.video_in_channels == 3 and cfg.video_out_channels == 3
+    with torch.device("meta"):  # built (parity with diffusers: tests/test_vae22.py)
+        assert WanVAE(cfg).config is cfg
 
 
 @pytest.mark.parametrize(

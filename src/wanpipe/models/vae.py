@@ -1,15 +1,20 @@
-"""The Wan 2.1 video VAE: a causal 3-D convolutional autoencoder.
+"""The Wan video VAEs: causal 3-D convolutional autoencoders (Wan 2.1 and Wan 2.2's residual VAE).
 
-A video of ``1 + 4k`` frames maps to ``1 + k`` latent frames, 8x smaller in height and width, with
-``z_dim`` (16) channels. Every temporal convolution is causal (it only looks at past frames), so a
-video is encoded and decoded chunk by chunk: each causal layer keeps the last input frames of the
-previous chunk in an explicit :class:`CausalCache`, created per ``encode``/``decode`` call. The first
-frame is special: it is encoded alone and decoded without temporal upsampling.
+A video of ``1 + 4k`` frames maps to ``1 + k`` latent frames with ``z_dim`` channels, ``spatial_stride``
+times smaller in height and width. Every temporal convolution is causal (it only looks at past
+frames), so a video is encoded and decoded chunk by chunk: each causal layer keeps the last input
+frames of the previous chunk in an explicit :class:`CausalCache`, created per ``encode``/``decode``
+call. The first frame is special: it is encoded alone and decoded without temporal upsampling.
 
-Same numerics as diffusers' ``AutoencoderKLWan`` (Wan 2.1 layout); parameter names follow diffusers'
-checkpoints except for the few renames in :data:`wanpipe.weights.vae_keys.VAE_DIFFUSERS_KEYS`.
-Wan 2.2's residual VAE (``is_residual`` / ``patch_size``) is parsed by :class:`VAEConfig` but not yet
-built by :class:`WanVAE`.
+- Wan 2.1: ``z_dim`` 16, 8x spatial stride, RGB in and out.
+- Wan 2.2 (TI2V-5B, ``is_residual=True, patch_size=2``): every 2x2 pixel patch is folded into the
+  channels first (3 -> 12 channels, :func:`patchify`), each encoder level adds a parameter-free
+  shortcut that averages space/time blocks into channels (:class:`AvgDown3d`), each decoder level one
+  that spreads channels back into space/time (:class:`DupUp3d`); the decoder is wider than the
+  encoder (``decoder_base_dim``). ``z_dim`` 48, 16x spatial stride.
+
+Same numerics as diffusers' ``AutoencoderKLWan``; parameter names follow diffusers' checkpoints except
+for the few renames in :data:`wanpipe.weights.vae_keys.VAE_DIFFUSERS_KEYS`.
 """
 
 from __future__ import annotations
@@ -98,6 +103,15 @@ class VAEConfig:
             raise ValueError(f"VAEConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.patch_size is not None and self.patch_size < 1:
             raise ValueError(f"VAEConfig.patch_size must be >= 1 or None, got {self.patch_size}")
+        area = self.patch**2
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) % area:
+                raise ValueError(
+                    f"VAEConfig.{name}={getattr(self, name)} must be a multiple of patch_size**2 = {area} "
+                    "(the channels of a patchified video)"
+                )
+        if self.is_residual:
+            self._check_residual_shortcuts()
         if self.scale_factor_temporal is not None and self.scale_factor_temporal != self.temporal_stride:
             raise ValueError(
                 f"VAEConfig.scale_factor_temporal={self.scale_factor_temporal} disagrees with "
@@ -109,6 +123,44 @@ class VAEConfig:
                 f"patch_size (stride {self.spatial_stride})"
             )
 
+    def _check_residual_shortcuts(self) -> None:
+        """The residual shortcuts move whole space/time blocks into channel groups: the sizes must divide."""
+        last = len(self.dim_mult) - 1
+        enc = [self.base_dim * m for m in (1, *self.dim_mult)]
+        dec_base = self.decoder_base_dim or self.base_dim
+        dec = [dec_base * m for m in (self.dim_mult[-1], *self.dim_mult[::-1])]
+        temporal_up = self.temperal_downsample[::-1]
+        for i in range(last + 1):
+            resample = i != last
+            factor = (2 if resample and self.temperal_downsample[i] else 1) * (4 if resample else 1)
+            if (enc[i] * factor) % enc[i + 1]:
+                raise ValueError(
+                    f"VAEConfig: encoder level {i} cannot average {enc[i]} channels x {factor} "
+                    f"space/time positions into {enc[i + 1]} channels (dim_mult={self.dim_mult})"
+                )
+        for i in range(last):  # the last decoder level does not upsample: no shortcut
+            factor = (2 if temporal_up[i] else 1) * 4
+            if (dec[i + 1] * factor) % dec[i]:
+                raise ValueError(
+                    f"VAEConfig: decoder level {i} cannot spread {dec[i]} channels over {dec[i + 1]} "
+                    f"channels x {factor} space/time positions (dim_mult={self.dim_mult})"
+                )
+
+    @property
+    def patch(self) -> int:
+        """Side of the pixel patches folded into channels before encoding (1: none, 2 for Wan 2.2)."""
+        return self.patch_size or 1
+
+    @property
+    def video_in_channels(self) -> int:
+        """Channels of the videos ``encode`` takes (3): ``in_channels`` before patchifying."""
+        return self.in_channels // self.patch**2
+
+    @property
+    def video_out_channels(self) -> int:
+        """Channels of the videos ``decode`` makes (3): ``out_channels`` after unpatchifying."""
+        return self.out_channels // self.patch**2
+
     @property
     def temporal_stride(self) -> int:
         """Pixel frames per latent frame after the first (4 for Wan)."""
@@ -117,7 +169,7 @@ class VAEConfig:
     @property
     def spatial_stride(self) -> int:
         """Pixels per latent pixel along height and width (8 for Wan 2.1, 16 for Wan 2.2)."""
-        return 2 ** (len(self.dim_mult) - 1) * (self.patch_size or 1)
+        return 2 ** (len(self.dim_mult) - 1) * self.patch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +424,153 @@ class MidBlock(nn.Module):
         return x
 
 
+# ----------------------------------------------------------------------------------------------
+# Wan 2.2: patches and the parameter-free residual shortcuts
+# ----------------------------------------------------------------------------------------------
+
+
+def patchify(x: Tensor, patch: int) -> Tensor:
+    """Fold each ``patch x patch`` pixel block into the channels, as the Wan 2.2 checkpoints expect.
+
+    ``b c f (h ph) (w pw) -> b (c pw ph) f h w``: (B, C, F, H, W) -> (B, C p^2, F, H/p, W/p). The
+    column offset ``pw`` varies slower than the row offset ``ph``.
+    """
+    if patch == 1:
+        return x
+    x = x.unflatten(4, (x.shape[4] // patch, patch)).unflatten(3, (x.shape[3] // patch, patch))
+    # (b, c, f, h, ph, w, pw) -> (b, c, pw, ph, f, h, w)
+    return x.permute(0, 1, 6, 4, 2, 3, 5).flatten(1, 3)
+
+
+def unpatchify(x: Tensor, patch: int) -> Tensor:
+    """The inverse of :func:`patchify`: (B, C p^2, F, H, W) -> (B, C, F, H p, W p)."""
+    if patch == 1:
+        return x
+    x = x.unflatten(1, (x.shape[1] // patch**2, patch, patch))
+    # (b, c, pw, ph, f, h, w) -> (b, c, f, h, ph, w, pw)
+    return x.permute(0, 1, 4, 5, 3, 6, 2).flatten(5, 6).flatten(3, 4)
+
+
+class AvgDown3d(nn.Module):
+    """Shortcut of a Wan 2.2 encoder level: space/time blocks become channels, averaged in groups.
+
+    Each ``factor_t x factor_s x factor_s`` block of every input channel is laid out as
+    ``in_dim * factor`` channels ``(c, t, y, x)``, and each run of ``in_dim * factor / out_dim`` of
+    them is averaged into one output channel. A chunk whose frame count is not a multiple of
+    ``factor_t`` gets zero frames in front (the video's first frame: ``[0, f0]`` -> one frame).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.factor_t, self.factor_s = factor_t, factor_s
+        if (in_dim * factor_t * factor_s**2) % out_dim:
+            raise ValueError(
+                f"AvgDown3d: {in_dim} x {factor_t * factor_s**2} channels do not group into {out_dim}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_dim, T, H, W) -> (B, out_dim, ceil(T / factor_t), H / factor_s, W / factor_s)."""
+        ft, fs = self.factor_t, self.factor_s
+        if x.shape[2] % ft:
+            x = F.pad(x, (0, 0, 0, 0, ft - x.shape[2] % ft, 0))
+        b, c, t, h, w = x.shape
+        x = x.reshape(b, c, t // ft, ft, h // fs, fs, w // fs, fs)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (b, c, ft, fs, fs, t', h', w')
+        return x.reshape(b, self.out_dim, -1, t // ft, h // fs, w // fs).mean(dim=2)
+
+
+class DupUp3d(nn.Module):
+    """Shortcut of a Wan 2.2 decoder level, the mirror of :class:`AvgDown3d`: each input channel is
+    repeated, and the copies are laid out as ``factor_t x factor_s x factor_s`` space/time blocks of
+    ``out_dim`` channels. In the video's first chunk the first ``factor_t - 1`` frames are dropped,
+    as the temporal upsampler does not double the first frame.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.factor_t, self.factor_s = factor_t, factor_s
+        factor = factor_t * factor_s**2
+        if (out_dim * factor) % in_dim:
+            raise ValueError(f"DupUp3d: {in_dim} channels do not spread over {out_dim} x {factor}")
+        self.repeats = out_dim * factor // in_dim
+
+    def forward(self, x: Tensor, first_chunk: bool) -> Tensor:
+        """(B, in_dim, T, H, W) -> (B, out_dim, T', H fs, W fs); T' = T ft, less ft - 1 in the first chunk."""
+        ft, fs = self.factor_t, self.factor_s
+        b, c, t, h, w = x.shape
+        x = x.unsqueeze(2).expand(b, c, self.repeats, t, h, w)  # each channel, repeats times in a row
+        x = x.reshape(b, self.out_dim, ft, fs, fs, t, h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_dim, t * ft, h * fs, w * fs)
+        return x[:, :, ft - 1 :] if first_chunk and ft > 1 else x
+
+
+class ResidualDownBlock(nn.Module):
+    """Wan 2.2 encoder level: residual blocks and an optional downsampler, plus an :class:`AvgDown3d` shortcut."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_res_blocks: int,
+        dropout: float = 0.0,
+        downsample_mode: ResampleMode | None = None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(num_res_blocks)]
+        )
+        self.downsampler = Resample(out_dim, downsample_mode) if downsample_mode is not None else None
+        factor_t = 2 if downsample_mode == "downsample3d" else 1
+        factor_s = 1 if downsample_mode is None else 2
+        self.shortcut = AvgDown3d(in_dim, out_dim, factor_t, factor_s)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """(B, in_dim, T, H, W) -> (B, out_dim, T', H/2, W/2) with a downsampler, else (B, out_dim, T, H, W)."""
+        shortcut = self.shortcut(x)
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.downsampler is not None:
+            x = self.downsampler(x, cache)
+        return x + shortcut
+
+
+class ResidualUpBlock(nn.Module):
+    """Wan 2.2 decoder level: ``num_res_blocks + 1`` residual blocks and an optional upsampler (which
+    keeps the channels), plus a :class:`DupUp3d` shortcut when it upsamples."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_res_blocks: int,
+        dropout: float = 0.0,
+        upsample_mode: ResampleMode | None = None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [
+                ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout)
+                for i in range(num_res_blocks + 1)
+            ]
+        )
+        self.upsampler: Resample | None = None
+        self.shortcut: DupUp3d | None = None
+        if upsample_mode is not None:
+            self.upsampler = Resample(out_dim, upsample_mode, out_dim=out_dim)
+            self.shortcut = DupUp3d(in_dim, out_dim, 2 if upsample_mode == "upsample3d" else 1, 2)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """(B, in_dim, T, H, W) -> (B, out_dim, T', 2H, 2W) with an upsampler, else (B, out_dim, T, H, W)."""
+        inputs = x
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsampler is None or self.shortcut is None:
+            return x
+        return self.upsampler(x, cache) + self.shortcut(inputs, cache.first_chunk)
+
+
 def _register_cache_keys(root: nn.Module) -> None:
     """Name every stateful layer's cache slot after its path under ``root``."""
     for name, module in root.named_modules():
@@ -380,7 +579,11 @@ def _register_cache_keys(root: nn.Module) -> None:
 
 
 class Encoder3d(nn.Module):
-    """Video -> latent moments (Wan 2.1 layout: a flat list of residual and resample blocks)."""
+    """Patchified video -> latent moments.
+
+    Wan 2.1 layout: a flat list of residual and resample blocks. Wan 2.2 (``is_residual``): one
+    :class:`ResidualDownBlock` per level.
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -390,11 +593,16 @@ class Encoder3d(nn.Module):
         blocks: list[nn.Module] = []
         last = len(config.dim_mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            mode: ResampleMode | None = None
+            if i != last:
+                mode = "downsample3d" if config.temperal_downsample[i] else "downsample2d"
+            if config.is_residual:
+                blocks.append(ResidualDownBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
+                continue
             for _ in range(config.num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim, config.dropout))
                 in_dim = out_dim
-            if i != last:
-                mode: ResampleMode = "downsample3d" if config.temperal_downsample[i] else "downsample2d"
+            if mode is not None:
                 blocks.append(Resample(out_dim, mode))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1], config.dropout)
@@ -403,9 +611,10 @@ class Encoder3d(nn.Module):
         _register_cache_keys(self)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        """(B, in_channels, T, H, W) -> (B, 2 * z_dim, T', H/8, W/8).
+        """(B, in_channels, T, H, W) -> (B, 2 * z_dim, T', H / s, W / s), s = 2 ** (len(dim_mult) - 1).
 
-        One chunk of the video: T = 1 + 4n in the first chunk (T' = 1 + n), T = 4n after (T' = n).
+        One chunk of the (patchified) video: T = 1 + 4n in the first chunk (T' = 1 + n), T = 4n after
+        (T' = n).
         """
         frames = x.shape[2]
         x = self.conv_in(x, cache)
@@ -445,7 +654,11 @@ class UpBlock(nn.Module):
 
 
 class Decoder3d(nn.Module):
-    """Latents -> video (Wan 2.1 layout). Like diffusers', it has no attention outside the mid block."""
+    """Latents -> patchified video. Like diffusers', it has no attention outside the mid block.
+
+    Wan 2.1 layout: each upsampler halves the channels. Wan 2.2 (``is_residual``): upsamplers keep the
+    channels and each level has a :class:`DupUp3d` shortcut (:class:`ResidualUpBlock`).
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -455,14 +668,17 @@ class Decoder3d(nn.Module):
         temporal_upsample = config.temperal_downsample[::-1]
         self.conv_in = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0], config.dropout)
-        blocks = []
+        blocks: list[nn.Module] = []
         last = len(mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            if i > 0:
-                in_dim //= 2  # the previous upsampler halved the channels
             mode: ResampleMode | None = None
             if i != last:
                 mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
+            if config.is_residual:
+                blocks.append(ResidualUpBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
+                continue
+            if i > 0:
+                in_dim //= 2  # the previous upsampler halved the channels
             blocks.append(UpBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
         self.up_blocks = nn.ModuleList(blocks)
         self.norm_out = RMSNorm(dims[-1])
@@ -470,7 +686,7 @@ class Decoder3d(nn.Module):
         _register_cache_keys(self)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        """(B, z_dim, t, h, w) -> (B, out_channels, T, 8h, 8w).
+        """(B, z_dim, t, h, w) -> (B, out_channels, T, s h, s w), s = 2 ** (len(dim_mult) - 1).
 
         One chunk of latents: T = 1 + 4(t - 1) in the first chunk, T = 4t after.
         """
@@ -490,20 +706,17 @@ class Decoder3d(nn.Module):
 
 
 class WanVAE(nn.Module):
-    """The Wan 2.1 VAE: ``encode`` videos to latents, ``decode`` latents to videos, chunk by chunk.
+    """The Wan VAE (2.1, or 2.2's residual one): ``encode`` videos to latents, ``decode`` latents to
+    videos, chunk by chunk.
 
-    Latents here are raw (what the encoder makes); the diffusion model works on
-    ``normalize_latents(raw)``. Run under ``torch.inference_mode()`` for inference: the model does
-    not switch autograd off itself.
+    Videos are (B, 3, F, H, W) in [-1, 1]; with ``patch_size`` p they are patchified to
+    ``in_channels`` = 3 p^2 channels before the encoder and unpatchified after the decoder. Latents
+    here are raw (what the encoder makes); the diffusion model works on ``normalize_latents(raw)``.
+    Run under ``torch.inference_mode()`` for inference: the model does not switch autograd off itself.
     """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        if config.is_residual or (config.patch_size or 1) != 1:
-            raise NotImplementedError(
-                "the Wan 2.2 residual VAE (is_residual=True / patch_size > 1) is not implemented yet; "
-                "only the Wan 2.1 VAE is supported"
-            )
         if config.attn_scales:
             # Wan's original code puts attention blocks at these scales in the encoder and decoder;
             # diffusers' port does not run them. No released checkpoint uses them.
@@ -516,20 +729,21 @@ class WanVAE(nn.Module):
 
     @staticmethod
     def prepare_state_dict(checkpoint_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Rename a diffusers ``AutoencoderKLWan`` state dict to this module's names."""
+        """Rename a diffusers ``AutoencoderKLWan`` state dict (either layout) to this module's names."""
         return remap_state_dict(checkpoint_sd, VAE_DIFFUSERS_KEYS)
 
     # -- encode ---------------------------------------------------------------------------------
 
     def encode(self, video: Tensor, chunk_latents: int = 1) -> LatentDistribution:
-        """(B, in_channels, F, H, W) in [-1, 1], F = 4k + 1 -> posterior over (B, z_dim, k + 1, H/8, W/8).
+        """(B, 3, F, H, W) in [-1, 1], F = 4k + 1 -> posterior over (B, z_dim, k + 1, H/s, W/s), s = spatial_stride.
 
         As in the reference, the first frame is encoded alone, then 4 frames at a time
         (``4 * chunk_latents`` frames at a time, same result, for fewer and bigger steps).
         """
         cfg = self.config
-        if video.ndim != 5 or video.shape[1] != cfg.in_channels:
-            raise ValueError(f"video must be (B, {cfg.in_channels}, F, H, W), got {tuple(video.shape)}")
+        channels = cfg.video_in_channels
+        if video.ndim != 5 or video.shape[1] != channels:
+            raise ValueError(f"video must be (B, {channels}, F, H, W), got {tuple(video.shape)}")
         _, _, frames, height, width = video.shape
         ts, ss = cfg.temporal_stride, cfg.spatial_stride
         if frames < 1 or (frames - 1) % ts:
@@ -544,11 +758,11 @@ class WanVAE(nn.Module):
         step = ts * chunk_latents
         starts = [0, *range(1, frames, step)]
         ends = [*starts[1:], frames]
-        moments = [self.encoder(video[:, :, s:e], cache) for s, e in zip(starts, ends)]
+        moments = [self.encoder(patchify(video[:, :, s:e], cfg.patch), cache) for s, e in zip(starts, ends)]
         return LatentDistribution.from_moments(self.quant_conv(torch.cat(moments, dim=2)))
 
     def encode_mean(self, video: Tensor) -> Tensor:
-        """(B, in_channels, F, H, W) in [-1, 1] -> raw latents (B, z_dim, (F - 1)/4 + 1, H/8, W/8), the posterior mode."""
+        """(B, 3, F, H, W) in [-1, 1] -> raw latents (B, z_dim, (F - 1)/4 + 1, H/s, W/s), the posterior mode."""
         return self.encode(video).mean
 
     # -- decode ---------------------------------------------------------------------------------
@@ -556,15 +770,15 @@ class WanVAE(nn.Module):
     def decode_chunk(self, z: Tensor, cache: CausalCache) -> Tensor:
         """Decode the next chunk of raw latents, continuing from ``cache`` (updated in place).
 
-        (B, z_dim, t, h, w) -> (B, out_channels, T, 8h, 8w) with T = 1 + 4(t - 1) for the first
-        chunk of a video (an empty cache) and T = 4t after.
+        (B, z_dim, t, h, w) -> (B, 3, T, s h, s w), s = spatial_stride, with T = 1 + 4(t - 1) for the
+        first chunk of a video (an empty cache) and T = 4t after.
         """
-        x = self.decoder(self.post_quant_conv(z), cache)
+        x = unpatchify(self.decoder(self.post_quant_conv(z), cache), self.config.patch)
         return x.clamp(-1.0, 1.0) if self.config.clip_output else x
 
     def iter_decode(self, z: Tensor, chunk_frames: int = 1) -> Iterator[Tensor]:
         """Yield the pixel frames of raw latents (B, z_dim, f, h, w) in order, ``chunk_frames`` latent
-        frames at a time: (B, out_channels, 1 + 4(c - 1), 8h, 8w) first, then (B, out_channels, 4c, 8h, 8w).
+        frames at a time: (B, 3, 1 + 4(c - 1), s h, s w) first, then (B, 3, 4c, s h, s w).
 
         Memory is bounded by one chunk plus the cache (2 frames per causal layer). Bad input raises
         here, not at the first ``next``.
@@ -584,7 +798,7 @@ class WanVAE(nn.Module):
             yield self.decode_chunk(z[:, :, start : start + chunk_frames], cache)
 
     def decode(self, z: Tensor, chunk_frames: int = 1) -> Tensor:
-        """Raw latents (B, z_dim, f, h, w) -> video (B, out_channels, 4(f - 1) + 1, 8h, 8w) in [-1, 1]."""
+        """Raw latents (B, z_dim, f, h, w) -> video (B, 3, 4(f - 1) + 1, s h, s w) in [-1, 1], s = spatial_stride."""
         frames = self.config.temporal_stride * (z.shape[2] - 1) + 1 if z.ndim == 5 else 0
         video: Tensor | None = None
         start = 0
@@ -630,4 +844,6 @@ __all__ = [
     "LatentDistribution",
     "VAEConfig",
     "WanVAE",
+    "patchify",
+    "unpatchify",
 ]
