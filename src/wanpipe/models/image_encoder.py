@@ -101,7 +101,9 @@ def clip_key_map(model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], dic
     """Checkpoints name the tower ``vision_model.*`` (older transformers) or not (transformers 5):
     rename to whichever the installed transformers builds."""
     nested = hasattr(model, "vision_model")
-    rules: KeyMap = ((r"(?!vision_model\.)(.+)", r"vision_model.\1"),) if nested else ((r"vision_model\.(.+)", r"\1"),)
+    rules: KeyMap = (
+        ((r"(?!vision_model\.)(.+)", r"vision_model.\1"),) if nested else ((r"vision_model\.(.+)", r"\1"),)
+    )
 
     def prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return remap_state_dict(state_dict, rules)
