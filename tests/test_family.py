@@ -399,8 +399,8 @@ BAD = [
         "guidance_scale_2",
         "guidance_scale_2",
     ),
-    ("ti2v-height", "ti2v_ours", lambda tmp: dict(height=48, width=64), "height", "32"),
-    ("ti2v-width", "ti2v_ours", lambda tmp: dict(height=32, width=80), "width", "32"),
+    ("ti2v-height", "ti2v_ours", lambda tmp: dict(height=48, width=64), "height", "multiple of 32"),
+    ("ti2v-width", "ti2v_ours", lambda tmp: dict(height=32, width=80), "width", "multiple of 32"),
     ("corrupt-image", "i2v_ours", lambda tmp: dict(image=_garbage(tmp, "x.png")), "image", r"(?i)image"),
     ("corrupt-video", "wan_pipe", lambda tmp: dict(video=_garbage(tmp, "x.mp4")), "video", r"(?i)video"),
     (

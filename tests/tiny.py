@@ -68,6 +68,37 @@ def randomize(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.ndim == 1 and "norm" in _ else 0.0))
 
 
+def make_text_encoder(tokenizer):
+    """A small UMT5 encoder for ``tokenizer`` (default init; callers may re-randomise it)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def make_scheduler(kind: str = "unipc", flow_shift: float = 3.0):
+    """The Wan checkpoints' flow UniPC scheduler, or flow-matching Euler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        return UniPCMultistepScheduler(
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=flow_shift,
+            num_train_timesteps=1000,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+
+
 def make_pipeline(
     *,
     scheduler: str = "unipc",
@@ -77,42 +108,16 @@ def make_pipeline(
     seed: int = 0,
 ):
     """A diffusers ``WanPipeline`` with tiny random components."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
     tokenizer = make_tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=16,
-            d_kv=4,
-            d_ff=32,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-        )
-    ).eval()
+    text_encoder = make_text_encoder(tokenizer)
     vae = AutoencoderKLWan(**{**VAE_KW, **(vae_kw or {})}).eval()
     transformer = WanTransformer3DModel(**{**TRANSFORMER_KW, **(transformer_kw or {})}).eval()
     randomize(vae, seed + 1, 0.3)
     randomize(transformer, seed + 2, 0.2)
-    if scheduler == "unipc":
-        sched = UniPCMultistepScheduler(
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=flow_shift,
-            num_train_timesteps=1000,
-        )
-    else:
-        sched = FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+    sched = make_scheduler(scheduler, flow_shift)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=sched, transformer=transformer
     )

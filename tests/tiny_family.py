@@ -64,36 +64,14 @@ TI2V_TRANSFORMER_KW: dict[str, Any] = dict(in_channels=Z48, out_channels=Z48)
 
 
 def text_side(seed: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
     tokenizer = tiny.make_tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=16,
-            d_kv=4,
-            d_ff=32,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-        )
-    ).eval()
+    text_encoder = tiny.make_text_encoder(tokenizer)
     tiny.randomize(text_encoder, seed, 0.2)
     return tokenizer, text_encoder
 
 
 def scheduler(kind: str = "unipc", flow_shift: float = 3.0):
-    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-
-    if kind == "unipc":
-        return UniPCMultistepScheduler(
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=flow_shift,
-            num_train_timesteps=1000,
-        )
-    return FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+    return tiny.make_scheduler(kind, flow_shift)
 
 
 def vae(seed: int, wan22: bool = False):
