@@ -1,4 +1,4 @@
-"""The ``wanpipe`` command: ``wanpipe generate ...``."""
+"""The ``wanpipe`` command: ``wanpipe generate ...``, ``wanpipe convert ...``, ``wanpipe serve ...``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,85 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="output file: .mp4, .webp, .gif, a folder for PNG frames, or .png/.jpg for one frame",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_weight_sources(p)
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE][@high|low|both]",
+        help="merge a LoRA adapter (diffusers/peft, original-Wan or kohya names); repeatable",
+    )
+    p.add_argument(
+        "--fp8",
+        choices=("upcast", "dequantize", "quantize", "scaled_mm"),
+        default=None,
+        help="how fp8 weights run: upcast per layer (default for fp8 files), dequantize at load, quantize "
+        "a bf16 DiT to fp8, or fp8 matmuls (scaled_mm, CUDA capability >= 8.9)",
+    )
+    p.add_argument(
+        "--sigma-grid",
+        choices=("diffusers", "original"),
+        default=None,
+        help="sigma grid: diffusers' or the original Wan repositories' (default: the checkpoint layout's)",
+    )
+
+
+def _add_weight_sources(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("single files (instead of --model: ComfyUI or original files, any naming)")
+    g.add_argument(
+        "--transformer", nargs="+", default=None, metavar="FILE", help="the DiT (file(s) or folder)"
+    )
+    g.add_argument(
+        "--transformer-2", nargs="+", default=None, metavar="FILE", help="Wan 2.2 A14B low-noise DiT"
+    )
+    g.add_argument("--vae", default=None, metavar="FILE", help="the VAE file")
+    g.add_argument("--text-encoder", default=None, metavar="FILE", help="the UMT5 encoder file")
+    g.add_argument("--image-encoder", default=None, metavar="FILE", help="CLIP vision file (Wan 2.1 I2V)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: google/umt5-xxl)")
+
+
+def _single_files(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "transformer": args.transformer,
+        "transformer_2": args.transformer_2,
+        "vae": args.vae,
+        "text_encoder": args.text_encoder,
+        "image_encoder": args.image_encoder,
+        "tokenizer": args.tokenizer,
+    }
+
+
+def parse_lora_arg(text: str) -> tuple[str, float, str]:
+    """``FILE[:SCALE][@high|low|both]`` -> (file, scale, expert)."""
+    expert = "both"
+    if "@" in text and text.rsplit("@", 1)[1] in ("high", "low", "both"):
+        text, expert = text.rsplit("@", 1)
+    scale = 1.0
+    if ":" in text:
+        head, tail = text.rsplit(":", 1)
+        try:
+            scale = float(tail)
+            text = head
+        except ValueError:
+            pass
+    return text, scale, expert
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write a checkpoint in the diffusers or the original Wan layout",
+        description="Read a checkpoint in any layout wanpipe reads (diffusers folder, original Wan folder, "
+        "single files) and write it as a diffusers-layout folder (sharded safetensors) or an original one.",
+    )
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint folder or hub id (or use the file flags)"
+    )
+    _add_weight_sources(p)
+    p.add_argument("--to", choices=("diffusers", "original"), default="diffusers", help="the layout to write")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.add_argument("--dtype", default=None, help="cast weights (default: keep; fp8 becomes bfloat16)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_convert(sub)
     from wanpipe.serving.cli import add_serve_parser
 
     add_serve_parser(sub)
@@ -92,7 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_BAD_INPUT)
 
     model = args.model
-    if model is None:
+    files = _single_files(args)
+    use_files = model is None and any(v is not None for k, v in files.items() if k != "tokenizer")
+    if model is None and not use_files:
         from wanpipe.demo import ensure_demo_checkpoint
 
         model = ensure_demo_checkpoint()
@@ -100,7 +182,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        pipe = WanPipeline.from_pretrained(model, device=args.device, dtype=args.dtype, experts=args.experts)
+        options = dict(device=args.device, dtype=args.dtype, experts=args.experts, fp8=args.fp8)
+        if model is None:
+            if args.sigma_grid is not None:
+                options["sigma_grid"] = args.sigma_grid
+            single = {k: v for k, v in files.items() if k != "tokenizer"}
+            missing = [
+                f"--{k.replace('_', '-')}" for k in ("transformer", "vae", "text_encoder") if not single[k]
+            ]
+            if missing:
+                return _fail(f"single files need {', '.join(missing)} too", EXIT_BAD_INPUT)
+            pipe = WanPipeline.from_single_files(**files, **options)
+        else:
+            pipe = WanPipeline.from_pretrained(model, sigma_grid=args.sigma_grid, **options)
+        for spec in args.lora:
+            path, scale, expert = parse_lora_arg(spec)
+            report = pipe.load_lora(path, scale, expert)
+            print(f"LoRA {report.name}: {len(report.layers)} layers x {scale:g} ({'+'.join(report.experts)})")
+            if report.unmatched:
+                print(
+                    f"LoRA {report.name}: {len(report.unmatched)} keys matched no layer: {report.unmatched[:10]}"
+                )
     except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     load_s = time.perf_counter() - t0
@@ -146,6 +248,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from wanpipe.pipeline import parse_dtype
+    from wanpipe.weights.components import open_checkpoint
+    from wanpipe.weights.convert import write_diffusers, write_original
+    from wanpipe.weights.safetensors_io import CheckpointError
+
+    t0 = time.perf_counter()
+    try:
+        files = _single_files(args)
+        if args.model is None:
+            files = {**files, "transformer": args.transformer, "transformer_2": args.transformer_2}
+        arch, weights = open_checkpoint(args.model, **files)
+        dtype = parse_dtype(args.dtype, __import__("torch").device("cpu")) if args.dtype else None
+        write = write_diffusers if args.to == "diffusers" else write_original
+        out = write(arch, weights, args.output, dtype=dtype, max_shard_size=args.max_shard_size)
+    except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    print(f"wrote {out} ({args.to} layout, {arch.variant.name}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -153,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "convert":
+        return cmd_convert(args)
     if args.command == "serve":
         from wanpipe.serving.cli import cmd_serve
 

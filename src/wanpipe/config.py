@@ -235,3 +235,60 @@ class WanArchConfig:
             image_processor=image_processor,
             components={k: v for k, v in index.items() if not k.startswith("_")},
         )
+
+    @classmethod
+    def from_parts(
+        cls,
+        path: str | Path,
+        *,
+        transformer: TransformerConfig,
+        vae: VAEConfig,
+        text_encoder: TextEncoderConfig,
+        transformer_2: TransformerConfig | None = None,
+        image_encoder: dict[str, Any] | None = None,
+        image_processor: ImageProcessorConfig | None = None,
+        flow_shift: float | None = None,
+        boundary_ratio: float | None = None,
+        sigma_grid: str = "original",
+        components: dict[str, Any] | None = None,
+    ) -> WanArchConfig:
+        """An arch config from component configs read elsewhere (an original ``config.json``, tensor
+        shapes of single files). The scheduler is the original repositories' UniPC with their shift
+        (:data:`wanpipe.weights.original.ORIGINAL_SAMPLING`) on ``sigma_grid`` ("original" by default,
+        to reproduce their results; "diffusers" for diffusers' grid)."""
+        from wanpipe.weights.original import ORIGINAL_SAMPLING
+
+        if transformer_2 is not None and (
+            transformer_2.in_channels != transformer.in_channels or transformer_2.dim != transformer.dim
+        ):
+            raise CheckpointError(
+                f"the two experts differ in shape (in_channels {transformer.in_channels} vs "
+                f"{transformer_2.in_channels}, width {transformer.dim} vs {transformer_2.dim})"
+            )
+        variant = detect_variant(transformer, vae, has_second_expert=transformer_2 is not None)
+        sampling = ORIGINAL_SAMPLING.get(variant.name, {})
+        scheduler = SchedulerConfig(
+            kind="unipc",
+            flow_shift=float(flow_shift if flow_shift is not None else sampling.get("flow_shift", 5.0)),
+            sigma_grid=sigma_grid,  # type: ignore[arg-type]
+        )
+        if transformer_2 is not None and boundary_ratio is None:
+            boundary_ratio = sampling.get("boundary_ratio", 0.875)
+        return cls(
+            path=Path(path),
+            variant=variant,
+            transformer=transformer,
+            transformer_2=transformer_2,
+            vae=vae,
+            text_encoder=text_encoder,
+            scheduler=scheduler,
+            boundary_ratio=boundary_ratio if transformer_2 is not None else None,
+            expand_timesteps=vae.z_dim == 48,  # Wan 2.2 TI2V-5B: per-token timesteps
+            image_encoder=image_encoder,
+            image_processor=image_processor if image_encoder is not None else None,
+            components=dict(components or {}),
+        )
+
+    def with_sigma_grid(self, sigma_grid: str) -> WanArchConfig:
+        """The same checkpoint sampled on another sigma grid ("diffusers" or "original")."""
+        return replace(self, scheduler=replace(self.scheduler, sigma_grid=sigma_grid))  # type: ignore[arg-type]

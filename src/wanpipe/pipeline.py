@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,11 @@ from wanpipe.models.text_encoder import (
 from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
 from wanpipe.models.vae import WanVAE
 from wanpipe.tokenizer import WanTokenizer
-from wanpipe.weights.loader import load_weights, open_component_weights, resolve_checkpoint
+from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
+from wanpipe.weights.fp8 import check_fp8_mode, dit_fp8_state, use_fp8_linears
+from wanpipe.weights.loader import load_weights
+from wanpipe.weights.lora import LoraManager, LoraReport
+from wanpipe.weights.safetensors_io import CheckpointError
 from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED
 
 logger = logging.getLogger(__name__)
@@ -101,28 +106,95 @@ class WanPipeline:
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         experts: str = "resident",
+        fp8: str | None = None,
+        sigma_grid: str | None = None,
     ) -> WanPipeline:
-        """Load a diffusers-layout Wan checkpoint from a local folder or a hub id.
+        """Load a Wan checkpoint from a local folder or a hub id: the diffusers layout
+        (``model_index.json``) or an original Wan repository (``config.json``, ``Wan2.1_VAE.pth``,
+        ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``; Wan 2.2 A14B's ``high_noise_model/``
+        and ``low_noise_model/``).
 
         ``dtype`` is the DiT's and text encoder's (default bf16 on CUDA, fp32 on CPU); the VAE runs in
         ``vae_dtype`` (default fp32, as the reference recommends). ``experts`` (Wan 2.2 A14B): "resident"
         keeps both experts loaded; "swap" keeps one set of DiT modules and copies the other expert's
-        weights into it at the switch (half the DiT memory; the same frames).
+        weights into it at the switch (half the DiT memory; the same frames). ``fp8``: how fp8 weights
+        run (:mod:`wanpipe.weights.fp8`; default "upcast" for fp8 checkpoints). ``sigma_grid``: "diffusers"
+        or "original" (default: "diffusers" for the diffusers layout, "original" for original folders).
         """
+        arch, weights = open_checkpoint(
+            path_or_id, sigma_grid=sigma_grid, revision=revision, cache_dir=cache_dir
+        )
+        return cls._from_components(
+            arch, weights, device=device, dtype=dtype, vae_dtype=vae_dtype, experts=experts, fp8=fp8
+        )
+
+    @classmethod
+    def from_single_files(
+        cls,
+        transformer: str | Path | list[str | Path],
+        vae: str | Path,
+        text_encoder: str | Path,
+        transformer_2: str | Path | list[str | Path] | None = None,
+        image_encoder: str | Path | None = None,
+        tokenizer: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        vae_dtype: str | torch.dtype | None = None,
+        experts: str = "resident",
+        fp8: str | None = None,
+        sigma_grid: str = "original",
+        num_heads: int | None = None,
+    ) -> WanPipeline:
+        """Load one file per component (ComfyUI's repackaged files, the original repositories' files):
+        diffusers or original names, with or without wrapper prefixes (``model.diffusion_model.``),
+        fp32/fp16/bf16/fp8 (scaled or not), ``.safetensors`` (or ``.pth`` read with ``weights_only``).
+
+        The variant is inferred from tensor names and shapes. ``transformer_2`` is Wan 2.2 A14B's
+        low-noise expert. ``tokenizer`` is a folder or a hub id (default ``google/umt5-xxl``, fetched with
+        ``huggingface_hub``). ``num_heads`` overrides the head count (default: width / 128, as in every
+        released Wan DiT). The scheduler is the original repositories' UniPC with their shift.
+        """
+        arch, weights = single_file_weights(
+            transformer=transformer,
+            vae=vae,
+            text_encoder=text_encoder,
+            transformer_2=transformer_2,
+            image_encoder=image_encoder,
+            tokenizer=tokenizer,
+            num_heads=num_heads,
+            sigma_grid=sigma_grid,
+        )
+        return cls._from_components(
+            arch, weights, device=device, dtype=dtype, vae_dtype=vae_dtype, experts=experts, fp8=fp8
+        )
+
+    @classmethod
+    def _from_components(
+        cls,
+        arch: WanArchConfig,
+        weights: ComponentWeights,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        vae_dtype: str | torch.dtype | None = None,
+        experts: str = "resident",
+        fp8: str | None = None,
+    ) -> WanPipeline:
+        """Build every module on the meta device and assign the weights of ``weights`` (runtime names)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = parse_dtype(dtype, device)
         vae_dtype = parse_dtype(vae_dtype, torch.device("cpu"))
         if experts not in ("resident", "swap"):
             raise ValueError(f"experts must be 'resident' or 'swap', got {experts!r}")
-        folder = resolve_checkpoint(path_or_id, revision=revision, cache_dir=cache_dir)
-        arch = WanArchConfig.from_folder(folder)
+        check_fp8_mode(fp8, device)
 
         t0 = time.perf_counter()
-        text_tokenizer = WanTextTokenizer(folder / "tokenizer", max_length=arch.get_max_seq_len())
+        text_tokenizer = WanTextTokenizer(weights.tokenizer, max_length=arch.get_max_seq_len())
         encoder = build_text_encoder(arch.text_encoder)
         load_weights(
             encoder,
-            open_component_weights(folder, "text_encoder"),
+            weights.text_encoder(),
             component="text_encoder",
             dtype=dtype,
             device=device,
@@ -130,48 +202,52 @@ class WanPipeline:
             aliases=TEXT_ENCODER_ALIASES,
         )
 
-        def dit(name: str, config: TransformerConfig) -> WanTransformerModel:
+        def dit_state(load: Callable[[], Any]) -> tuple[dict[str, torch.Tensor], set[str]]:
+            return dit_fp8_state(load(), fp8)
+
+        def dit(name: str, config: TransformerConfig, load: Callable[[], Any]) -> WanTransformerModel:
+            state, fp8_layers = dit_state(load)
             with torch.device("meta"):
                 model = WanTransformerModel(config)
+            if fp8_layers:
+                use_fp8_linears(model, fp8_layers, "scaled_mm" if fp8 == "scaled_mm" else "upcast")
             return load_weights(
                 model,
-                open_component_weights(folder, name),
+                state,
                 component=name,
                 dtype=dtype,
                 device=device,
-                prepare=WanTransformerModel.prepare_state_dict,
-                keep_in_fp32=WanTransformerModel.keep_in_fp32,
+                keep_in_fp32=(*WanTransformerModel.keep_in_fp32, r".+\.weight_scale"),
+                keep_dtype=[re.escape(n) + r"\.weight" for n in fp8_layers],
                 ignore_unexpected=TRANSFORMER_DIFFUSERS_IGNORED,
             )
 
-        transformer: WanTransformerModel | Experts = dit("transformer", arch.transformer)
+        transformer: WanTransformerModel | Experts = dit("transformer", arch.transformer, weights.transformer)
         if arch.transformer_2 is not None:
+            assert weights.transformer_2 is not None
             if experts == "resident":
-                transformer = Experts(transformer, dit("transformer_2", arch.transformer_2))
+                transformer = Experts(
+                    transformer, dit("transformer_2", arch.transformer_2, weights.transformer_2)
+                )
             else:
                 # Fresh mappings: the resident module's tensors must not alias the states it swaps in.
                 states = {
-                    which: WanTransformerModel.prepare_state_dict(open_component_weights(folder, name))
-                    for which, name in (("high", "transformer"), ("low", "transformer_2"))
+                    which: dit_state(load)[0]
+                    for which, load in (("high", weights.transformer), ("low", weights.transformer_2))
                 }
                 transformer = Experts(transformer, swap_states=states)
 
         with torch.device("meta"):
             vae = WanVAE(arch.vae)
-        load_weights(
-            vae,
-            open_component_weights(folder, "vae"),
-            component="vae",
-            dtype=vae_dtype,
-            device=device,
-            prepare=WanVAE.prepare_state_dict,
-        )
+        load_weights(vae, weights.vae(), component="vae", dtype=vae_dtype, device=device)
         image_encoder = None
         if arch.image_encoder is not None and arch.transformer.image_dim is not None:
+            if weights.image_encoder is None:
+                raise CheckpointError("this checkpoint needs an image encoder (CLIP) and none was given")
             vision = build_clip_vision(arch.image_encoder)
             load_weights(
                 vision,
-                open_component_weights(folder, "image_encoder"),
+                weights.image_encoder(),
                 component="image_encoder",
                 dtype=dtype,
                 device=device,
@@ -179,7 +255,7 @@ class WanPipeline:
                 materialize=materialize_clip_buffers,
             )
             image_encoder = WanImageEncoder(vision)
-        logger.info("loaded %s (%s) in %.1f s", folder, arch.variant.name, time.perf_counter() - t0)
+        logger.info("loaded %s (%s) in %.1f s", arch.path, arch.variant.name, time.perf_counter() - t0)
         executor = WanExecutor(
             WanTextEncoder(encoder),
             transformer,
@@ -191,6 +267,39 @@ class WanPipeline:
             vae_dtype=vae_dtype,
         )
         return cls(arch, WanTokenizer(arch, text_tokenizer), executor)
+
+    # -- LoRA -------------------------------------------------------------------------------------
+    def load_lora(
+        self,
+        path: str | Path | Mapping[str, torch.Tensor],
+        scale: float = 1.0,
+        expert: str = "both",
+        *,
+        name: str | None = None,
+        strict: bool = False,
+    ) -> LoraReport:
+        """Merge a LoRA adapter into the DiT weights (diffusers/peft names, original names with the
+        ``diffusion_model.`` prefix, or kohya/musubi ``lora_unet_*`` with ``lora_down``/``lora_up``/``alpha``;
+        ``diff``/``diff_b`` full deltas too). ``expert``: "high", "low" or "both" (Wan 2.2 A14B).
+
+        Keys that match no DiT layer are reported by name (a warning; an error with ``strict``). Several
+        adapters add up; :meth:`unload_lora` restores the base weights bit for bit.
+        """
+        return self._loras().load(path, scale, expert, name=name, strict=strict)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one adapter (by name) or all of them; the base weights come back exactly."""
+        self._loras().unload(name)
+
+    @property
+    def loras(self) -> list[str]:
+        """Names of the merged adapters, in load order."""
+        return [] if getattr(self, "_lora_manager", None) is None else self._lora_manager.names
+
+    def _loras(self) -> LoraManager:
+        if getattr(self, "_lora_manager", None) is None:
+            self._lora_manager = LoraManager(self.executor.experts, self.dtype)
+        return self._lora_manager
 
     # -- generation -------------------------------------------------------------------------------
     def generate(

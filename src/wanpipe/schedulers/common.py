@@ -17,6 +17,14 @@ def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def original_grid(num_inference_steps: int, num_train_timesteps: int) -> np.ndarray:
+    """The original Wan repositories' unshifted sigma grid (``FlowUniPCMultistepScheduler.set_timesteps``):
+    ``linspace(sigma_max, sigma_min, N + 1)[:-1]`` in float64 between the ends of its float32 training
+    grid, sigma_max = float32(1 - 1/T) and sigma_min = 0."""
+    sigma_max = float(np.float32(1.0 - 1.0 / num_train_timesteps))
+    return np.linspace(sigma_max, 0.0, num_inference_steps + 1)[:-1].copy()
+
+
 def stretch_to_terminal(sigmas: np.ndarray, terminal: float) -> np.ndarray:
     """Stretch the schedule's distance from 1 so that its last sigma becomes ``terminal``."""
     one_minus = 1 - sigmas

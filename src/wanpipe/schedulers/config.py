@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 SchedulerKind = Literal["unipc", "euler"]
+SigmaGrid = Literal["diffusers", "original"]
+SIGMA_GRIDS: tuple[str, ...] = ("diffusers", "original")
 
 CLASS_KINDS: dict[str, SchedulerKind] = {
     "UniPCMultistepScheduler": "unipc",
@@ -52,8 +54,11 @@ class SchedulerConfig:
     lower_order_final: bool = True
     final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
     disable_corrector: tuple[int, ...] = ()
+    sigma_grid: SigmaGrid = "diffusers"
 
     def __post_init__(self) -> None:
+        if self.sigma_grid not in SIGMA_GRIDS:
+            raise ValueError(f"sigma_grid must be one of {SIGMA_GRIDS}, got {self.sigma_grid!r}")
         if self.kind not in ("unipc", "euler"):
             raise ValueError(f"scheduler kind must be 'unipc' or 'euler', got {self.kind!r}")
         if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int):

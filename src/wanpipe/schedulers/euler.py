@@ -10,6 +10,7 @@ from wanpipe.schedulers.common import (
     Schedule,
     SolverState,
     coefficient_row,
+    original_grid,
     shift_sigmas,
     stretch_to_terminal,
 )
@@ -24,6 +25,13 @@ def euler_schedule(config: SchedulerConfig, num_inference_steps: int, flow_shift
     but the first; reproduced as is.
     """
     t_train = config.num_train_timesteps
+    if config.sigma_grid == "original":
+        sigmas = shift_sigmas(original_grid(num_inference_steps, t_train), flow_shift)
+        sigmas32 = np.append(sigmas.astype(np.float32), np.float32(0.0))
+        timesteps = sigmas32[:-1] * np.float32(t_train)
+        return Schedule(
+            timesteps=timesteps, sigmas=sigmas32, step_coefficients=(sigmas32[1:] - sigmas32[:-1])[:, None]
+        )
     train_ends = shift_sigmas(np.array([t_train, 1], dtype=np.float32) / t_train, flow_shift)
     sigma_max, sigma_min = (float(s) for s in train_ends)
     sigmas = np.linspace(sigma_max * t_train, sigma_min * t_train, num_inference_steps) / t_train

@@ -23,6 +23,7 @@ from wanpipe.schedulers.common import (
     Schedule,
     SolverState,
     coefficient_row,
+    original_grid,
     shift_sigmas,
     stretch_to_terminal,
 )
@@ -35,7 +36,11 @@ _FIRST_SIGMA_EPS = 1e-6
 def unipc_schedule(config: SchedulerConfig, num_inference_steps: int, flow_shift: float) -> Schedule:
     """Sigmas, timesteps and step coefficients of UniPC for ``num_inference_steps`` steps."""
     n, t_train = num_inference_steps, config.num_train_timesteps
-    sigmas = shift_sigmas(np.linspace(1.0, 1.0 / t_train, n + 1)[:-1], flow_shift)
+    if config.sigma_grid == "original":
+        grid = original_grid(n, t_train)
+    else:
+        grid = np.linspace(1.0, 1.0 / t_train, n + 1)[:-1]
+    sigmas = shift_sigmas(grid, flow_shift)
     if config.shift_terminal is not None:
         sigmas = stretch_to_terminal(sigmas, config.shift_terminal)
     if abs(sigmas[0] - 1.0) < _FIRST_SIGMA_EPS:

@@ -106,6 +106,7 @@ def load_weights(
     aliases: Mapping[str, str] | None = None,
     ignore_unexpected: Iterable[str] = (),
     materialize: Callable[[nn.Module], None] | None = None,
+    keep_dtype: Iterable[str] = (),
 ) -> nn.Module:
     """Assign ``checkpoint``'s tensors to ``module`` (built on the meta device) in place.
 
@@ -113,7 +114,8 @@ def load_weights(
     - floating tensors are cast to ``dtype``, except names that a ``keep_in_fp32`` regex matches whole;
     - ``aliases`` maps a module key to another key whose tensor it shares (tied weights);
     - ``ignore_unexpected`` are regexes of checkpoint keys the reference also ignores;
-    - ``materialize(module)`` recreates buffers that are not saved in checkpoints (non-persistent).
+    - ``materialize(module)`` recreates buffers that are not saved in checkpoints (non-persistent);
+    - ``keep_dtype`` are regexes of names whose tensors keep the checkpoint's dtype (fp8 weights).
     Returns the module, on ``device``, in eval mode, without gradients.
     """
     state = dict(prepare(checkpoint) if prepare is not None else checkpoint)
@@ -146,12 +148,13 @@ def load_weights(
         raise CheckpointError(f"{component}: the checkpoint does not match the model: " + "; ".join(problems))
 
     fp32 = _fp32_names(expected, keep_in_fp32)
+    as_is = _fp32_names(expected, keep_dtype)
     device = torch.device(device)
     loaded: dict[str, torch.Tensor] = {}
     for name, ref in expected.items():
         tensor = state[name]
         target_dtype = tensor.dtype
-        if tensor.is_floating_point() and ref.is_floating_point():
+        if tensor.is_floating_point() and ref.is_floating_point() and name not in as_is:
             target_dtype = torch.float32 if name in fp32 else dtype
         loaded[name] = tensor.to(device=device, dtype=target_dtype)
     module.load_state_dict(loaded, strict=True, assign=True)
