@@ -1,0 +1,5 @@
+import sys
+
+from wanpipe.serving.cli import main
+
+sys.exit(main())

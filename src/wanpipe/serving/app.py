@@ -1,0 +1,545 @@
+"""The FastAPI app of ``wanpipe serve``: routes, authentication, body limits, OpenAI-style errors.
+
+Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when the server has an API key):
+
+* ``POST /v1/videos`` (multipart or JSON), ``GET /v1/videos`` (newest first, ``after``/``limit``/
+  ``order``), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (``variant=video`` mp4 or
+  ``thumbnail`` JPEG), ``DELETE /v1/videos/{id}``: the OpenAI Videos API.
+* ``POST /v1/responses``: Open Responses as MAX serves it; answers when the video is done.
+* ``GET /v1/models``; ``/health`` (the process answers), ``/ready`` (the model is loaded),
+  ``/metrics`` (Prometheus text) and ``/`` (the web page).
+
+Every 4xx/5xx body is ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wanpipe import __version__
+from wanpipe.context import InvalidRequestError
+from wanpipe.serving.jobs import (
+    Job,
+    JobManager,
+    JobStatus,
+    LimitExceededError,
+    NotReadyError,
+    QueueFullError,
+    ShuttingDownError,
+    UnknownModelError,
+)
+from wanpipe.serving.protocol import (
+    APIError,
+    ModelCard,
+    ModelList,
+    NewJob,
+    OutputMessage,
+    OutputVideo,
+    ResponseObject,
+    VideoDeleted,
+    VideoError,
+    VideoList,
+    VideoObject,
+    VideoParameters,
+    format_seconds,
+    invalid,
+    parse_int,
+    parse_responses_create,
+    parse_video_create,
+    unflatten_form_keys,
+)
+
+logger = logging.getLogger("wanpipe.serving")
+
+DEFAULT_MAX_BODY_BYTES = 25 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Body size limit
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over ``max_bytes``: at once from Content-Length, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _too_large(self.max_bytes)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(max_bytes: int) -> JSONResponse:
+    error = APIError(
+        413,
+        f"the request body is larger than this server accepts ({max_bytes} bytes, --max-body-mb)",
+        code="request_too_large",
+    )
+    return JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _manager(request: Request) -> JobManager:
+    return request.app.state.manager
+
+
+async def require_api_key(request: Request) -> None:
+    key = request.app.state.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if not given:
+        raise APIError(
+            401,
+            "missing API key: send the header Authorization: Bearer <key>",
+            param=None,
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(
+            401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+async def read_fields(request: Request, max_part_bytes: int) -> dict[str, Any]:
+    """A JSON object, or multipart / urlencoded form fields (uploads as bytes), as a dict."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json":
+        return await read_json(request)
+    if media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_part_size=max_part_bytes)
+        except BodyTooLargeError:
+            raise
+        except StarletteHTTPException as e:
+            raise invalid(f"malformed form data: {e.detail}", None, "invalid_form") from None
+        except Exception as e:  # python-multipart's own errors on garbage
+            raise invalid(f"malformed form data: {e}", None, "invalid_form") from None
+        try:
+            items: list[tuple[str, Any]] = []
+            for key, value in form.multi_items():
+                items.append((key, await value.read() if isinstance(value, UploadFile) else value))
+        finally:
+            await form.close()
+        return unflatten_form_keys(items)
+    raise APIError(
+        415,
+        f"unsupported content type {media_type or '(none)'!r}: send application/json or multipart/form-data",
+        code="unsupported_media_type",
+    )
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"malformed JSON body: {e}", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise invalid("the JSON body must be an object", None, "invalid_json")
+    return data
+
+
+def _require_ready(manager: JobManager) -> None:
+    if manager.stopping:
+        raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    if not manager.ready:
+        if manager.load_error is not None:
+            raise APIError(
+                503,
+                f"the model failed to load: {manager.load_error}",
+                type="server_error",
+                code="model_failed",
+            )
+        raise APIError(
+            503,
+            "the model is still loading; try again shortly",
+            type="server_error",
+            code="model_loading",
+            headers={"Retry-After": "5"},
+        )
+
+
+async def submit(manager: JobManager, new: NewJob, source: str) -> Job:
+    """Queue a parsed request; the engine's validation runs in a thread (it draws the noise)."""
+    try:
+        return await run_in_threadpool(manager.submit, new, source)
+    except NotReadyError:
+        _require_ready(manager)
+        raise
+    except ShuttingDownError as e:
+        raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+    except UnknownModelError as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+    except LimitExceededError as e:
+        manager.metrics.count("rejected", "limit")
+        raise APIError(400, str(e), param=new.api_param(e.param), code="limit_exceeded") from None
+    except InvalidRequestError as e:
+        manager.metrics.count("rejected", "invalid")
+        raise APIError(400, str(e), param=new.api_param(e.param), code="invalid_value") from None
+    except QueueFullError as e:
+        raise APIError(
+            429,
+            str(e),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after)},
+        ) from None
+
+
+def video_object(job: Job, manager: JobManager) -> VideoObject:
+    s = job.spec
+    fps = s.fps or 16.0
+    return VideoObject(
+        id=job.id,
+        status=job.status.value,
+        progress=manager.progress(job),
+        created_at=int(job.created_at),
+        completed_at=int(job.completed_at) if job.completed_at is not None else None,
+        model=job.model,
+        prompt=s.prompt,
+        size=f"{s.width}x{s.height}",
+        seconds=format_seconds(s.num_frames or 1, fps),
+        error=VideoError(**job.error) if job.error else None,
+        parameters=VideoParameters(
+            height=s.height,
+            width=s.width,
+            num_frames=s.num_frames,
+            fps=fps,
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            guidance_scale_2=s.guidance_scale_2,
+            flow_shift=s.flow_shift,
+            seed=s.seed,
+            negative_prompt=s.negative_prompt,
+            image=s.has_image,
+            last_image=s.has_last_image,
+        ),
+        batch_size=job.batch_size,
+    )
+
+
+def _video_response(job: Job, manager: JobManager) -> JSONResponse:
+    headers = {}
+    if not job.finished:  # the openai SDK's poll() waits this long between retrievals
+        headers["openai-poll-after-ms"] = "250" if job.status == JobStatus.IN_PROGRESS else "500"
+    return JSONResponse(video_object(job, manager).model_dump(mode="json"), headers=headers)
+
+
+def _get_job(manager: JobManager, video_id: str) -> Job:
+    job = manager.store.get(video_id)
+    if job is None:
+        raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+    return job
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routes
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@v1.post("/videos", response_model=VideoObject)
+async def create_video(request: Request) -> JSONResponse:
+    manager = _manager(request)
+    _require_ready(manager)
+    arch = manager.pipe.arch
+    try:
+        fields = await read_fields(request, request.app.state.max_body_bytes)
+        new = parse_video_create(fields, default_fps=arch.defaults.fps, temporal_stride=arch.temporal_stride)
+    except (APIError, BodyTooLargeError):
+        manager.metrics.count("rejected", "invalid")
+        raise
+    job = await submit(manager, new, "videos")
+    return _video_response(job, manager)
+
+
+@v1.get("/videos", response_model=VideoList)
+async def list_videos(request: Request) -> JSONResponse:
+    manager = _manager(request)
+    query = request.query_params
+    unknown = sorted(set(query) - {"after", "limit", "order"})
+    if unknown:
+        raise invalid(f"unknown query parameter {unknown[0]!r}; accepted: after, limit, order", unknown[0])
+    limit = parse_int(query.get("limit", "20"), "limit", 1)
+    if limit > 100:
+        raise invalid(f"limit must be at most 100, got {limit}", "limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid(f"order must be asc or desc, got {order!r}", "order")
+    try:
+        jobs, has_more = manager.store.list(limit=limit, after=query.get("after"), order=order)
+    except KeyError:
+        raise invalid(f"after: no video with id {query.get('after')!r}", "after", "not_found") from None
+    data = [video_object(job, manager) for job in jobs]
+    page = VideoList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+    return JSONResponse(page.model_dump(mode="json"))
+
+
+@v1.get("/videos/{video_id}", response_model=VideoObject)
+async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
+    manager = _manager(request)
+    return _video_response(_get_job(manager, video_id), manager)
+
+
+@v1.get("/videos/{video_id}/content", name="video_content")
+async def video_content(request: Request, video_id: str) -> Response:
+    manager = _manager(request)
+    variant = request.query_params.get("variant", "video")
+    if variant not in ("video", "thumbnail"):
+        raise invalid(
+            f"variant must be video or thumbnail, got {variant!r}", "variant", "unsupported_variant"
+        )
+    job = _get_job(manager, video_id)
+    if job.status != JobStatus.COMPLETED:
+        raise APIError(
+            409,
+            f"video {video_id} is {job.status.value}: its content exists once it is completed",
+            param="video_id",
+            code="video_not_ready",
+        )
+    store = manager.store
+    path, media_type = (
+        (store.video_path(video_id), "video/mp4")
+        if variant == "video"
+        else (store.thumbnail_path(video_id), "image/jpeg")
+    )
+    if not path.is_file():
+        raise APIError(
+            404, f"the file of video {video_id} is missing from the output directory", code="not_found"
+        )
+    return FileResponse(path, media_type=media_type, filename=path.name, content_disposition_type="inline")
+
+
+@v1.delete("/videos/{video_id}", response_model=VideoDeleted)
+async def delete_video(request: Request, video_id: str) -> JSONResponse:
+    manager = _manager(request)
+    job = await run_in_threadpool(manager.delete, video_id)
+    if job is None:
+        raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+    return JSONResponse(VideoDeleted(id=video_id).model_dump(mode="json"))
+
+
+@v1.post("/responses", response_model=ResponseObject)
+async def create_response(request: Request) -> Response:
+    manager = _manager(request)
+    _require_ready(manager)
+    try:
+        new, response_format = parse_responses_create(await read_json(request))
+    except (APIError, BodyTooLargeError):
+        manager.metrics.count("rejected", "invalid")
+        raise
+    job = await submit(manager, new, "responses")
+    try:
+        done = await manager.wait_finished(job.id, request.is_disconnected)
+    except ShuttingDownError:
+        raise APIError(
+            503,
+            f"the server is shutting down; job {job.id} is kept and runs after a restart "
+            f"(GET /v1/videos/{job.id})",
+            type="server_error",
+            code="shutting_down",
+            headers={"Retry-After": "30"},
+        ) from None
+    if done is None:
+        raise APIError(409, f"job {job.id} was deleted before it finished", code="cancelled")
+    if not done.finished:  # the client went away; the job goes on and stays listed under /v1/videos
+        return Response(status_code=204)
+    if done.status == JobStatus.FAILED:
+        error = done.error or {}
+        raise APIError(
+            500,
+            f"generation failed: {error.get('message', 'unknown error')}",
+            type="server_error",
+            code=error.get("code", "generation_failed"),
+        )
+    content = OutputVideo(frames_per_second=done.spec.fps or 16.0, num_frames=done.spec.num_frames or 1)
+    if response_format == "b64_json":
+        data = await run_in_threadpool(manager.store.video_path(done.id).read_bytes)
+        content.video_data = base64.b64encode(data).decode("ascii")
+    else:
+        content.video_url = str(request.url_for("video_content", video_id=done.id))
+    response = ResponseObject(
+        id=f"resp_{done.id.removeprefix('video_')}",
+        created_at=int(done.created_at),
+        completed_at=int(done.completed_at or done.created_at),
+        model=done.model,
+        output=[OutputMessage(id=f"msg_{done.id.removeprefix('video_')}_0", content=[content])],
+        seed=done.spec.seed,
+        video_id=done.id,
+    )
+    return JSONResponse(response.model_dump(mode="json", exclude_none=True))
+
+
+@v1.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> JSONResponse:
+    manager = _manager(request)
+    _require_ready(manager)
+    arch = manager.pipe.arch
+    d, lim = arch.defaults, manager.limits
+    card = ModelCard(
+        id=manager.model_name,
+        created=request.app.state.started_at,
+        task=arch.variant.task,
+        defaults={
+            "height": d.height,
+            "width": d.width,
+            "num_frames": d.num_frames,
+            "num_inference_steps": d.num_inference_steps,
+            "guidance_scale": d.guidance_scale,
+            "fps": d.fps,
+            "spatial_multiple": arch.spatial_multiple,
+            "temporal_stride": arch.temporal_stride,
+        },
+        limits={
+            "max_pixels": lim.max_pixels,
+            "max_frames": lim.max_frames,
+            "max_steps": lim.max_steps,
+            "max_batch": lim.max_batch,
+            "max_queue": lim.max_queue,
+        },
+    )
+    return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+
+
+plain = APIRouter()
+
+
+@plain.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@plain.get("/ready")
+async def ready(request: Request) -> dict[str, str]:
+    manager = _manager(request)
+    _require_ready(manager)
+    return {"status": "ready", "model": manager.model_name}
+
+
+@plain.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    manager = _manager(request)
+    text = manager.metrics.render(
+        ready=manager.ready, counts=manager.store.counts(), running_batch=manager.running_batch_size()
+    )
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@plain.get("/", response_class=HTMLResponse)
+async def index() -> HTMLResponse:
+    page = resources.files("wanpipe.serving").joinpath("static", "index.html").read_text(encoding="utf-8")
+    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The app
+
+
+def _error_response(status: int, message: str, code: str | None, headers: dict[str, str] | None = None):
+    error = APIError(
+        status, message, type="invalid_request_error" if status < 500 else "server_error", code=code
+    )
+    return JSONResponse(error.body(), status_code=status, headers=headers)
+
+
+def create_app(
+    manager: JobManager,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The app for one job manager. Its lifespan starts the manager's worker and stops it on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(manager.stop)
+
+    app = FastAPI(
+        title="wanpipe serve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None
+    )
+    app.state.manager = manager
+    app.state.api_key = api_key or None
+    app.state.max_body_bytes = max_body_bytes
+    app.state.started_at = int(time.time())
+    app.include_router(v1)
+    app.include_router(plain)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(BodyTooLargeError)
+    async def on_too_large(request: Request, e: BodyTooLargeError) -> JSONResponse:
+        return _too_large(max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        error = invalid(f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}", ".".join(loc) or None)
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return _error_response(e.status_code, str(e.detail), codes.get(e.status_code), dict(e.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("error in %s %s", request.method, request.url.path)
+        return _error_response(500, f"internal server error ({type(e).__name__})", "server_error")
+
+    return app

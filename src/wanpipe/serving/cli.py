@@ -1,0 +1,213 @@
+"""``wanpipe serve``: the video generation server on FastAPI + uvicorn.
+
+``add_serve_parser(subparsers)`` adds the ``serve`` command to the ``wanpipe`` parser and
+``cmd_serve(args)`` runs it; ``python -m wanpipe.serving ARGS`` runs the same without the subcommand.
+The server binds first (``--port 0`` picks a free port; the address is printed), then loads the model
+in the worker thread: ``/health`` answers at once, ``/ready`` once the model is loaded. SIGTERM and
+SIGINT stop it gracefully: the running batch stops at its next denoising step and stays queued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+logger = logging.getLogger("wanpipe.serving")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from wanpipe.serving.protocol import ServeLimits
+
+    limits = ServeLimits()
+    p.add_argument(
+        "--model", help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo"
+    )
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument(
+        "--output-dir",
+        default="wanpipe-serve",
+        help="where the job database and the videos live (default: ./wanpipe-serve)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("WANPIPE_API_KEY"),
+        help="require Authorization: Bearer KEY on /v1 routes (default: $WANPIPE_API_KEY, else none)",
+    )
+    p.add_argument("--max-queue", type=_positive_int, default=limits.max_queue, help="queued jobs before 429")
+    p.add_argument(
+        "--max-batch", type=_positive_int, default=limits.max_batch, help="jobs of one shape run together"
+    )
+    p.add_argument(
+        "--max-pixels", type=_positive_int, default=limits.max_pixels, help="largest width*height accepted"
+    )
+    p.add_argument("--max-frames", type=_positive_int, default=limits.max_frames, help="most frames accepted")
+    p.add_argument("--max-steps", type=_positive_int, default=limits.max_steps, help="most steps accepted")
+    p.add_argument(
+        "--max-body-mb", type=float, default=25.0, help="largest request body in MiB (default: 25)"
+    )
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"
+    )
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``serve`` to a ``wanpipe`` subcommand parser; ``cmd_serve(args)`` runs it."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve video generation over HTTP (OpenAI Videos API, Open Responses, a web page)",
+        description="A video generation server: jobs queue in a SQLite database in --output-dir, run on the "
+        "model in batches, and stay downloadable across restarts. Without --model, the built-in demo "
+        "checkpoint (random weights: its videos are noise) is served.",
+    )
+    add_serve_arguments(p)
+    return p
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.create_server((host, port), family=family, backlog=256)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from wanpipe.serving.app import create_app
+    from wanpipe.serving.jobs import JobManager, JobStore, StoreLockedError
+    from wanpipe.serving.protocol import ServeLimits
+
+    serving_logger = logging.getLogger("wanpipe.serving")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if serving_logger.getEffectiveLevel() > logging.INFO:
+        serving_logger.setLevel(logging.INFO)
+
+    def fail(message: str, code: int) -> int:
+        print(f"wanpipe serve: error: {message}", file=sys.stderr)
+        return code
+
+    model = args.model
+    if model is None:
+        from wanpipe.demo import ensure_demo_checkpoint
+
+        model = str(ensure_demo_checkpoint())
+        print(f"no --model given: serving the demo checkpoint at {model} (random weights: videos are noise)")
+    name = args.served_model_name or (args.model if args.model is not None else "wanpipe-demo")
+    aliases = tuple({str(model), Path(str(model)).name} - {name})
+    try:
+        limits = ServeLimits(
+            max_queue=args.max_queue,
+            max_batch=args.max_batch,
+            max_pixels=args.max_pixels,
+            max_frames=args.max_frames,
+            max_steps=args.max_steps,
+        )
+    except ValueError as e:
+        return fail(str(e), EXIT_BAD_INPUT)
+    if not args.max_body_mb > 0:
+        return fail(f"--max-body-mb must be positive, got {args.max_body_mb}", EXIT_BAD_INPUT)
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        return fail(f"cannot listen on {args.host}:{args.port}: {e}", EXIT_FAILED)
+    try:
+        store = JobStore(args.output_dir)
+    except (StoreLockedError, OSError, RuntimeError) as e:
+        sock.close()
+        return fail(str(e), EXIT_FAILED)
+
+    def load():
+        from wanpipe.pipeline import WanPipeline
+
+        return WanPipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
+
+    server: uvicorn.Server | None = None
+
+    def on_fatal(error: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    manager = JobManager(
+        store, load, model_name=name, model_aliases=aliases, limits=limits, on_fatal=on_fatal
+    )
+    app = create_app(manager, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            manager.begin_shutdown()  # stops the running batch; waiting /v1/responses calls answer 503
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        log_level="info" if args.access_log else "warning",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=10,
+    )
+    server = Server(config)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if not _is_loopback(host) and not args.api_key:
+        logger.warning("listening on %s without --api-key: anyone who reaches it can use the server", host)
+    print(
+        f"wanpipe serve: listening on http://{shown}:{port} (model {name}, jobs in {store.folder})",
+        flush=True,
+    )
+    server.run(sockets=[sock])
+    error = manager.load_error
+    if error is not None:
+        bad_input = isinstance(
+            error, FileNotFoundError | NotImplementedError | ValueError
+        )  # CheckpointError too
+        return fail(f"cannot load the model: {error}", EXIT_BAD_INPUT if bad_input else EXIT_FAILED)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m wanpipe.serving", description="wanpipe serve: a video generation server"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_serve_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    return cmd_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,631 @@
+"""The HTTP edge of ``wanpipe serve``: request parsing, response models and OpenAI-style errors.
+
+Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec` plus decoded images):
+
+* OpenAI Videos (``POST /v1/videos``, what ``openai.OpenAI().videos.create`` sends): multipart form or
+  JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
+  fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
+  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``).
+* Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
+  message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
+
+Parsing checks types and formats only; the engine's tokenizer checks what depends on the checkpoint
+(multiples of 16, 4k+1 frames, ...). Every refusal is an :class:`APIError`, which the app turns into
+``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
+
+``seconds`` -> frames: ``S`` seconds at ``fps`` frames per second give ``4*round(S*fps/4)+1`` frames
+(the VAE's temporal stride is 4), so that the first and the last frame are ``S`` seconds apart: 4 s at
+16 fps is 65 frames. A response reports ``seconds`` back as ``(num_frames-1)/fps``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from io import BytesIO
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+from pydantic import BaseModel, Field
+
+# Uploaded images larger than this are refused before they are decoded (decompression bombs).
+MAX_INPUT_IMAGE_PIXELS = 40_000_000
+
+
+class APIError(Exception):
+    """A refusal with its HTTP status and the OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a server accepts
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one server accepts: queue length, batch size, and the largest request."""
+
+    max_queue: int = 64
+    max_batch: int = 4
+    max_pixels: int = 1280 * 720
+    max_frames: int = 129
+    max_steps: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_batch", "max_pixels", "max_frames", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a job asks for
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job's generation parameters; ``None`` is the checkpoint's default.
+
+    The job store keeps the *resolved* spec (every default filled in, the random seed drawn), so a job
+    that is run again after a restart makes the same video.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    fps: float | None = None  # playback rate of the file; the model's own fps by default
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    seed: int | None = None
+    has_image: bool = False
+    has_last_image: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobSpec:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, eq=False)
+class NewJob:
+    """A parsed request: the spec, the decoded images (uint8 (H, W, 3)), the model the client named,
+    and how the engine's parameter names read in this API (for error bodies)."""
+
+    spec: JobSpec
+    image: np.ndarray | None = None
+    last_image: np.ndarray | None = None
+    model: str | None = None
+    param_names: Mapping[str, str] | None = None
+
+    def api_param(self, name: str | None) -> str | None:
+        if name is None or self.param_names is None:
+            return name
+        return self.param_names.get(name, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scalars
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse_int(value: Any, name: str, minimum: int | None = None) -> int:
+    """An integer from JSON (int, integral float) or a form field (decimal string)."""
+    integral = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    decimal = isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value) is not None
+    number = int(value) if integral or decimal else None
+    if number is None:
+        raise invalid(f"{name} must be an integer, got {_shown(value)}", name)
+    if minimum is not None and number < minimum:
+        raise invalid(f"{name} must be at least {minimum}, got {number}", name)
+    return number
+
+
+def parse_float(value: Any, name: str) -> float:
+    """A finite number from JSON or a form field."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and len(value) <= 64:
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise invalid(f"{name} must be a finite number, got {_shown(value)}", name)
+    return number
+
+
+def parse_str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"{name} must be a string, got {_shown(value)}", name)
+    return value
+
+
+def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
+    """``"WIDTHxHEIGHT"`` -> (width, height)."""
+    match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
+    if match is None:
+        raise invalid(f"{name} must be WIDTHxHEIGHT in pixels, e.g. 832x480, got {_shown(value)}", name)
+    return int(match.group(1)), int(match.group(2))
+
+
+def frames_for_seconds(seconds: float, fps: float, stride: int = 4) -> int:
+    """``stride*round(seconds*fps/stride)+1`` frames: the first and last frame ``seconds`` apart."""
+    return stride * round(seconds * fps / stride) + 1
+
+
+def format_seconds(num_frames: int, fps: float) -> str:
+    return f"{(num_frames - 1) / fps:g}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+
+
+def decode_image(data: bytes, param: str) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP, ...) -> uint8 (H, W, 3), EXIF orientation applied."""
+    if not data:
+        raise invalid(f"{param}: the image is empty", param, "invalid_image")
+    try:
+        with Image.open(BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > MAX_INPUT_IMAGE_PIXELS:
+                raise invalid(
+                    f"{param}: the image is {width}x{height}, more than {MAX_INPUT_IMAGE_PIXELS} pixels",
+                    param,
+                    "invalid_image",
+                )
+            image.load()
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()
+    except APIError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise invalid(f"{param}: cannot read the image ({e})", param, "invalid_image") from None
+
+
+def decode_data_url(url: str, param: str) -> np.ndarray:
+    """``data:image/png;base64,...`` -> uint8 (H, W, 3). Web URLs are refused: the server fetches nothing."""
+    if re.match(r"(?i)https?://", url):
+        raise invalid(
+            f"{param}: this server does not fetch URLs; send the image as a file upload or a "
+            "data URL (data:image/png;base64,...)",
+            param,
+            "unsupported_url",
+        )
+    match = re.fullmatch(r"(?s)data:([\w.+/-]*)((?:;[\w.+-]+=[\w.+-]+)*);base64,(.*)", url.strip())
+    if match is None:
+        raise invalid(
+            f"{param} must be an image upload or a base64 data URL (data:image/png;base64,...)",
+            param,
+            "invalid_image",
+        )
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", match.group(3)), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"{param}: the data URL is not valid base64", param, "invalid_image") from None
+    return decode_image(data, param)
+
+
+def parse_image(value: Any, param: str) -> np.ndarray:
+    """An upload's bytes, a data URL, or ``{"image_url": ...}`` (OpenAI's ImageInputReferenceParam)."""
+    if isinstance(value, bytes):
+        return decode_image(value, param)
+    if isinstance(value, str):
+        return decode_data_url(value, param)
+    if isinstance(value, Mapping):
+        if "file_id" in value and "image_url" not in value:
+            raise invalid(
+                f"{param}: file ids are not supported here; upload the image or send a data URL",
+                param,
+                "unsupported_file_id",
+            )
+        unknown = sorted(set(value) - {"image_url"})
+        if unknown or not isinstance(value.get("image_url"), str):
+            raise invalid(f'{param} must be an upload, a data URL or {{"image_url": "data:..."}}', param)
+        return decode_data_url(value["image_url"], param)
+    raise invalid(f"{param} must be an image upload or a data URL, got {_shown(value)}", param)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# POST /v1/videos
+
+VIDEO_CREATE_FIELDS = (
+    "prompt",
+    "model",
+    "size",
+    "seconds",
+    "input_reference",
+    "negative_prompt",
+    "num_frames",
+    "fps",
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_scale_2",
+    "flow_shift",
+    "seed",
+    "last_image",
+)
+
+# How the engine's parameter names read in each API (for the "param" of an error body).
+VIDEOS_PARAM_NAMES = {"height": "size", "width": "size", "image": "input_reference"}
+RESPONSES_PARAM_NAMES = {
+    "prompt": "input",
+    "image": "input",
+    "last_image": "input",
+    "seed": "seed",
+    "height": "provider_options.video.height",
+    "width": "provider_options.video.width",
+    "num_frames": "provider_options.video.num_frames",
+    "num_inference_steps": "provider_options.video.steps",
+    "guidance_scale": "provider_options.video.guidance_scale",
+    "guidance_scale_2": "provider_options.video.guidance_scale_2",
+    "negative_prompt": "provider_options.video.negative_prompt",
+    "flow_shift": "provider_options.video.flow_shift",
+    "fps": "provider_options.video.frames_per_second",
+}
+
+
+def unflatten_form_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Form fields -> a dict; ``a[b]=v`` (how the openai SDK sends a nested object) -> ``{"a": {"b": v}}``.
+    A field given twice is refused."""
+    out: dict[str, Any] = {}
+    for key, value in items:
+        match = re.fullmatch(r"([A-Za-z_]\w*)\[([A-Za-z_]\w*)\]", key)
+        if match is not None:
+            outer, inner = match.groups()
+            nested = out.setdefault(outer, {})
+            if not isinstance(nested, dict) or inner in nested:
+                raise invalid(f"{key} is given more than once", outer)
+            nested[inner] = value
+        elif key in out:
+            raise invalid(f"{key} is given more than once", key)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_stride: int = 4) -> NewJob:
+    """The fields of ``POST /v1/videos`` (JSON values, or form strings / upload bytes) -> NewJob."""
+    unknown = sorted(set(body) - set(VIDEO_CREATE_FIELDS))
+    if unknown:
+        raise invalid(
+            f"unknown parameter {unknown[0]!r}; accepted: {', '.join(VIDEO_CREATE_FIELDS)}",
+            unknown[0],
+            "unknown_parameter",
+        )
+    if "prompt" not in body:
+        raise invalid("prompt is required", "prompt", "missing_required_parameter")
+    prompt = parse_str(body["prompt"], "prompt")
+    if not prompt.strip():
+        raise invalid("prompt must be a non-empty string", "prompt")
+
+    def opt(name: str, parse: Any, *args: Any) -> Any:
+        value = body.get(name)
+        return None if value is None else parse(value, name, *args)
+
+    model = opt("model", parse_str)
+    width = height = None
+    if body.get("size") is not None:
+        width, height = parse_size(body["size"])
+    fps = opt("fps", parse_float)
+    if fps is not None and not 0 < fps <= 240:
+        raise invalid(f"fps must be in (0, 240], got {fps:g}", "fps")
+    num_frames = opt("num_frames", parse_int, 1)
+    if body.get("seconds") is not None:
+        seconds = parse_float(body["seconds"], "seconds")
+        if seconds < 0:
+            raise invalid(f"seconds must be >= 0, got {seconds:g}", "seconds")
+        frames = frames_for_seconds(seconds, fps or default_fps, temporal_stride)
+        if num_frames is not None and num_frames != frames:
+            raise invalid(
+                f"seconds={seconds:g} at {fps or default_fps:g} fps is {frames} frames, but num_frames is "
+                f"{num_frames}; give one of the two",
+                "seconds",
+            )
+        num_frames = frames
+    image = (
+        None
+        if body.get("input_reference") is None
+        else parse_image(body["input_reference"], "input_reference")
+    )
+    last_image = None if body.get("last_image") is None else parse_image(body["last_image"], "last_image")
+    spec = JobSpec(
+        prompt=prompt,
+        negative_prompt=opt("negative_prompt", parse_str),
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        fps=fps,
+        num_inference_steps=opt("num_inference_steps", parse_int, 1),
+        guidance_scale=opt("guidance_scale", parse_float),
+        guidance_scale_2=opt("guidance_scale_2", parse_float),
+        flow_shift=opt("flow_shift", parse_float),
+        seed=opt("seed", parse_int, 0),
+        has_image=image is not None,
+        has_last_image=last_image is not None,
+    )
+    return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# POST /v1/responses (Open Responses, MAX's provider_options.video)
+
+VIDEO_OPTION_FIELDS = (
+    "height",
+    "width",
+    "num_frames",
+    "steps",
+    "guidance_scale",
+    "guidance_scale_2",
+    "negative_prompt",
+    "flow_shift",
+    "frames_per_second",
+    "response_format",
+)
+RESPONSE_FORMATS = ("url", "b64_json")
+
+
+def _parse_input(value: Any) -> tuple[str, list[np.ndarray]]:
+    """``input``: a prompt, or one user message (``{"role": "user", "content": str | [parts]}``, alone or
+    in a list) whose parts are ``input_text`` and up to two ``input_image`` (first and last frame)."""
+    if isinstance(value, str):
+        return value, []
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise invalid(f"input must hold exactly one message, got {len(value)}", "input")
+        value = value[0]
+    if not isinstance(value, Mapping):
+        raise invalid("input must be a prompt string or one user message", "input")
+    if value.get("type", "message") != "message" or value.get("role", "user") != "user":
+        raise invalid('input must be a message with role "user"', "input")
+    content = value.get("content")
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise invalid("input message content must be a string or a list of parts", "input")
+    texts: list[str] = []
+    images: list[np.ndarray] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "input_text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            images.append(decode_data_url(part["image_url"], "input"))
+        else:
+            raise invalid(
+                f"input parts must be input_text or input_image (with a data URL), got {_shown(part)}",
+                "input",
+            )
+    if len(images) > 2:
+        raise invalid(f"input holds {len(images)} images; at most 2 (first and last frame)", "input")
+    return " ".join(texts), images
+
+
+def parse_responses_create(body: Any) -> tuple[NewJob, str]:
+    """An Open Responses body -> (NewJob, response_format). Open Responses fields that do not apply to
+    video generation (temperature, tools, ...) are ignored; ``provider_options.video`` is checked strictly."""
+    if not isinstance(body, Mapping):
+        raise invalid("the request body must be a JSON object", None)
+    if body.get("stream"):
+        raise invalid("streaming is not supported for video generation; omit stream", "stream")
+    model = None if body.get("model") is None else parse_str(body["model"], "model")
+    if "input" not in body:
+        raise invalid("input is required", "input", "missing_required_parameter")
+    prompt, images = _parse_input(body["input"])
+    if not prompt.strip():
+        raise invalid("input must contain a non-empty prompt", "input")
+    seed = None if body.get("seed") is None else parse_int(body["seed"], "seed", 0)
+    options = body.get("provider_options") or {}
+    if not isinstance(options, Mapping):
+        raise invalid("provider_options must be an object", "provider_options")
+    if options.get("image") is not None:
+        raise invalid(
+            "this server generates videos: use provider_options.video",
+            "provider_options.image",
+            "unsupported",
+        )
+    video = options.get("video") or {}
+    if not isinstance(video, Mapping):
+        raise invalid("provider_options.video must be an object", "provider_options.video")
+    unknown = sorted(set(video) - set(VIDEO_OPTION_FIELDS))
+    if unknown:
+        raise invalid(
+            f"unknown parameter provider_options.video.{unknown[0]}; accepted: {', '.join(VIDEO_OPTION_FIELDS)}",
+            f"provider_options.video.{unknown[0]}",
+            "unknown_parameter",
+        )
+
+    def opt(name: str, parse: Any, *args: Any) -> Any:
+        value = video.get(name)
+        return None if value is None else parse(value, f"provider_options.video.{name}", *args)
+
+    response_format = opt("response_format", parse_str) or "url"
+    if response_format not in RESPONSE_FORMATS:
+        raise invalid(
+            f"provider_options.video.response_format must be url or b64_json, got {response_format!r}",
+            "provider_options.video.response_format",
+        )
+    fps = opt("frames_per_second", parse_float)
+    if fps is not None and not 0 < fps <= 240:
+        raise invalid(
+            f"provider_options.video.frames_per_second must be in (0, 240], got {fps:g}",
+            "provider_options.video.frames_per_second",
+        )
+    spec = JobSpec(
+        prompt=prompt,
+        negative_prompt=opt("negative_prompt", parse_str),
+        height=opt("height", parse_int, 1),
+        width=opt("width", parse_int, 1),
+        num_frames=opt("num_frames", parse_int, 1),
+        fps=fps,
+        num_inference_steps=opt("steps", parse_int, 1),
+        guidance_scale=opt("guidance_scale", parse_float),
+        guidance_scale_2=opt("guidance_scale_2", parse_float),
+        flow_shift=opt("flow_shift", parse_float),
+        seed=seed,
+        has_image=len(images) >= 1,
+        has_last_image=len(images) == 2,
+    )
+    image = images[0] if images else None
+    last_image = images[1] if len(images) == 2 else None
+    return NewJob(spec, image, last_image, model, RESPONSES_PARAM_NAMES), response_format
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Response bodies
+
+VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoParameters(BaseModel):
+    """Wan's settings of a job, every default resolved (an extension of OpenAI's Video object)."""
+
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    image: bool = False
+    last_image: bool = False
+
+
+class VideoObject(BaseModel):
+    """OpenAI's Video object, plus ``parameters`` and ``batch_size`` (how many jobs ran together)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    status: VideoStatus
+    progress: int = Field(ge=0, le=100)
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    model: str
+    prompt: str
+    size: str
+    seconds: str
+    error: VideoError | None = None
+    remixed_from_video_id: str | None = None
+    parameters: VideoParameters
+    batch_size: int | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class OutputVideo(BaseModel):
+    type: Literal["output_video"] = "output_video"
+    video_url: str | None = None
+    video_data: str | None = None
+    format: str = "mp4"
+    frames_per_second: float
+    num_frames: int
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    role: Literal["assistant"] = "assistant"
+    status: Literal["completed"] = "completed"
+    content: list[OutputVideo]
+
+
+class ResponseObject(BaseModel):
+    """An Open Responses ``response`` whose one output message holds the video."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    completed_at: int | None = None
+    status: Literal["completed"] = "completed"
+    model: str
+    output: list[OutputMessage]
+    seed: int | None = None
+    video_id: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "wanpipe"
+    task: str
+    defaults: dict[str, Any]
+    limits: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
