@@ -184,10 +184,10 @@ def test_mp4_odd_size_is_padded_by_edge_replication(tmp_path: Path) -> None:
     assert decoded.shape == (5, 34, 48, 3)
     assert fps == pytest.approx(24.0)
     assert np.abs(decoded[:, :33, :47].astype(np.int16) - video.to_uint8()).mean() < 5.0
-    # close to encoding the frames padded by edge replication (multi-threaded x264 is not bit-exact)
-    padded = np.pad(frames, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="edge")
-    reference, _ = read_video(Video(padded, fps=24).save(tmp_path / "even.mp4"))
-    assert np.abs(decoded.astype(np.int16) - reference).mean() < 1.0
+    # the added bottom row and right column repeat the edge (up to the lossy codec)
+    as_int = decoded.astype(np.int16)
+    assert np.abs(as_int[:, 33, :47] - as_int[:, 32, :47]).mean() < 6.0
+    assert np.abs(as_int[:, :33, 47] - as_int[:, :33, 46]).mean() < 6.0
 
 
 @pytest.mark.parametrize("lossless", [True, False])
