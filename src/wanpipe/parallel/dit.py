@@ -1,0 +1,198 @@
+"""A whole DiT forward across the ranks of a :class:`~wanpipe.parallel.mesh.ParallelMesh`.
+
+:func:`parallel_forward` is a drop-in for ``WanExecutor.run_transformer`` on every rank: the same
+full-batch inputs in (identical on every rank: every rank draws the same noise from the seed), the
+same full prediction out on every rank. Inside:
+
+1. CFG: this rank keeps its cfg half of the batch (``parallel.cfg``);
+2. ``model.embed`` (patchify, text/time embeddings, RoPE) as in one process;
+3. the tokens, RoPE tables and per-token modulation are cut to this rank's sequence shard;
+4. the blocks run on the shard: self-attention is sequence-parallel (USP: Ulysses inside, ring
+   across), cross-attention and the FFN work on the local tokens against the whole text context;
+5. the head (modulated norm + projection) runs on the shard; its patches (out_channels * 4 values
+   per token instead of dim: 24x less traffic for 1.3B than gathering the hidden states) are
+   gathered once, unpatchified, and the cfg halves gathered.
+
+Steps 3 and 5 are :func:`shard_dit_inputs` and :func:`gather_dit_output`, so a block runner
+(compiled or streamed blocks) can wrap its own ``embed -> blocks -> head`` with them.
+
+Self-attention is redirected without changing ``models/transformer.py``: forward hooks on the model's
+``SelfAttention`` modules mark "inside self-attention" in a context variable, and the module-level
+``transformer.attention`` is wrapped by a dispatcher that sends those calls (only those, and only in
+this thread) to :func:`~wanpipe.parallel.attention.usp_attention`. If the model stops routing its
+self-attention through ``transformer.attention`` the forward raises instead of silently computing
+shard-local attention.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import replace
+
+from torch import Tensor, nn
+
+from wanpipe.models import transformer as transformer_module
+from wanpipe.models.transformer import DiTInputs, SelfAttention, WanTransformerModel
+from wanpipe.parallel.attention import usp_attention
+from wanpipe.parallel.cfg import gather_cfg_batch, split_cfg_batch
+from wanpipe.parallel.mesh import ParallelMesh
+from wanpipe.parallel.sequence import SequenceShard, gather_sequence
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""q, k, v (B, H, L, D) -> (B, H, L, D)."""
+
+_SELF_ATTENTION: ContextVar[AttentionFn | None] = ContextVar("wanpipe_parallel_self_attention", default=None)
+_INSTALL_LOCK = threading.Lock()
+_installed: list[Callable[..., Tensor]] = []  # the original transformer.attention while installed
+_users = 0
+
+
+def _dispatch(q: Tensor, k: Tensor, v: Tensor, *args: object, **kwargs: object) -> Tensor:
+    """Stands in for ``transformer.attention``: q, k, v (B, H, L, D) -> (B, L, H*D)."""
+    fn = _SELF_ATTENTION.get()
+    if fn is None:
+        return _installed[0](q, k, v, *args, **kwargs)
+    return fn(q, k, v).transpose(1, 2).flatten(2)
+
+
+@contextmanager
+def _dispatcher_installed() -> Iterator[None]:
+    global _users
+    with _INSTALL_LOCK:
+        if _users == 0:
+            _installed.append(transformer_module.attention)
+            transformer_module.attention = _dispatch
+        _users += 1
+    try:
+        yield
+    finally:
+        with _INSTALL_LOCK:
+            _users -= 1
+            if _users == 0:
+                transformer_module.attention = _installed.pop()
+
+
+@contextmanager
+def self_attention_override(model: nn.Module, fn: AttentionFn) -> Iterator[list[int]]:
+    """Within the block, every ``SelfAttention`` of ``model`` computes its attention with ``fn``
+    (q, k, v (B, H, L, D) -> (B, H, L, D)); yields a one-element list counting the calls."""
+    calls = [0]
+
+    def counted(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        calls[0] += 1
+        return fn(q, k, v)
+
+    tokens: list = []
+
+    def enter(module: nn.Module, args: object) -> None:
+        tokens.append(_SELF_ATTENTION.set(counted))
+
+    def leave(module: nn.Module, args: object, output: object) -> None:
+        if tokens:
+            _SELF_ATTENTION.reset(tokens.pop())
+
+    handles = []
+    with _dispatcher_installed():
+        try:
+            for module in model.modules():
+                if isinstance(module, SelfAttention):
+                    handles.append(module.register_forward_pre_hook(enter))
+                    handles.append(module.register_forward_hook(leave, always_call=True))
+            yield calls
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def shard_dit_inputs(x: DiTInputs, mesh: ParallelMesh) -> tuple[DiTInputs, SequenceShard]:
+    """``model.embed``'s output -> this rank's shard of it, and the shard.
+
+    hidden (B, L, dim) -> (B, Ll, dim); rope rows -> (Ll, head_dim/2); per-token modulation
+    (B, L, 6, dim) and temb (B, L, dim) -> their Ll rows; context unchanged. The grid becomes
+    (Ll, 1, 1), so that ``model.head`` on the shard returns each token's patch, token-major:
+    (B, C_out, Ll * pt, ph, pw), which :func:`gather_dit_output` puts back together.
+    """
+    shard = SequenceShard.of(mesh, x.hidden.shape[1])
+    local = replace(
+        x,
+        hidden=shard.shard(x.hidden, 1),
+        modulation=shard.shard(x.modulation, 1) if x.modulation.ndim == 4 else x.modulation,
+        temb=shard.shard(x.temb, 1) if x.temb.ndim == 3 else x.temb,
+        rope=shard.shard_rope(x.rope),
+        grid=(shard.local_length, 1, 1),
+    )
+    return local, shard
+
+
+def gather_dit_output(
+    out: Tensor,
+    mesh: ParallelMesh,
+    shard: SequenceShard,
+    grid: tuple[int, int, int],
+    patch: tuple[int, int, int],
+) -> Tensor:
+    """The head's output on a shard (B, C, Ll * pt, ph, pw) -> the whole prediction
+    (B, C, f * pt, h * ph, w * pw) for the token grid (f, h, w), on every rank (one all-gather)."""
+    pt, ph, pw = patch
+    patches = gather_sequence(out, mesh, shard.length * pt, dim=2)
+    batch, channels = patches.shape[:2]
+    f, h, w = grid
+    x = patches.reshape(batch, channels, f, h, w, pt, ph, pw).permute(0, 1, 2, 5, 3, 6, 4, 7)
+    return x.reshape(batch, channels, f * pt, h * ph, w * pw)
+
+
+def parallel_forward(
+    mesh: ParallelMesh,
+    model: WanTransformerModel,
+    latents: Tensor,
+    timestep: Tensor,
+    text_embeds: Tensor,
+    image_embeds: Tensor | None = None,
+) -> Tensor:
+    """One DiT forward across the mesh; call it on every rank with the same inputs.
+
+    latents (B, C_in, F, H, W); timestep (B,) or per-token (B, L); text_embeds (B, Lt, text_dim);
+    image_embeds (B, Li, image_dim) | None -> the prediction (B, C_out, F, H, W) on every rank,
+    equal to ``model(latents, timestep, text_embeds, image_embeds)`` in one process.
+    """
+    batch = latents.shape[0]
+    if timestep.ndim == 0:
+        timestep = timestep.expand(batch)
+    latents, timestep, text_embeds, image_embeds = (
+        split_cfg_batch(t, mesh) for t in (latents, timestep, text_embeds, image_embeds)
+    )
+    out = sequence_parallel_forward(mesh, model, latents, timestep, text_embeds, image_embeds)
+    return gather_cfg_batch(out, mesh, batch)
+
+
+def sequence_parallel_forward(
+    mesh: ParallelMesh,
+    model: WanTransformerModel,
+    latents: Tensor,
+    timestep: Tensor,
+    text_embeds: Tensor,
+    image_embeds: Tensor | None = None,
+) -> Tensor:
+    """The DiT forward with the tokens split across the sequence group (ring x ulysses) of ``mesh``;
+    same shapes as :func:`parallel_forward`, no CFG split. Collective over the sequence group."""
+    x = model.embed(latents, timestep, text_embeds, image_embeds)
+    local, shard = shard_dit_inputs(x, mesh)
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return usp_attention(q, k, v, mesh.ulysses_group, mesh.ring_group, seq_len=shard.length)
+
+    hidden = local.hidden
+    with self_attention_override(model, attend) as calls:
+        for block in model.blocks:
+            hidden = block(hidden, local.context, local.modulation, local.rope, local.num_image_tokens)
+    if calls[0] != len(model.blocks):
+        raise RuntimeError(
+            f"sequence parallelism expected {len(model.blocks)} self-attention calls through "
+            f"wanpipe.models.transformer.attention, saw {calls[0]}: SelfAttention no longer routes "
+            "through it; update wanpipe.parallel.dit"
+        )
+    out = model.head(hidden, local.temb, local.grid)
+    return gather_dit_output(out, mesh, shard, x.grid, model.config.patch_size)

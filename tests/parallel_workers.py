@@ -1,0 +1,281 @@
+"""Multi-process checks for ``wanpipe.parallel``: gloo worlds of 2 and 4 CPU processes.
+
+:func:`run_world` spawns ``world`` processes (torch.multiprocessing, spawn) that join one gloo
+process group through :func:`wanpipe.parallel.init_distributed` with torchrun's environment variables
+(127.0.0.1, a free port), run every check of :func:`plan` and write ``{check name: result}`` per rank;
+the parent merges them (the worst diff over the ranks). A check's result is the max abs diff against
+the single-process computation, or the message of the error it expected. Every check is built from a
+seed, so all ranks hold the same full tensors and models and each compares its own gathered result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+B, D = 2, 8
+
+Mesh = tuple[int, int, bool]
+"""(ulysses, ring, cfg_parallel)."""
+
+MESHES: dict[int, list[Mesh]] = {
+    2: [(2, 1, False), (1, 2, False), (1, 1, True)],
+    4: [(4, 1, False), (1, 4, False), (2, 2, False), (2, 1, True), (1, 2, True)],
+}
+
+DIT_T2V = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=16,
+    freq_dim=8,
+    ffn_dim=32,
+    num_layers=2,
+    rope_max_seq_len=32,
+)
+# Image tokens in the context, per-token timesteps and a temporal patch of 2: every input path.
+DIT_I2V = {**DIT_T2V, "patch_size": (2, 2, 2), "in_channels": 20, "image_dim": 8, "added_kv_proj_dim": 48}
+DIT_SHAPES = {"t2v": (3, 6, 10), "i2v": (4, 4, 8)}  # latent (F, H, W): 45 and 16 tokens
+
+
+def mesh_label(mesh: Mesh) -> str:
+    ulysses, ring, cfg = mesh
+    parts = (
+        (["cfg2"] if cfg else [])
+        + ([f"U{ulysses}"] if ulysses > 1 else [])
+        + ([f"R{ring}"] if ring > 1 else [])
+    )
+    return "x".join(parts)
+
+
+def attention_cases(mesh: Mesh) -> list[tuple[int, int]]:
+    """(heads, sequence length) pairs: divisible, not divisible, shorter than the degree."""
+    ulysses, ring, _ = mesh
+    degree = ulysses * ring
+    heads = [h for h in (4, 2, 3) if h % ulysses == 0]
+    lengths = sorted({4 * degree, 4 * degree - 1 if degree > 1 else 3, max(1, degree - 1)}, reverse=True)
+    return [(h, n) for h in heads for n in lengths]
+
+
+def variants(mesh: Mesh) -> list[str]:
+    ulysses, ring, _ = mesh
+    return ["usp"] + (["ulysses"] if ring == 1 else []) + (["ring"] if ulysses == 1 else [])
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    kind: str  # "attention", "cfg", "dit", "error"
+    mesh: Mesh | None = None
+    args: tuple = ()
+
+
+def plan(world: int) -> list[Check]:
+    """Every check a world of ``world`` processes runs, in the order all ranks run them."""
+    checks: list[Check] = []
+    if world == 2:
+        checks += [
+            Check("error/world-size", "error", (4, 1, False)),
+            Check("error/heads", "error", (2, 1, False), (3,)),
+        ]
+    for mesh in MESHES[world]:
+        label = mesh_label(mesh)
+        for heads, length in attention_cases(mesh):
+            for variant in variants(mesh):
+                checks.append(
+                    Check(
+                        f"attention/{label}/{variant}/H{heads}/L{length}",
+                        "attention",
+                        mesh,
+                        (variant, heads, length),
+                    )
+                )
+        if mesh[2]:
+            checks.append(Check(f"cfg/{label}/even", "cfg", mesh, (4,)))
+            checks.append(Check(f"cfg/{label}/odd", "cfg", mesh, (3,)))
+        for model in ("t2v", "i2v"):
+            checks.append(Check(f"dit/{label}/{model}", "dit", mesh, (model,)))
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+# Inside a worker
+# --------------------------------------------------------------------------------------------
+
+
+def _generator(*key: object) -> torch.Generator:
+    return torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(repr(key))) % (2**31))
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != {tuple(b.shape)}")
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check_attention(mesh, variant: str, heads: int, length: int) -> float:
+    from wanpipe.parallel import (
+        SequenceShard,
+        gather_sequence,
+        ring_attention,
+        ulysses_attention,
+        usp_attention,
+    )
+
+    gen = _generator("attention", heads, length)
+    q, k, v = (torch.randn(B, heads, length, D, generator=gen) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    shard = SequenceShard.of(mesh, length)
+    ql, kl, vl = (shard.shard(t, 2) for t in (q, k, v))
+    if variant == "ulysses":
+        out = ulysses_attention(ql, kl, vl, mesh.ulysses_group, seq_len=length)
+    elif variant == "ring":
+        out = ring_attention(ql, kl, vl, mesh.ring_group, seq_len=length)
+    else:
+        out = usp_attention(ql, kl, vl, mesh.ulysses_group, mesh.ring_group, seq_len=length)
+    assert out.shape == ql.shape, (out.shape, ql.shape)
+    return _diff(gather_sequence(out, mesh, length, dim=2), expected)
+
+
+def _check_cfg(mesh, rows: int) -> float:
+    from wanpipe.parallel import gather_cfg_batch, split_cfg_batch
+
+    gen = _generator("cfg", rows)
+    x, weight = torch.randn(rows, 5, 6, generator=gen), torch.randn(6, 7, generator=gen)
+    local = split_cfg_batch(x, mesh)
+    if rows % 2 == 0:
+        assert local.shape[0] == rows // 2
+    return _diff(gather_cfg_batch(local @ weight, mesh, rows), x @ weight)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            p.copy_(1 + noise if re.search(r"norm[^.]*\.weight$", name) else noise * 2)
+
+
+_DIT_CACHE: dict[str, tuple] = {}
+
+
+def _dit_case(model_name: str):
+    """(model, inputs, single-process prediction), built once per worker."""
+    if model_name not in _DIT_CACHE:
+        from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+
+        raw = DIT_T2V if model_name == "t2v" else DIT_I2V
+        config = TransformerConfig.from_dict(raw)
+        model = WanTransformerModel(config).eval()
+        _randomize(model, 0)
+        gen = _generator("dit", model_name)
+        shape = DIT_SHAPES[model_name]
+        latents = torch.randn(2, config.in_channels, *shape, generator=gen)
+        text = torch.randn(2, 7, config.text_dim, generator=gen)
+        if model_name == "t2v":
+            timestep, image = torch.tensor([900.0, 900.0]), None
+        else:
+            tokens = (shape[0] // 2) * (shape[1] // 2) * (shape[2] // 2)
+            timestep = torch.rand(2, tokens, generator=gen) * 1000
+            image = torch.randn(2, 5, config.image_dim, generator=gen)
+        inputs = (latents, timestep, text, image)
+        with torch.inference_mode():
+            expected = model(*inputs)
+        _DIT_CACHE[model_name] = (model, inputs, expected)
+    return _DIT_CACHE[model_name]
+
+
+def _check_dit(mesh, model_name: str) -> float:
+    from wanpipe.parallel import parallel_forward
+
+    model, inputs, expected = _dit_case(model_name)
+    with torch.inference_mode():
+        out = parallel_forward(mesh, model, *inputs)
+    return _diff(out, expected)
+
+
+def _check_error(config, num_heads: int | None = None) -> str:
+    from wanpipe.parallel import ParallelMesh
+
+    try:
+        ParallelMesh.build(config, num_heads=num_heads)
+    except ValueError as err:
+        return str(err)
+    raise AssertionError(f"{config} was accepted")
+
+
+def _worker(rank: int, world: int, port: int, outdir: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from wanpipe.parallel import ParallelConfig, ParallelMesh, init_distributed
+
+    device = init_distributed(backend="gloo", timeout=timedelta(seconds=60))
+    assert device.type == "cpu" and dist.get_world_size() == world and dist.get_rank() == rank
+    results: dict[str, object] = {}
+    meshes: dict[Mesh, ParallelMesh] = {}
+    try:
+        for check in plan(world):
+            ulysses, ring, cfg = check.mesh or (1, 1, False)
+            config = ParallelConfig(ulysses=ulysses, ring=ring, cfg_parallel=cfg)
+            if check.kind == "error":
+                results[check.name] = _check_error(config, *check.args)
+                continue
+            if check.mesh not in meshes:
+                meshes[check.mesh] = ParallelMesh.build(config, num_heads=4)
+            mesh = meshes[check.mesh]
+            fn: Callable[..., object] = {"attention": _check_attention, "cfg": _check_cfg, "dit": _check_dit}[
+                check.kind
+            ]
+            results[check.name] = fn(mesh, *check.args)
+        dist.barrier()
+    finally:
+        Path(outdir, f"{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_world(world: int, timeout_s: float = 150.0) -> dict[str, object]:
+    """Run :func:`plan` (``world``) on ``world`` spawned processes -> {check: worst result}."""
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(
+            _worker, args=(world, _free_port(), outdir), nprocs=world, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in ctx.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise TimeoutError(f"the {world}-process world did not finish in {timeout_s:.0f} s")
+        merged: dict[str, object] = {}
+        for rank in range(world):
+            for name, value in json.loads(Path(outdir, f"{rank}.json").read_text()).items():
+                old = merged.get(name)
+                merged[name] = max(old, value) if isinstance(value, float) and old is not None else value
+        return merged
