@@ -147,12 +147,13 @@ TEXT_ENCODER_ALIASES = {"encoder.embed_tokens.weight": "shared.weight"}
 
 
 def build_text_encoder(config: TextEncoderConfig) -> nn.Module:
-    """transformers' UMT5 encoder, built on the meta device (weights are assigned by the loader)."""
-    from transformers import UMT5Config, UMT5EncoderModel
+    """The UMT5 encoder, built on the meta device (weights are assigned by the loader): wanpipe's
+    native :class:`~wanpipe.models.umt5.UMT5Encoder`, with transformers' parameter names and numerics
+    (importing transformers' modeling code alone costs about 100 MB of host memory)."""
+    from wanpipe.models.umt5 import UMT5Encoder
 
-    hf_config = UMT5Config(**{k: v for k, v in config.raw.items() if not k.startswith("_")})
     with torch.device("meta"):
-        model = UMT5EncoderModel(hf_config)
+        model = UMT5Encoder.from_config_dict({k: v for k, v in config.raw.items() if not k.startswith("_")})
     return model
 
 
