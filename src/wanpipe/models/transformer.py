@@ -244,6 +244,15 @@ class CrossAttention(nn.Module):
         return self.o(out)
 
 
+def _modulation_table(rows: int, dim: int) -> nn.Parameter:
+    """A learned (1, rows, dim) modulation table, N(0, 1/dim) at init. On the meta device it is left
+    empty: arithmetic on meta tensors imports torch's Python decompositions (about 70 MB of host memory)."""
+    table = torch.empty(1, rows, dim)
+    if not table.is_meta:
+        table.normal_(0.0, dim**-0.5)
+    return nn.Parameter(table)
+
+
 def _modulation_rows(table: Tensor, modulation: Tensor) -> tuple[Tensor, ...]:
     """float32 table (1, n, dim) + modulation (B, n, dim) or (B, L, n, dim) -> n x (B, 1|L, dim)."""
     if modulation.ndim == 3:
@@ -265,7 +274,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
         )
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = _modulation_table(6, dim)
 
     def forward(
         self,
@@ -303,7 +312,7 @@ class WanHead(nn.Module):
         self.out_channels = cfg.out_channels
         self.norm = Fp32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = _modulation_table(2, dim)
 
     def forward(self, hidden: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """hidden (B, L, dim), temb (B, dim) or (B, L, dim) float32, grid (f, h, w) tokens

@@ -19,7 +19,7 @@ for the few renames in :data:`wanpipe.weights.vae_keys.VAE_DIFFUSERS_KEYS`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -813,8 +813,12 @@ class WanVAE(nn.Module):
         for start in range(0, z.shape[2], chunk_frames):
             yield self.decode_chunk(z[:, :, start : start + chunk_frames], cache)
 
-    def decode(self, z: Tensor, chunk_frames: int = 1) -> Tensor:
-        """Raw latents (B, z_dim, f, h, w) -> video (B, 3, 4(f - 1) + 1, s h, s w) in [-1, 1], s = spatial_stride."""
+    def decode(
+        self, z: Tensor, chunk_frames: int = 1, after_chunk: Callable[[], None] | None = None
+    ) -> Tensor:
+        """Raw latents (B, z_dim, f, h, w) -> video (B, 3, 4(f - 1) + 1, s h, s w) in [-1, 1], s = spatial_stride.
+
+        ``after_chunk()`` runs after each chunk (the executor returns freed host memory there)."""
         frames = self.config.temporal_stride * (z.shape[2] - 1) + 1 if z.ndim == 5 else 0
         video: Tensor | None = None
         start = 0
@@ -824,6 +828,9 @@ class WanVAE(nn.Module):
                 video = chunk.new_empty(b, c, frames, h, w)
             video[:, :, start : start + chunk.shape[2]] = chunk
             start += chunk.shape[2]
+            del chunk
+            if after_chunk is not None:
+                after_chunk()
         assert video is not None and start == frames
         return video
 
