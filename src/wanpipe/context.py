@@ -51,6 +51,9 @@ class WanRequest:
     strength: float | None = None  # video-to-video: how much of the input video is re-noised
     output_format: str = "mp4"
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Opt-in approximations (wanpipe.runtime): None = the runtime options' default (off unless set).
+    residual_threshold: float | None = None  # step cache: skip the DiT while its input changes less
+    cfg_truncation: float | None = None  # stop guidance after this fraction of the steps
 
 
 @dataclass
@@ -89,6 +92,8 @@ class WanContext:
     clip_pixels: np.ndarray | None = None  # (K, 3, S, S) float32: the images as CLIP sees them
     video_pixels: np.ndarray | None = None  # (3, F, H, W) float32 in [-1, 1]: video-to-video input
     status: GenerationStatus = GenerationStatus.ACTIVE
+    residual_threshold: float | None = None  # step cache threshold (None: the runtime default)
+    cfg_truncation: float | None = None  # fraction of the steps with guidance (None: the runtime default)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -112,4 +117,6 @@ class WanContext:
             shape(self.condition_pixels),
             shape(self.clip_pixels),
             shape(self.video_pixels),
+            self.residual_threshold,
+            self.cfg_truncation,
         )

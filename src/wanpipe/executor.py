@@ -17,8 +17,10 @@ run as one batch. Around the loop:
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -29,6 +31,10 @@ from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.vae import WanVAE
+from wanpipe.runtime.memory import trim_host_memory
+from wanpipe.runtime.options import RuntimeOptions
+from wanpipe.runtime.runner import DiTRunner
+from wanpipe.runtime.step_cache import make_step_cache
 from wanpipe.schedulers import Schedule, add_noise, new_state, step
 
 StepCallback = Callable[[int, int, float], None]
@@ -66,6 +72,8 @@ class WanExecutorInputs:
     condition_pixels: torch.Tensor | None = None
     clip_pixels: torch.Tensor | None = None
     video_pixels: torch.Tensor | None = None
+    residual_threshold: float | None = None
+    cfg_truncation: float | None = None
 
     def to(self, device: torch.device | str) -> WanExecutorInputs:
         moved = {
@@ -88,6 +96,9 @@ class Timings:
     text_encode_s: float = 0.0
     denoise_s: float = 0.0
     decode_s: float = 0.0
+    compile_s: float = 0.0  # torch.compile warm-up of a new shape, not counted in denoise_s
+    skipped_steps: int = 0  # step cache: steps whose conditional DiT blocks were skipped
+    guided_steps: int = 0  # steps run with classifier-free guidance (cfg_truncation)
 
 
 @dataclass
@@ -173,6 +184,12 @@ class WanExecutor:
         self.dtype = dtype
         self.vae_dtype = vae_dtype
         self.vae_chunk_frames = vae_chunk_frames
+        # Speed / memory (wanpipe.runtime.apply_runtime_options): the plain path by default.
+        self.runtime = RuntimeOptions(trim_host_memory=False)
+        self.runner = DiTRunner()
+        self.offload = None  # a ModelOffload for offload="model"
+        self.last_cache_stats = None
+        self._report: dict[str, float] = {}
 
     @property
     def transformer(self) -> WanTransformerModel:
@@ -227,7 +244,23 @@ class WanExecutor:
             condition_pixels=optional("condition_pixels"),
             clip_pixels=optional("clip_pixels"),
             video_pixels=optional("video_pixels"),
+            residual_threshold=getattr(first, "residual_threshold", None),
+            cfg_truncation=getattr(first, "cfg_truncation", None),
         )
+
+    # -- placement ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def on_device(self, module: torch.nn.Module | None) -> Iterator[None]:
+        """With model offload, ``module`` is on the device only inside this block."""
+        if self.offload is None or module is None:
+            yield
+            return
+        with self.offload.use(module):
+            yield
+
+    def _trim(self) -> None:
+        if self.runtime.trim_host_memory and self.device.type == "cpu":
+            trim_host_memory()
 
     # -- stages -------------------------------------------------------------------------------
     def encode_text(self, inputs: WanExecutorInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -236,7 +269,13 @@ class WanExecutor:
         if inputs.negative_tokens is not None:
             tokens = torch.cat([tokens, inputs.negative_tokens])
             mask = torch.cat([mask, inputs.negative_mask])
-        embeds = self.text_encoder(tokens.to(self.device), mask.to(self.device)).to(self.dtype)
+        device = torch.device(self.runtime.text_encoder_device or self.device)
+        if self.runtime.text_encoder_device is not None:
+            embeds = self.text_encoder(tokens.to(device), mask.to(device))
+        else:
+            with self.on_device(self.text_encoder):
+                embeds = self.text_encoder(tokens.to(device), mask.to(device))
+        embeds = embeds.to(self.device, self.dtype)
         batch = inputs.tokens.shape[0]
         if inputs.negative_tokens is None:
             return embeds, None
@@ -247,12 +286,14 @@ class WanExecutor:
         if inputs.clip_pixels is None or self.image_encoder is None:
             return None
         batch, k = inputs.clip_pixels.shape[:2]
-        tokens = self.image_encoder(inputs.clip_pixels.flatten(0, 1).to(self.device))
+        with self.on_device(self.image_encoder):
+            tokens = self.image_encoder(inputs.clip_pixels.flatten(0, 1).to(self.device))
         return tokens.reshape(batch, k * tokens.shape[1], tokens.shape[2]).to(self.dtype)
 
     def _encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, f, h, w) float32 (posterior mode)."""
-        z = self.vae.encode_mean(video.to(self.device, self.vae_dtype)).float()
+        with self.on_device(self.vae):
+            z = self.vae.encode_mean(video.to(self.device, self.vae_dtype)).float()
         return self.vae.normalize_latents(z)
 
     def prepare_condition(self, inputs: WanExecutorInputs) -> torch.Tensor | None:
@@ -330,39 +371,121 @@ class WanExecutor:
         patch = self.transformer.config.patch_size
         state = new_state()
         num_steps = len(timesteps)
-        for i in range(num_steps):
-            if should_cancel is not None and should_cancel():
-                raise CancelledError("generation cancelled")
-            t = timesteps[i]
-            if first_frame_mask is not None:
-                model_input = (
-                    latents
-                    if condition is None
-                    else (1 - first_frame_mask) * condition + first_frame_mask * latents
+        guided_steps = self._guided_steps(inputs, num_steps) if cfg else 0
+        cache = self._make_cache(inputs)
+        streams_cfg = {"cond": slice(0, batch), "uncond": slice(batch, rows)}
+        streams_cond = {"cond": slice(0, batch)}
+        image_cond = None if image_embeds is None else image_embeds[:batch]
+        self._report = {"compile_s": 0.0, "guided_steps": guided_steps}
+        current = None
+        try:
+            for i in range(num_steps):
+                if should_cancel is not None and should_cancel():
+                    raise CancelledError("generation cancelled")
+                guided = cfg and i < guided_steps
+                step_rows = rows if guided else batch
+                t = timesteps[i]
+                if first_frame_mask is not None:
+                    model_input = (
+                        latents
+                        if condition is None
+                        else (1 - first_frame_mask) * condition + first_frame_mask * latents
+                    )
+                    token_mask = first_frame_mask[0, 0, :: patch[0], :: patch[1], :: patch[2]]
+                    timestep = (token_mask * t).flatten().unsqueeze(0).expand(step_rows, -1)
+                else:
+                    model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+                    timestep = t.expand(step_rows)
+                model_input = model_input.to(self.dtype)
+                if guided:
+                    model_input = torch.cat([model_input, model_input])
+                which = experts[i]
+                dit = self.experts.get(which)
+                if self.offload is not None and dit is not current:
+                    if current is not None:
+                        current.to(self.offload.storage)
+                    dit.to(self.offload.device)
+                    current = dit
+                step_context = context if guided else cond
+                step_images = image_embeds if guided else image_cond
+                self._compile_warmup(dit, model_input, timestep, step_context, step_images)
+                pred = self.runner.forward(
+                    dit,
+                    model_input,
+                    timestep,
+                    step_context,
+                    step_images,
+                    cache=cache,
+                    streams=streams_cfg if guided else streams_cond,
+                    step=i,
+                    num_steps=num_steps,
                 )
-                token_mask = first_frame_mask[0, 0, :: patch[0], :: patch[1], :: patch[2]]
-                timestep = (token_mask * t).flatten().unsqueeze(0).expand(rows, -1)
-            else:
-                model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
-                timestep = t.expand(rows)
-            model_input = model_input.to(self.dtype)
-            if cfg:
-                model_input = torch.cat([model_input, model_input])
-            which = experts[i]
-            pred = self.run_transformer(self.experts.get(which), model_input, timestep, context, image_embeds)
-            if not cfg:
-                noise_pred = pred
-            else:
-                pred_cond, pred_uncond = pred[:batch], pred[batch:]
-                guidance = guidances.get(which, guidances["high"]).to(pred.dtype)
-                guided = pred_uncond + guidance * (pred_cond - pred_uncond)
-                noise_pred = torch.where(do_cfg, guided, pred_cond)
-            latents = step(schedule, state, i, noise_pred, latents)
-            if callback is not None:
-                callback(i, num_steps, float(schedule.timesteps[i]))
+                if not guided:
+                    noise_pred = pred
+                else:
+                    pred_cond, pred_uncond = pred[:batch], pred[batch:]
+                    guidance = guidances.get(which, guidances["high"]).to(pred.dtype)
+                    guided_pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+                    noise_pred = torch.where(do_cfg, guided_pred, pred_cond)
+                latents = step(schedule, state, i, noise_pred, latents)
+                if callback is not None:
+                    callback(i, num_steps, float(schedule.timesteps[i]))
+        finally:
+            if self.offload is not None and current is not None:
+                current.to(self.offload.storage)
+        self.last_cache_stats = None if cache is None else cache.stats
         if first_frame_mask is not None and condition is not None:
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return latents
+
+    def _guided_steps(self, inputs: WanExecutorInputs, num_steps: int) -> int:
+        """How many leading steps use guidance: all, unless cfg_truncation (request, else runtime) < 1."""
+        fraction = inputs.cfg_truncation if inputs.cfg_truncation is not None else self.runtime.cfg_truncation
+        if fraction is None or fraction >= 1.0:
+            return num_steps
+        return max(0, min(num_steps, math.ceil(fraction * num_steps - 1e-9)))
+
+    def _make_cache(self, inputs: WanExecutorInputs):
+        """The step cache for this batch: the runtime's kind with the request's (or runtime's) threshold;
+        a request threshold > 0 alone turns on First-Block-Cache. None (off) when the threshold is 0."""
+        threshold = (
+            inputs.residual_threshold
+            if inputs.residual_threshold is not None
+            else self.runtime.residual_threshold
+        )
+        kind = self.runtime.cache
+        if kind is None and inputs.residual_threshold:
+            kind = "first-block"
+        cache = make_step_cache(kind, threshold)
+        if cache is not None and hasattr(cache, "coefficients"):
+            from wanpipe.runtime.step_cache import TEACACHE_WAN_COEFFICIENTS, teacache_variant
+
+            cfg = self.transformer.config
+            f, h, w = inputs.latents.shape[2:]
+            area = (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+            cache.coefficients = TEACACHE_WAN_COEFFICIENTS[teacache_variant(cfg.dim, cfg.in_channels, area)]
+        return cache
+
+    def _compile_warmup(self, dit, model_input, timestep, context, image_embeds) -> None:
+        """Compile for a new shape before timing steps: one discarded forward, timed as compile_s."""
+        compiled = self.runner.compiled
+        if compiled is None:
+            return
+        key = (
+            tuple(model_input.shape),
+            tuple(timestep.shape),
+            tuple(context.shape),
+            None if image_embeds is None else tuple(image_embeds.shape),
+            model_input.dtype,
+            self.device,
+        )
+        if key in compiled.warmed:
+            return
+        t0 = time.perf_counter()
+        self.runner.forward(dit, model_input, timestep, context, image_embeds)
+        _sync(self.device)
+        self._report["compile_s"] += time.perf_counter() - t0
+        compiled.warmed.add(key)
 
     @staticmethod
     def run_transformer(
@@ -381,9 +504,15 @@ class WanExecutor:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]."""
-        z = self.vae.denormalize_latents(latents.to(self.vae_dtype))
-        video = self.vae.decode(z, chunk_frames=self.vae_chunk_frames)
-        frames = (video.float() / 2 + 0.5).clamp(0, 1)
+        z = self.vae.denormalize_latents(latents.to(self.device, self.vae_dtype))
+        with self.on_device(self.vae):
+            video = self.vae.decode(z, chunk_frames=self.vae_chunk_frames, after_chunk=self._trim)
+        del z
+        if video.dtype == torch.float32:  # in place: no second copy of the video
+            frames = video.div_(2).add_(0.5).clamp_(0, 1)
+        else:
+            frames = (video.float() / 2 + 0.5).clamp(0, 1)
+        del video
         return frames.permute(0, 2, 3, 4, 1).contiguous()
 
     @torch.inference_mode()
@@ -398,12 +527,26 @@ class WanExecutor:
         t0 = time.perf_counter()
         cond, uncond = self.encode_text(inputs)
         _sync(self.device)
+        self._trim()
         t1 = time.perf_counter()
+        self._report = {}
         latents = self.denoise(inputs, cond, uncond, callback, should_cancel)
+        del cond, uncond
         _sync(self.device)
+        self._trim()
         t2 = time.perf_counter()
         frames = self.decode(latents)
+        del latents
         _sync(self.device)
         t3 = time.perf_counter()
-        timings.text_encode_s, timings.denoise_s, timings.decode_s = t1 - t0, t2 - t1, t3 - t2
+        self._trim()
+        timings.compile_s = self._report.get("compile_s", 0.0)
+        timings.guided_steps = self._report.get("guided_steps", 0)
+        if self.last_cache_stats is not None:
+            timings.skipped_steps = self.last_cache_stats.skipped_steps
+        timings.text_encode_s, timings.denoise_s, timings.decode_s = (
+            t1 - t0,
+            t2 - t1 - timings.compile_s,
+            t3 - t2,
+        )
         return WanExecutorOutputs(frames=frames, timings=timings)

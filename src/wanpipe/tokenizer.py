@@ -45,6 +45,16 @@ def _float(value: Any, name: str) -> float:
     return float(value)
 
 
+def _optional_fraction(value: Any, name: str, upper: float) -> float | None:
+    """None, or a number in [0, upper] (the step-cache threshold, the guidance fraction)."""
+    if value is None:
+        return None
+    value = _float(value, name)
+    if not 0.0 <= value <= upper:
+        raise InvalidRequestError(f"{name} must be in [0, {upper:g}], got {value}", name)
+    return value
+
+
 class WanTokenizer:
     """Request -> WanContext: validation, prompt tokens, schedule with step coefficients, noise."""
 
@@ -151,6 +161,8 @@ class WanTokenizer:
             guidance_scale_2=guidance_2,
             boundary_timestep=boundary,
             strength=strength,
+            residual_threshold=_optional_fraction(request.residual_threshold, "residual_threshold", 1e9),
+            cfg_truncation=_optional_fraction(request.cfg_truncation, "cfg_truncation", 1.0),
             **conditioning,
         )
 

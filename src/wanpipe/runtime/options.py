@@ -1,0 +1,186 @@
+"""Runtime options: how a loaded pipeline runs (speed and memory), not what it computes.
+
+Exact by default: every option below gives the same frames as the plain path except the opt-in
+approximations (``cache`` with a ``residual_threshold`` > 0, ``cfg_truncation`` < 1, ``vae_tile``).
+
+Wiring (for ``cli.py`` / ``pipeline.py``)::
+
+    from wanpipe.runtime import add_runtime_arguments, options_from_args, apply_runtime_options
+    add_runtime_arguments(generate_parser)            # --compile --offload --cache ...
+    pipe = WanPipeline.from_pretrained(...)
+    apply_runtime_options(pipe, options_from_args(args))
+
+Per request, ``WanRequest.residual_threshold`` / ``cfg_truncation`` override the defaults here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("none", "model", "block")
+CACHE_MODES = ("none", "first-block", "teacache")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    compile: bool = False
+    """torch.compile each DiT block (one artifact for all blocks) and the head."""
+    compile_mode: str | None = None
+    """torch.compile mode ("max-autotune-no-cudagraphs", ...); None: the default."""
+    offload: Literal["none", "model", "block"] = "none"
+    """"model": each component on the device only while it runs; "block": DiT blocks streamed."""
+    offload_buffers: int = 2
+    """block offload: how many DiT blocks are resident on the device at once."""
+    cache: Literal["none", "first-block", "teacache"] | None = None
+    """Step skipping (an approximation): off unless a residual_threshold > 0 is given too."""
+    residual_threshold: float = 0.0
+    """The step cache's threshold (0: never skip); a request's own value wins."""
+    cfg_truncation: float | None = None
+    """Guidance only for the first fraction of the steps (None / 1.0: all steps); a request's wins."""
+    text_encoder_device: str | None = None
+    """Where the text encoder runs ("cpu" keeps UMT5-XXL off the GPU); None: the pipeline's device."""
+    vae_chunk_frames: int | None = None
+    """Latent frames decoded per VAE chunk (more: faster, more memory; same frames); None: 1."""
+    trim_host_memory: bool = True
+    """CPU: ``malloc_trim`` between stages and VAE chunks (lower peak RSS, same frames, ~free)."""
+    host_mmap_threshold: int | None = None
+    """CPU: a fixed glibc mmap threshold in bytes (lowest RSS, but page faults cost time); None: glibc's."""
+
+    def __post_init__(self) -> None:
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
+        if self.cache not in (None, *CACHE_MODES):
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.residual_threshold < 0:
+            raise ValueError(f"residual_threshold must be >= 0, got {self.residual_threshold}")
+        if self.cfg_truncation is not None and not 0.0 <= self.cfg_truncation <= 1.0:
+            raise ValueError(f"cfg_truncation must be in [0, 1], got {self.cfg_truncation}")
+        if self.vae_chunk_frames is not None and self.vae_chunk_frames < 1:
+            raise ValueError(f"vae_chunk_frames must be >= 1, got {self.vae_chunk_frames}")
+        if self.offload_buffers < 1:
+            raise ValueError(f"offload_buffers must be >= 1, got {self.offload_buffers}")
+
+    def with_(self, **changes: Any) -> RuntimeOptions:
+        return replace(self, **changes)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the speed/memory options to a ``generate`` (or ``bench``/``serve``) parser."""
+    g = parser.add_argument_group("speed and memory")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT per block (same frames)")
+    g.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        default="none",
+        help="model: each component on the GPU only while it runs; block: stream DiT blocks (same frames)",
+    )
+    g.add_argument(
+        "--offload-buffers", type=int, default=2, help="block offload: DiT blocks resident at once"
+    )
+    g.add_argument(
+        "--cache",
+        choices=CACHE_MODES,
+        default="none",
+        help="skip DiT steps whose input barely changes (approximate; needs --residual-threshold > 0)",
+    )
+    g.add_argument(
+        "--residual-threshold",
+        type=float,
+        default=None,
+        help="step cache threshold (first-block: ~0.05-0.1; teacache: 0.05-0.2; 0 never skips)",
+    )
+    g.add_argument(
+        "--cfg-truncation",
+        type=float,
+        default=None,
+        help="guidance for this fraction of the steps only, e.g. 0.8 (approximate; default all)",
+    )
+    g.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu")
+    g.add_argument(
+        "--vae-chunk-frames", type=int, default=None, help="latent frames per VAE decode chunk (default 1)"
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
+    cache = getattr(args, "cache", "none")
+    threshold = getattr(args, "residual_threshold", None)
+    if cache not in (None, "none") and threshold is None:
+        threshold = 0.05 if cache == "first-block" else 0.08
+    return RuntimeOptions(
+        compile=bool(getattr(args, "compile", False)),
+        offload=getattr(args, "offload", "none") or "none",
+        offload_buffers=getattr(args, "offload_buffers", 2) or 2,
+        cache=None if cache in (None, "none") else cache,
+        residual_threshold=float(threshold or 0.0),
+        cfg_truncation=getattr(args, "cfg_truncation", None),
+        text_encoder_device=getattr(args, "text_encoder_device", None),
+        vae_chunk_frames=getattr(args, "vae_chunk_frames", None),
+    )
+
+
+def _dits(executor: Any) -> list[torch.nn.Module]:
+    experts = executor.experts
+    return [m for m in (experts.high, experts.low) if m is not None]
+
+
+def apply_runtime_options(
+    target: Any, options: RuntimeOptions, *, device: str | torch.device | None = None
+) -> Any:
+    """Configure a ``WanPipeline`` or ``WanExecutor`` in place; returns it.
+
+    ``device``: the compute device, when the pipeline was loaded elsewhere (e.g. loaded on the CPU and
+    run on "cuda" with offload, so the full model never sits on the GPU).
+    """
+    from wanpipe.runtime.compile import CompiledDiT
+    from wanpipe.runtime.memory import tune_host_allocator
+    from wanpipe.runtime.offload import BlockStreamer, ModelOffload, pin_module
+    from wanpipe.runtime.runner import DiTRunner
+
+    executor = getattr(target, "executor", target)
+    if device is not None:
+        executor.device = torch.device(device)
+    dev = executor.device
+    executor.runtime = options
+    if not hasattr(executor, "_loaded_vae_chunk_frames"):
+        executor._loaded_vae_chunk_frames = executor.vae_chunk_frames
+    executor.vae_chunk_frames = options.vae_chunk_frames or executor._loaded_vae_chunk_frames
+    if options.host_mmap_threshold is not None and dev.type == "cpu":
+        tune_host_allocator(options.host_mmap_threshold)
+
+    streamer = None
+    executor.offload = None
+    storage = torch.device("cpu")
+    if options.offload == "model":
+        executor.offload = ModelOffload(dev, storage)
+        for module in (executor.text_encoder, executor.vae, executor.image_encoder, *_dits(executor)):
+            if module is not None:
+                module.to(storage)
+                pin_module(module)
+    elif options.offload == "block":
+        streamer = BlockStreamer(dev, options.offload_buffers)
+        for dit in _dits(executor):
+            for name, child in dit.named_children():
+                if name == "blocks":
+                    child.to(storage)
+                    pin_module(child)
+                else:
+                    child.to(dev)
+            dit.clear_rope_cache()
+        if executor.experts.swap_states is not None:
+            logger.info("block offload with swapped experts: both experts stream through one set of buffers")
+    else:
+        for module in (executor.text_encoder, executor.vae, executor.image_encoder, *_dits(executor)):
+            if module is not None:
+                module.to(dev)
+    if options.text_encoder_device is not None:
+        executor.text_encoder.to(options.text_encoder_device)
+    compiled = CompiledDiT(mode=options.compile_mode) if options.compile else None
+    executor.runner = DiTRunner(compiled=compiled, streamer=streamer)
+    return target

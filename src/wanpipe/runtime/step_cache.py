@@ -1,0 +1,169 @@
+"""Opt-in step skipping for the DiT: First-Block-Cache and TeaCache (approximations, off by default).
+
+Both reuse a cached *residual* (what the blocks added to the hidden state at the last fully computed
+step) instead of running the blocks, when an indicator says the step's input barely changed:
+
+- :class:`FirstBlockCache`: run the first block; if its residual changed less than ``threshold``
+  (mean absolute change over mean absolute value) since the last full step, skip the other blocks and
+  add the cached residual of the rest. Decided separately for the conditional and the unconditional
+  stream: a stream that can skip skips, the other runs alone.
+- :class:`TeaCache`: the relative change of the timestep embedding, rescaled by the published Wan
+  polynomial (TeaCache4Wan2.1), is accumulated over steps; while the sum stays under ``threshold``
+  the whole block stack is skipped (both streams: they share the timestep). The first and the last
+  step always run.
+
+A threshold of 0 never skips. Deciding reads one number per step back to the host (a sync): the cache
+paths trade that for the skipped work. Quality on real weights was not measured in this repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# TeaCache4Wan2.1 (teacache_generate.py, the mode that rescales the timestep embedding's change),
+# np.poly1d order (highest degree first).
+TEACACHE_WAN_COEFFICIENTS: dict[str, tuple[float, ...]] = {
+    "t2v-1.3B": (2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01),
+    "t2v-14B": (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    "i2v-14B-480P": (-3.02331670e02, 2.23948934e02, -5.25463970e01, 5.87348440e00, -2.01973289e-01),
+    "i2v-14B-720P": (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+}
+
+
+def teacache_variant(dim: int, in_channels: int, latent_area: int) -> str:
+    """Which published coefficients fit a DiT: 1.3B by width, I2V-14B by input channels and size."""
+    if dim == 5120:
+        if in_channels == 36:
+            return "i2v-14B-480P" if latent_area <= 60 * 104 else "i2v-14B-720P"
+        return "t2v-14B"
+    if dim != 1536:
+        logger.info("TeaCache: no published coefficients for a DiT of width %d; using the 1.3B ones", dim)
+    return "t2v-1.3B"
+
+
+def _relative_l1(new: Tensor, old: Tensor) -> float:
+    return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
+
+
+@dataclass
+class CacheStats:
+    """How many (stream, step) DiT runs were skipped, of how many."""
+
+    skipped: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps where the conditional stream skipped its blocks."""
+        return self.skipped.get("cond", 0)
+
+
+class StepCache:
+    """Base: per-stream cached residuals, reset when the model (the expert) changes."""
+
+    kind = "none"
+
+    def __init__(self, threshold: float) -> None:
+        if threshold < 0:
+            raise ValueError(f"residual_threshold must be >= 0, got {threshold}")
+        self.threshold = float(threshold)
+        self.stats = CacheStats()
+        self.residuals: dict[str, Tensor] = {}
+        self.owner: object = None
+
+    def bind(self, owner: object) -> None:
+        """Forget cached residuals when another model (Wan 2.2's other expert) takes over."""
+        if owner is not self.owner:
+            self.owner = owner
+            self.residuals.clear()
+            self._reset_indicator()
+
+    def _reset_indicator(self) -> None:
+        pass
+
+    def _count(self, stream: str) -> None:
+        self.stats.skipped[stream] = self.stats.skipped.get(stream, 0) + 1
+
+
+class FirstBlockCache(StepCache):
+    kind = "first-block"
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(threshold)
+        self.first_residuals: dict[str, Tensor] = {}
+
+    def _reset_indicator(self) -> None:
+        self.first_residuals.clear()
+
+    def can_skip(self, stream: str, first_residual: Tensor) -> bool:
+        """Whether ``stream`` may reuse its cached residual, given its first block's residual now."""
+        prev = self.first_residuals.get(stream)
+        if self.threshold <= 0 or prev is None or stream not in self.residuals:
+            return False
+        return _relative_l1(first_residual, prev) < self.threshold
+
+    def store(self, stream: str, first_residual: Tensor, rest_residual: Tensor) -> None:
+        self.first_residuals[stream] = first_residual
+        self.residuals[stream] = rest_residual
+
+
+class TeaCache(StepCache):
+    kind = "teacache"
+
+    def __init__(self, threshold: float, coefficients: tuple[float, ...] | None = None) -> None:
+        super().__init__(threshold)
+        self.coefficients = coefficients
+        self.accumulated = 0.0
+        self.previous: Tensor | None = None
+
+    def _reset_indicator(self) -> None:
+        self.accumulated = 0.0
+        self.previous = None
+
+    def should_compute(self, indicator: Tensor, step: int, num_steps: int) -> bool:
+        """Update the accumulated rescaled change of ``indicator`` (the timestep embedding)."""
+        previous, self.previous = self.previous, indicator
+        if (
+            self.threshold <= 0
+            or previous is None
+            or step == 0
+            or step >= num_steps - 1
+            or "cond" not in self.residuals
+        ):
+            self.accumulated = 0.0
+            return True
+        change = _relative_l1(indicator, previous)
+        coefficients = self.coefficients or TEACACHE_WAN_COEFFICIENTS["t2v-1.3B"]
+        rescaled = 0.0
+        for c in coefficients:  # Horner, highest degree first (np.poly1d)
+            rescaled = rescaled * change + c
+        self.accumulated += rescaled
+        if self.accumulated < self.threshold:
+            return False
+        self.accumulated = 0.0
+        return True
+
+
+def make_step_cache(kind: str | None, threshold: float | None) -> StepCache | None:
+    """``kind`` "first-block" or "teacache" with a threshold > 0 -> a cache; otherwise None (off)."""
+    if kind in (None, "none", "off"):
+        return None
+    if kind == "first-block":
+        return FirstBlockCache(threshold or 0.0)
+    if kind == "teacache":
+        return TeaCache(threshold or 0.0)
+    raise ValueError(f"cache must be 'first-block', 'teacache' or None, got {kind!r}")
+
+
+def rows_of(streams: dict[str, slice], names: list[str]) -> Tensor | slice:
+    """The batch rows of the named streams (a slice when they are contiguous)."""
+    chosen = sorted((streams[n] for n in names), key=lambda s: s.start)
+    if all(a.stop == b.start for a, b in zip(chosen, chosen[1:])):
+        return slice(chosen[0].start, chosen[-1].stop)
+    return torch.cat([torch.arange(s.start, s.stop) for s in chosen])
