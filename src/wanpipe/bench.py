@@ -1,0 +1,295 @@
+"""``wanpipe bench``: wanpipe against diffusers on the same random checkpoint, in the same run.
+
+CPU case (every machine): a mid-size checkpoint shaped like the real ones (issue 5): the Wan 2.1 VAE at
+a third of its width (base_dim 32), a 6-block DiT of dim 256, a small UMT5; 128x128, 17 frames, 8 steps,
+guidance 5.0, fp32. Each engine runs in a process of its own (so the peak RSS is its own): one warm-up
+generation, then ``--repeats`` timed ones (the median is reported), per-stage times for wanpipe (text
+encode, per step, VAE decode) and the max abs difference of the frames. Writes
+``bench/results/<machine>-<date>.json`` and appends a row to ``bench/results/README.md``.
+
+diffusers is a test-only dependency: ``pip install -e .[test]`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=64,
+    freq_dim=256,
+    ffn_dim=1024,
+    num_layers=6,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=1024,
+)
+VAE = dict(
+    base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
+)
+SENTENCES = [
+    "a cat walks on the grass",
+    "a dog runs in the park under the sun",
+    "the quick brown fox jumps over the lazy dog",
+    "video of a red car driving on a road at night",
+    "bright tones, overexposed, static, blurred details, worst quality",
+    "an astronaut rides a horse on the moon, cinematic",
+]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=96, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(SENTENCES * 10, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
+
+
+def _randomize(module, seed: int, scale: float) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            p.copy_(
+                torch.randn(p.shape, generator=g) * scale + (1.0 if p.ndim == 1 and "norm" in name else 0.0)
+            )
+
+
+def make_cpu_checkpoint(folder: Path) -> Path:
+    """The mid-size random checkpoint, written with diffusers' own classes."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    )
+    vae = AutoencoderKLWan(**VAE)
+    transformer = WanTransformer3DModel(**TRANSFORMER)
+    _randomize(vae, 1, 0.05)
+    _randomize(transformer, 2, 0.05)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    ).save_pretrained(folder)
+    return folder
+
+
+def _child(
+    engine: str, folder: str, request: dict[str, Any], options: dict[str, Any], repeats: int, out: str
+) -> None:
+    """In a fresh process: warm up, time ``repeats`` generations, save frames and figures."""
+    import torch
+
+    threads = int(os.environ.get("BENCH_THREADS", "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    kw = dict(request)
+    seed = kw.pop("seed")
+    stages: list[dict[str, float]] = []
+    if engine == "diffusers":
+        from diffusers import WanPipeline
+
+        pipe = WanPipeline.from_pretrained(folder, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate() -> np.ndarray:
+            g = torch.Generator("cpu").manual_seed(seed)
+            return np.asarray(pipe(generator=g, output_type="np", **kw).frames[0])
+    else:
+        from wanpipe import WanPipeline
+        from wanpipe.runtime import RuntimeOptions, apply_runtime_options
+
+        pipe = WanPipeline.from_pretrained(folder, device="cpu", dtype="float32")
+        apply_runtime_options(pipe, RuntimeOptions(**options))
+
+        def generate() -> np.ndarray:
+            video = pipe.generate(seed=seed, progress=False, **kw)
+            stages.append(dict(video.timings))
+            return video.frames
+
+    from wanpipe.runtime.memory import peak_rss_mb
+
+    generate()  # warm-up
+    seconds = []
+    frames = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        frames = generate()
+        seconds.append(time.perf_counter() - t0)
+    np.save(out + ".npy", frames)
+    record: dict[str, Any] = {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+    if stages:
+        timed = stages[1:]
+        steps = request["num_inference_steps"]
+        record["stages"] = {
+            "text_encode_s": statistics.median(s["text_encode_s"] for s in timed),
+            "step_s": statistics.median(s["denoise_s"] for s in timed) / steps,
+            "decode_s": statistics.median(s["decode_s"] for s in timed),
+            "compile_s": stages[0].get("compile_s", 0.0),
+            "skipped_steps": timed[-1].get("skipped_steps", 0),
+        }
+    Path(out + ".json").write_text(json.dumps(record))
+
+
+def run_cpu_bench(
+    *,
+    steps: int = 8,
+    frames: int = 17,
+    size: int = 128,
+    repeats: int = 3,
+    threads: int = 0,
+    engines: str = "diffusers,wanpipe",
+    options: dict[str, Any] | None = None,
+    out_dir: Path | None = None,
+    checkpoint: Path | None = None,
+) -> dict[str, Any]:
+    options = {"vae_chunk_frames": 1, **(options or {})}
+    request = dict(
+        prompt="a cat walks on the grass",
+        negative_prompt="worst quality",
+        height=size,
+        width=size,
+        num_frames=frames,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        seed=0,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="wanpipe-bench-"))
+    ckpt = checkpoint or make_cpu_checkpoint(tmp / "ckpt")
+    src = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "BENCH_THREADS": str(threads),
+        "PYTHONPATH": f"{src}:{os.environ.get('PYTHONPATH', '')}",
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for engine in engines.split(","):
+        out = str(tmp / engine)
+        payload = json.dumps([engine, str(ckpt), request, options, repeats, out])
+        subprocess.run([sys.executable, "-m", "wanpipe.bench", "--child", payload], check=True, env=env)
+        results[engine] = json.loads(Path(out + ".json").read_text())
+        results[engine]["frames"] = np.load(out + ".npy")
+    figures: dict[str, Any] = {}
+    for engine, r in results.items():
+        figures[engine] = {
+            "seconds_median": round(statistics.median(r["seconds"]), 3),
+            "seconds": [round(s, 3) for s in r["seconds"]],
+            "peak_rss_mb": round(r["peak_rss_mb"], 1),
+        }
+        if "stages" in r:
+            figures[engine]["stages"] = {k: round(v, 4) for k, v in r["stages"].items()}
+    if "diffusers" in results and "wanpipe" in results:
+        d, w = figures["diffusers"], figures["wanpipe"]
+        figures["time_ratio"] = round(w["seconds_median"] / d["seconds_median"], 3)
+        figures["memory_ratio"] = round(w["peak_rss_mb"] / d["peak_rss_mb"], 3)
+        figures["max_abs_diff"] = float(
+            np.abs(results["wanpipe"]["frames"] - results["diffusers"]["frames"]).max()
+        )
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    record = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)",
+        "device": "cpu",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_after": load,
+        "command": "python " + " ".join(sys.argv),
+        "config": {"transformer": TRANSFORMER, "vae": VAE, "request": request, "wanpipe_options": options},
+        "results": figures,
+    }
+    out_dir = out_dir or Path.cwd() / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"cpu-{platform.node()}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    record["path"] = str(path)
+    return record
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``wanpipe bench``: for cli.py (``add_bench_parser(sub)``, then ``cmd_bench(args)``)."""
+    p = subparsers.add_parser("bench", help="benchmark wanpipe against diffusers (CPU mid-size case)")
+    _add_arguments(p)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per engine (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--engines", default="diffusers,wanpipe")
+    p.add_argument("--out-dir", default=None, help="where the JSON goes (default: ./bench/results)")
+    p.add_argument("--vae-chunk-frames", type=int, default=1)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--cache", choices=("none", "first-block", "teacache"), default="none")
+    p.add_argument("--residual-threshold", type=float, default=0.0)
+    p.add_argument("--cfg-truncation", type=float, default=None)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"vae_chunk_frames": args.vae_chunk_frames, "compile": args.compile}
+    if args.cache != "none":
+        options.update(cache=args.cache, residual_threshold=args.residual_threshold)
+    if args.cfg_truncation is not None:
+        options["cfg_truncation"] = args.cfg_truncation
+    record = run_cpu_bench(
+        steps=args.steps,
+        frames=args.frames,
+        size=args.size,
+        repeats=args.repeats,
+        threads=args.threads,
+        engines=args.engines,
+        options=options,
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+    )
+    print(json.dumps(record["results"], indent=2))
+    print(f"wrote {record['path']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        _child(*json.loads(argv[1]))
+        return 0
+    parser = argparse.ArgumentParser(prog="wanpipe bench", description=__doc__)
+    _add_arguments(parser)
+    return cmd_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
