@@ -228,3 +228,56 @@ def test_video_to_video_from_a_file(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert code == 0
     frames, _ = read_video(out)
     assert frames.shape[1:] == (32, 32, 3) and frames.shape[0] <= 9
+
+
+def test_offload_and_speed_flags_keep_the_frames(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    common = [
+        "generate",
+        "--model",
+        str(tiny_ckpt),
+        "--prompt",
+        "a cat",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--num-frames",
+        "5",
+        "--steps",
+        "3",
+        "--seed",
+        "2",
+        "--no-progress",
+    ]
+    assert main([*common, "--output", str(tmp_path / "plain")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--offload",
+                "block",
+                "--text-encoder-device",
+                "cpu",
+                "--output",
+                str(tmp_path / "offload"),
+            ]
+        )
+        == 0
+    )
+    plain = sorted((tmp_path / "plain").glob("*.png"))
+    offload = sorted((tmp_path / "offload").glob("*.png"))
+    assert len(plain) == len(offload) == 5
+    for a, b in zip(plain, offload):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert main([*common, "--cfg-truncation", "0.5", "--output", str(tmp_path / "trunc")]) == 0
+    assert "timings:" in capsys.readouterr().out
+
+
+def test_bench_subcommand_is_wired(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--engines" in text and "--repeats" in text

@@ -60,6 +60,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="output file: .mp4, .webp, .gif, a folder for PNG frames, or .png/.jpg for one frame",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from wanpipe.runtime.options import add_runtime_arguments
+
+    add_runtime_arguments(p)
     _add_weight_sources(p)
     p.add_argument(
         "--lora",
@@ -147,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    from wanpipe.bench import add_bench_parser
     from wanpipe.serving.cli import add_serve_parser
 
     add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -180,9 +185,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model = ensure_demo_checkpoint()
         print(f"no --model given: using the demo checkpoint at {model} (random weights: the video is noise)")
 
+    import torch
+
+    from wanpipe.pipeline import default_device, parse_dtype
+    from wanpipe.runtime.options import apply_runtime_options, options_from_args
+
     t0 = time.perf_counter()
     try:
-        options = dict(device=args.device, dtype=args.dtype, experts=args.experts, fp8=args.fp8)
+        runtime = options_from_args(args)
+        device = torch.device(args.device) if args.device is not None else default_device()
+        dtype = parse_dtype(args.dtype, device)
+        # With offload the weights load into host memory and only visit the device while they run.
+        load_device = "cpu" if runtime.offload != "none" else device
+        options = dict(device=load_device, dtype=dtype, experts=args.experts, fp8=args.fp8)
         if model is None:
             if args.sigma_grid is not None:
                 options["sigma_grid"] = args.sigma_grid
@@ -203,6 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(
                     f"LoRA {report.name}: {len(report.unmatched)} keys matched no layer: {report.unmatched[:10]}"
                 )
+        apply_runtime_options(pipe, runtime, device=device)
     except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     load_s = time.perf_counter() - t0
@@ -222,6 +238,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         last_image=args.last_image,
         video=args.video,
         strength=args.strength,
+        residual_threshold=args.residual_threshold,
+        cfg_truncation=args.cfg_truncation,
     )
     try:
         context = pipe.tokenizer.make_context(request)
@@ -244,6 +262,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"timings: load {load_s:.2f} s, text encode {timings.text_encode_s:.2f} s, "
         f"denoise {timings.denoise_s:.2f} s ({timings.denoise_s / context.num_inference_steps:.3f} s/step), "
         f"decode {timings.decode_s:.2f} s, save {save_s:.2f} s"
+        + (f", compile {timings.compile_s:.2f} s" if timings.compile_s else "")
+        + (f"; {timings.skipped_steps} steps skipped by the step cache" if timings.skipped_steps else "")
     )
     return 0
 
@@ -282,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         from wanpipe.serving.cli import cmd_serve
 
         return cmd_serve(args)
+    if args.command == "bench":
+        from wanpipe.bench import cmd_bench
+
+        return cmd_bench(args)
     return _fail(
         f"unknown command {args.command}", EXIT_BAD_INPUT
     )  # pragma: no cover - argparse refuses first

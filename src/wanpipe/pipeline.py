@@ -52,8 +52,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 LOW_MEMORY_HINT = (
-    "lower the memory needed with a smaller --height/--width, fewer --num-frames, "
-    "--dtype bfloat16 on a GPU, or --device cpu"
+    "lower the memory needed with --offload block (or --offload model), --text-encoder-device cpu, "
+    "a smaller --height/--width, fewer --num-frames, --dtype bfloat16 on a GPU, or --device cpu"
 )
 
 
@@ -321,6 +321,8 @@ class WanPipeline:
         video: Any = None,
         strength: float | None = None,
         guidance_scale_2: float | None = None,
+        residual_threshold: float | None = None,
+        cfg_truncation: float | None = None,
         progress: bool = True,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
@@ -329,7 +331,8 @@ class WanPipeline:
         ``callback(step, num_steps, timestep)`` is called after every denoising step. ``image`` (and
         ``last_image``) condition image-to-video checkpoints; ``video`` with ``strength`` re-noises a
         video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
-        and videos are paths, PIL images or uint8 arrays.
+        and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache) and
+        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``).
         """
         request = WanRequest(
             prompt=prompt,
@@ -347,6 +350,8 @@ class WanPipeline:
             last_image=last_image,
             video=video,
             strength=strength,
+            residual_threshold=residual_threshold,
+            cfg_truncation=cfg_truncation,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 
