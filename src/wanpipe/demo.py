@@ -141,7 +141,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _write_tokenizer(folder: Path) -> int:
+def train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
+    """A small UMT5-style tokenizer trained offline with the ``tokenizers`` library: a Unigram model
+    with the sentencepiece Metaspace pre-tokenizer, ``<pad>`` = 0, ``</s>`` = 1 appended to each text."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.Unigram())
@@ -149,12 +151,17 @@ def _write_tokenizer(folder: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )
+    return tok
+
+
+def _write_tokenizer(folder: Path) -> int:
+    tok = train_tokenizer(_CORPUS * 4, vocab_size=200)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     _write_json(
