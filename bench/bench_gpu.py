@@ -1,0 +1,175 @@
+"""GPU benchmark (issue 5), prepared for a session that is lent an H100/H200: not yet run.
+
+Random weights at the real shapes, bf16 with the reference's fp32 islands, 480p x 81 frames
+(21 x 60 x 104 latents, 32,760 tokens). For each case wanpipe and diffusers run on the same weights in
+the same process, one after the other:
+
+- DiT step with classifier-free guidance: wanpipe runs cond + uncond as one batch of 2, diffusers as two
+  forwards (what its pipeline does); seconds per step (median of --repeats after a warm-up) and the
+  largest difference between the two engines' guided predictions;
+- VAE decode of 81 frames at 480p (Wan 2.1 VAE, real width): seconds and peak memory.
+
+    python bench/bench_gpu.py [--cases 1.3b,14b-i2v,vae] [--repeats 3]
+
+Writes bench/results/gpu-<device>-<date>.json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "1.3b": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16),
+    "14b-i2v": dict(
+        num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280, added_kv_proj_dim=5120
+    ),
+}
+COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, out_channels=16, text_dim=4096, freq_dim=256)
+LATENT = (21, 60, 104)
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.inference_mode()
+def dit_case(name: str, repeats: int) -> dict:
+    from diffusers import WanTransformer3DModel
+
+    from wanpipe.executor import WanExecutor
+    from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+    from wanpipe.weights.keymap import remap_state_dict
+    from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS
+
+    kw = {**COMMON, **CASES[name]}
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    with dev:
+        ours = WanTransformerModel(TransformerConfig.from_dict(kw))
+    for n, p in ours.named_parameters():
+        p.data = (p.data.normal_(0, 0.02) if p.ndim >= 2 else p.data.fill_(1.0 if "norm" in n else 0.0)).to(
+            torch.float32 if WanTransformerModel.keeps_fp32(n) else torch.bfloat16
+        )
+    f, h, w = LATENT
+    latents = torch.randn(1, kw["in_channels"], f, h, w, device=dev, dtype=torch.bfloat16)
+    text = torch.randn(2, 512, 4096, device=dev, dtype=torch.bfloat16)
+    image = torch.randn(2, 257, 1280, device=dev, dtype=torch.bfloat16) if "image_dim" in kw else None
+    t = torch.full((2,), 900.0, device=dev)
+
+    def ours_step():
+        pred = WanExecutor.run_transformer(ours, latents.expand(2, -1, -1, -1, -1), t, text, image)
+        return pred[1] + 5.0 * (pred[0] - pred[1])
+
+    torch.cuda.reset_peak_memory_stats()
+    ours_times = _timed(ours_step, repeats)
+    ours_peak = torch.cuda.max_memory_allocated() / 2**30
+    ours_out = ours_step().float()
+    state = remap_state_dict(ours.state_dict(), TRANSFORMER_TO_DIFFUSERS_KEYS)
+    del ours
+    torch.cuda.empty_cache()
+
+    # Built in bf16 (a 14B model in fp32 would not fit beside the state dict), with diffusers' fp32
+    # modules back in fp32, as from_pretrained(torch_dtype=bfloat16) leaves them; then the same weights.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with dev:
+            ref = WanTransformer3DModel(**kw)
+    finally:
+        torch.set_default_dtype(default)
+    for n, m in ref.named_modules():
+        if any(part in WanTransformer3DModel._keep_in_fp32_modules for part in n.split(".")):
+            m.float()
+    for n, p in ref.named_parameters():
+        if n.endswith("scale_shift_table"):
+            p.data = p.data.float()
+    ref.load_state_dict(state)
+    del state
+    torch.cuda.empty_cache()
+
+    def ref_step():
+        cond = ref(latents, t[:1], text[:1], image[:1] if image is not None else None, return_dict=False)[0]
+        uncond = ref(latents, t[:1], text[1:], image[1:] if image is not None else None, return_dict=False)[0]
+        return uncond + 5.0 * (cond - uncond)
+
+    torch.cuda.reset_peak_memory_stats()
+    ref_times = _timed(ref_step, repeats)
+    ref_peak = torch.cuda.max_memory_allocated() / 2**30
+    diff = (ref_step().float() - ours_out).abs().max().item()
+    ours_s, ref_s = statistics.median(ours_times), statistics.median(ref_times)
+    return {
+        "wanpipe_s_per_step": round(ours_s, 4),
+        "diffusers_s_per_step": round(ref_s, 4),
+        "speedup": round(ref_s / ours_s, 3),
+        "wanpipe_peak_gib": round(ours_peak, 2),
+        "diffusers_peak_gib": round(ref_peak, 2),
+        "max_abs_diff_guided_prediction": diff,
+    }
+
+
+@torch.inference_mode()
+def vae_case(repeats: int) -> dict:
+    from wanpipe.models.vae import VAEConfig, WanVAE
+
+    dev = torch.device("cuda")
+    with dev:
+        vae = WanVAE(VAEConfig())
+    for n, p in vae.named_parameters():
+        p.data.normal_(0, 0.02) if p.ndim >= 2 else p.data.fill_(1.0 if "gamma" in n else 0.0)
+    z = torch.randn(1, 16, *LATENT, device=dev)
+    out = {}
+    for frames in (5, 21):
+        torch.cuda.reset_peak_memory_stats()
+        times = _timed(lambda frames=frames: vae.decode(z[:, :, :frames]), repeats)
+        out[f"decode_{4 * (frames - 1) + 1}_frames_s"] = round(statistics.median(times), 3)
+        out[f"decode_{4 * (frames - 1) + 1}_frames_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cases", default="1.3b,14b-i2v,vae")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA device")
+    results = {}
+    for case in args.cases.split(","):
+        results[case] = vae_case(args.repeats) if case == "vae" else dit_case(case, args.repeats)
+        print(case, json.dumps(results[case]), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    record = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit.stdout.strip(),
+        "command": "python bench/bench_gpu.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "results": results,
+    }
+    name = torch.cuda.get_device_name().replace(" ", "-").lower()
+    path = ROOT / "bench" / "results" / f"gpu-{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
