@@ -31,7 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "1.3b": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16),
     "14b-i2v": dict(
-        num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280, added_kv_proj_dim=5120
+        num_attention_heads=40,
+        ffn_dim=13824,
+        num_layers=40,
+        in_channels=36,
+        image_dim=1280,
+        added_kv_proj_dim=5120,
     ),
 }
 COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, out_channels=16, text_dim=4096, freq_dim=256)
@@ -83,9 +88,7 @@ def dit_case(name: str, repeats: int) -> dict:
     ours_times = _timed(ours_step, repeats)
     ours_peak = torch.cuda.max_memory_allocated() / 2**30
     ours_out = ours_step().float()
-    state = remap_state_dict(ours.state_dict(), TRANSFORMER_TO_DIFFUSERS_KEYS)
-    del ours
-    torch.cuda.empty_cache()
+    state = remap_state_dict(ours.state_dict(), TRANSFORMER_TO_DIFFUSERS_KEYS)  # views of our weights
 
     # Built in bf16 (a 14B model in fp32 would not fit beside the state dict), with diffusers' fp32
     # modules back in fp32, as from_pretrained(torch_dtype=bfloat16) leaves them; then the same weights.
@@ -141,7 +144,9 @@ def vae_case(repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         times = _timed(lambda frames=frames: vae.decode(z[:, :, :frames]), repeats)
         out[f"decode_{4 * (frames - 1) + 1}_frames_s"] = round(statistics.median(times), 3)
-        out[f"decode_{4 * (frames - 1) + 1}_frames_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out[f"decode_{4 * (frames - 1) + 1}_frames_peak_gib"] = round(
+            torch.cuda.max_memory_allocated() / 2**30, 2
+        )
     return out
 
 
