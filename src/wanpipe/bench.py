@@ -255,6 +255,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    # The benchmark builds its checkpoint with diffusers' classes and times diffusers beside wanpipe.
+    if importlib.util.find_spec("diffusers") is None:
+        print(
+            "wanpipe: error: wanpipe bench compares against diffusers: pip install 'wanpipe[test]' (or diffusers)",
+            file=sys.stderr,
+        )
+        return 2
     options: dict[str, Any] = {"vae_chunk_frames": args.vae_chunk_frames, "compile": args.compile}
     if args.cache != "none":
         options.update(cache=args.cache, residual_threshold=args.residual_threshold)
