@@ -218,19 +218,11 @@ def _check_error(config, num_heads: int | None = None) -> str:
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from wanpipe.parallel import ParallelConfig, ParallelMesh, init_distributed
+    from wanpipe.parallel import ParallelConfig, ParallelMesh
 
-    device = init_distributed(backend="gloo", timeout=timedelta(seconds=60))
+    device = join_world(rank, world, port)
     assert device.type == "cpu" and dist.get_world_size() == world and dist.get_rank() == rank
     results: dict[str, object] = {}
     meshes: dict[Mesh, ParallelMesh] = {}
@@ -260,22 +252,137 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn_world(target: Callable[..., None], world: int, args: tuple, timeout_s: float) -> None:
+    """Run ``target(rank, world, port, *args)`` on ``world`` spawned processes; kill them all and
+    raise TimeoutError after ``timeout_s``; a process that fails raises (torch's ProcessRaisedException)."""
+    ctx = mp.start_processes(
+        target, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                if process.is_alive():
+                    process.kill()
+            raise TimeoutError(f"the {world}-process world did not finish in {timeout_s:.0f} s")
+
+
+def join_world(rank: int, world: int, port: int, timeout_s: float = 60.0) -> torch.device:
+    """In a spawned process: torchrun's environment for ``rank``, then join the gloo group."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from wanpipe.parallel import init_distributed
+
+    return init_distributed(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
 def run_world(world: int, timeout_s: float = 150.0) -> dict[str, object]:
     """Run :func:`plan` (``world``) on ``world`` spawned processes -> {check: worst result}."""
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(
-            _worker, args=(world, _free_port(), outdir), nprocs=world, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for process in ctx.processes:
-                    if process.is_alive():
-                        process.kill()
-                raise TimeoutError(f"the {world}-process world did not finish in {timeout_s:.0f} s")
+        spawn_world(_worker, world, (outdir,), timeout_s)
         merged: dict[str, object] = {}
         for rank in range(world):
             for name, value in json.loads(Path(outdir, f"{rank}.json").read_text()).items():
                 old = merged.get(name)
                 merged[name] = max(old, value) if isinstance(value, float) and old is not None else value
         return merged
+
+
+# --------------------------------------------------------------------------------------------
+# ``wanpipe generate`` across a world (tests/test_parallel_generate.py)
+# --------------------------------------------------------------------------------------------
+
+GENERATE_LAYOUTS: dict[str, tuple[int, int, bool]] = {
+    "ulysses": (2, 1, False),
+    "ring": (1, 2, False),
+    "cfg": (1, 1, True),
+}
+"""name -> (ulysses, ring, cfg_parallel) for a world of 2; the CLI runs "ulysses" and "cfg"."""
+
+CLI_FLAGS = {"ulysses": ["--ulysses", "2"], "cfg": ["--cfg-parallel"]}
+GENERATE_KW = dict(
+    prompt="a cat walks on the grass",
+    negative_prompt="blurred details",
+    height=32,
+    width=32,
+    num_frames=5,
+    num_inference_steps=3,
+    guidance_scale=5.0,
+)
+
+
+def generate_argv(ckpt: str, output: str, *extra: str) -> list[str]:
+    """``wanpipe generate`` on the tiny checkpoint with :data:`GENERATE_KW`."""
+    kw = GENERATE_KW
+    return [
+        "generate",
+        "--model",
+        ckpt,
+        "--prompt",
+        str(kw["prompt"]),
+        "--negative-prompt",
+        str(kw["negative_prompt"]),
+        "--height",
+        str(kw["height"]),
+        "--width",
+        str(kw["width"]),
+        "--num-frames",
+        str(kw["num_frames"]),
+        "--steps",
+        str(kw["num_inference_steps"]),
+        "--guidance-scale",
+        str(kw["guidance_scale"]),
+        "--no-progress",
+        "--output",
+        output,
+        *extra,
+    ]
+
+
+def _generate_worker(rank: int, world: int, port: int, ckpt: str, outdir: str) -> None:
+    """CLI runs (seed 7) into ``outdir/cli-{layout}``; a bad mesh; then ``WanPipeline.generate``
+    without a seed per layout: its frames to ``outdir/{layout}-{rank}.npy``, its seed to the results."""
+    import contextlib
+    import io
+
+    import numpy as np
+    import torch.distributed as dist
+
+    join_world(rank, world, port)
+    from wanpipe.cli import main
+    from wanpipe.parallel import ParallelConfig, ParallelMesh
+    from wanpipe.pipeline import WanPipeline
+
+    results: dict[str, object] = {}
+    try:
+        for name, flags in CLI_FLAGS.items():
+            argv = generate_argv(ckpt, str(Path(outdir, f"cli-{name}")), "--seed", "7", *flags)
+            results[f"cli/{name}"] = main(argv)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(generate_argv(ckpt, str(Path(outdir, "bad")), "--ulysses", "3"))
+        results["bad"] = [code, err.getvalue()]
+        pipe = WanPipeline.from_pretrained(ckpt, device="cpu", dtype="float32")
+        heads = pipe.executor.transformer.config.num_attention_heads
+        for name, (ulysses, ring, cfg) in GENERATE_LAYOUTS.items():
+            config = ParallelConfig(ulysses=ulysses, ring=ring, cfg_parallel=cfg)
+            pipe.executor.parallel = ParallelMesh.build(config, num_heads=heads)
+            video = pipe.generate(**GENERATE_KW, progress=False)
+            np.save(Path(outdir, f"{name}-{rank}.npy"), video.frames)
+            results[f"seed/{name}"] = video.seed
+        dist.barrier()
+    finally:
+        Path(outdir, f"{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def run_generate_world(ckpt: str, outdir: str, world: int = 2, timeout_s: float = 120.0) -> list[dict]:
+    """:func:`_generate_worker` on ``world`` processes -> each rank's results."""
+    spawn_world(_generate_worker, world, (ckpt, outdir), timeout_s)
+    return [json.loads(Path(outdir, f"{rank}.json").read_text()) for rank in range(world)]

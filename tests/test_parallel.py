@@ -26,7 +26,6 @@ from wanpipe.parallel import (
     merge_attention,
     parallel_forward,
     ring_attention,
-    self_attention_override,
     ulysses_attention,
     usp_attention,
 )
@@ -129,29 +128,33 @@ def test_parallel_forward_in_one_process_equals_forward() -> None:
     mesh = ParallelMesh.build(ParallelConfig())
     for name in ("t2v", "i2v"):
         model, inputs, expected = workers._dit_case(name)
-        original = transformer_module.attention
         with torch.inference_mode():
             out = parallel_forward(mesh, model, *inputs)
-        assert transformer_module.attention is original  # the dispatcher is gone again
         assert (out - expected).abs().max() < DIT_TOL
 
 
-def test_override_reaches_self_attention_only() -> None:
+def test_self_attention_hook_reaches_self_attention_only() -> None:
+    """``WanBlock.forward(..., self_attention=fn)`` sends self-attention (and only it) to ``fn``."""
     model, inputs, expected = workers._dit_case("i2v")
     seen: list[int] = []
 
     def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         seen.append(q.shape[2])
-        return F.scaled_dot_product_attention(q, k, v)
+        return transformer_module.attention(q, k, v)
 
-    with torch.inference_mode(), self_attention_override(model, spy) as calls:
-        out = model(*inputs)
-    # Only self-attention (16 tokens attend 16), never the text/image cross-attention.
-    assert calls[0] == len(model.blocks) == len(seen) and set(seen) == {16}
-    assert (out - expected).abs().max() < DIT_TOL
-    with pytest.raises(RuntimeError, match="boom"), self_attention_override(model, spy):
-        raise RuntimeError("boom")
-    assert transformer_module.attention.__module__ == transformer_module.__name__
+    with torch.inference_mode():
+        x = model.embed(*inputs)
+        hidden = x.hidden
+        for block in model.blocks:
+            hidden = block(hidden, x.context, x.modulation, x.rope, x.num_image_tokens, self_attention=spy)
+        out = model.head(hidden, x.temb, x.grid)
+        # Only self-attention (16 tokens attend 16), never the text/image cross-attention.
+        assert len(seen) == len(model.blocks) and set(seen) == {16}
+        assert (out - expected).abs().max() < DIT_TOL
+        # The default is plain attention: the model's own forward never calls the spy.
+        seen.clear()
+        model(*inputs)
+        assert not seen
 
 
 # --------------------------------------------------------------------------------------------

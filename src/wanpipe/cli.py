@@ -7,6 +7,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from wanpipe.parallel.mesh import ParallelConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -60,6 +66,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="output file: .mp4, .webp, .gif, a folder for PNG frames, or .png/.jpg for one frame",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g = p.add_argument_group("multi-GPU (under torchrun: U x R (x 2 with --cfg-parallel) = the world size)")
+    g.add_argument("--ulysses", type=int, default=1, metavar="U", help="Ulysses sequence-parallel degree")
+    g.add_argument("--ring", type=int, default=1, metavar="R", help="ring-attention sequence-parallel degree")
+    g.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="run the conditional and unconditional guidance rows on two halves of the ranks",
+    )
     from wanpipe.runtime.options import add_runtime_arguments
 
     add_runtime_arguments(p)
@@ -164,10 +178,47 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``wanpipe generate``; under torchrun (WORLD_SIZE > 1) every rank runs it, with the DiT split
+    across the ranks (``--ulysses/--ring/--cfg-parallel``) and rank 0 alone printing and writing."""
+    import os
+
+    from wanpipe.parallel.mesh import ParallelConfig
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        config = ParallelConfig(ulysses=args.ulysses, ring=args.ring, cfg_parallel=args.cfg_parallel)
+        if world == 1 and config == ParallelConfig():
+            return _generate(args, None)
+        config.validate(world)  # the heads are checked once the model is loaded
+    except ValueError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+
+    import torch.distributed as dist
+
+    from wanpipe.parallel.mesh import init_distributed
+
+    owned = not dist.is_initialized()  # destroy the process group only if this call made it
+    try:
+        device = init_distributed()
+        return _generate(args, config, device)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(
+    args: argparse.Namespace, parallel: ParallelConfig | None = None, rank_device: torch.device | None = None
+) -> int:
+    """The generation itself; ``parallel``: the layout of a torch.distributed run (or None),
+    ``rank_device``: this rank's device from ``init_distributed`` (used unless --device is given)."""
+    import torch.distributed as dist
+
     from wanpipe.context import InvalidRequestError, WanRequest
     from wanpipe.media import Video, output_format_for
-    from wanpipe.pipeline import WanOutOfMemoryError, WanPipeline
+    from wanpipe.pipeline import WanOutOfMemoryError, WanPipeline, shared_seed
     from wanpipe.weights.safetensors_io import CheckpointError
+
+    first = parallel is None or not dist.is_initialized() or dist.get_rank() == 0  # prints and writes
 
     output = Path(args.output)
     # Refuse a bad output path before spending minutes on loading and generating.
@@ -183,7 +234,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from wanpipe.demo import ensure_demo_checkpoint
 
         model = ensure_demo_checkpoint()
-        print(f"no --model given: using the demo checkpoint at {model} (random weights: the video is noise)")
+        if first:
+            print(
+                f"no --model given: using the demo checkpoint at {model} (random weights: the video is noise)"
+            )
 
     import torch
 
@@ -193,7 +247,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         runtime = options_from_args(args)
-        device = torch.device(args.device) if args.device is not None else default_device()
+        if args.device is not None:
+            device = torch.device(args.device)
+        else:
+            device = rank_device if rank_device is not None else default_device()
         dtype = parse_dtype(args.dtype, device)
         # With offload the weights load into host memory and only visit the device while they run.
         load_device = "cpu" if runtime.offload != "none" else device
@@ -213,12 +270,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for spec in args.lora:
             path, scale, expert = parse_lora_arg(spec)
             report = pipe.load_lora(path, scale, expert)
+            if not first:
+                continue
             print(f"LoRA {report.name}: {len(report.layers)} layers x {scale:g} ({'+'.join(report.experts)})")
             if report.unmatched:
                 print(
                     f"LoRA {report.name}: {len(report.unmatched)} keys matched no layer: {report.unmatched[:10]}"
                 )
         apply_runtime_options(pipe, runtime, device=device)
+        if parallel is not None:
+            from wanpipe.parallel.mesh import ParallelMesh
+
+            heads = pipe.executor.transformer.config.num_attention_heads
+            pipe.executor.parallel = ParallelMesh.build(parallel, num_heads=heads)
+            pipe.executor.check_parallel()
     except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     load_s = time.perf_counter() - t0
@@ -232,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         flow_shift=args.flow_shift,
-        seed=args.seed,
+        seed=shared_seed(args.seed),
         guidance_scale_2=args.guidance_scale_2,
         image=args.image,
         last_image=args.last_image,
@@ -244,12 +309,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         context = pipe.tokenizer.make_context(request)
         output_format_for(output, context.num_frames)
+        pipe.executor.check_parallel(pipe.executor.prepare_inputs([context]))
     except (InvalidRequestError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     try:
-        frames, timings = pipe.run_contexts([context], progress=not args.no_progress)
+        frames, timings = pipe.run_contexts([context], progress=first and not args.no_progress)
     except WanOutOfMemoryError as e:
         return _fail(str(e), EXIT_FAILED)
+    if not first:
+        return 0  # rank 0 writes the video; every rank holds the same frames
     video = Video(frames=frames[0], fps=context.fps, seed=context.seed)
     t1 = time.perf_counter()
     path = video.save(output)

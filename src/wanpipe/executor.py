@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import make_step_cache
 from wanpipe.schedulers import Schedule, add_noise, new_state, step
+
+if TYPE_CHECKING:
+    from wanpipe.parallel.mesh import ParallelMesh
 
 StepCallback = Callable[[int, int, float], None]
 """Called after each denoising step with (step index, number of steps, timestep)."""
@@ -188,6 +192,9 @@ class WanExecutor:
         self.runtime = RuntimeOptions(trim_host_memory=False)
         self.runner = DiTRunner()
         self.offload = None  # a ModelOffload for offload="model"
+        # Sequence / CFG parallelism (``wanpipe.parallel``): every DiT forward of the denoising loop
+        # runs across this mesh's ranks. Text encoder, image encoder and VAE run whole on every rank.
+        self.parallel: ParallelMesh | None = None
         self.last_cache_stats = None
         self._report: dict[str, float] = {}
 
@@ -195,6 +202,28 @@ class WanExecutor:
     def transformer(self) -> WanTransformerModel:
         """The (high-noise) DiT."""
         return self.experts.high
+
+    def check_parallel(self, inputs: WanExecutorInputs | None = None) -> None:
+        """Raise ValueError if ``parallel`` is set together with something it does not combine with
+        yet: compiled or streamed DiT blocks (``--compile``, ``--offload block``) or a step cache
+        (the runtime's, or ``inputs``' residual_threshold). Same answer on every rank."""
+        if self.parallel is None:
+            return
+        cache = None if inputs is None else self._make_cache(inputs)
+        clash = [
+            name
+            for name, on in (
+                ("--compile", self.runner.compiled is not None),
+                ("--offload block", self.runner.streamer is not None),
+                ("a step cache (--cache / residual_threshold)", cache is not None),
+            )
+            if on
+        ]
+        if clash:
+            raise ValueError(
+                f"sequence/CFG parallelism (--ulysses/--ring/--cfg-parallel) does not combine with "
+                f"{', '.join(clash)} yet: leave {'them' if len(clash) > 1 else 'it'} off"
+            )
 
     # -- batching -----------------------------------------------------------------------------
     def prepare_inputs(self, contexts: list[WanContext]) -> WanExecutorInputs:
@@ -372,6 +401,7 @@ class WanExecutor:
         state = new_state()
         num_steps = len(timesteps)
         guided_steps = self._guided_steps(inputs, num_steps) if cfg else 0
+        self.check_parallel(inputs)
         cache = self._make_cache(inputs)
         streams_cfg = {"cond": slice(0, batch), "uncond": slice(batch, rows)}
         streams_cond = {"cond": slice(0, batch)}
@@ -408,18 +438,25 @@ class WanExecutor:
                     current = dit
                 step_context = context if guided else cond
                 step_images = image_embeds if guided else image_cond
-                self._compile_warmup(dit, model_input, timestep, step_context, step_images)
-                pred = self.runner.forward(
-                    dit,
-                    model_input,
-                    timestep,
-                    step_context,
-                    step_images,
-                    cache=cache,
-                    streams=streams_cfg if guided else streams_cond,
-                    step=i,
-                    num_steps=num_steps,
-                )
+                if self.parallel is not None:
+                    from wanpipe.parallel.dit import parallel_forward
+
+                    pred = parallel_forward(
+                        self.parallel, dit, model_input, timestep, step_context, step_images
+                    )
+                else:
+                    self._compile_warmup(dit, model_input, timestep, step_context, step_images)
+                    pred = self.runner.forward(
+                        dit,
+                        model_input,
+                        timestep,
+                        step_context,
+                        step_images,
+                        cache=cache,
+                        streams=streams_cfg if guided else streams_cond,
+                        step=i,
+                        num_steps=num_steps,
+                    )
                 if not guided:
                     noise_pred = pred
                 else:

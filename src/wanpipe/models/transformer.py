@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -161,6 +161,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""An attention function like :func:`attention`: q, k, v (B, H, L, D) -> (B, Lq, H*D)."""
+
+
 class Fp32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype: (..., C) -> (..., C), input dtype."""
 
@@ -199,12 +203,15 @@ class SelfAttention(nn.Module):
         self.norm_q = _qk_norm(dim, cfg)
         self.norm_k = _qk_norm(dim, cfg)
 
-    def forward(self, x: Tensor, rope: Rope) -> Tensor:
-        """x (B, L, dim), rope cos/sin (L, head_dim/2) -> (B, L, dim)."""
+    def forward(self, x: Tensor, rope: Rope, attention_fn: AttentionFn = attention) -> Tensor:
+        """x (B, L, dim), rope cos/sin (L, head_dim/2) -> (B, L, dim).
+
+        ``attention_fn`` (q, k, v (B, H, L, D) -> (B, L, H*D)) computes the attention itself: plain SDPA
+        by default; ``wanpipe.parallel`` passes a sequence-parallel one when ``x`` is a token shard."""
         q = apply_rope(_split_heads(self.norm_q(self.q(x)), self.heads), rope)
         k = apply_rope(_split_heads(self.norm_k(self.k(x)), self.heads), rope)
         v = _split_heads(self.v(x), self.heads)
-        return self.o(attention(q, k, v))
+        return self.o(attention_fn(q, k, v))
 
 
 class CrossAttention(nn.Module):
@@ -283,18 +290,20 @@ class WanBlock(nn.Module):
         modulation: Tensor,
         rope: Rope,
         num_image_tokens: int = 0,
+        self_attention: AttentionFn = attention,
     ) -> Tensor:
         """Run the block.
 
         hidden (B, L, dim); context (B, Li + Lt, dim), image tokens first, ``num_image_tokens`` = Li;
         modulation (B, 6, dim) or per-token (B, L, 6, dim), float32; rope cos/sin (L, head_dim/2)
-        -> hidden (B, L, dim) in hidden's dtype.
+        -> hidden (B, L, dim) in hidden's dtype. ``self_attention``: the self-attention's attention
+        function (see :meth:`SelfAttention.forward`); cross-attention always uses :func:`attention`.
         """
         shift, scale, gate, c_shift, c_scale, c_gate = _modulation_rows(self.modulation, modulation)
         dtype = hidden.dtype
 
         x = (self.norm1(hidden.float()) * (1 + scale) + shift).to(dtype)
-        hidden = (hidden.float() + self.self_attn(x, rope) * gate).to(dtype)
+        hidden = (hidden.float() + self.self_attn(x, rope, self_attention) * gate).to(dtype)
 
         hidden = hidden + self.cross_attn(self.norm3(hidden), context, num_image_tokens)
 

@@ -12,8 +12,8 @@ from wanpipe.parallel.cfg import gather_cfg_batch, split_cfg_batch
 from wanpipe.parallel.dit import (
     gather_dit_output,
     parallel_forward,
-    self_attention_override,
     sequence_parallel_forward,
+    shard_attention,
     shard_dit_inputs,
 )
 from wanpipe.parallel.mesh import ParallelConfig, ParallelMesh, init_distributed
@@ -31,8 +31,8 @@ __all__ = [
     "merge_attention",
     "parallel_forward",
     "ring_attention",
-    "self_attention_override",
     "sequence_parallel_forward",
+    "shard_attention",
     "shard_dit_inputs",
     "split_cfg_batch",
     "ulysses_attention",

@@ -16,95 +16,33 @@ same full prediction out on every rank. Inside:
 Steps 3 and 5 are :func:`shard_dit_inputs` and :func:`gather_dit_output`, so a block runner
 (compiled or streamed blocks) can wrap its own ``embed -> blocks -> head`` with them.
 
-Self-attention is redirected without changing ``models/transformer.py``: forward hooks on the model's
-``SelfAttention`` modules mark "inside self-attention" in a context variable, and the module-level
-``transformer.attention`` is wrapped by a dispatcher that sends those calls (only those, and only in
-this thread) to :func:`~wanpipe.parallel.attention.usp_attention`. If the model stops routing its
-self-attention through ``transformer.attention`` the forward raises instead of silently computing
-shard-local attention.
+Self-attention gets the sequence-parallel attention through the model's explicit hook,
+``WanBlock.forward(..., self_attention=fn)`` (:func:`shard_attention` makes ``fn``); cross-attention
+keeps plain SDPA (its queries are the local tokens, its keys the whole text context).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import replace
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from wanpipe.models import transformer as transformer_module
-from wanpipe.models.transformer import DiTInputs, SelfAttention, WanTransformerModel
+from wanpipe.models.transformer import AttentionFn, DiTInputs, WanTransformerModel
 from wanpipe.parallel.attention import usp_attention
 from wanpipe.parallel.cfg import gather_cfg_batch, split_cfg_batch
 from wanpipe.parallel.mesh import ParallelMesh
 from wanpipe.parallel.sequence import SequenceShard, gather_sequence
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""q, k, v (B, H, L, D) -> (B, H, L, D)."""
 
-_SELF_ATTENTION: ContextVar[AttentionFn | None] = ContextVar("wanpipe_parallel_self_attention", default=None)
-_INSTALL_LOCK = threading.Lock()
-_installed: list[Callable[..., Tensor]] = []  # the original transformer.attention while installed
-_users = 0
+def shard_attention(mesh: ParallelMesh, shard: SequenceShard) -> AttentionFn:
+    """The self-attention function for token shards of ``shard``'s sequence: USP over the mesh's
+    Ulysses and ring groups, in the model's convention q, k, v (B, H, Ll, D) -> (B, Ll, H*D)."""
 
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = usp_attention(q, k, v, mesh.ulysses_group, mesh.ring_group, seq_len=shard.length)
+        return out.transpose(1, 2).flatten(2)
 
-def _dispatch(q: Tensor, k: Tensor, v: Tensor, *args: object, **kwargs: object) -> Tensor:
-    """Stands in for ``transformer.attention``: q, k, v (B, H, L, D) -> (B, L, H*D)."""
-    fn = _SELF_ATTENTION.get()
-    if fn is None:
-        return _installed[0](q, k, v, *args, **kwargs)
-    return fn(q, k, v).transpose(1, 2).flatten(2)
-
-
-@contextmanager
-def _dispatcher_installed() -> Iterator[None]:
-    global _users
-    with _INSTALL_LOCK:
-        if _users == 0:
-            _installed.append(transformer_module.attention)
-            transformer_module.attention = _dispatch
-        _users += 1
-    try:
-        yield
-    finally:
-        with _INSTALL_LOCK:
-            _users -= 1
-            if _users == 0:
-                transformer_module.attention = _installed.pop()
-
-
-@contextmanager
-def self_attention_override(model: nn.Module, fn: AttentionFn) -> Iterator[list[int]]:
-    """Within the block, every ``SelfAttention`` of ``model`` computes its attention with ``fn``
-    (q, k, v (B, H, L, D) -> (B, H, L, D)); yields a one-element list counting the calls."""
-    calls = [0]
-
-    def counted(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        calls[0] += 1
-        return fn(q, k, v)
-
-    tokens: list = []
-
-    def enter(module: nn.Module, args: object) -> None:
-        tokens.append(_SELF_ATTENTION.set(counted))
-
-    def leave(module: nn.Module, args: object, output: object) -> None:
-        if tokens:
-            _SELF_ATTENTION.reset(tokens.pop())
-
-    handles = []
-    with _dispatcher_installed():
-        try:
-            for module in model.modules():
-                if isinstance(module, SelfAttention):
-                    handles.append(module.register_forward_pre_hook(enter))
-                    handles.append(module.register_forward_hook(leave, always_call=True))
-            yield calls
-        finally:
-            for handle in handles:
-                handle.remove()
+    return attend
 
 
 def shard_dit_inputs(x: DiTInputs, mesh: ParallelMesh) -> tuple[DiTInputs, SequenceShard]:
@@ -180,19 +118,9 @@ def sequence_parallel_forward(
     same shapes as :func:`parallel_forward`, no CFG split. Collective over the sequence group."""
     x = model.embed(latents, timestep, text_embeds, image_embeds)
     local, shard = shard_dit_inputs(x, mesh)
-
-    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return usp_attention(q, k, v, mesh.ulysses_group, mesh.ring_group, seq_len=shard.length)
-
+    attend = shard_attention(mesh, shard)
     hidden = local.hidden
-    with self_attention_override(model, attend) as calls:
-        for block in model.blocks:
-            hidden = block(hidden, local.context, local.modulation, local.rope, local.num_image_tokens)
-    if calls[0] != len(model.blocks):
-        raise RuntimeError(
-            f"sequence parallelism expected {len(model.blocks)} self-attention calls through "
-            f"wanpipe.models.transformer.attention, saw {calls[0]}: SelfAttention no longer routes "
-            "through it; update wanpipe.parallel.dit"
-        )
+    for block in model.blocks:
+        hidden = block(hidden, local.context, local.modulation, local.rope, local.num_image_tokens, attend)
     out = model.head(hidden, local.temb, local.grid)
     return gather_dit_output(out, mesh, shard, x.grid, model.config.patch_size)
