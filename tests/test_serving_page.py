@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,20 @@ def _browser_or_skip():
 
 
 @pytest.fixture
-def page_server(wan_pipe, tmp_path: Path):
+def page_server(wan_pipe, tmp_path: Path, monkeypatch):
+    # The tiny model runs a step in milliseconds: slow each step down so that the page's progress
+    # polling sees the bar between 0 and 100, however fast the machine is.
+    run_contexts = wan_pipe.run_contexts
+
+    def slow_run_contexts(contexts, callback=None, **kw):
+        def on_step(i: int, n: int, t: float) -> None:
+            time.sleep(0.03)
+            if callback is not None:
+                callback(i, n, t)
+
+        return run_contexts(contexts, callback=on_step, **kw)
+
+    monkeypatch.setattr(wan_pipe, "run_contexts", slow_run_contexts)
     manager = JobManager(JobStore(tmp_path / "out"), lambda: wan_pipe, model_name="wan-tiny")
     with ThreadServer(create_app(manager)) as srv:
         assert manager.wait_ready(60)
