@@ -91,6 +91,8 @@ class BodyLimitMiddleware:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            if int(length) <= 2 * self.max_bytes:
+                await self._drain(receive, self.max_bytes * 2)
             await _too_large(self.max_bytes)(scope, receive, send)
             return
         received = 0
@@ -101,10 +103,26 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if message.get("more_body", False):
+                        await self._drain(receive, self.max_bytes)
                     raise BodyTooLargeError
             return message
 
         await self.app(scope, limited_receive, send)
+
+    @staticmethod
+    async def _drain(receive: Receive, limit: int) -> None:
+        """Read and drop up to ``limit`` more body bytes, so that a client still uploading can finish
+        writing and read the 413 (closing on it mid-upload makes it see a broken connection instead).
+        A body longer than that is cut off: the connection closes after the 413."""
+        drained = 0
+        while drained <= limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 def _too_large(max_bytes: int) -> JSONResponse:
