@@ -386,3 +386,38 @@ def run_generate_world(ckpt: str, outdir: str, world: int = 2, timeout_s: float 
     """:func:`_generate_worker` on ``world`` processes -> each rank's results."""
     spawn_world(_generate_worker, world, (ckpt, outdir), timeout_s)
     return [json.loads(Path(outdir, f"{rank}.json").read_text()) for rank in range(world)]
+
+
+# --------------------------------------------------------------------------------------------
+# ``wanpipe serve`` across a world (tests/test_parallel_serve.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _serve_worker(rank: int, world: int, port: int, argv: list[str], outdir: str) -> None:
+    """``wanpipe serve`` (the CLI's ``main``) on every rank: rank 0 serves, the others follow; each
+    rank's exit code goes to ``outdir/serve-{rank}.json``."""
+    import sys
+
+    import torch.distributed as dist
+
+    join_world(rank, world, port)
+    from wanpipe.cli import main
+
+    code: object = "raised"
+    try:
+        code = main(argv)
+    finally:
+        Path(outdir, f"serve-{rank}.json").write_text(json.dumps(code))
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def start_serve_world(argv: list[str], outdir: str, world: int = 2) -> mp.ProcessContext:
+    """:func:`_serve_worker` on ``world`` spawned processes, not joined (the caller stops rank 0)."""
+    return mp.start_processes(
+        _serve_worker,
+        args=(world, _free_port(), argv, outdir),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )

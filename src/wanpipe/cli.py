@@ -66,14 +66,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="output file: .mp4, .webp, .gif, a folder for PNG frames, or .png/.jpg for one frame",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    g = p.add_argument_group("multi-GPU (under torchrun: U x R (x 2 with --cfg-parallel) = the world size)")
-    g.add_argument("--ulysses", type=int, default=1, metavar="U", help="Ulysses sequence-parallel degree")
-    g.add_argument("--ring", type=int, default=1, metavar="R", help="ring-attention sequence-parallel degree")
-    g.add_argument(
-        "--cfg-parallel",
-        action="store_true",
-        help="run the conditional and unconditional guidance rows on two halves of the ranks",
-    )
+    add_parallel_arguments(p)
     from wanpipe.runtime.options import add_runtime_arguments
 
     add_runtime_arguments(p)
@@ -98,6 +91,34 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="sigma grid: diffusers' or the original Wan repositories' (default: the checkpoint layout's)",
     )
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """``--ulysses U --ring R --cfg-parallel`` (``generate`` and ``serve``); read by :func:`parallel_config`."""
+    g = p.add_argument_group("multi-GPU (under torchrun: U x R (x 2 with --cfg-parallel) = the world size)")
+    g.add_argument("--ulysses", type=int, default=1, metavar="U", help="Ulysses sequence-parallel degree")
+    g.add_argument("--ring", type=int, default=1, metavar="R", help="ring-attention sequence-parallel degree")
+    g.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="run the conditional and unconditional guidance rows on two halves of the ranks",
+    )
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
+    """The layout that :func:`add_parallel_arguments`' flags ask for against torchrun's WORLD_SIZE:
+    None for a plain single-process run (WORLD_SIZE unset or 1, default degrees); ValueError (the
+    message for the user) when the degrees do not fit the world (the heads are checked at load)."""
+    import os
+
+    from wanpipe.parallel.mesh import ParallelConfig
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = ParallelConfig(ulysses=args.ulysses, ring=args.ring, cfg_parallel=args.cfg_parallel)
+    if world == 1 and config == ParallelConfig():
+        return None
+    config.validate(world)
+    return config
 
 
 def _add_weight_sources(p: argparse.ArgumentParser) -> None:
@@ -180,18 +201,12 @@ def _fail(message: str, code: int) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     """``wanpipe generate``; under torchrun (WORLD_SIZE > 1) every rank runs it, with the DiT split
     across the ranks (``--ulysses/--ring/--cfg-parallel``) and rank 0 alone printing and writing."""
-    import os
-
-    from wanpipe.parallel.mesh import ParallelConfig
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = ParallelConfig(ulysses=args.ulysses, ring=args.ring, cfg_parallel=args.cfg_parallel)
-        if world == 1 and config == ParallelConfig():
-            return _generate(args, None)
-        config.validate(world)  # the heads are checked once the model is loaded
+        config = parallel_config(args)
     except ValueError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    if config is None:
+        return _generate(args, None)
 
     import torch.distributed as dist
 

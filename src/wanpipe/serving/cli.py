@@ -5,6 +5,9 @@
 The server binds first (``--port 0`` picks a free port; the address is printed), then loads the model
 in the worker thread: ``/health`` answers at once, ``/ready`` once the model is loaded. SIGTERM and
 SIGINT stop it gracefully: the running batch stops at its next denoising step and stays queued.
+
+Under torchrun (``--ulysses/--ring/--cfg-parallel``) rank 0 serves and every other rank follows its
+batches (``wanpipe.serving.distributed``); see docs/parallel.md.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from wanpipe.parallel.mesh import ParallelConfig
+    from wanpipe.pipeline import WanPipeline
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -68,6 +78,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    from wanpipe.cli import add_parallel_arguments
+
+    add_parallel_arguments(p)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -99,7 +112,99 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _fail(message: str, code: int) -> int:
+    print(f"wanpipe serve: error: {message}", file=sys.stderr)
+    return code
+
+
+def _model(args: argparse.Namespace, announce: bool = True) -> str:
+    if args.model is not None:
+        return args.model
+    from wanpipe.demo import ensure_demo_checkpoint
+
+    model = str(ensure_demo_checkpoint())
+    if announce:
+        print(f"no --model given: serving the demo checkpoint at {model} (random weights: videos are noise)")
+    return model
+
+
+def _load_pipeline(
+    model: str,
+    args: argparse.Namespace,
+    parallel: ParallelConfig | None = None,
+    rank_device: torch.device | None = None,
+) -> WanPipeline:
+    """The pipeline on this rank's device; with ``parallel``, its mesh (a collective on every rank)."""
+    from wanpipe.pipeline import WanPipeline
+
+    if rank_device is not None and rank_device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(rank_device)  # the current device is per thread (rank 0 loads in its worker)
+    device = args.device if args.device is not None else rank_device
+    pipe = WanPipeline.from_pretrained(model, device=device, dtype=args.dtype)
+    if parallel is not None:
+        from wanpipe.parallel.mesh import ParallelMesh
+
+        heads = pipe.executor.transformer.config.num_attention_heads
+        pipe.executor.parallel = ParallelMesh.build(parallel, num_heads=heads)
+        pipe.executor.check_parallel()
+    return pipe
+
+
+def _load_exit_code(error: BaseException) -> int:
+    bad_input = isinstance(error, FileNotFoundError | NotImplementedError | ValueError)  # CheckpointError too
+    return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``wanpipe serve``; under torchrun rank 0 serves (:func:`_serve`) and the others follow."""
+    from wanpipe.cli import parallel_config
+
+    try:
+        config = parallel_config(args)
+    except ValueError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    if config is None:
+        return _serve(args)
+
+    import torch.distributed as dist
+
+    from wanpipe.parallel.mesh import init_distributed
+
+    owned = not dist.is_initialized()  # destroy the process group only if this call made it
+    try:
+        device = init_distributed()
+        if dist.get_rank() == 0:
+            return _serve(args, config, device)
+        return _follow(args, config, device)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _follow(args: argparse.Namespace, config: ParallelConfig, device: torch.device) -> int:
+    """A rank other than 0: load the same pipeline, then run rank 0's batches until it stops."""
+    import torch.distributed as dist
+
+    from wanpipe.serving.distributed import follow
+
+    rank = dist.get_rank()
+    try:
+        pipe = _load_pipeline(_model(args, announce=False), args, config, device)
+    except Exception as e:
+        return _fail(f"rank {rank}: cannot load the model: {e}", _load_exit_code(e))
+    try:
+        return follow(pipe)
+    except Exception:
+        logger.exception("rank %d: a batch failed; this rank stops (restart the server)", rank)
+        return EXIT_FAILED
+
+
+def _serve(
+    args: argparse.Namespace, parallel: ParallelConfig | None = None, rank_device: torch.device | None = None
+) -> int:
+    """The server (rank 0 under torchrun, with ``parallel`` and this rank's device)."""
     import uvicorn
 
     from wanpipe.serving.app import create_app
@@ -112,16 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if serving_logger.getEffectiveLevel() > logging.INFO:
         serving_logger.setLevel(logging.INFO)
 
-    def fail(message: str, code: int) -> int:
-        print(f"wanpipe serve: error: {message}", file=sys.stderr)
-        return code
-
-    model = args.model
-    if model is None:
-        from wanpipe.demo import ensure_demo_checkpoint
-
-        model = str(ensure_demo_checkpoint())
-        print(f"no --model given: serving the demo checkpoint at {model} (random weights: videos are noise)")
+    fail = _fail
+    model = _model(args)
     name = args.served_model_name or (args.model if args.model is not None else "wanpipe-demo")
     aliases = tuple({str(model), Path(str(model)).name} - {name})
     try:
@@ -146,10 +243,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         return fail(str(e), EXIT_FAILED)
 
-    def load():
-        from wanpipe.pipeline import WanPipeline
-
-        return WanPipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
+    def load() -> WanPipeline:
+        return _load_pipeline(model, args, parallel, rank_device)
 
     server: uvicorn.Server | None = None
 
@@ -157,8 +252,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
+    leader = None
+    if parallel is not None:
+        from wanpipe.serving.distributed import BatchLeader
+
+        leader = BatchLeader()
     manager = JobManager(
-        store, load, model_name=name, model_aliases=aliases, limits=limits, on_fatal=on_fatal
+        store, load, model_name=name, model_aliases=aliases, limits=limits, on_fatal=on_fatal, leader=leader
     )
     app = create_app(manager, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
 
@@ -185,10 +285,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.run(sockets=[sock])
     error = manager.load_error
     if error is not None:
-        bad_input = isinstance(
-            error, FileNotFoundError | NotImplementedError | ValueError
-        )  # CheckpointError too
-        return fail(f"cannot load the model: {error}", EXIT_BAD_INPUT if bad_input else EXIT_FAILED)
+        return fail(f"cannot load the model: {error}", _load_exit_code(error))
+    if manager.fatal_error is not None:
+        return fail(f"stopped after a failure under torchrun: {manager.fatal_error}", EXIT_FAILED)
     return 0
 
 

@@ -50,6 +50,7 @@ from wanpipe.serving.protocol import JobSpec, NewJob, ServeLimits
 
 if TYPE_CHECKING:
     from wanpipe.pipeline import WanPipeline
+    from wanpipe.serving.distributed import BatchLeader
 
 logger = logging.getLogger("wanpipe.serving")
 
@@ -534,8 +535,14 @@ class JobManager:
         model_aliases: tuple[str, ...] = (),
         limits: ServeLimits | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        leader: BatchLeader | None = None,
     ):
+        """``leader``: under torchrun, rank 0's link to the follower ranks (``wanpipe.serving.distributed``):
+        each batch, each step's cancel flag and the stop go to them; any failure stops the server."""
         self.store = store
+        self._leader = leader
+        self._world_broken = False
+        self.fatal_error: BaseException | None = None  # under torchrun: the failure that stopped the server
         self.model_name = model_name
         self.model_names = {model_name, *model_aliases}
         self.limits = limits or ServeLimits()
@@ -779,11 +786,27 @@ class JobManager:
                 continue
             try:
                 self._run_batch(batch)
-            except Exception:  # a bug here must not stop the worker: fail the batch, go on
+            except Exception as e:  # a bug here must not stop the worker: fail the batch, go on
                 logger.exception("worker error")
                 for job in batch:
                     self._fail(job, "server_error", "internal error in the worker", None)
+                if self._leader is not None:
+                    self._break_world(e)
+        if self._leader is not None and not self._world_broken:
+            try:
+                self._leader.send_stop()
+            except Exception:
+                logger.exception("cannot tell the other ranks to stop")
         logger.info("worker stopped")
+
+    def _break_world(self, error: BaseException) -> None:
+        """Under torchrun: after a failure the ranks may sit in different collectives; stop the server."""
+        self._world_broken = True
+        self.fatal_error = error
+        logger.error("a batch failed under torchrun (%s): stopping the server; restart it", error)
+        self.begin_shutdown()
+        if self._on_fatal is not None:
+            self._on_fatal(error)
 
     def _fail(self, job: Job, code: str, message: str, batch_size: int | None) -> None:
         if self.store.fail(job.id, code, message, now=time.time(), batch_size=batch_size):
@@ -794,24 +817,31 @@ class JobManager:
     def _run_batch(self, jobs: list[Job]) -> None:
         pipe = self.pipe
         assert pipe is not None
-        runnable: list[tuple[Job, WanContext]] = []
+        runnable: list[tuple[Job, WanRequest, WanContext]] = []
         for job in jobs:
             try:
                 images = self.store.read_inputs(job)
                 request = _wan_request(job.spec, images.get("image"), images.get("last_image"))
                 with self._tokenize_lock:
-                    runnable.append((job, pipe.tokenizer.make_context(request)))
+                    runnable.append((job, request, pipe.tokenizer.make_context(request)))
             except (InvalidRequestError, OSError, ValueError) as e:
                 self._fail(job, "invalid_request", str(e), None)
         if not runnable:
             return
-        key = runnable[0][1].batch_key
-        later = [job.id for job, ctx in runnable if ctx.batch_key != key]  # a stale stored key
+        key = runnable[0][2].batch_key
+        later = [job.id for job, _, ctx in runnable if ctx.batch_key != key]  # a stale stored key
         if later:
             self.store.requeue(later)
-        runnable = [(job, ctx) for job, ctx in runnable if ctx.batch_key == key]
-        jobs = [job for job, _ in runnable]
-        contexts = [ctx for _, ctx in runnable]
+        runnable = [item for item in runnable if item[2].batch_key == key]
+        jobs = [job for job, _, _ in runnable]
+        contexts = [ctx for _, _, ctx in runnable]
+        if self._leader is not None:
+            try:  # the followers make the same contexts from the resolved requests (seeds fixed)
+                self._leader.send_batch([request for _, request, _ in runnable])
+            except Exception as e:
+                self.store.requeue([job.id for job in jobs])
+                self._break_world(e)
+                return
         ids = frozenset(job.id for job in jobs)
         with self._state_lock:
             self._running = ids
@@ -822,11 +852,16 @@ class JobManager:
             with self._state_lock:
                 self._progress.update(dict.fromkeys(ids, value))
 
-        def should_cancel() -> bool:
+        def local_cancel() -> bool:
             if self._stopping.is_set():
                 return True
             with self._state_lock:
                 return ids <= self._cancelled
+
+        def should_cancel() -> bool:
+            if self._leader is None:
+                return local_cancel()
+            return self._leader.should_cancel(local_cancel())  # every rank stops at the same step
 
         size = len(jobs)
         spec = jobs[0].spec
@@ -848,6 +883,8 @@ class JobManager:
                 logger.exception("generation failed for %s", ", ".join(sorted(ids)))
             for job in jobs:
                 self._fail(job, code, str(e) or type(e).__name__, size)
+            if self._leader is not None:
+                self._break_world(e)
             return
         finally:
             with self._state_lock:
