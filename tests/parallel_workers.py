@@ -317,6 +317,10 @@ GENERATE_KW = dict(
 )
 
 
+VAE_HALOS = (0, 4)
+"""``executor.vae_halo`` values the generate world decodes with (seed 11, ``--ulysses 2``)."""
+
+
 def generate_argv(ckpt: str, output: str, *extra: str) -> list[str]:
     """``wanpipe generate`` on the tiny checkpoint with :data:`GENERATE_KW`."""
     kw = GENERATE_KW
@@ -376,10 +380,41 @@ def _generate_worker(rank: int, world: int, port: int, ckpt: str, outdir: str) -
             video = pipe.generate(**GENERATE_KW, progress=False)
             np.save(Path(outdir, f"{name}-{rank}.npy"), video.frames)
             results[f"seed/{name}"] = video.seed
+        # Rank 1 without a text encoder: rank 0 encodes the prompts and broadcasts the embeddings.
+        lean = WanPipeline.from_pretrained(ckpt, device="cpu", dtype="float32", load_text_encoder=rank == 0)
+        lean.executor.parallel = ParallelMesh.build(ParallelConfig(ulysses=2), num_heads=heads)
+        results["lean/text_encoder"] = lean.executor.text_encoder is not None
+        results["lean/params"] = [_param_count(pipe), _param_count(lean)]
+        video = lean.generate(**GENERATE_KW, progress=False)
+        np.save(Path(outdir, f"lean-{rank}.npy"), video.frames)
+        results["seed/lean"] = video.seed
+        # --vae-parallel: bands of latent rows decoded per rank; a halo of 4 covers the 4 rows of a
+        # 32x32 video (exact), a halo of 0 does not (an approximation at the band edge).
+        for halo in VAE_HALOS:
+            lean.executor.vae_halo = halo
+            video = lean.generate(**GENERATE_KW, seed=11, progress=False)
+            np.save(Path(outdir, f"vae-halo{halo}-{rank}.npy"), video.frames)
         dist.barrier()
     finally:
         Path(outdir, f"{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
+
+
+def _param_count(pipe) -> int:
+    """Parameters and buffers of every module a pipeline's executor holds (each tensor once)."""
+    executor = pipe.executor
+    modules = [executor.text_encoder, executor.vae, executor.image_encoder, executor.experts.high]
+    modules.append(executor.experts.low)
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in (*module.parameters(), *module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel()
+    return total
 
 
 def run_generate_world(ckpt: str, outdir: str, world: int = 2, timeout_s: float = 120.0) -> list[dict]:

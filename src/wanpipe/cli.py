@@ -93,6 +93,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
 
 
+VAE_HALO = 4
+"""Default ``--vae-halo`` in latent rows (32 pixels at 8x; see docs/parallel.md for its error)."""
+
+
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     """``--ulysses U --ring R --cfg-parallel`` (``generate`` and ``serve``); read by :func:`parallel_config`."""
     g = p.add_argument_group("multi-GPU (under torchrun: U x R (x 2 with --cfg-parallel) = the world size)")
@@ -103,6 +107,24 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the conditional and unconditional guidance rows on two halves of the ranks",
     )
+    g.add_argument(
+        "--vae-parallel",
+        action="store_true",
+        help="split the VAE decode across the ranks by bands of rows (an approximation at the band "
+        "edges: see docs/parallel.md)",
+    )
+    g.add_argument(
+        "--vae-halo",
+        type=int,
+        default=VAE_HALO,
+        metavar="ROWS",
+        help=f"with --vae-parallel: latent rows each band borrows from its neighbours (default {VAE_HALO})",
+    )
+
+
+def vae_halo(args: argparse.Namespace) -> int | None:
+    """The executor's ``vae_halo`` for ``--vae-parallel``/``--vae-halo``: None (off) by default."""
+    return getattr(args, "vae_halo", VAE_HALO) if getattr(args, "vae_parallel", False) else None
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
@@ -115,6 +137,8 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config = ParallelConfig(ulysses=args.ulysses, ring=args.ring, cfg_parallel=args.cfg_parallel)
+    if getattr(args, "vae_halo", 0) < 0:
+        raise ValueError(f"--vae-halo must be >= 0 latent rows, got {args.vae_halo}")
     if world == 1 and config == ParallelConfig():
         return None
     config.validate(world)
@@ -269,7 +293,10 @@ def _generate(
         dtype = parse_dtype(args.dtype, device)
         # With offload the weights load into host memory and only visit the device while they run.
         load_device = "cpu" if runtime.offload != "none" else device
-        options = dict(device=load_device, dtype=dtype, experts=args.experts, fp8=args.fp8)
+        # Under torchrun rank 0 alone encodes the prompts (and broadcasts them): the others skip UMT5.
+        options = dict(
+            device=load_device, dtype=dtype, experts=args.experts, fp8=args.fp8, load_text_encoder=first
+        )
         if model is None:
             if args.sigma_grid is not None:
                 options["sigma_grid"] = args.sigma_grid
@@ -298,6 +325,7 @@ def _generate(
 
             heads = pipe.executor.transformer.config.num_attention_heads
             pipe.executor.parallel = ParallelMesh.build(parallel, num_heads=heads)
+            pipe.executor.vae_halo = vae_halo(args)
             pipe.executor.check_parallel()
     except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)

@@ -168,7 +168,7 @@ class WanExecutor:
 
     def __init__(
         self,
-        text_encoder: WanTextEncoder,
+        text_encoder: WanTextEncoder | None,
         transformer: WanTransformerModel | Experts,
         vae: WanVAE,
         *,
@@ -193,8 +193,13 @@ class WanExecutor:
         self.runner = DiTRunner()
         self.offload = None  # a ModelOffload for offload="model"
         # Sequence / CFG parallelism (``wanpipe.parallel``): every DiT forward of the denoising loop
-        # runs across this mesh's ranks. Text encoder, image encoder and VAE run whole on every rank.
+        # runs across this mesh's ranks. With it (and a world > 1) only rank 0 runs the text and image
+        # encoders and broadcasts their outputs; the other ranks may hold no text encoder at all
+        # (``text_encoder=None``, ``from_pretrained(load_text_encoder=False)``). The VAE runs whole
+        # on every rank, unless ``vae_halo`` (latent rows, ``--vae-parallel``) is set: then each rank
+        # decodes a band of rows with that halo and the bands are all-gathered (an approximation).
         self.parallel: ParallelMesh | None = None
+        self.vae_halo: int | None = None
         self.last_cache_stats = None
         self._report: dict[str, float] = {}
 
@@ -292,19 +297,63 @@ class WanExecutor:
             trim_host_memory()
 
     # -- stages -------------------------------------------------------------------------------
-    def encode_text(self, inputs: WanExecutorInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> conditional (B, L, D) and unconditional (B, L, D) or None, in the DiT's dtype."""
-        tokens, mask = inputs.tokens, inputs.mask
-        if inputs.negative_tokens is not None:
-            tokens = torch.cat([tokens, inputs.negative_tokens])
-            mask = torch.cat([mask, inputs.negative_mask])
+    def _encodes_on_rank0(self) -> bool:
+        """True when ``parallel`` is set in a world of more than one rank: rank 0 alone runs the
+        encoders and broadcasts their outputs (:meth:`_broadcast_from_rank0`)."""
+        if self.parallel is None:
+            return False
+        from wanpipe.parallel.mesh import world_size
+
+        return world_size() > 1
+
+    def _broadcast_from_rank0(self, tensor: torch.Tensor | None, ndim: int) -> torch.Tensor:
+        """Rank 0's ``tensor`` (``ndim`` dims, on ``self.device`` in the DiT's dtype) on every rank:
+        its shape first, then its values, over the default group from rank 0 (a collective: every
+        rank calls it; ``tensor`` is ignored on the others). Device tensors, as NCCL needs."""
+        import torch.distributed as dist
+
+        first = dist.get_rank() == 0
+        shape = torch.zeros(ndim, dtype=torch.int64, device=self.device)
+        if first:
+            assert tensor is not None and tensor.dim() == ndim
+            shape.copy_(torch.tensor(tensor.shape, dtype=torch.int64))
+        dist.broadcast(shape, src=0)
+        if first:
+            out = tensor.to(self.device, self.dtype).contiguous()  # type: ignore[union-attr]
+        else:
+            out = torch.empty(tuple(shape.tolist()), dtype=self.dtype, device=self.device)
+        dist.broadcast(out, src=0)
+        return out
+
+    def _run_text_encoder(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise RuntimeError(
+                "this pipeline was loaded without its text encoder (load_text_encoder=False): it can "
+                "only run as a rank other than 0 of a parallel run, where rank 0 encodes the prompts"
+            )
         device = torch.device(self.runtime.text_encoder_device or self.device)
         if self.runtime.text_encoder_device is not None:
             embeds = self.text_encoder(tokens.to(device), mask.to(device))
         else:
             with self.on_device(self.text_encoder):
                 embeds = self.text_encoder(tokens.to(device), mask.to(device))
-        embeds = embeds.to(self.device, self.dtype)
+        return embeds.to(self.device, self.dtype)
+
+    def encode_text(self, inputs: WanExecutorInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> conditional (B, L, D) and unconditional (B, L, D) or None, in the DiT's dtype.
+
+        With ``parallel`` in a world > 1, rank 0 encodes and broadcasts (a collective)."""
+        tokens, mask = inputs.tokens, inputs.mask
+        if inputs.negative_tokens is not None:
+            tokens = torch.cat([tokens, inputs.negative_tokens])
+            mask = torch.cat([mask, inputs.negative_mask])
+        if self._encodes_on_rank0():
+            import torch.distributed as dist
+
+            embeds = self._run_text_encoder(tokens, mask) if dist.get_rank() == 0 else None
+            embeds = self._broadcast_from_rank0(embeds, ndim=3)
+        else:
+            embeds = self._run_text_encoder(tokens, mask)
         batch = inputs.tokens.shape[0]
         if inputs.negative_tokens is None:
             return embeds, None
@@ -315,6 +364,16 @@ class WanExecutor:
         if inputs.clip_pixels is None or self.image_encoder is None:
             return None
         batch, k = inputs.clip_pixels.shape[:2]
+        if self._encodes_on_rank0():
+            import torch.distributed as dist
+
+            # Every rank loaded the same checkpoint, so all of them reach this point or none.
+            tokens = self._run_image_encoder(inputs, batch, k) if dist.get_rank() == 0 else None
+            return self._broadcast_from_rank0(tokens, ndim=3)
+        return self._run_image_encoder(inputs, batch, k)
+
+    def _run_image_encoder(self, inputs: WanExecutorInputs, batch: int, k: int) -> torch.Tensor:
+        assert inputs.clip_pixels is not None and self.image_encoder is not None
         with self.on_device(self.image_encoder):
             tokens = self.image_encoder(inputs.clip_pixels.flatten(0, 1).to(self.device))
         return tokens.reshape(batch, k * tokens.shape[1], tokens.shape[2]).to(self.dtype)
@@ -543,7 +602,14 @@ class WanExecutor:
         """Denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]."""
         z = self.vae.denormalize_latents(latents.to(self.device, self.vae_dtype))
         with self.on_device(self.vae):
-            video = self.vae.decode(z, chunk_frames=self.vae_chunk_frames, after_chunk=self._trim)
+            if self.vae_halo is not None and self._encodes_on_rank0():
+                from wanpipe.parallel.vae import parallel_decode
+
+                video = parallel_decode(
+                    self.vae, z, self.vae_halo, chunk_frames=self.vae_chunk_frames, after_chunk=self._trim
+                )
+            else:
+                video = self.vae.decode(z, chunk_frames=self.vae_chunk_frames, after_chunk=self._trim)
         del z
         if video.dtype == torch.float32:  # in place: no second copy of the video
             frames = video.div_(2).add_(0.5).clamp_(0, 1)

@@ -125,6 +125,7 @@ class WanPipeline:
         experts: str = "resident",
         fp8: str | None = None,
         sigma_grid: str | None = None,
+        load_text_encoder: bool = True,
     ) -> WanPipeline:
         """Load a Wan checkpoint from a local folder or a hub id: the diffusers layout
         (``model_index.json``) or an original Wan repository (``config.json``, ``Wan2.1_VAE.pth``,
@@ -137,12 +138,23 @@ class WanPipeline:
         weights into it at the switch (half the DiT memory; the same frames). ``fp8``: how fp8 weights
         run (:mod:`wanpipe.weights.fp8`; default "upcast" for fp8 checkpoints). ``sigma_grid``: "diffusers"
         or "original" (default: "diffusers" for the diffusers layout, "original" for original folders).
+        ``load_text_encoder=False`` skips the UMT5 encoder (its weights are never read; the tokenizer
+        is still loaded): for the ranks other than 0 of a parallel run, where rank 0 encodes the
+        prompts and broadcasts the embeddings (``executor.parallel``); such a pipeline cannot
+        generate on its own.
         """
         arch, weights = open_checkpoint(
             path_or_id, sigma_grid=sigma_grid, revision=revision, cache_dir=cache_dir
         )
         return cls._from_components(
-            arch, weights, device=device, dtype=dtype, vae_dtype=vae_dtype, experts=experts, fp8=fp8
+            arch,
+            weights,
+            device=device,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            experts=experts,
+            fp8=fp8,
+            load_text_encoder=load_text_encoder,
         )
 
     @classmethod
@@ -162,6 +174,7 @@ class WanPipeline:
         fp8: str | None = None,
         sigma_grid: str = "original",
         num_heads: int | None = None,
+        load_text_encoder: bool = True,
     ) -> WanPipeline:
         """Load one file per component (ComfyUI's repackaged files, the original repositories' files):
         diffusers or original names, with or without wrapper prefixes (``model.diffusion_model.``),
@@ -171,6 +184,7 @@ class WanPipeline:
         low-noise expert. ``tokenizer`` is a folder or a hub id (default ``google/umt5-xxl``, fetched with
         ``huggingface_hub``). ``num_heads`` overrides the head count (default: width / 128, as in every
         released Wan DiT). The scheduler is the original repositories' UniPC with their shift.
+        ``load_text_encoder``: as in :meth:`from_pretrained`.
         """
         arch, weights = single_file_weights(
             transformer=transformer,
@@ -183,7 +197,14 @@ class WanPipeline:
             sigma_grid=sigma_grid,
         )
         return cls._from_components(
-            arch, weights, device=device, dtype=dtype, vae_dtype=vae_dtype, experts=experts, fp8=fp8
+            arch,
+            weights,
+            device=device,
+            dtype=dtype,
+            vae_dtype=vae_dtype,
+            experts=experts,
+            fp8=fp8,
+            load_text_encoder=load_text_encoder,
         )
 
     @classmethod
@@ -197,8 +218,10 @@ class WanPipeline:
         vae_dtype: str | torch.dtype | None = None,
         experts: str = "resident",
         fp8: str | None = None,
+        load_text_encoder: bool = True,
     ) -> WanPipeline:
-        """Build every module on the meta device and assign the weights of ``weights`` (runtime names)."""
+        """Build every module on the meta device and assign the weights of ``weights`` (runtime names);
+        without ``load_text_encoder`` the executor gets no text encoder (see :meth:`from_pretrained`)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = parse_dtype(dtype, device)
         vae_dtype = parse_dtype(vae_dtype, torch.device("cpu"))
@@ -208,16 +231,19 @@ class WanPipeline:
 
         t0 = time.perf_counter()
         text_tokenizer = WanTextTokenizer(weights.tokenizer, max_length=arch.get_max_seq_len())
-        encoder = build_text_encoder(arch.text_encoder)
-        load_weights(
-            encoder,
-            weights.text_encoder(),
-            component="text_encoder",
-            dtype=dtype,
-            device=device,
-            keep_in_fp32=text_encoder_fp32_patterns(dtype),
-            aliases=TEXT_ENCODER_ALIASES,
-        )
+        text_encoder = None
+        if load_text_encoder:
+            encoder = build_text_encoder(arch.text_encoder)
+            load_weights(
+                encoder,
+                weights.text_encoder(),
+                component="text_encoder",
+                dtype=dtype,
+                device=device,
+                keep_in_fp32=text_encoder_fp32_patterns(dtype),
+                aliases=TEXT_ENCODER_ALIASES,
+            )
+            text_encoder = WanTextEncoder(encoder)
 
         def dit_state(load: Callable[[], Any]) -> tuple[dict[str, torch.Tensor], set[str]]:
             return dit_fp8_state(load(), fp8)
@@ -274,7 +300,7 @@ class WanPipeline:
             image_encoder = WanImageEncoder(vision)
         logger.info("loaded %s (%s) in %.1f s", arch.path, arch.variant.name, time.perf_counter() - t0)
         executor = WanExecutor(
-            WanTextEncoder(encoder),
+            text_encoder,
             transformer,
             vae,
             image_encoder=image_encoder,

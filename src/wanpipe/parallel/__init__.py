@@ -18,17 +18,21 @@ from wanpipe.parallel.dit import (
 )
 from wanpipe.parallel.mesh import ParallelConfig, ParallelMesh, init_distributed
 from wanpipe.parallel.sequence import SequenceShard, gather_sequence
+from wanpipe.parallel.vae import band_bounds, decode_band, parallel_decode
 
 __all__ = [
     "ParallelConfig",
     "ParallelMesh",
     "SequenceShard",
     "attention_with_lse",
+    "band_bounds",
+    "decode_band",
     "gather_cfg_batch",
     "gather_dit_output",
     "gather_sequence",
     "init_distributed",
     "merge_attention",
+    "parallel_decode",
     "parallel_forward",
     "ring_attention",
     "sequence_parallel_forward",

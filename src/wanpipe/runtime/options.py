@@ -179,7 +179,7 @@ def apply_runtime_options(
         for module in (executor.text_encoder, executor.vae, executor.image_encoder, *_dits(executor)):
             if module is not None:
                 module.to(dev)
-    if options.text_encoder_device is not None:
+    if options.text_encoder_device is not None and executor.text_encoder is not None:
         executor.text_encoder.to(options.text_encoder_device)
     compiled = CompiledDiT(mode=options.compile_mode) if options.compile else None
     executor.runner = DiTRunner(compiled=compiled, streamer=streamer)

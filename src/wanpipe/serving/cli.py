@@ -141,13 +141,20 @@ def _load_pipeline(
         import torch
 
         torch.cuda.set_device(rank_device)  # the current device is per thread (rank 0 loads in its worker)
+    import torch.distributed as dist
+
     device = args.device if args.device is not None else rank_device
-    pipe = WanPipeline.from_pretrained(model, device=device, dtype=args.dtype)
+    # Under torchrun rank 0 alone encodes the prompts (and broadcasts them): the others skip UMT5.
+    first = parallel is None or not dist.is_initialized() or dist.get_rank() == 0
+    pipe = WanPipeline.from_pretrained(model, device=device, dtype=args.dtype, load_text_encoder=first)
     if parallel is not None:
         from wanpipe.parallel.mesh import ParallelMesh
 
         heads = pipe.executor.transformer.config.num_attention_heads
+        from wanpipe.cli import vae_halo
+
         pipe.executor.parallel = ParallelMesh.build(parallel, num_heads=heads)
+        pipe.executor.vae_halo = vae_halo(args)
         pipe.executor.check_parallel()
     return pipe
 
