@@ -69,7 +69,14 @@ def test_hub_id_goes_through_snapshot_download(tmp_path: Path, tiny_ckpt: Path, 
     assert calls[0]["repo_id"] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert calls[0]["revision"] == "main"
     assert calls[0]["allow_patterns"] == list(HUB_ALLOW_PATTERNS)
-    assert not any(p.endswith((".bin", ".pth")) for p in calls[0]["allow_patterns"])
+    patterns = calls[0]["allow_patterns"]
+    # No pickles but the original layout's two named files (read with weights_only=True)
+    assert [p for p in patterns if p.endswith((".bin", ".pth", ".pt", ".ckpt"))] == [
+        "models_t5_umt5-xxl-enc-bf16.pth",
+        "Wan2.1_VAE.pth",
+        "Wan2.2_VAE.pth",
+    ]
+    assert "*/*.safetensors" in patterns and "Wan2.1_VAE.pth" in patterns and "google/umt5-xxl/*" in patterns
     # and the whole pipeline takes a hub id
     pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", device="cpu")
     assert pipe.arch.path == tiny_ckpt

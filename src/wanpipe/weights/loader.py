@@ -19,11 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from wanpipe.weights.original import ORIGINAL_T5_FILES, ORIGINAL_TOKENIZER_DIRS, ORIGINAL_VAE_FILES
 from wanpipe.weights.safetensors_io import CheckpointError, SafetensorsIndex
 
 logger = logging.getLogger(__name__)
 
-# What a diffusers-layout Wan checkpoint needs: configs, safetensors weights and the tokenizer.
+# What a Wan checkpoint needs. The diffusers layout: configs, safetensors weights and the tokenizer.
+# An original Wan repository: its DiT config and safetensors at the top (or in the expert folders), the
+# UMT5 and VAE files (``.pth`` ones are read with ``weights_only=True``) and the tokenizer folder.
 HUB_ALLOW_PATTERNS: tuple[str, ...] = (
     "model_index.json",
     "*/config.json",
@@ -32,6 +35,13 @@ HUB_ALLOW_PATTERNS: tuple[str, ...] = (
     "scheduler/scheduler_config.json",
     "tokenizer/*",
     "image_processor/*",
+    "config.json",
+    "diffusion_pytorch_model*.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    *ORIGINAL_T5_FILES,
+    *ORIGINAL_VAE_FILES,
+    "models_clip_*.safetensors",
+    *(f"{folder}/*" for folder in ORIGINAL_TOKENIZER_DIRS),
 )
 
 
