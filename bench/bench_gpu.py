@@ -60,7 +60,6 @@ def _timed(fn, repeats: int) -> list[float]:
 def dit_case(name: str, repeats: int) -> dict:
     from diffusers import WanTransformer3DModel
 
-    from wanpipe.executor import WanExecutor
     from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
     from wanpipe.weights.keymap import remap_state_dict
     from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS
@@ -81,7 +80,7 @@ def dit_case(name: str, repeats: int) -> dict:
     t = torch.full((2,), 900.0, device=dev)
 
     def ours_step():
-        pred = WanExecutor.run_transformer(ours, latents.expand(2, -1, -1, -1, -1), t, text, image)
+        pred = ours(latents.expand(2, -1, -1, -1, -1), t, text, image)
         return pred[1] + 5.0 * (pred[0] - pred[1])
 
     torch.cuda.reset_peak_memory_stats()

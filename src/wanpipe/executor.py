@@ -583,21 +583,6 @@ class WanExecutor:
         self._report["compile_s"] += time.perf_counter() - t0
         compiled.warmed.add(key)
 
-    @staticmethod
-    def run_transformer(
-        dit: WanTransformerModel,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        image_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One DiT forward, block by block: latents (B, C_in, f, h, w) -> prediction (B, C_out, f, h, w)."""
-        x = dit.embed(latents, timestep, context, image_embeds)
-        hidden = x.hidden
-        for block in dit.blocks:
-            hidden = block(hidden, x.context, x.modulation, x.rope, x.num_image_tokens)
-        return dit.head(hidden, x.temb, x.grid)
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]."""
         z = self.vae.denormalize_latents(latents.to(self.device, self.vae_dtype))

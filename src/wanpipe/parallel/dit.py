@@ -1,7 +1,7 @@
 """A whole DiT forward across the ranks of a :class:`~wanpipe.parallel.mesh.ParallelMesh`.
 
-:func:`parallel_forward` is a drop-in for ``WanExecutor.run_transformer`` on every rank: the same
-full-batch inputs in (identical on every rank: every rank draws the same noise from the seed), the
+:func:`parallel_forward` is a drop-in for a plain DiT forward (``WanTransformerModel.forward``) on
+every rank: the same full-batch inputs in (identical on every rank: every rank draws the same noise from the seed), the
 same full prediction out on every rank. Inside:
 
 1. CFG: this rank keeps its cfg half of the batch (``parallel.cfg``);
