@@ -12,7 +12,9 @@ run as one batch. Around the loop:
   clean (timestep 0 on its tokens);
 - Wan 2.2 A14B: the high-noise expert while t >= the boundary, the low-noise one after, each with its
   own guidance scale; both resident, or one set of modules whose weights are swapped in place;
-- video-to-video: the input video's latents noised to the first step's sigma.
+- video-to-video: the input video's latents noised to the first step's sigma;
+- the text embeddings' zero padding compressed once per request (``RuntimeOptions.compress_text``):
+  each row's prompt tokens plus one padding key whose logit gets + log(n) for its n padding rows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from wanpipe.context import WanContext
 from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.text_encoder import WanTextEncoder
-from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer import WanTransformerModel, compress_text_padding
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.memory import trim_host_memory
 from wanpipe.runtime.options import RuntimeOptions
@@ -437,9 +439,16 @@ class WanExecutor:
         batch = latents.shape[0]
         cfg = uncond is not None
         context = cond if uncond is None else torch.cat([cond, uncond])
+        text_bias = None
+        if self.runtime.compress_text:
+            # Once per request (one host read): each row's zero padding becomes one key with logit + log n.
+            multiple = 16 if device.type == "cuda" else 1  # aligned key length for fused SDPA kernels
+            context, text_bias = compress_text_padding(context, multiple_of=multiple)
+            cond = context[:batch]
         if image_embeds is not None and cfg:
             image_embeds = torch.cat([image_embeds, image_embeds])
         rows = context.shape[0]
+        cond_bias = None if text_bias is None else text_bias[:batch]
         do_cfg = inputs.do_cfg.to(device).view(-1, 1, 1, 1, 1)
         guidances = {"high": inputs.guidance_scale.to(device).view(-1, 1, 1, 1, 1)}
         if inputs.guidance_scale_2 is not None:
@@ -496,21 +505,23 @@ class WanExecutor:
                     dit.to(self.offload.device)
                     current = dit
                 step_context = context if guided else cond
+                step_bias = text_bias if guided else cond_bias
                 step_images = image_embeds if guided else image_cond
                 if self.parallel is not None:
                     from wanpipe.parallel.dit import parallel_forward
 
                     pred = parallel_forward(
-                        self.parallel, dit, model_input, timestep, step_context, step_images
+                        self.parallel, dit, model_input, timestep, step_context, step_images, step_bias
                     )
                 else:
-                    self._compile_warmup(dit, model_input, timestep, step_context, step_images)
+                    self._compile_warmup(dit, model_input, timestep, step_context, step_images, step_bias)
                     pred = self.runner.forward(
                         dit,
                         model_input,
                         timestep,
                         step_context,
                         step_images,
+                        text_bias=step_bias,
                         cache=cache,
                         streams=streams_cfg if guided else streams_cond,
                         step=i,
@@ -562,7 +573,7 @@ class WanExecutor:
             cache.coefficients = TEACACHE_WAN_COEFFICIENTS[teacache_variant(cfg.dim, cfg.in_channels, area)]
         return cache
 
-    def _compile_warmup(self, dit, model_input, timestep, context, image_embeds) -> None:
+    def _compile_warmup(self, dit, model_input, timestep, context, image_embeds, text_bias=None) -> None:
         """Compile for a new shape before timing steps: one discarded forward, timed as compile_s."""
         compiled = self.runner.compiled
         if compiled is None:
@@ -572,13 +583,14 @@ class WanExecutor:
             tuple(timestep.shape),
             tuple(context.shape),
             None if image_embeds is None else tuple(image_embeds.shape),
+            None if text_bias is None else tuple(text_bias.shape),
             model_input.dtype,
             self.device,
         )
         if key in compiled.warmed:
             return
         t0 = time.perf_counter()
-        self.runner.forward(dit, model_input, timestep, context, image_embeds)
+        self.runner.forward(dit, model_input, timestep, context, image_embeds, text_bias=text_bias)
         _sync(self.device)
         self._report["compile_s"] += time.perf_counter() - t0
         compiled.warmed.add(key)

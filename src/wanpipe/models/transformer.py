@@ -8,8 +8,16 @@ The model is run one stage at a time so an executor can compile, offload or stre
     x = model.embed(latents, timestep, text_embeds, image_embeds)
     hidden = x.hidden
     for block in model.blocks:
-        hidden = block(hidden, x.context, x.modulation, x.rope, num_image_tokens=x.num_image_tokens)
+        hidden = block(hidden, x.context, x.modulation, x.rope,
+                       num_image_tokens=x.num_image_tokens, context_bias=x.context_bias)
     out = model.head(hidden, x.temb, x.grid)
+
+Zero-padded text (Wan's text encoder zeroes every row past a prompt's length) can be compressed once
+per request with :func:`compress_text_padding`: the n identical padding rows become one row whose
+attention logit gets ``+log(n)``, the same softmax over (prompt length + 1) keys instead of 512::
+
+    text, bias = compress_text_padding(text_embeds)
+    x = model.embed(latents, timestep, text, image_embeds, text_bias=bias)
 
 Precision islands (the rest runs in the parameters' dtype):
 
@@ -156,9 +164,40 @@ def apply_rope(x: Tensor, rope: Rope) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Multi-head attention: q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, Lq, H*D)."""
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Multi-head attention: q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, Lq, H*D).
+
+    ``bias``: an additive logit bias broadcastable to (B, H, Lq, Lk), e.g. (B, 1, 1, Lk), or None."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
+
+
+def compress_text_padding(text_embeds: Tensor, multiple_of: int = 1) -> tuple[Tensor, Tensor | None]:
+    """Drop all but one of each row's trailing all-zero text rows; the kept one stands for them all.
+
+    text_embeds (B, Lt, D) -> (text (B, Lk, D), bias (B, Lk) float32), or ``(text_embeds, None)`` when
+    that would keep all Lt rows. The n trailing zero rows of a sample embed to n identical keys and
+    values, and attention over n copies of a key equals attention over one copy with ``log(n)`` added
+    to its logit. So a sample with ``m`` rows up to its last nonzero one keeps them (bias 0), one zero
+    row with bias ``log(Lt - m)`` when ``m < Lt``, and -inf on the slots up to Lk (the longest sample's
+    ``m + 1``, rounded up to ``multiple_of``, which attention kernels may want aligned): the text
+    attention with ``bias`` is the attention over the full ``text_embeds`` (float rounding aside).
+
+    Reads the lengths back to the host once: call it once per request, not per step.
+    """
+    batch, length = text_embeds.shape[:2]
+    positions = torch.arange(1, length + 1, device=text_embeds.device)
+    kept = (text_embeds.ne(0).any(-1) * positions).amax(-1) if length else positions.new_zeros(batch)
+    lengths = [int(n) for n in kept.tolist()]  # the one device-to-host read
+    slots = max((n + (n < length) for n in lengths), default=0)
+    slots = -(-slots // multiple_of) * multiple_of
+    if slots >= length:
+        return text_embeds, None
+    n = torch.tensor(lengths, dtype=torch.float64)[:, None]
+    slot = torch.arange(slots, dtype=torch.float64)
+    pad_bias = torch.log(length - n).expand(batch, slots)
+    bias = torch.where(slot < n, 0.0, torch.where(slot == n, pad_bias, float("-inf"))).float()
+    # Rows past each sample's length are zeros already: the slice holds the pad row and unused slots.
+    return text_embeds[:, :slots], bias.to(text_embeds.device)
 
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -233,8 +272,13 @@ class CrossAttention(nn.Module):
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = _qk_norm(dim, cfg)
 
-    def forward(self, x: Tensor, context: Tensor, num_image_tokens: int = 0) -> Tensor:
-        """x (B, L, dim), context (B, Li + Lt, dim) with the Li image tokens first -> (B, L, dim)."""
+    def forward(
+        self, x: Tensor, context: Tensor, num_image_tokens: int = 0, text_bias: Tensor | None = None
+    ) -> Tensor:
+        """x (B, L, dim), context (B, Li + Lt, dim) with the Li image tokens first -> (B, L, dim).
+
+        ``text_bias`` (B, 1, 1, Lt) in the attention dtype, or None: added to the text attention's
+        logits (see :func:`compress_text_padding`); the image branch takes none."""
         if self.has_image and num_image_tokens <= 0:
             raise ValueError("this image-to-video block needs image tokens in its context")
         if not self.has_image and num_image_tokens:
@@ -243,7 +287,7 @@ class CrossAttention(nn.Module):
         q = _split_heads(self.norm_q(self.q(x)), self.heads)
         k = _split_heads(self.norm_k(self.k(text)), self.heads)
         v = _split_heads(self.v(text), self.heads)
-        out = attention(q, k, v)
+        out = attention(q, k, v, text_bias)
         if self.has_image:
             k_img = _split_heads(self.norm_k_img(self.k_img(image)), self.heads)
             v_img = _split_heads(self.v_img(image), self.heads)
@@ -291,6 +335,7 @@ class WanBlock(nn.Module):
         rope: Rope,
         num_image_tokens: int = 0,
         self_attention: AttentionFn = attention,
+        context_bias: Tensor | None = None,
     ) -> Tensor:
         """Run the block.
 
@@ -298,6 +343,8 @@ class WanBlock(nn.Module):
         modulation (B, 6, dim) or per-token (B, L, 6, dim), float32; rope cos/sin (L, head_dim/2)
         -> hidden (B, L, dim) in hidden's dtype. ``self_attention``: the self-attention's attention
         function (see :meth:`SelfAttention.forward`); cross-attention always uses :func:`attention`.
+        ``context_bias`` (B, 1, 1, Lt) or None: the text attention's logit bias
+        (:attr:`DiTInputs.context_bias`).
         """
         shift, scale, gate, c_shift, c_scale, c_gate = _modulation_rows(self.modulation, modulation)
         dtype = hidden.dtype
@@ -305,7 +352,7 @@ class WanBlock(nn.Module):
         x = (self.norm1(hidden.float()) * (1 + scale) + shift).to(dtype)
         hidden = (hidden.float() + self.self_attn(x, rope, self_attention) * gate).to(dtype)
 
-        hidden = hidden + self.cross_attn(self.norm3(hidden), context, num_image_tokens)
+        hidden = hidden + self.cross_attn(self.norm3(hidden), context, num_image_tokens, context_bias)
 
         x = (self.norm2(hidden.float()) * (1 + c_scale) + c_shift).to(dtype)
         return (hidden.float() + self.ffn(x).float() * c_gate).to(dtype)
@@ -390,6 +437,9 @@ class DiTInputs:
     """(f, h, w): the latent size in tokens."""
     num_image_tokens: int = 0
     """Li: how many leading context tokens are image tokens (0 for text-only models)."""
+    context_bias: Tensor | None = None
+    """(B, 1, 1, Lt) additive logit bias of the text attention in the context's dtype
+    (:func:`compress_text_padding`), or None: plain attention over all Lt text tokens."""
 
 
 class WanTransformerModel(nn.Module):
@@ -502,11 +552,13 @@ class WanTransformerModel(nn.Module):
         timestep: Tensor,
         text_embeds: Tensor,
         image_embeds: Tensor | None = None,
+        text_bias: Tensor | None = None,
     ) -> DiTInputs:
         """Patchify the latents and embed the conditions.
 
         latents (B, C_in, F, H, W); timestep (B,) or per-token (B, L) floats in [0, 1000];
-        text_embeds (B, Lt, text_dim); image_embeds (B, Li, image_dim) for I2V models, else None.
+        text_embeds (B, Lt, text_dim); image_embeds (B, Li, image_dim) for I2V models, else None;
+        text_bias (B, Lt) float, the text attention's logit bias (:func:`compress_text_padding`) or None.
         """
         cfg = self.config
         batch, _, frames, height, width = latents.shape
@@ -526,6 +578,11 @@ class WanTransformerModel(nn.Module):
         if (image_embeds is None) != (self.img_emb is None):
             need = "needs" if self.img_emb is not None else "takes no"
             raise ValueError(f"this model {need} image_embeds")
+        if text_bias is not None and tuple(text_bias.shape) != tuple(text_embeds.shape[:2]):
+            raise ValueError(
+                f"text_bias must have shape {tuple(text_embeds.shape[:2])} (batch, text tokens), "
+                f"got {tuple(text_bias.shape)}"
+            )
 
         dtype = self.patch_embedding.weight.dtype
         hidden = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
@@ -541,6 +598,7 @@ class WanTransformerModel(nn.Module):
             image = self.img_emb(image_embeds.to(self.img_emb.proj[1].weight.dtype))
             num_image_tokens = image.shape[1]
             context = torch.cat([image, context.to(image.dtype)], dim=1)
+        context_bias = None if text_bias is None else text_bias[:, None, None, :].to(context.dtype)
 
         return DiTInputs(
             hidden=hidden,
@@ -550,6 +608,7 @@ class WanTransformerModel(nn.Module):
             rope=self.compute_rope(*grid, device=latents.device),
             grid=grid,
             num_image_tokens=num_image_tokens,
+            context_bias=context_bias,
         )
 
     def forward(
@@ -558,11 +617,20 @@ class WanTransformerModel(nn.Module):
         timestep: Tensor,
         text_embeds: Tensor,
         image_embeds: Tensor | None = None,
+        text_bias: Tensor | None = None,
     ) -> Tensor:
         """Predict the flow: latents (B, C_in, F, H, W), timestep (B,) or (B, L),
-        text_embeds (B, Lt, text_dim), image_embeds (B, Li, image_dim) | None -> (B, C_out, F, H, W)."""
-        x = self.embed(latents, timestep, text_embeds, image_embeds)
+        text_embeds (B, Lt, text_dim), image_embeds (B, Li, image_dim) | None,
+        text_bias (B, Lt) | None (see :func:`compress_text_padding`) -> (B, C_out, F, H, W)."""
+        x = self.embed(latents, timestep, text_embeds, image_embeds, text_bias)
         hidden = x.hidden
         for block in self.blocks:
-            hidden = block(hidden, x.context, x.modulation, x.rope, num_image_tokens=x.num_image_tokens)
+            hidden = block(
+                hidden,
+                x.context,
+                x.modulation,
+                x.rope,
+                num_image_tokens=x.num_image_tokens,
+                context_bias=x.context_bias,
+            )
         return self.head(hidden, x.temb, x.grid)

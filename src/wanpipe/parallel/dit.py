@@ -49,7 +49,8 @@ def shard_dit_inputs(x: DiTInputs, mesh: ParallelMesh) -> tuple[DiTInputs, Seque
     """``model.embed``'s output -> this rank's shard of it, and the shard.
 
     hidden (B, L, dim) -> (B, Ll, dim); rope rows -> (Ll, head_dim/2); per-token modulation
-    (B, L, 6, dim) and temb (B, L, dim) -> their Ll rows; context unchanged. The grid becomes
+    (B, L, 6, dim) and temb (B, L, dim) -> their Ll rows; context and its attention bias unchanged
+    (every token shard attends to the whole text). The grid becomes
     (Ll, 1, 1), so that ``model.head`` on the shard returns each token's patch, token-major:
     (B, C_out, Ll * pt, ph, pw), which :func:`gather_dit_output` puts back together.
     """
@@ -89,20 +90,22 @@ def parallel_forward(
     timestep: Tensor,
     text_embeds: Tensor,
     image_embeds: Tensor | None = None,
+    text_bias: Tensor | None = None,
 ) -> Tensor:
     """One DiT forward across the mesh; call it on every rank with the same inputs.
 
     latents (B, C_in, F, H, W); timestep (B,) or per-token (B, L); text_embeds (B, Lt, text_dim);
-    image_embeds (B, Li, image_dim) | None -> the prediction (B, C_out, F, H, W) on every rank,
-    equal to ``model(latents, timestep, text_embeds, image_embeds)`` in one process.
+    image_embeds (B, Li, image_dim) | None; text_bias (B, Lt) | None -> the prediction
+    (B, C_out, F, H, W) on every rank, equal to
+    ``model(latents, timestep, text_embeds, image_embeds, text_bias)`` in one process.
     """
     batch = latents.shape[0]
     if timestep.ndim == 0:
         timestep = timestep.expand(batch)
-    latents, timestep, text_embeds, image_embeds = (
-        split_cfg_batch(t, mesh) for t in (latents, timestep, text_embeds, image_embeds)
+    latents, timestep, text_embeds, image_embeds, text_bias = (
+        split_cfg_batch(t, mesh) for t in (latents, timestep, text_embeds, image_embeds, text_bias)
     )
-    out = sequence_parallel_forward(mesh, model, latents, timestep, text_embeds, image_embeds)
+    out = sequence_parallel_forward(mesh, model, latents, timestep, text_embeds, image_embeds, text_bias)
     return gather_cfg_batch(out, mesh, batch)
 
 
@@ -113,14 +116,23 @@ def sequence_parallel_forward(
     timestep: Tensor,
     text_embeds: Tensor,
     image_embeds: Tensor | None = None,
+    text_bias: Tensor | None = None,
 ) -> Tensor:
     """The DiT forward with the tokens split across the sequence group (ring x ulysses) of ``mesh``;
     same shapes as :func:`parallel_forward`, no CFG split. Collective over the sequence group."""
-    x = model.embed(latents, timestep, text_embeds, image_embeds)
+    x = model.embed(latents, timestep, text_embeds, image_embeds, text_bias)
     local, shard = shard_dit_inputs(x, mesh)
     attend = shard_attention(mesh, shard)
     hidden = local.hidden
     for block in model.blocks:
-        hidden = block(hidden, local.context, local.modulation, local.rope, local.num_image_tokens, attend)
+        hidden = block(
+            hidden,
+            local.context,
+            local.modulation,
+            local.rope,
+            local.num_image_tokens,
+            attend,
+            context_bias=local.context_bias,
+        )
     out = model.head(hidden, local.temb, local.grid)
     return gather_dit_output(out, mesh, shard, x.grid, model.config.patch_size)

@@ -17,9 +17,15 @@ from wanpipe.models.transformer import Rope, WanBlock, WanHead
 
 
 def _block_forward(
-    block: WanBlock, hidden: Tensor, context: Tensor, modulation: Tensor, rope: Rope, num_image_tokens: int
+    block: WanBlock,
+    hidden: Tensor,
+    context: Tensor,
+    modulation: Tensor,
+    rope: Rope,
+    num_image_tokens: int,
+    context_bias: Tensor | None = None,
 ) -> Tensor:
-    return block(hidden, context, modulation, rope, num_image_tokens)
+    return block(hidden, context, modulation, rope, num_image_tokens, context_bias=context_bias)
 
 
 def _head_forward(head: WanHead, hidden: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:

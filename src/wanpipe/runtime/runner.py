@@ -26,11 +26,12 @@ class DiTRunner:
     def _block_fn(self, x: DiTInputs, rows: Tensor | slice | None) -> Callable[[nn.Module, Tensor], Tensor]:
         context = x.context if rows is None else x.context[rows]
         modulation = x.modulation if rows is None else x.modulation[rows]
+        bias = x.context_bias if rows is None or x.context_bias is None else x.context_bias[rows]
         rope, n_img = x.rope, x.num_image_tokens
         if self.compiled is not None:
             compiled = self.compiled.block
-            return lambda block, h: compiled(block, h, context, modulation, rope, n_img)
-        return lambda block, h: block(h, context, modulation, rope, n_img)
+            return lambda block, h: compiled(block, h, context, modulation, rope, n_img, bias)
+        return lambda block, h: block(h, context, modulation, rope, n_img, context_bias=bias)
 
     def _run_blocks(self, blocks: Sequence[nn.Module], hidden: Tensor, fn: Callable) -> Tensor:
         if self.streamer is not None:
@@ -53,13 +54,17 @@ class DiTRunner:
         context: Tensor,
         image_embeds: Tensor | None = None,
         *,
+        text_bias: Tensor | None = None,
         cache: StepCache | None = None,
         streams: Streams | None = None,
         step: int = 0,
         num_steps: int = 1,
     ) -> Tensor:
-        """latents (B, C_in, f, h, w) -> prediction (B, C_out, f, h, w)."""
-        x = dit.embed(latents, timestep, context, image_embeds)
+        """latents (B, C_in, f, h, w) -> prediction (B, C_out, f, h, w).
+
+        context (B, Lt, text_dim) text embeddings, text_bias (B, Lt) their attention bias or None
+        (:func:`~wanpipe.models.transformer.compress_text_padding`); image_embeds (B, Li, image_dim)."""
+        x = dit.embed(latents, timestep, context, image_embeds, text_bias)
         blocks = list(dit.blocks)
         streams = streams or {"cond": slice(0, latents.shape[0])}
         if isinstance(cache, FirstBlockCache) and blocks:
