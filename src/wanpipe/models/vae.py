@@ -27,6 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wanpipe.models.fastconv import (
+    CHANNELS_LAST,
+    ConvWeightCache,
+    PhaseKernels,
+    Scratch,
+    causal_conv3x3x3,
+    fast_conv_applies,
+    upsample2x_conv3x3,
+    upsample_conv_applies,
+)
 from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS
 
@@ -184,12 +194,14 @@ class CausalCache:
     ``frames[key]`` holds the last input frames of the layer whose ``cache_key`` is ``key`` (a
     module path such as ``"up_blocks.0.resnets.1.conv1"``): at most 2 frames per layer, so the cache
     is bounded whatever the video length. ``seen`` counts the input frames already processed; the
-    first chunk (``seen == 0``) is where the first frame gets its special treatment. Make a fresh
-    cache for every video.
+    first chunk (``seen == 0``) is where the first frame gets its special treatment. ``scratch``
+    holds the CPU convolutions' work buffers, reused from layer to layer and chunk to chunk. Make a
+    fresh cache for every video.
     """
 
     frames: dict[str, Tensor] = field(default_factory=dict)
     seen: int = 0
+    scratch: Scratch = field(default_factory=Scratch)
 
     @property
     def first_chunk(self) -> bool:
@@ -266,10 +278,12 @@ class CausalConv3d(nn.Conv3d):
         # the causal time padding is past frames (cache) or zeros, concatenated in front.
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, ph, pw))
         self.time_pad = 2 * pt
+        self.fast_cache = ConvWeightCache()
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         """(B, C_in, T, H, W) -> (B, C_out, T', H', W'); T' = T for stride 1."""
         time_pad = self.time_pad
+        past = None
         if cache is not None and time_pad > 0:
             if not self.cache_key:
                 raise RuntimeError(
@@ -277,9 +291,18 @@ class CausalConv3d(nn.Conv3d):
                 )
             past = cache.frames.get(self.cache_key)
             if past is not None:
-                x = torch.cat([past, x], dim=2)
                 time_pad -= past.shape[2]
-            cache.frames[self.cache_key] = x[:, :, -self.time_pad :].clone()
+            keep = self.time_pad
+            if past is not None and x.shape[2] < keep:
+                cache.frames[self.cache_key] = torch.cat([past, x], dim=2)[:, :, -keep:].clone()
+            else:
+                cache.frames[self.cache_key] = x[:, :, -keep:].clone()
+        if fast_conv_applies(x, self.weight, self.stride, self.padding) and self.time_pad == 2:
+            # CPU fp32: time-Winograd; past frames and causal zeros are not concatenated (see fastconv).
+            scratch = cache.scratch if cache is not None else None
+            return causal_conv3x3x3(x, self.weight, self.bias, self.fast_cache, past, time_pad, scratch)
+        if past is not None:
+            x = torch.cat([past, x], dim=2)
         if time_pad > 0:
             x = torch.cat([x.new_zeros(*x.shape[:2], time_pad, *x.shape[3:]), x], dim=2)
         return self._convolve(x)
@@ -293,6 +316,17 @@ class CausalConv3d(nn.Conv3d):
                 x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
             )
         return super().forward(x)
+
+
+def _conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)``, (N, C, H, W) -> (N, K, H', W'); through oneDNN directly on the CPU in fp32 (see
+    :meth:`CausalConv3d._convolve`), which keeps a channels-last input channels-last."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _MKLDNN and not torch.is_grad_enabled():
+        padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+        return torch.ops.aten.mkldnn_convolution(
+            x, conv.weight, conv.bias, padding, conv.stride, conv.dilation, conv.groups
+        )
+    return conv(x)
 
 
 class RMSNorm(nn.Module):
@@ -372,6 +406,7 @@ class Resample(nn.Module):
     def __init__(self, dim: int, mode: ResampleMode, out_dim: int | None = None) -> None:
         super().__init__()
         self.mode = mode
+        self.phase_kernels = PhaseKernels()  # the CPU path of the upsampling convolution
         if mode.startswith("upsample"):
             self.conv = nn.Conv2d(dim, dim // 2 if out_dim is None else out_dim, 3, padding=1)
             if mode == "upsample3d":
@@ -393,11 +428,13 @@ class Resample(nn.Module):
             x = self._upsample_time(x, cache)
         b, c, t, h, w = x.shape
         y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        if self.mode.startswith("upsample"):
+        if self.mode.startswith("upsample") and upsample_conv_applies(y, self.conv.weight):
+            y = upsample2x_conv3x3(y, self.conv.weight, self.conv.bias, self.phase_kernels)
+        elif self.mode.startswith("upsample"):
             y = F.interpolate(y.float(), scale_factor=2.0, mode="nearest-exact").type_as(y)
+            y = _conv2d(self.conv, y)
         else:
-            y = F.pad(y, (0, 1, 0, 1))
-        y = self.conv(y)
+            y = _conv2d(self.conv, F.pad(y, (0, 1, 0, 1)))
         x = y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
         if self.mode == "downsample3d":
             x = self._downsample_time(x, cache)
@@ -410,7 +447,19 @@ class Resample(nn.Module):
         if x.shape[2] > 0:
             y = self.time_conv(x, cache)  # (B, 2C, T, H, W): the two frames of each input frame
             b, c2, t, h, w = y.shape
-            x = y.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+            if y.is_contiguous(memory_format=CHANNELS_LAST):  # interleave, staying channels-last
+                x = torch.empty(
+                    b, c2 // 2, 2 * t, h, w, dtype=y.dtype, device=y.device, memory_format=CHANNELS_LAST
+                )
+                x.permute(0, 2, 3, 4, 1).view(b, t, 2, h, w, c2 // 2).copy_(
+                    y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c2 // 2).permute(0, 1, 4, 2, 3, 5)
+                )
+            else:
+                x = (
+                    y.reshape(b, 2, c2 // 2, t, h, w)
+                    .permute(0, 2, 3, 1, 4, 5)
+                    .reshape(b, c2 // 2, 2 * t, h, w)
+                )
         if head is None:
             return x
         return torch.cat([head, x], dim=2) if x.shape[2] > 0 else head
