@@ -603,10 +603,12 @@ class WanExecutor:
                 from wanpipe.parallel.vae import parallel_decode
 
                 video = parallel_decode(
-                    self.vae, z, self.vae_halo, chunk_frames=self.vae_chunk_frames, after_chunk=self._trim
+                    self.vae, z, self.vae_halo, chunk_frames=self.vae_chunk_frames
                 )
             else:
-                video = self.vae.decode(z, chunk_frames=self.vae_chunk_frames, after_chunk=self._trim)
+                # No trim between chunks: the next chunk would fault the same pages back in (measured
+                # 25-30% of the CPU decode time for ~15 MB less peak RSS); stages still trim.
+                video = self.vae.decode(z, chunk_frames=self.vae_chunk_frames)
         del z
         if video.dtype == torch.float32:  # in place: no second copy of the video
             frames = video.div_(2).add_(0.5).clamp_(0, 1)

@@ -50,7 +50,8 @@ class RuntimeOptions:
     vae_chunk_frames: int | None = None
     """Latent frames decoded per VAE chunk (more: faster, more memory; same frames); None: 1."""
     trim_host_memory: bool = True
-    """CPU: ``malloc_trim`` between stages and VAE chunks (lower peak RSS, same frames, ~free)."""
+    """CPU: ``malloc_trim`` between stages (text encode, denoise, decode): freed host memory goes back
+    to the system between requests. Not between VAE chunks, where it costs page faults for little."""
     host_mmap_threshold: int | None = None
     """CPU: a fixed glibc mmap threshold in bytes (lowest RSS, but page faults cost time); None: glibc's."""
     compress_text: bool = True
