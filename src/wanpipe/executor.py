@@ -602,9 +602,7 @@ class WanExecutor:
             if self.vae_halo is not None and self._encodes_on_rank0():
                 from wanpipe.parallel.vae import parallel_decode
 
-                video = parallel_decode(
-                    self.vae, z, self.vae_halo, chunk_frames=self.vae_chunk_frames
-                )
+                video = parallel_decode(self.vae, z, self.vae_halo, chunk_frames=self.vae_chunk_frames)
             else:
                 # No trim between chunks: the next chunk would fault the same pages back in (measured
                 # 25-30% of the CPU decode time for ~15 MB less peak RSS); stages still trim.

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -295,7 +294,15 @@ def _write_png_folder(video: Video, dest: Path, *, overwrite: bool) -> None:
 # Encoders (each writes to a path it owns; the caller moves it into place)
 
 
+def _av():
+    """PyAV, imported on first use: it maps ~16 MB of FFmpeg libraries that only video files need."""
+    import av
+
+    return av
+
+
 def _write_mp4(video: Video, path: Path, *, crf: int, preset: str) -> None:
+    av = _av()
     if "libx264" not in av.codecs_available:
         raise RuntimeError("this PyAV build has no libx264 encoder; cannot write .mp4")
     height, width = video.height + video.height % 2, video.width + video.width % 2
@@ -355,6 +362,7 @@ def _check_readable(path: Path, what: str) -> None:
 
 
 def _read_video_pyav(path: Path) -> tuple[np.ndarray, float]:
+    av = _av()
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -393,7 +401,7 @@ def read_video(path: PathLike) -> tuple[np.ndarray, float]:
     for reader in readers:
         try:
             return reader(path)
-        except (av.error.FFmpegError, UnidentifiedImageError, OSError, ValueError, EOFError) as e:
+        except (_av().error.FFmpegError, UnidentifiedImageError, OSError, ValueError, EOFError) as e:
             errors.append(f"{e}")
     raise ValueError(f"cannot read video {str(path)!r}: {'; '.join(errors)}")
 
