@@ -159,9 +159,13 @@ def apply_rope(x: Tensor, rope: Rope) -> Tensor:
     x: (B, H, L, D); rope: cos, sin (L, D/2) -> (B, H, L, D) in x's dtype.
     """
     cos, sin = rope
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    # One complex multiply (x1 + i x2)(cos + i sin) instead of four real products, a sum, a difference
+    # and a stack: the same arithmetic, far fewer passes over q and k.
+    rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -349,13 +353,14 @@ class WanBlock(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = _modulation_rows(self.modulation, modulation)
         dtype = hidden.dtype
 
-        x = (self.norm1(hidden.float()) * (1 + scale) + shift).to(dtype)
-        hidden = (hidden.float() + self.self_attn(x, rope, self_attention) * gate).to(dtype)
+        # addcmul: the modulated norms and gated residuals as one pass each (shift + x * (1 + scale)).
+        x = torch.addcmul(shift, self.norm1(hidden.float()), 1 + scale).to(dtype)
+        hidden = torch.addcmul(hidden.float(), self.self_attn(x, rope, self_attention), gate).to(dtype)
 
         hidden = hidden + self.cross_attn(self.norm3(hidden), context, num_image_tokens, context_bias)
 
-        x = (self.norm2(hidden.float()) * (1 + c_scale) + c_shift).to(dtype)
-        return (hidden.float() + self.ffn(x).float() * c_gate).to(dtype)
+        x = torch.addcmul(c_shift, self.norm2(hidden.float()), 1 + c_scale).to(dtype)
+        return torch.addcmul(hidden.float(), self.ffn(x), c_gate).to(dtype)
 
 
 class WanHead(nn.Module):
