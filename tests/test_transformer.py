@@ -276,3 +276,15 @@ def test_bf16_parity(tmp_path) -> None:
         f"diffusers {_worst(expected, exact):.2e} (output max {exact.abs().max():.2f})"
     )
     assert worst <= 2e-2
+
+
+def test_tanh_gelu_cpu_form_matches_torch() -> None:
+    from wanpipe.models.transformer import TanhGELU
+
+    x = torch.linspace(-12, 12, 10_001)
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    with torch.no_grad():
+        got = TanhGELU()(x)
+    assert (got - expected).abs().max().item() < 2e-6
+    assert not got.equal(expected)  # the CPU form really ran (different rounding)
+    assert TanhGELU()(x).equal(expected)  # with autograd on: torch's kernel

@@ -217,7 +217,9 @@ def causal_conv3x3x3(
                 # One frame directly: the taps that fall on real frames, as 2-D convolutions.
                 acc = None
                 for tap in range(max(0, -first), 3):
-                    y = _conv2d(frames.image(first + tap), cache.tap(weight, tap), None)
+                    y = _conv2d(
+                        frames.image(first + tap), cache.tap(weight, tap), bias if acc is None else None
+                    )
                     acc = y if acc is None else acc.add_(y)
                 assert acc is not None
                 result[o].copy_(acc.permute(0, 2, 3, 1).reshape(-1))
@@ -229,11 +231,10 @@ def causal_conv3x3x3(
             products = scratch.take("products", (m + 2, h, w, k), x)
             for p in range(m + 2):
                 image = mixed[p].view(1, h, w, c).permute(0, 3, 1, 2)
-                products[p].copy_(_conv2d(image, kernels[p], None)[0].permute(1, 2, 0))
+                # Column 1 of A^T is all ones: a bias on product 1 reaches every output frame once.
+                products[p].copy_(_conv2d(image, kernels[p], bias if p == 1 else None)[0].permute(1, 2, 0))
             torch.mm(_matrix(at, x), products.view(m + 2, -1), out=result[o : o + m])
             o += m
-    if bias is not None:
-        out.add_(bias.view(1, k, 1, 1, 1))
     return out
 
 

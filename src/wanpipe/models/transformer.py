@@ -208,6 +208,25 @@ AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """An attention function like :func:`attention`: q, k, v (B, H, L, D) -> (B, Lq, H*D)."""
 
 
+_GELU_C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+class TanhGELU(nn.GELU):
+    """``nn.GELU(approximate="tanh")``, (...) -> (...). On the CPU as ``x * sigmoid(2z)`` with
+    ``z = sqrt(2/pi) (x + 0.044715 x^3)`` (the same function: 0.5 (1 + tanh z) = sigmoid(2z)): PyTorch's
+    CPU tanh-GELU kernel runs on one thread, and this is ~2x faster on two. Elsewhere the fused kernel."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+            return super().forward(x)
+        z = x * x
+        z.mul_(0.044715 * _GELU_C).add_(_GELU_C).mul_(x)
+        return z.sigmoid_().mul_(x)
+
+
 class Fp32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype: (..., C) -> (..., C), input dtype."""
 
@@ -326,9 +345,7 @@ class WanBlock(nn.Module):
         self.norm3 = Fp32LayerNorm(dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg)
         self.norm2 = Fp32LayerNorm(dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
-        )
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), TanhGELU(), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = _modulation_table(6, dim)
 
     def forward(
