@@ -4,7 +4,9 @@ CPU case (every machine): a mid-size checkpoint shaped like the real ones (issue
 a third of its width (base_dim 32), a 6-block DiT of dim 256, a small UMT5; 128x128, 17 frames, 8 steps,
 guidance 5.0, fp32. Each engine runs in a process of its own (so the peak RSS is its own): one warm-up
 generation, then ``--repeats`` timed ones (the median is reported), per-stage times for wanpipe (text
-encode, per step, VAE decode) and the max abs difference of the frames. Writes
+encode, per step, VAE decode) and the max abs difference of the frames. Both engines are loaded and warm
+before timing starts, and they are timed in turns (round 1: A then B, round 2: B then A, ...), so that a
+busy stretch of a shared machine hits both; the JSON has the median, the minimum and the per-round ratio. Writes
 ``bench/results/<machine>-<date>.json`` and appends a row to ``bench/results/README.md``.
 
 diffusers is a test-only dependency: ``pip install -e .[test]`` first.
@@ -103,10 +105,14 @@ def make_cpu_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def _child(
-    engine: str, folder: str, request: dict[str, Any], options: dict[str, Any], repeats: int, out: str
-) -> None:
-    """In a fresh process: warm up, time ``repeats`` generations, save frames and figures."""
+def _child(engine: str, folder: str, request: dict[str, Any], options: dict[str, Any], out: str) -> None:
+    """In a fresh process: load, warm up, then one timed generation per ``go`` line on stdin (the parent
+    alternates the engines, so both see the same machine); ``done`` saves frames and figures."""
+    # The protocol gets its own copy of stdout; anything the libraries print goes to stderr.
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
     import torch
 
     threads = int(os.environ.get("BENCH_THREADS", "0"))
@@ -138,13 +144,16 @@ def _child(
 
     from wanpipe.runtime.memory import peak_rss_mb
 
-    generate()  # warm-up
+    frames = generate()  # warm-up
+    print("ready", file=proto, flush=True)
     seconds = []
-    frames = None
-    for _ in range(repeats):
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
         t0 = time.perf_counter()
         frames = generate()
         seconds.append(time.perf_counter() - t0)
+        print(f"{seconds[-1]:.6f}", file=proto, flush=True)
     np.save(out + ".npy", frames)
     record: dict[str, Any] = {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     if stages:
@@ -158,6 +167,42 @@ def _child(
             "skipped_steps": timed[-1].get("skipped_steps", 0),
         }
     Path(out + ".json").write_text(json.dumps(record))
+
+
+def _start_child(engine: str, payload: list[Any], env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wanpipe.bench", "--child", json.dumps(payload)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise RuntimeError(f"the {engine} benchmark process failed to start (said {line!r})")
+    return proc
+
+
+def _run_interleaved(procs: dict[str, subprocess.Popen[str]], repeats: int) -> None:
+    """One timed generation per engine per round, engines alternating (first engine swapped each round),
+    so that a slow or busy stretch of a shared machine hits both."""
+    names = list(procs)
+    for r in range(repeats):
+        for engine in names if r % 2 == 0 else names[::-1]:
+            proc = procs[engine]
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            if not proc.stdout.readline().strip():
+                raise RuntimeError(f"the {engine} benchmark process stopped")
+    for engine, proc in procs.items():
+        assert proc.stdin is not None
+        proc.stdin.write("done\n")
+        proc.stdin.close()
+        if proc.wait() != 0:
+            raise RuntimeError(f"the {engine} benchmark process failed (exit {proc.returncode})")
 
 
 def run_cpu_bench(
@@ -191,17 +236,28 @@ def run_cpu_bench(
         "BENCH_THREADS": str(threads),
         "PYTHONPATH": f"{src}:{os.environ.get('PYTHONPATH', '')}",
     }
+    # Each engine in a process of its own (its own peak RSS), both loaded and warm, timed in turns.
+    procs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for engine in engines.split(","):
+            procs[engine] = _start_child(
+                engine, [engine, str(ckpt), request, options, str(tmp / engine)], env
+            )
+        _run_interleaved(procs, repeats)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
     results: dict[str, dict[str, Any]] = {}
-    for engine in engines.split(","):
+    for engine in procs:
         out = str(tmp / engine)
-        payload = json.dumps([engine, str(ckpt), request, options, repeats, out])
-        subprocess.run([sys.executable, "-m", "wanpipe.bench", "--child", payload], check=True, env=env)
         results[engine] = json.loads(Path(out + ".json").read_text())
         results[engine]["frames"] = np.load(out + ".npy")
     figures: dict[str, Any] = {}
     for engine, r in results.items():
         figures[engine] = {
             "seconds_median": round(statistics.median(r["seconds"]), 3),
+            "seconds_min": round(min(r["seconds"]), 3),
             "seconds": [round(s, 3) for s in r["seconds"]],
             "peak_rss_mb": round(r["peak_rss_mb"], 1),
         }
@@ -210,6 +266,10 @@ def run_cpu_bench(
     if "diffusers" in results and "wanpipe" in results:
         d, w = figures["diffusers"], figures["wanpipe"]
         figures["time_ratio"] = round(w["seconds_median"] / d["seconds_median"], 3)
+        figures["time_ratio_min"] = round(w["seconds_min"] / d["seconds_min"], 3)
+        # Per round (the two engines ran back to back): the spread says how noisy the machine was.
+        rounds = [a / b for a, b in zip(results["wanpipe"]["seconds"], results["diffusers"]["seconds"])]
+        figures["time_ratio_rounds"] = [round(x, 3) for x in rounds]
         figures["memory_ratio"] = round(w["peak_rss_mb"] / d["peak_rss_mb"], 3)
         figures["max_abs_diff"] = float(
             np.abs(results["wanpipe"]["frames"] - results["diffusers"]["frames"]).max()
@@ -221,6 +281,7 @@ def run_cpu_bench(
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_average_after": load,
         "command": "python " + " ".join(sys.argv),
+        "method": "both engines loaded and warmed up in their own processes, then timed in alternating turns",
         "config": {"transformer": TRANSFORMER, "vae": VAE, "request": request, "wanpipe_options": options},
         "results": figures,
     }
