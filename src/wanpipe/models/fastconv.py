@@ -82,13 +82,12 @@ def fast_conv_applies(x: Tensor, weight: Tensor, stride: tuple[int, ...], paddin
 @dataclass
 class ConvWeightCache:
     """The time-transformed kernels of one convolution, made on first use and remade when the weight
-    changes (in-place loads bump its version). Not part of the state dict."""
+    changes (in-place loads bump its version). Not part of the state dict. Single frames use the
+    weight's own time taps (views), so nothing else is kept."""
 
     key: tuple[int, int] | None = None
     kernels: dict[int, list[Tensor]] = field(default_factory=dict)
     """m -> the m + 2 transformed 2-D kernels (K, C, 3, 3), channels-last."""
-    taps: list[Tensor] = field(default_factory=list)
-    """The 3 time taps (K, C, 3, 3), channels-last: for single output frames."""
 
     def get(self, weight: Tensor, m: int) -> list[Tensor]:
         self._check(weight)
@@ -98,19 +97,13 @@ class ConvWeightCache:
             self.kernels[m] = [k.contiguous(memory_format=torch.channels_last) for k in mixed]
         return self.kernels[m]
 
-    def tap(self, weight: Tensor, index: int) -> Tensor:
-        self._check(weight)
-        if not self.taps:
-            self.taps = [weight[:, :, t].contiguous(memory_format=torch.channels_last) for t in range(3)]
-        return self.taps[index]
-
     def _check(self, weight: Tensor) -> None:
         key = (weight.data_ptr(), weight._version)
         if key != self.key:
-            self.key, self.kernels, self.taps = key, {}, []
+            self.key, self.kernels = key, {}
 
     def clear(self) -> None:
-        self.key, self.kernels, self.taps = None, {}, []
+        self.key, self.kernels = None, {}
 
 
 @dataclass
@@ -213,13 +206,26 @@ def causal_conv3x3x3(
         while o < frames_out:
             first = o - leading_zeros  # the input frame under tap 0 of output frame o
             m = 4 if frames_out - o >= 4 else 2 if frames_out - o >= 2 else 1
-            if first < 0 or m == 1:
-                # One frame directly: the taps that fall on real frames, as 2-D convolutions.
+            if first >= 0 and m == 1:
+                # One frame, all three taps on real frames: the 3-D convolution of its window.
+                window = torch.stack([frames.image(first + tap)[0] for tap in range(3)], dim=1)
+                y = torch.ops.aten.mkldnn_convolution(
+                    window.unsqueeze(0).contiguous(memory_format=CHANNELS_LAST),
+                    weight,
+                    bias,
+                    (0, 1, 1),
+                    (1, 1, 1),
+                    (1, 1, 1),
+                    1,
+                )
+                result[o].copy_(y[0, :, 0].permute(1, 2, 0).reshape(-1))
+                o += 1
+                continue
+            if first < 0:
+                # The window reaches into the zero frames: only the taps on real frames, as 2-D convolutions.
                 acc = None
-                for tap in range(max(0, -first), 3):
-                    y = _conv2d(
-                        frames.image(first + tap), cache.tap(weight, tap), bias if acc is None else None
-                    )
+                for tap in range(-first, 3):
+                    y = _conv2d(frames.image(first + tap), weight[:, :, tap], bias if acc is None else None)
                     acc = y if acc is None else acc.add_(y)
                 assert acc is not None
                 result[o].copy_(acc.permute(0, 2, 3, 1).reshape(-1))
