@@ -307,7 +307,7 @@ def test_iter_decode_and_cache(small) -> None:
     z = _latents(1, 5, 2, 3, seed=11)
     full = ours.decode(z)
     chunks = list(ours.iter_decode(z, chunk_frames=2))
-    assert [c.shape[2] for c in chunks] == [5, 8, 4]
+    assert [c.shape[2] for c in chunks] == [1, 8, 8]
     assert _maxdiff(torch.cat(chunks, dim=2), full) <= CHUNK_TOL
     cache, pieces, sizes = CausalCache(), [], []
     for i in range(z.shape[2]):

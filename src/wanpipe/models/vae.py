@@ -760,19 +760,30 @@ class Decoder3d(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], config.out_channels, 3, padding=1)
         _register_cache_keys(self)
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: CausalCache, piece_frames: int | None = 4) -> Tensor:
         """(B, z_dim, t, h, w) -> (B, out_channels, T, s h, s w), s = 2 ** (len(dim_mult) - 1).
 
-        One chunk of latents: T = 1 + 4(t - 1) in the first chunk, T = 4t after.
+        One chunk of latents: T = 1 + 4(t - 1) in the first chunk, T = 4t after. After the video's first
+        chunk, a level whose input has more than ``piece_frames`` frames runs it, and every level above,
+        on consecutive pieces of that many frames: every layer is causal with its own cache, so the
+        result is the same, while the wide high-resolution levels hold a few frames at a time and the
+        narrow low-resolution ones take the whole chunk (bigger time groups for the CPU convolutions).
         """
         frames = x.shape[2]
         x = self.conv_in(x, cache)
         x = self.mid_block(x, cache)
-        for block in self.up_blocks:
-            x = block(x, cache)
-        x = self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
+        x = self._upper(x, cache, 0, None if cache.first_chunk else piece_frames)
         cache.seen += frames
         return x
+
+    def _upper(self, x: Tensor, cache: CausalCache, start: int, piece_frames: int | None) -> Tensor:
+        """``up_blocks[start:]``, then the output head, on (B, C, T, H, W), in time pieces where too long."""
+        for i in range(start, len(self.up_blocks)):
+            if piece_frames is not None and x.shape[2] > piece_frames:
+                pieces = x.split(piece_frames, dim=2)
+                return torch.cat([self._upper(p, cache, i, piece_frames) for p in pieces], dim=2)
+            x = self.up_blocks[i](x, cache)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -852,8 +863,9 @@ class WanVAE(nn.Module):
         return x.clamp(-1.0, 1.0) if self.config.clip_output else x
 
     def iter_decode(self, z: Tensor, chunk_frames: int = 1) -> Iterator[Tensor]:
-        """Yield the pixel frames of raw latents (B, z_dim, f, h, w) in order, ``chunk_frames`` latent
-        frames at a time: (B, 3, 1 + 4(c - 1), s h, s w) first, then (B, 3, 4c, s h, s w).
+        """Yield the pixel frames of raw latents (B, z_dim, f, h, w) in order: the first latent frame
+        alone, (B, 3, 1, s h, s w) (as the reference decodes it), then ``chunk_frames`` (c) latent frames
+        at a time, (B, 3, 4c, s h, s w) (the last chunk may be shorter).
 
         Memory is bounded by one chunk plus the cache (2 frames per causal layer). Bad input raises
         here, not at the first ``next``.
@@ -869,8 +881,9 @@ class WanVAE(nn.Module):
 
     def _iter_decode(self, z: Tensor, chunk_frames: int) -> Iterator[Tensor]:
         cache = CausalCache()
-        for start in range(0, z.shape[2], chunk_frames):
-            yield self.decode_chunk(z[:, :, start : start + chunk_frames], cache)
+        for start in [0, *range(1, z.shape[2], chunk_frames)]:
+            end = 1 if start == 0 else start + chunk_frames
+            yield self.decode_chunk(z[:, :, start:end], cache)
 
     def decode(
         self, z: Tensor, chunk_frames: int = 1, after_chunk: Callable[[], None] | None = None
