@@ -132,3 +132,13 @@ def test_vae_decode_and_encode_fast_paths_match_plain_paths(monkeypatch: pytest.
 def test_causal_cache_holds_scratch_per_video() -> None:
     a, b = CausalCache(), CausalCache()
     assert a.scratch is not b.scratch
+
+
+def test_weights_made_under_inference_mode_work() -> None:
+    with torch.inference_mode():
+        weight, x = torch.randn(3, 4, 3, 3, 3), torch.randn(1, 4, 6, 5, 5)
+        expected = F.conv3d(x, weight, padding=(0, 1, 1))
+        assert _rel(causal_conv3x3x3(x, weight, None, ConvWeightCache()), expected) < REL
+        w2 = torch.randn(3, 4, 3, 3)
+        up = F.conv2d(F.interpolate(x[:, :, 0], scale_factor=2.0), w2, padding=1)
+        assert _rel(upsample2x_conv3x3(x[:, :, 0], w2, None, PhaseKernels()), up) < REL

@@ -79,6 +79,12 @@ def fast_conv_applies(x: Tensor, weight: Tensor, stride: tuple[int, ...], paddin
     )
 
 
+def _weight_key(weight: Tensor) -> tuple[int, int]:
+    """Identifies a weight's current values: its memory and, where autograd tracks it, its version
+    (in-place loads bump it). Inference tensors (made under ``torch.inference_mode``) have no version."""
+    return (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+
+
 @dataclass
 class ConvWeightCache:
     """The time-transformed kernels of one convolution, made on first use and remade when the weight
@@ -98,7 +104,7 @@ class ConvWeightCache:
         return self.kernels[m]
 
     def _check(self, weight: Tensor) -> None:
-        key = (weight.data_ptr(), weight._version)
+        key = _weight_key(weight)
         if key != self.key:
             self.key, self.kernels = key, {}
 
@@ -267,7 +273,7 @@ class PhaseKernels:
     kernels: list[Tensor] = field(default_factory=list)
 
     def get(self, weight: Tensor) -> list[Tensor]:
-        key = (weight.data_ptr(), weight._version)
+        key = _weight_key(weight)
         if key != self.key:
             w = weight.double()
             # Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows
