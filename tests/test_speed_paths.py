@@ -170,3 +170,26 @@ def test_block_offload_on_cuda(tiny_ckpt: Path) -> None:
     out = pipe.generate_batch([WanRequest(**REQUEST)], progress=False)[0].frames
     assert np.abs(out - ref).max() < 1e-5
     assert all(p.device.type == "cpu" for p in pipe.executor.transformer.blocks.parameters())
+
+
+def test_attention_backend_is_reported_and_can_be_forced(pipe, plain) -> None:
+    from wanpipe.runtime.attention import ATTENTION_BACKENDS
+
+    frames, timings = run(pipe)
+    names = [part.split(": ")[1] for part in timings["attention"].split(", ")]
+    assert timings["attention"].startswith("self: ") and len(names) == 2
+    assert all(n in ATTENTION_BACKENDS for n in names)
+    frames, timings = run(pipe, RuntimeOptions(trim_host_memory=False, attention_backend="math"))
+    assert timings["attention"] == "self: math, cross: math"
+    assert np.abs(frames - plain).max() < 1e-5  # every kernel computes the same attention
+
+
+def test_attention_backend_that_cannot_run_is_refused(pipe) -> None:
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        RuntimeOptions(attention_backend="fastest")
+    # cuDNN attention does not run on the CPU: refused before the loop, with the reason
+    with pytest.raises(ValueError, match="'cudnn' cannot run"):
+        run(pipe, RuntimeOptions(trim_host_memory=False, attention_backend="cudnn"))
+    parser = argparse.ArgumentParser()
+    add_runtime_arguments(parser)
+    assert options_from_args(parser.parse_args(["--attention-backend", "math"])).attention_backend == "math"

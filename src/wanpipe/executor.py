@@ -34,6 +34,7 @@ from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel, compress_text_padding
 from wanpipe.models.vae import WanVAE
+from wanpipe.runtime.attention import attention_backend, sdpa_choice
 from wanpipe.runtime.memory import trim_host_memory
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
@@ -105,6 +106,9 @@ class Timings:
     compile_s: float = 0.0  # torch.compile warm-up of a new shape, not counted in denoise_s
     skipped_steps: int = 0  # step cache: steps whose conditional DiT blocks were skipped
     guided_steps: int = 0  # steps run with classifier-free guidance (cfg_truncation)
+    attention: str = (
+        ""  # the SDPA kernels of the DiT's self- and cross-attention, e.g. "self: flash, cross: flash"
+    )
 
 
 @dataclass
@@ -475,8 +479,11 @@ class WanExecutor:
         streams_cond = {"cond": slice(0, batch)}
         image_cond = None if image_embeds is None else image_embeds[:batch]
         self._report = {"compile_s": 0.0, "guided_steps": guided_steps}
+        self._report["attention"] = self._attention_report(latents, context, text_bias)
         current = None
+        scope = contextlib.ExitStack()
         try:
+            scope.enter_context(attention_backend(self.runtime.attention_backend))
             for i in range(num_steps):
                 if should_cancel is not None and should_cancel():
                     raise CancelledError("generation cancelled")
@@ -538,12 +545,33 @@ class WanExecutor:
                 if callback is not None:
                     callback(i, num_steps, float(schedule.timesteps[i]))
         finally:
+            scope.close()
             if self.offload is not None and current is not None:
                 current.to(self.offload.storage)
         self.last_cache_stats = None if cache is None else cache.stats
         if first_frame_mask is not None and condition is not None:
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return latents
+
+    def _attention_report(self, latents: torch.Tensor, context: torch.Tensor, text_bias) -> str:
+        """Which SDPA kernels this request's self- and cross-attention get (see wanpipe.runtime.attention)."""
+        if self.parallel is not None:
+            return "sequence-parallel"
+        cfg = self.transformer.config
+        f, h, w = latents.shape[2:]
+        tokens = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+        head_dim = cfg.dim // cfg.num_attention_heads
+        with attention_backend(self.runtime.attention_backend):
+            own = sdpa_choice(tokens, tokens, head_dim, self.dtype, self.device)
+            cross = sdpa_choice(
+                tokens, context.shape[1], head_dim, self.dtype, self.device, text_bias is not None
+            )
+        if "none" in (own, cross):
+            raise ValueError(
+                f"attention backend {self.runtime.attention_backend!r} cannot run this model's attention on "
+                f"{self.device.type} in {self.dtype} (head size {head_dim}); use 'auto' to let PyTorch choose"
+            )
+        return f"self: {own}, cross: {cross}"
 
     def _guided_steps(self, inputs: WanExecutorInputs, num_steps: int) -> int:
         """How many leading steps use guidance: all, unless cfg_truncation (request, else runtime) < 1."""
@@ -642,6 +670,7 @@ class WanExecutor:
         self._trim()
         timings.compile_s = self._report.get("compile_s", 0.0)
         timings.guided_steps = self._report.get("guided_steps", 0)
+        timings.attention = self._report.get("attention", "")
         if self.last_cache_stats is not None:
             timings.skipped_steps = self.last_cache_stats.skipped_steps
         timings.text_encode_s, timings.denoise_s, timings.decode_s = (

@@ -54,6 +54,9 @@ class RuntimeOptions:
     to the system between requests. Not between VAE chunks, where it costs page faults for little."""
     host_mmap_threshold: int | None = None
     """CPU: a fixed glibc mmap threshold in bytes (lowest RSS, but page faults cost time); None: glibc's."""
+    attention_backend: str = "auto"
+    """The DiT's SDPA kernel: "auto" (PyTorch's choice), or only "flash", "cudnn", "efficient" or "math";
+    all exact. The kernels used are reported in ``timings.attention``."""
     compress_text: bool = True
     """Cross-attend to each prompt's tokens plus one stand-in for its zero padding (logit + log n)
     instead of all 512 text tokens: the same attention up to float rounding, ~30% fewer DiT FLOPs on
@@ -70,6 +73,12 @@ class RuntimeOptions:
             raise ValueError(f"cfg_truncation must be in [0, 1], got {self.cfg_truncation}")
         if self.vae_chunk_frames is not None and self.vae_chunk_frames < 1:
             raise ValueError(f"vae_chunk_frames must be >= 1, got {self.vae_chunk_frames}")
+        from wanpipe.runtime.attention import ATTENTION_BACKENDS
+
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
         if self.offload_buffers < 1:
             raise ValueError(f"offload_buffers must be >= 1, got {self.offload_buffers}")
 
@@ -113,6 +122,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--vae-chunk-frames", type=int, default=None, help="latent frames per VAE decode chunk (default 1)"
     )
     g.add_argument(
+        "--attention-backend",
+        choices=("auto", "flash", "cudnn", "efficient", "math"),
+        default="auto",
+        help="the DiT's attention kernel (all exact; default: PyTorch's choice, reported in the timings)",
+    )
+    g.add_argument(
         "--no-compress-text",
         dest="compress_text",
         action="store_false",
@@ -135,6 +150,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         text_encoder_device=getattr(args, "text_encoder_device", None),
         vae_chunk_frames=getattr(args, "vae_chunk_frames", None),
         compress_text=bool(getattr(args, "compress_text", True)),
+        attention_backend=getattr(args, "attention_backend", "auto") or "auto",
     )
 
 
