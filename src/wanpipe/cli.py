@@ -375,6 +375,7 @@ def _generate(
         f"decode {timings.decode_s:.2f} s, save {save_s:.2f} s"
         + (f", compile {timings.compile_s:.2f} s" if timings.compile_s else "")
         + (f"; {timings.skipped_steps} steps skipped by the step cache" if timings.skipped_steps else "")
+        + (f"; attention {timings.attention}" if timings.attention else "")
     )
     return 0
 
