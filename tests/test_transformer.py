@@ -288,3 +288,34 @@ def test_tanh_gelu_cpu_form_matches_torch() -> None:
     assert (got - expected).abs().max().item() < 2e-6
     assert not got.equal(expected)  # the CPU form really ran (different rounding)
     assert TanhGELU()(x).equal(expected)  # with autograd on: torch's kernel
+
+
+def test_rope_forms_agree_and_the_block_traces_without_graph_breaks(monkeypatch) -> None:
+    from wanpipe.models.transformer import TransformerConfig, WanTransformerModel, apply_rope
+
+    cfg = TransformerConfig(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=1,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+    )
+    model = WanTransformerModel(cfg).eval()
+    rope = model.compute_rope(1, 5, 8)
+    x = torch.randn(2, 40, 2, 16)
+    eager = apply_rope(x, rope)  # the complex multiply
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    real = apply_rope(x, rope)  # the real-arithmetic form the compiler gets
+    monkeypatch.undo()
+    assert (eager - real).abs().max().item() < 1e-6
+    hidden, context, modulation = torch.randn(2, 40, 32), torch.randn(2, 5, 32), torch.randn(2, 6, 32)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.blocks[0])(
+            hidden, context, modulation, rope, 0, context_bias=torch.zeros(2, 1, 1, 5)
+        )
+    assert explained.graph_break_count == 0  # --compile gets one graph per block

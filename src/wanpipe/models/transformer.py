@@ -156,14 +156,18 @@ def rope_angles(positions: int, dim: int, theta: float = ROPE_THETA) -> Tensor:
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) in float32.
 
-    x: (B, H, L, D); rope: cos, sin (L, D/2) -> (B, H, L, D) in x's dtype.
+    x: (B, L, H, D) (heads not yet moved in front of the tokens); rope: cos, sin (L, D/2)
+    -> (B, L, H, D) in x's dtype.
     """
     cos, sin = rope
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()
-    # One complex multiply (x1 + i x2)(cos + i sin) instead of four real products, a sum, a difference
-    # and a stack: the same arithmetic, far fewer passes over q and k.
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (L, 1, D/2): the same rotation for every head
+    pairs = x.float().contiguous().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # Real arithmetic, which the compiler fuses into one kernel (it does not generate complex code).
+        x1, x2 = pairs.unbind(-1)
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+    # Eager: one complex multiply (x1 + i x2)(cos + i sin) instead of four real products, a sum, a
+    # difference and a stack: the same arithmetic, far fewer passes over q and k.
     rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
@@ -270,8 +274,8 @@ class SelfAttention(nn.Module):
 
         ``attention_fn`` (q, k, v (B, H, L, D) -> (B, L, H*D)) computes the attention itself: plain SDPA
         by default; ``wanpipe.parallel`` passes a sequence-parallel one when ``x`` is a token shard."""
-        q = apply_rope(_split_heads(self.norm_q(self.q(x)), self.heads), rope)
-        k = apply_rope(_split_heads(self.norm_k(self.k(x)), self.heads), rope)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1)), rope).transpose(1, 2)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.heads, -1)), rope).transpose(1, 2)
         v = _split_heads(self.v(x), self.heads)
         return self.o(attention_fn(q, k, v))
 
