@@ -95,6 +95,7 @@ def dit_case(name: str, repeats: int) -> dict:
     from diffusers import WanTransformer3DModel
 
     from wanpipe.models.transformer import TransformerConfig, WanTransformerModel, compress_text_padding
+    from wanpipe.runtime.attention import sdpa_choice
     from wanpipe.weights.keymap import remap_state_dict
     from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS
 
@@ -118,6 +119,11 @@ def dit_case(name: str, repeats: int) -> dict:
     t = torch.full((2,), 900.0, device=dev)
     # What the executor does once per request (compress_text, on by default): prompt rows + one pad key.
     short_text, text_bias = compress_text_padding(text, multiple_of=16 if dev.type == "cuda" else 1)
+    tokens, head_dim = f * (h // 2) * (w // 2), kw["attention_head_dim"]
+    attention = (
+        f"self: {sdpa_choice(tokens, tokens, head_dim, torch.bfloat16, dev)}, "
+        f"cross: {sdpa_choice(tokens, short_text.shape[1], head_dim, torch.bfloat16, dev, text_bias is not None)}"
+    )
 
     def ours_step(full_text: bool = False):
         if full_text:
@@ -166,6 +172,7 @@ def dit_case(name: str, repeats: int) -> dict:
     ours_s, ref_s = statistics.median(ours_times), statistics.median(ref_times)
     return {
         "prompt_tokens": PROMPT_TOKENS,
+        "wanpipe_attention_kernels": attention,
         "wanpipe_s_per_step": round(ours_s, 4),
         "wanpipe_s_per_step_full_512_text": round(statistics.median(full_text_times), 4),
         "compressed_vs_full_text_max_abs_diff": full_text_diff,
