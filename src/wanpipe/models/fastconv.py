@@ -108,15 +108,12 @@ class ConvWeightCache:
         if key != self.key:
             self.key, self.kernels = key, {}
 
-    def clear(self) -> None:
-        self.key, self.kernels = None, {}
-
 
 @dataclass
 class Scratch:
     """Reusable work buffers for :func:`causal_conv3x3x3` (one per decode, in its causal cache): the
-    frame transforms are the largest temporaries of a chunk, and taking fresh ones from the
-    allocator for every layer costs page faults when the host heap is trimmed between chunks."""
+    frame transforms are the largest temporaries of a chunk, and fresh ones for every layer cost page
+    faults whenever the allocator has given the memory back to the system in between."""
 
     buffers: dict[str, Tensor] = field(default_factory=dict)
 
