@@ -291,21 +291,9 @@ def test_tanh_gelu_cpu_form_matches_torch() -> None:
 
 
 def test_rope_forms_agree_and_the_block_traces_without_graph_breaks(monkeypatch) -> None:
-    from wanpipe.models.transformer import TransformerConfig, WanTransformerModel, apply_rope
+    from wanpipe.models.transformer import apply_rope
 
-    cfg = TransformerConfig(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=1,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-    )
-    model = WanTransformerModel(cfg).eval()
+    model = WanTransformerModel(TransformerConfig.from_dict(T2V)).eval()
     rope = model.compute_rope(1, 5, 8)
     x = torch.randn(2, 40, 2, 16)
     eager = apply_rope(x, rope)  # the complex multiply
