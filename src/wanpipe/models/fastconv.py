@@ -64,8 +64,9 @@ _F23 = (
 _TRANSFORMS = {4: _F43, 2: _F23}
 
 
-def _cpu_fp32_inference(x: Tensor, weight: Tensor) -> bool:
-    """The paths here serve fp32 inference on a CPU with oneDNN; anything else takes torch's own."""
+def cpu_fp32_inference(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN is called directly: fp32 inference on a CPU with oneDNN; anything else takes
+    torch's own convolutions."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -79,7 +80,7 @@ def fast_conv_applies(x: Tensor, weight: Tensor, stride: tuple[int, ...], paddin
     """Whether :func:`causal_conv3x3x3` handles this convolution: CPU, fp32, no autograd, a
     ``3 x 3 x 3`` kernel with stride 1 and spatial padding 1 (time padding is the caller's)."""
     return (
-        _cpu_fp32_inference(x, weight)
+        cpu_fp32_inference(x, weight)
         and tuple(weight.shape[2:]) == (3, 3, 3)
         and tuple(stride) == (1, 1, 1)
         and tuple(padding[1:]) == (1, 1)
@@ -259,7 +260,7 @@ def causal_conv3x3x3(
 
 def upsample_conv_applies(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`upsample2x_conv3x3` handles ``conv3x3(nearest_2x(x))``: CPU, fp32, inference."""
-    return _cpu_fp32_inference(x, weight) and tuple(weight.shape[2:]) == (3, 3)
+    return cpu_fp32_inference(x, weight) and tuple(weight.shape[2:]) == (3, 3)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from wanpipe.models.fastconv import (
     PhaseKernels,
     Scratch,
     causal_conv3x3x3,
+    cpu_fp32_inference,
     fast_conv_applies,
     upsample2x_conv3x3,
     upsample_conv_applies,
@@ -253,9 +254,6 @@ def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
-_MKLDNN = torch.backends.mkldnn.is_available()
-
-
 class CausalConv3d(nn.Conv3d):
     """A 3-D convolution padded with ``2 * padding[0]`` zero frames in the past and none in the future.
 
@@ -311,7 +309,7 @@ class CausalConv3d(nn.Conv3d):
         """The convolution. On the CPU in fp32, oneDNN directly: PyTorch's dispatch heuristic sends
         inputs with few channels x frames (the first, single-frame chunk of every layer) to its
         im2col kernel, which is 3-4x slower here and allocates a column buffer of 27x the input."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and _MKLDNN and not torch.is_grad_enabled():
+        if cpu_fp32_inference(x, self.weight):
             return torch.ops.aten.mkldnn_convolution(
                 x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
             )
@@ -321,7 +319,7 @@ class CausalConv3d(nn.Conv3d):
 def _conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)``, (N, C, H, W) -> (N, K, H', W'); through oneDNN directly on the CPU in fp32 (see
     :meth:`CausalConv3d._convolve`), which keeps a channels-last input channels-last."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and _MKLDNN and not torch.is_grad_enabled():
+    if cpu_fp32_inference(x, conv.weight):
         padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
         return torch.ops.aten.mkldnn_convolution(
             x, conv.weight, conv.bias, padding, conv.stride, conv.dilation, conv.groups
@@ -341,13 +339,13 @@ class RMSNorm(nn.Module):
         """(B, C, [T,] H, W) -> same shape."""
         low_precision = x.is_floating_point() and x.dtype.itemsize < 4
         xf = x.float() if low_precision else x
-        # The channel norm as a sum of squares over dim 1 (a reduction along the outer dimension, which
-        # vectorises over the pixels): ~3x faster on the CPU than F.normalize's strided vector norm, equal
-        # to ~1e-7 relative. F.normalize's eps (1e-12) is kept.
+        # F.normalize's eps (1e-12) is kept; both norms equal F.normalize's to ~1e-7 relative.
         if xf.dim() == 5 and xf.is_contiguous(memory_format=CHANNELS_LAST):
             # Channels innermost (the CPU path): a contiguous reduction, no squared copy of x.
             norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min_(1e-12)
         else:
+            # Channels outermost: a sum of squares over dim 1 vectorises over the pixels (~3x faster on
+            # the CPU than the strided vector norm).
             norm = xf.square().sum(1, keepdim=True).sqrt_().clamp_min_(1e-12)
         if xf is x:  # fp32: scale folded into the per-pixel factor, one full pass fewer
             return torch.mul(x, norm.reciprocal_().mul_(self.scale)).mul_(self.gamma)
