@@ -217,7 +217,8 @@ def run_cpu_bench(
     out_dir: Path | None = None,
     checkpoint: Path | None = None,
 ) -> dict[str, Any]:
-    options = {"vae_chunk_frames": 1, **(options or {})}
+    # No prompt cache: every timed run encodes its prompts, as diffusers does (the runs repeat one request).
+    options = {"vae_chunk_frames": 1, "text_cache_size": 0, **(options or {})}
     request = dict(
         prompt="a cat walks on the grass",
         negative_prompt="worst quality",

@@ -39,6 +39,7 @@ from wanpipe.runtime.memory import trim_host_memory
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import make_step_cache
+from wanpipe.runtime.text_cache import TextEmbeddingCache
 from wanpipe.schedulers import Schedule, add_noise, new_state, step
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ class WanExecutor:
         # Speed / memory (wanpipe.runtime.apply_runtime_options): the plain path by default.
         self.runtime = RuntimeOptions(trim_host_memory=False)
         self.runner = DiTRunner()
+        self.text_cache: TextEmbeddingCache | None = None
         self.offload = None  # a ModelOffload for offload="model"
         # Sequence / CFG parallelism (``wanpipe.parallel``): every DiT forward of the denoising loop
         # runs across this mesh's ranks. With it (and a world > 1) only rank 0 runs the text and image
@@ -345,6 +347,14 @@ class WanExecutor:
                 embeds = self.text_encoder(tokens.to(device), mask.to(device))
         return embeds.to(self.device, self.dtype)
 
+    def _encode_tokens(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Through the prompt cache (runtime ``text_cache_size`` prompts): repeated prompts, typically the
+        negative one, are not encoded again."""
+        size = self.runtime.text_cache_size
+        if self.text_cache is None or self.text_cache.capacity != size:
+            self.text_cache = TextEmbeddingCache(size)
+        return self.text_cache.encode(tokens, mask, self._run_text_encoder)
+
     def encode_text(self, inputs: WanExecutorInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> conditional (B, L, D) and unconditional (B, L, D) or None, in the DiT's dtype.
 
@@ -356,10 +366,10 @@ class WanExecutor:
         if self._encodes_on_rank0():
             import torch.distributed as dist
 
-            embeds = self._run_text_encoder(tokens, mask) if dist.get_rank() == 0 else None
+            embeds = self._encode_tokens(tokens, mask) if dist.get_rank() == 0 else None
             embeds = self._broadcast_from_rank0(embeds, ndim=3)
         else:
-            embeds = self._run_text_encoder(tokens, mask)
+            embeds = self._encode_tokens(tokens, mask)
         batch = inputs.tokens.shape[0]
         if inputs.negative_tokens is None:
             return embeds, None

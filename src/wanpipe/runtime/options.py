@@ -54,6 +54,9 @@ class RuntimeOptions:
     to the system between requests. Not between VAE chunks, where it costs page faults for little."""
     host_mmap_threshold: int | None = None
     """CPU: a fixed glibc mmap threshold in bytes (lowest RSS, but page faults cost time); None: glibc's."""
+    text_cache_size: int = 32
+    """Prompt embeddings kept for reuse (by token ids, least recently used out): a repeated prompt, such
+    as the usual negative one, is not encoded again; the same embeddings, so the same frames. 0: off."""
     attention_backend: str = "auto"
     """The DiT's SDPA kernel: "auto" (PyTorch's choice), or only "flash", "cudnn", "efficient" or "math";
     all exact. The kernels used are reported in ``timings.attention``."""
@@ -79,6 +82,8 @@ class RuntimeOptions:
             raise ValueError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
+        if self.text_cache_size < 0:
+            raise ValueError(f"text_cache_size must be >= 0, got {self.text_cache_size}")
         if self.offload_buffers < 1:
             raise ValueError(f"offload_buffers must be >= 1, got {self.offload_buffers}")
 
@@ -177,6 +182,7 @@ def apply_runtime_options(
         executor.device = torch.device(device)
     dev = executor.device
     executor.runtime = options
+    executor.text_cache = None  # made anew for these options (and the encoder's device) at first use
     if not hasattr(executor, "_loaded_vae_chunk_frames"):
         executor._loaded_vae_chunk_frames = executor.vae_chunk_frames
     executor.vae_chunk_frames = options.vae_chunk_frames or executor._loaded_vae_chunk_frames
