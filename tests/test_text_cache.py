@@ -75,3 +75,16 @@ def test_pipeline_reuses_prompt_embeddings(tiny_ckpt: Path) -> None:
     fresh = pipe.generate_batch([WanRequest(**{**request, "prompt": "a dog"})], progress=False)[0]
     assert calls == [2, 1, 2]
     assert np.abs(fresh.frames - third.frames).max() < 1e-5
+
+
+def test_text_cache_size_flag() -> None:
+    import argparse
+
+    from wanpipe.runtime import add_runtime_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_runtime_arguments(parser)
+    assert options_from_args(parser.parse_args([])).text_cache_size == 32
+    assert options_from_args(parser.parse_args(["--text-cache-size", "0"])).text_cache_size == 0
+    with pytest.raises(ValueError, match="text_cache_size"):
+        options_from_args(parser.parse_args(["--text-cache-size", "-1"]))

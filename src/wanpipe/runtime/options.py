@@ -127,6 +127,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--vae-chunk-frames", type=int, default=None, help="latent frames per VAE decode chunk (default 1)"
     )
     g.add_argument(
+        "--text-cache-size",
+        type=int,
+        default=None,
+        help="prompt embeddings kept for reuse, e.g. the usual negative prompt (default 32; 0: off)",
+    )
+    g.add_argument(
         "--attention-backend",
         choices=("auto", "flash", "cudnn", "efficient", "math"),
         default="auto",
@@ -156,6 +162,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         vae_chunk_frames=getattr(args, "vae_chunk_frames", None),
         compress_text=bool(getattr(args, "compress_text", True)),
         attention_backend=getattr(args, "attention_backend", "auto") or "auto",
+        text_cache_size=32 if getattr(args, "text_cache_size", None) is None else args.text_cache_size,
     )
 
 
