@@ -107,9 +107,8 @@ class Timings:
     compile_s: float = 0.0  # torch.compile warm-up of a new shape, not counted in denoise_s
     skipped_steps: int = 0  # step cache: steps whose conditional DiT blocks were skipped
     guided_steps: int = 0  # steps run with classifier-free guidance (cfg_truncation)
-    attention: str = (
-        ""  # the SDPA kernels of the DiT's self- and cross-attention, e.g. "self: flash, cross: flash"
-    )
+    # the SDPA kernels of the DiT's self- and cross-attention, e.g. "self: flash, cross: flash"
+    attention: str = ""
 
 
 @dataclass
@@ -563,7 +562,9 @@ class WanExecutor:
             latents = (1 - first_frame_mask) * condition + first_frame_mask * latents
         return latents
 
-    def _attention_report(self, latents: torch.Tensor, context: torch.Tensor, text_bias) -> str:
+    def _attention_report(
+        self, latents: torch.Tensor, context: torch.Tensor, text_bias: torch.Tensor | None
+    ) -> str:
         """Which SDPA kernels this request's self- and cross-attention get (see wanpipe.runtime.attention)."""
         if self.parallel is not None:
             return "sequence-parallel"
