@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 5 as one command for a lent H100/H200 (see /work/.library/device/README.md).
+#
+# The device image has PyTorch, transformers, safetensors, tokenizers and pytest, but not diffusers, PyAV
+# or ftfy. Before the device call, on the CPU machine, in the repo root:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl diffusers==0.42.1 av==18.1.0 ftfy==6.3.1 wcwidth==0.9.4
+#
+# then run it there:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)
+# It prints a CPU-side smoke check of bench_gpu.py, the gpu-marked tests, and the GPU benchmark, and
+# leaves the benchmark's JSON and the logs in $OUT (or bench/results when $OUT is unset).
+set -u
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/src:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+
+echo "== bench_gpu.py smoke (tiny shapes, CPU)"
+BENCH_GPU_SMOKE=1 timeout 60 python3 bench/bench_gpu.py --repeats 1 2>&1 | tail -4
+
+echo "== gpu-marked tests"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests 2>&1 | tee "$out/gpu-tests.log" | tail -25
+
+echo "== GPU benchmark (real shapes, bf16)"
+timeout 330 python3 bench/bench_gpu.py --repeats 3 2>&1 | tee "$out/gpu-bench.log" | tail -12
+if [ "$out" != bench/results ]; then
+  cp bench/results/gpu-*.json "$out"/ 2>/dev/null || true
+fi
