@@ -255,8 +255,8 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with RMS-normed q/k and 3-D RoPE."""
+class _Projections(nn.Module):
+    """The q/k/v/o projections and q/k norms both attention layers have (the reference's names)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -268,6 +268,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = _qk_norm(dim, cfg)
         self.norm_k = _qk_norm(dim, cfg)
+
+
+class SelfAttention(_Projections):
+    """Self-attention with RMS-normed q/k and 3-D RoPE."""
 
     def forward(self, x: Tensor, rope: Rope, attention_fn: AttentionFn = attention) -> Tensor:
         """x (B, L, dim), rope cos/sin (L, head_dim/2) -> (B, L, dim).
@@ -280,19 +284,12 @@ class SelfAttention(nn.Module):
         return self.o(attention_fn(q, k, v))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Cross-attention to the text tokens, plus a separate image-token branch for I2V models."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
         dim = cfg.dim
-        self.heads = cfg.num_attention_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = _qk_norm(dim, cfg)
-        self.norm_k = _qk_norm(dim, cfg)
         self.has_image = cfg.added_kv_proj_dim is not None
         if self.has_image:
             self.k_img = nn.Linear(dim, dim)
