@@ -481,6 +481,11 @@ class Resample(nn.Module):
         return out
 
 
+def _residual_blocks(in_dim: int, out_dim: int, count: int, dropout: float) -> nn.ModuleList:
+    """``count`` residual blocks, the first from ``in_dim`` channels, all to ``out_dim``."""
+    return nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(count))
+
+
 class MidBlock(nn.Module):
     """Residual block, attention, residual block, at the lowest resolution."""
 
@@ -591,9 +596,7 @@ class ResidualDownBlock(nn.Module):
         downsample_mode: ResampleMode | None = None,
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(num_res_blocks)]
-        )
+        self.resnets = _residual_blocks(in_dim, out_dim, num_res_blocks, dropout)
         self.downsampler = Resample(out_dim, downsample_mode) if downsample_mode is not None else None
         factor_t = 2 if downsample_mode == "downsample3d" else 1
         factor_s = 1 if downsample_mode is None else 2
@@ -622,12 +625,7 @@ class ResidualUpBlock(nn.Module):
         upsample_mode: ResampleMode | None = None,
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [
-                ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout)
-                for i in range(num_res_blocks + 1)
-            ]
-        )
+        self.resnets = _residual_blocks(in_dim, out_dim, num_res_blocks + 1, dropout)
         self.upsampler: Resample | None = None
         self.shortcut: DupUp3d | None = None
         if upsample_mode is not None:
@@ -711,12 +709,7 @@ class UpBlock(nn.Module):
         upsample_mode: ResampleMode | None = None,
     ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [
-                ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout)
-                for i in range(num_res_blocks + 1)
-            ]
-        )
+        self.resnets = _residual_blocks(in_dim, out_dim, num_res_blocks + 1, dropout)
         self.upsampler = Resample(out_dim, upsample_mode) if upsample_mode is not None else None
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
