@@ -131,10 +131,14 @@ def test_serve_under_two_ranks_matches_single_process(wan_pipe, tiny_ckpt: Path,
     expected = _reference_mp4(wan_pipe, tmp_path, JOB["seed"])
     other = _reference_mp4(wan_pipe, tmp_path, JOB["seed"] + 1)
     assert served.shape == expected.shape == (5, 32, 32, 3)
-    # Frames equal to ~1e-6 (Ulysses is bit-exact on the CPU): the same 8-bit frames, the same encoding.
+    # The float frames agree to ~1e-7, but the split across ranks changes the matmul blocking, so a pixel
+    # that sits on a rounding boundary can land one 8-bit level apart, and H.264 spreads that over its
+    # block (seen on a CI machine: max 7, mean 0.19 levels). So: codec-level agreement here, far from
+    # another seed's video (about 19 levels apart on average).
     diff = np.abs(served - expected)
-    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
-    assert np.abs(other - expected).mean() > 1.0, "another seed's video should differ"
+    assert diff.max() <= 16 and diff.mean() < 1.0, (diff.max(), diff.mean())
+    apart = np.abs(other - expected).mean()
+    assert apart > 5.0 and apart > 10 * diff.mean(), ("another seed's video should differ", apart)
     store = JobStore(tmp_path / "out")
     try:
         assert store.get(long_id).status == JobStatus.QUEUED  # stopped at shutdown, runs after a restart
