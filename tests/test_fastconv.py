@@ -8,9 +8,12 @@ import torch.nn.functional as F
 
 import wanpipe.models.vae as vae_module
 from wanpipe.models.fastconv import (
+    _TRANSFORMS,
     ConvWeightCache,
     PhaseKernels,
     Scratch,
+    _input_transform,
+    _output_transform,
     causal_conv3x3x3,
     fast_conv_applies,
     upsample2x_conv3x3,
@@ -31,7 +34,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     [
         (1, 0, 1, 2),  # a video's first frame: one tap on a real frame
         (1, 0, 5, 2),  # a first chunk of several frames: F(4, 3) after the padded ones
-        (1, 1, 4, 1),  # the second chunk after a one-frame first chunk
+        (1, 1, 4, 1),  # the second chunk after a one-frame first chunk: F(4, 3) with a zero frame
+        (1, 1, 2, 1),  # the same, two frames: F(2, 3) with a zero frame
+        (1, 0, 3, 2),  # one real tap, then F(2, 3) with a zero frame
         (2, 2, 4, 0),  # steady state, F(4, 3), a batch of two
         (1, 2, 2, 0),  # F(2, 3)
         (1, 2, 1, 0),  # one frame directly
@@ -62,6 +67,21 @@ def test_causal_conv_refuses_too_few_frames() -> None:
         )
 
 
+@pytest.mark.parametrize("m", [4, 2])
+def test_written_out_transforms_equal_the_tables(m: int) -> None:
+    """The frame-wide additions are B^T and A^T of Lavin & Gray's F(m, 3) (the tables G comes from)."""
+    bt, _, at = (torch.tensor(rows, dtype=torch.float64) for rows in _TRANSFORMS[m])
+    x = torch.randn(m + 2, 37, dtype=torch.float64)
+    mixed = torch.empty_like(x)
+    _input_transform(list(x), mixed)
+    assert torch.allclose(mixed, bt @ x, rtol=0, atol=1e-12)
+    y = torch.randn(m + 2, 37, dtype=torch.float64)
+    expected = at @ y
+    out = torch.empty(m, 37, dtype=torch.float64)
+    _output_transform(list(y.clone()), out)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12)
+
+
 @torch.no_grad()
 def test_weight_cache_follows_in_place_changes() -> None:
     x = torch.randn(1, 4, 6, 5, 5)
@@ -81,7 +101,7 @@ def test_scratch_buffers_are_reused() -> None:
     weight = torch.randn(4, 4, 3, 3, 3)
     causal_conv3x3x3(x, weight, None, ConvWeightCache(), scratch=scratch)
     pointers = {name: buf.data_ptr() for name, buf in scratch.buffers.items()}
-    assert set(pointers) == {"mixed", "products"}
+    assert set(pointers) == {"mixed"}
     causal_conv3x3x3(x[:, :, :4], weight, None, ConvWeightCache(), scratch=scratch)  # smaller: same buffers
     assert {name: buf.data_ptr() for name, buf in scratch.buffers.items()} == pointers
 

@@ -16,8 +16,9 @@ multiplications), F(2, 3) 2 frames with 4 instead of 6. The transforms are exact
 in fp32 the result differs from the direct convolution by rounding (about 1e-6 relative).
 
 Everything here runs in the channels-last layout ((B, T, H, W, C) in memory), where a frame is one
-contiguous block: the frame transforms are then plain matrix products and oneDNN's channels-last
-kernels are the fastest on this kind of CPU. Outputs are channels-last 3-D tensors; values do not
+contiguous block: the frame transforms are then a few frame-wide additions (shared terms, as in
+Lavin & Gray's transforms written out) and oneDNN's channels-last kernels are the fastest on this kind
+of CPU. Outputs are channels-last 3-D tensors; values do not
 depend on the layout.
 """
 
@@ -142,10 +143,6 @@ def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.aten.mkldnn_convolution(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
 
 
-def _matrix(rows: tuple[tuple[float, ...], ...], like: Tensor) -> Tensor:
-    return torch.tensor(rows, dtype=torch.float64).to(like.dtype)
-
-
 class _Frames:
     """The input frames of one video, held as (T_i, H W C) row blocks (the cached past, then the chunk):
     in channels-last memory one frame is one contiguous row, so no concatenation is needed."""
@@ -161,23 +158,66 @@ class _Frames:
             index -= block.shape[0]
         raise IndexError(index)
 
-    def mix(self, matrix: Tensor, first: int, out: Tensor) -> Tensor:
-        """``out`` (n, H W C) = ``matrix`` (n, count) @ frames first .. first + count - 1."""
-        count = matrix.shape[1]
-        column, offset = 0, 0
+    def row(self, index: int) -> Tensor:
+        """Frame ``index`` as one flat (H W C) row (a view)."""
         for block in self.blocks:
-            lo, hi = max(first, offset), min(first + count, offset + block.shape[0])
-            if lo < hi:
-                part, rows = matrix[:, column : column + hi - lo], block[lo - offset : hi - offset]
-                if column == 0:
-                    torch.mm(part, rows, out=out)
-                else:
-                    out.addmm_(part, rows)
-                column += hi - lo
-            offset += block.shape[0]
-        if column != count:
-            raise IndexError(f"frames {first}..{first + count - 1} are not all there")
-        return out
+            if index < block.shape[0]:
+                return block[index]
+            index -= block.shape[0]
+        raise IndexError(index)
+
+
+def _input_transform(x: list[Tensor], t: Tensor) -> None:
+    """``t`` (m + 2, H W C) = B^T ``x`` (the m + 2 input frames, flat rows), for m = 4 or 2.
+
+    Written as a few frame-wide additions (14 for F(4, 3), 4 for F(2, 3)) with shared terms instead of
+    one (m + 2) x (m + 2) matrix product: with so small an inner dimension a GEMM runs far below memory
+    speed on the CPU, while each addition is one streaming pass. The same sums up to rounding.
+    """
+    if len(x) == 6:
+        x0, x1, x2, x3, x4, x5 = x
+        t0, t1, t2, t3, t4, t5 = t
+        torch.sub(x4, x2, out=t3)  # u = x4 - x2
+        torch.sub(x0, x2, out=t0)
+        torch.add(t3, t0, alpha=4, out=t0)  # t0 = 4 x0 - 5 x2 + x4 = u + 4 (x0 - x2)
+        torch.add(x1, x2, out=t1)
+        torch.add(x3, x4, out=t2)
+        torch.add(t2, t1, alpha=-4, out=t1)  # t1 = (x3 + x4) - 4 (x1 + x2)
+        torch.sub(x1, x2, out=t2)
+        torch.sub(x4, x3, out=t4)
+        torch.add(t4, t2, alpha=4, out=t2)  # t2 = (x4 - x3) + 4 (x1 - x2)
+        torch.sub(x3, x1, out=t4)  # v = x3 - x1
+        torch.sub(x5, x3, out=t5)
+        torch.add(t5, t4, alpha=-4, out=t5)  # t5 = 4 x1 - 5 x3 + x5 = (x5 - x3) - 4 v
+        torch.add(t3, t4, alpha=2, out=t3)  # t3 = u + 2 v
+        torch.add(t3, t4, alpha=-4, out=t4)  # t4 = u - 2 v = t3 - 4 v
+    else:
+        x0, x1, x2, x3 = x
+        t0, t1, t2, t3 = t
+        torch.sub(x0, x2, out=t0)
+        torch.add(x1, x2, out=t1)
+        torch.sub(x2, x1, out=t2)
+        torch.sub(x1, x3, out=t3)
+
+
+def _output_transform(y: list[Tensor], r: Tensor) -> None:
+    """``r`` (m, H W K) = A^T ``y`` (the m + 2 products, flat rows, overwritten), for m = 4 or 2."""
+    if len(y) == 6:
+        y0, y1, y2, y3, y4, y5 = y
+        r0, r1, r2, r3 = r
+        torch.sub(y3, y4, out=r1)  # d2
+        torch.add(y3, y4, out=r2)  # s2
+        torch.sub(y1, y2, out=y4)  # d1
+        torch.add(y1, y2, out=y3)  # s1
+        torch.add(y0, y3, out=r0).add_(r2)  # r0 = y0 + s1 + s2
+        torch.add(y3, r2, alpha=4, out=r2)  # r2 = s1 + 4 s2
+        torch.add(y4, r1, alpha=8, out=r3).add_(y5)  # r3 = d1 + 8 d2 + y5
+        torch.add(y4, r1, alpha=2, out=r1)  # r1 = d1 + 2 d2
+    else:
+        y0, y1, y2, y3 = y
+        r0, r1 = r
+        torch.add(y0, y1, out=r0).add_(y2)
+        torch.sub(y1, y2, out=r1).sub_(y3)
 
 
 def causal_conv3x3x3(
@@ -194,8 +234,8 @@ def causal_conv3x3x3(
     The input frames are ``leading_zeros`` zero frames (the causal padding of a video's start, not
     materialised), then ``past`` (B, C, P, H, W) (the frames cached from the previous chunk), then x
     (B, C, T, H, W); any layout. weight (K, C, 3, 3, 3); bias (K,) | None -> (B, K, Z + P + T - 2, H, W),
-    channels-last. Output frames come four at a time by F(4, 3), two by F(2, 3), a last single one
-    directly; those whose window reaches into the zero frames use only the taps on real frames.
+    channels-last. Output frames come four at a time by F(4, 3), two by F(2, 3) (causal zeros enter
+    as zero frames), a last single one directly (with only its taps on real frames if it has zeros).
     """
     if not 0 <= leading_zeros <= 2:
         raise ValueError(f"leading_zeros must be 0, 1 or 2, got {leading_zeros}")
@@ -217,22 +257,21 @@ def causal_conv3x3x3(
         while o < frames_out:
             first = o - leading_zeros  # the input frame under tap 0 of output frame o
             m = 4 if frames_out - o >= 4 else 2 if frames_out - o >= 2 else 1
+            if m == 2 and first < -1:
+                m = 1  # two zero taps: the one real tap alone is cheaper than F(2, 3)
             if first >= 0 and m == 1:
-                # One frame, all three taps on real frames: the 3-D convolution of its window.
-                window = torch.stack([frames.image(first + tap)[0] for tap in range(3)], dim=1)
+                # One frame, all three taps on real frames: the 3-D convolution of its window, gathered
+                # straight into a channels-last buffer.
+                window = scratch.take("window", (1, 3, h, w, c), x)
+                for tap in range(3):
+                    window[0, tap].view(-1).copy_(frames.row(first + tap))
                 y = torch.ops.aten.mkldnn_convolution(
-                    window.unsqueeze(0).contiguous(memory_format=CHANNELS_LAST),
-                    weight,
-                    bias,
-                    (0, 1, 1),
-                    (1, 1, 1),
-                    (1, 1, 1),
-                    1,
+                    window.permute(0, 4, 1, 2, 3), weight, bias, (0, 1, 1), (1, 1, 1), (1, 1, 1), 1
                 )
                 result[o].copy_(y[0, :, 0].permute(1, 2, 0).reshape(-1))
                 o += 1
                 continue
-            if first < 0:
+            if m == 1:
                 # The window reaches into the zero frames: only the taps on real frames, as 2-D convolutions.
                 acc = None
                 for tap in range(-first, 3):
@@ -242,15 +281,21 @@ def causal_conv3x3x3(
                 result[o].copy_(acc.permute(0, 2, 3, 1).reshape(-1))
                 o += 1
                 continue
-            bt, _, at = _TRANSFORMS[m]
-            mixed = frames.mix(_matrix(bt, x), first, scratch.take("mixed", (m + 2, h * w * c), x))
+            # Winograd; input frames before the video's start are zero rows (exact, and fewer
+            # convolutions than treating those output frames one by one).
+            rows = [frames.row(j) for j in range(max(first, 0), first + m + 2)]
+            if first < 0:
+                rows = [x.new_zeros(h * w * c)] * -first + rows
+            mixed = scratch.take("mixed", (m + 2, h * w * c), x)
+            _input_transform(rows, mixed)
             kernels = cache.get(weight, m)
-            products = scratch.take("products", (m + 2, h, w, k), x)
+            products = []
             for p in range(m + 2):
                 image = mixed[p].view(1, h, w, c).permute(0, 3, 1, 2)
                 # Column 1 of A^T is all ones: a bias on product 1 reaches every output frame once.
-                products[p].copy_(_conv2d(image, kernels[p], bias if p == 1 else None)[0].permute(1, 2, 0))
-            torch.mm(_matrix(at, x), products.view(m + 2, -1), out=result[o : o + m])
+                y = _conv2d(image, kernels[p], bias if p == 1 else None)  # (1, K, H, W) channels-last
+                products.append(y[0].permute(1, 2, 0).view(-1))
+            _output_transform(products, result[o : o + m])
             o += m
     return out
 

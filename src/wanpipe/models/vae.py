@@ -290,20 +290,33 @@ class CausalConv3d(nn.Conv3d):
             past = cache.frames.get(self.cache_key)
             if past is not None:
                 time_pad -= past.shape[2]
-            keep = self.time_pad
-            if past is not None and x.shape[2] < keep:
-                cache.frames[self.cache_key] = torch.cat([past, x], dim=2)[:, :, -keep:].clone()
-            else:
-                cache.frames[self.cache_key] = x[:, :, -keep:].clone()
         if fast_conv_applies(x, self.weight, self.stride, self.padding) and self.time_pad == 2:
             # CPU fp32: time-Winograd; past frames and causal zeros are not concatenated (see fastconv).
             scratch = cache.scratch if cache is not None else None
-            return causal_conv3x3x3(x, self.weight, self.bias, self.fast_cache, past, time_pad, scratch)
-        if past is not None:
-            x = torch.cat([past, x], dim=2)
-        if time_pad > 0:
-            x = torch.cat([x.new_zeros(*x.shape[:2], time_pad, *x.shape[3:]), x], dim=2)
-        return self._convolve(x)
+            y = causal_conv3x3x3(x, self.weight, self.bias, self.fast_cache, past, time_pad, scratch)
+        else:
+            xp = x if past is None else torch.cat([past, x], dim=2)
+            if time_pad > 0:
+                xp = torch.cat([xp.new_zeros(*xp.shape[:2], time_pad, *xp.shape[3:]), xp], dim=2)
+            y = self._convolve(xp)
+        if cache is not None and self.time_pad > 0:
+            self._keep_last_frames(x, past, cache)
+        return y
+
+    def _keep_last_frames(self, x: Tensor, past: Tensor | None, cache: CausalCache) -> None:
+        """Cache the last ``time_pad`` input frames for the next chunk, after the convolution has read
+        ``past``: into ``past``'s own memory when it fits (no fresh allocation per chunk)."""
+        keep = self.time_pad
+        if x.shape[2] >= keep:
+            last = x[:, :, -keep:]
+            if past is not None and past.shape == last.shape and past.dtype == last.dtype:
+                past.copy_(last)
+            else:
+                cache.frames[self.cache_key] = last.clone()
+        elif past is not None:
+            cache.frames[self.cache_key] = torch.cat([past, x], dim=2)[:, :, -keep:].clone()
+        else:
+            cache.frames[self.cache_key] = x.clone()
 
     def _convolve(self, x: Tensor) -> Tensor:
         """The convolution. On the CPU in fp32, oneDNN directly: PyTorch's dispatch heuristic sends
