@@ -27,3 +27,4 @@ def test_cpu_bench_runs_both_engines_in_turns(tmp_path: Path) -> None:
     assert set(results["wanpipe"]["stages"]) >= {"text_encode_s", "step_s", "decode_s"}
     written = json.loads(Path(record["path"]).read_text())
     assert written["results"] == results and "alternating" in written["method"]
+    assert written["commit"] and written["versions"]["torch"]  # what was timed: this tree, these kernels

@@ -205,6 +205,40 @@ def _run_interleaved(procs: dict[str, subprocess.Popen[str]], repeats: int) -> N
             raise RuntimeError(f"the {engine} benchmark process failed (exit {proc.returncode})")
 
 
+def _commit() -> str | None:
+    """The source tree's git commit (short), "+dirty" when it has uncommitted changes; None outside git."""
+    root = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of the packages whose kernels are timed."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def run_cpu_bench(
     *,
     steps: int = 8,
@@ -279,6 +313,8 @@ def run_cpu_bench(
     record = {
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)",
         "device": "cpu",
+        "commit": _commit(),
+        "versions": _versions(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_average_after": load,
         "command": "python " + " ".join(sys.argv),
