@@ -35,7 +35,7 @@ from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel, compress_text_padding
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.attention import attention_backend, sdpa_choice
-from wanpipe.runtime.memory import trim_host_memory
+from wanpipe.runtime.memory import configure_host_memory, trim_host_memory
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import make_step_cache
@@ -195,7 +195,9 @@ class WanExecutor:
         self.vae_dtype = vae_dtype
         self.vae_chunk_frames = vae_chunk_frames
         # Speed / memory (wanpipe.runtime.apply_runtime_options): the plain path by default.
-        self.runtime = RuntimeOptions(trim_host_memory=False)
+        self.runtime = RuntimeOptions()
+        if self.device.type == "cpu":
+            configure_host_memory(self.runtime.host_memory)
         self.runner = DiTRunner()
         self.text_cache: TextEmbeddingCache | None = None
         self.offload = None  # a ModelOffload for offload="model"
@@ -300,7 +302,9 @@ class WanExecutor:
             yield
 
     def _trim(self) -> None:
-        if self.runtime.trim_host_memory and self.device.type == "cpu":
+        if self.device.type == "cpu" and (
+            self.runtime.trim_host_memory or self.runtime.host_memory == "lean"
+        ):
             trim_host_memory()
 
     # -- stages -------------------------------------------------------------------------------
