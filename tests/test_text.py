@@ -44,3 +44,33 @@ def test_sentencepiece_fallback(tmp_path: Path) -> None:
     assert len(long) > 11 and out.truncated == [False, True]
     assert out.ids[1].tolist() == long[:11] + [1]  # truncated, the end token kept
     assert out.mask[1].all() and out.ids.dtype == np.int64
+
+
+def test_offline_tokenizer_is_the_same_in_every_process() -> None:
+    """The tiny test models and the demo checkpoint are built on ``train_tokenizer``: it must not change
+    from run to run (``tokenizers``' own Unigram trainer did, and with it a test prompt's tokens)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from tests.tiny import SENTENCES; from wanpipe.demo import train_tokenizer; "
+        "t = train_tokenizer(SENTENCES * 10, vocab_size=96); "
+        "print(t.to_str()); print(t.encode('worst quality, a cat walks on the grass').ids)"
+    )
+    outputs = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert run.returncode == 0, run.stderr
+        outputs.add(run.stdout)
+    assert len(outputs) == 1
+    from wanpipe.demo import train_tokenizer
+
+    tok = train_tokenizer(SENTENCES * 10, vocab_size=96)
+    assert tok.get_vocab_size() <= 96 and tok.token_to_id("<pad>") == 0 and tok.token_to_id("</s>") == 1
+    ids = tok.encode("a cat walks on the grass").ids
+    assert ids[-1] == 1 and tok.token_to_id("\u2581cat") in ids  # whole words are pieces, </s> appended
+    assert tok.encode("zebra\u00e9").ids.count(tok.token_to_id("<unk>")) >= 1  # unseen characters: <unk>

@@ -142,18 +142,42 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
-    """A small UMT5-style tokenizer trained offline with the ``tokenizers`` library: a Unigram model
-    with the sentencepiece Metaspace pre-tokenizer, ``<pad>`` = 0, ``</s>`` = 1 appended to each text."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A small UMT5-style tokenizer made offline with the ``tokenizers`` library: a Unigram model with
+    the sentencepiece Metaspace pre-tokenizer, ``<pad>`` = 0, ``</s>`` = 1 appended to each text.
 
-    tok = Tokenizer(models.Unigram())
+    The vocabulary is counted, not trained: ``tokenizers``' Unigram trainer is not deterministic (its
+    pieces and scores change from run to run, and so did the tokens of a test prompt, and with them
+    every tiny test model built on it). Here: the special tokens, every character of the corpus, then the
+    most frequent whole words, each scored by its log frequency; ties go by the text. The same corpus
+    always gives the same tokenizer.
+    """
+    import math
+    import unicodedata
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    words: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
+    for text in corpus:
+        for word in unicodedata.normalize("NFKC", text).split():
+            piece = "\u2581" + word  # the Metaspace form of a word
+            words[piece] += 1
+            chars.update(piece)
+    total = sum(words.values()) + sum(chars.values())
+    # Characters first (every text can be spelled), scored low so that whole words win where they exist.
+    vocab = [
+        (c, math.log(n / total) - 10.0) for c, n in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    room = max(0, vocab_size - len(specials) - len(vocab))
+    ranked = sorted(((w, n) for w, n in words.items() if len(w) > 1), key=lambda kv: (-kv[1], kv[0]))
+    vocab += [(w, math.log(n / total)) for w, n in ranked[:room]]
+    tok = Tokenizer(models.Unigram([(t, 0.0) for t in specials] + vocab, unk_id=2, byte_fallback=False))
+    tok.add_special_tokens(specials)
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
-    )
-    tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )
