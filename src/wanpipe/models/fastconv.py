@@ -234,8 +234,8 @@ def causal_conv3x3x3(
     The input frames are ``leading_zeros`` zero frames (the causal padding of a video's start, not
     materialised), then ``past`` (B, C, P, H, W) (the frames cached from the previous chunk), then x
     (B, C, T, H, W); any layout. weight (K, C, 3, 3, 3); bias (K,) | None -> (B, K, Z + P + T - 2, H, W),
-    channels-last. Output frames come four at a time by F(4, 3), two by F(2, 3), a last single one
-    directly; those whose window reaches into the zero frames use only the taps on real frames.
+    channels-last. Output frames come four at a time by F(4, 3), two by F(2, 3) (causal zeros enter
+    as zero frames), a last single one directly (with only its taps on real frames if it has zeros).
     """
     if not 0 <= leading_zeros <= 2:
         raise ValueError(f"leading_zeros must be 0, 1 or 2, got {leading_zeros}")
@@ -257,13 +257,8 @@ def causal_conv3x3x3(
         while o < frames_out:
             first = o - leading_zeros  # the input frame under tap 0 of output frame o
             m = 4 if frames_out - o >= 4 else 2 if frames_out - o >= 2 else 1
-            if first < 0:
-                # The window reaches into the causal zeros (a video's first frames): one frame at a time,
-                # only the taps on real frames. Zero frames fed through F(m, 3) are exact in real
-                # arithmetic and saved ~1% of the convolutions, but made one tiny random test model's last
-                # frame differ from diffusers by 7.6e-3 in about half of the runs (cause not found; every
-                # convolution itself checked within 1e-5 of F.conv3d), so it is not used.
-                m = 1
+            if m == 2 and first < -1:
+                m = 1  # two zero taps: the one real tap alone is cheaper than F(2, 3)
             if first >= 0 and m == 1:
                 # One frame, all three taps on real frames: the 3-D convolution of its window, gathered
                 # straight into a channels-last buffer.
@@ -286,8 +281,13 @@ def causal_conv3x3x3(
                 result[o].copy_(acc.permute(0, 2, 3, 1).reshape(-1))
                 o += 1
                 continue
+            # Winograd; input frames before the video's start are zero rows (exact, and fewer
+            # convolutions than treating those output frames one by one).
+            rows = [frames.row(j) for j in range(max(first, 0), first + m + 2)]
+            if first < 0:
+                rows = [x.new_zeros(h * w * c)] * -first + rows
             mixed = scratch.take("mixed", (m + 2, h * w * c), x)
-            _input_transform([frames.row(first + i) for i in range(m + 2)], mixed)
+            _input_transform(rows, mixed)
             kernels = cache.get(weight, m)
             products = []
             for p in range(m + 2):
