@@ -58,3 +58,16 @@ def test_bad_host_memory_mode_is_refused() -> None:
         RuntimeOptions(host_memory="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="host_memory must be one of"):
         configure_host_memory("fast")
+
+
+def test_host_memory_flag() -> None:
+    import argparse
+
+    from wanpipe.runtime import add_runtime_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_runtime_arguments(parser)
+    assert options_from_args(parser.parse_args([])).host_memory == "cache"
+    assert options_from_args(parser.parse_args(["--host-memory", "lean"])).host_memory == "lean"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--host-memory", "fast"])

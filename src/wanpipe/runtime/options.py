@@ -146,6 +146,13 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="the DiT's attention kernel (all exact; default: PyTorch's choice, reported in the timings)",
     )
     g.add_argument(
+        "--host-memory",
+        choices=("cache", "lean", "system"),
+        default="cache",
+        help="CPU: keep freed host memory for reuse (cache, default: no page faults), give it back at "
+        "once (lean: lowest RSS, slower), or leave glibc alone (system)",
+    )
+    g.add_argument(
         "--no-compress-text",
         dest="compress_text",
         action="store_false",
@@ -170,6 +177,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         compress_text=bool(getattr(args, "compress_text", True)),
         attention_backend=getattr(args, "attention_backend", "auto") or "auto",
         text_cache_size=32 if getattr(args, "text_cache_size", None) is None else args.text_cache_size,
+        host_memory=getattr(args, "host_memory", "cache") or "cache",
     )
 
 
