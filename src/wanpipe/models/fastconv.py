@@ -18,8 +18,7 @@ in fp32 the result differs from the direct convolution by rounding (about 1e-6 r
 Everything here runs in the channels-last layout ((B, T, H, W, C) in memory), where a frame is one
 contiguous block: the frame transforms are then a few frame-wide additions (shared terms, as in
 Lavin & Gray's transforms written out) and oneDNN's channels-last kernels are the fastest on this kind
-of CPU. Outputs are channels-last 3-D tensors; values do not
-depend on the layout.
+of CPU. Outputs are channels-last 3-D tensors; values do not depend on the layout.
 """
 
 from __future__ import annotations
@@ -231,8 +230,8 @@ def causal_conv3x3x3(
 ) -> Tensor:
     """A ``3 x 3 x 3`` convolution, stride 1, spatial padding 1, no time padding, by time-Winograd.
 
-    The input frames are ``leading_zeros`` zero frames (the causal padding of a video's start, not
-    materialised), then ``past`` (B, C, P, H, W) (the frames cached from the previous chunk), then x
+    The input frames are ``leading_zeros`` zero frames (the causal padding of a video's start, never
+    concatenated), then ``past`` (B, C, P, H, W) (the frames cached from the previous chunk), then x
     (B, C, T, H, W); any layout. weight (K, C, 3, 3, 3); bias (K,) | None -> (B, K, Z + P + T - 2, H, W),
     channels-last. Output frames come four at a time by F(4, 3), two by F(2, 3) (causal zeros enter
     as zero frames), a last single one directly (with only its taps on real frames if it has zeros).
