@@ -27,7 +27,6 @@ _M_MMAP_THRESHOLD = -3
 DEFAULT_MMAP_THRESHOLD = 128 * 1024
 
 _libc: ctypes.CDLL | None = None
-_tuned = False
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -53,14 +52,12 @@ def tune_host_allocator(
     """Serve allocations above ``mmap_threshold`` bytes from their own mappings (returned at free) and
     shrink the heap when more than ``trim_threshold`` (default: the same) is free at its top.
     Process-wide (and it ends glibc's dynamic threshold); returns whether it was applied."""
-    global _tuned
     libc = _glibc()
     if libc is None:
         return False
     ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)))
     trim = mmap_threshold if trim_threshold is None else trim_threshold
     ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, int(trim))) and ok
-    _tuned = _tuned or ok
     return ok
 
 
