@@ -360,7 +360,7 @@ def _generate_worker(rank: int, world: int, port: int, ckpt: str, outdir: str) -
 
     join_world(rank, world, port)
     from wanpipe.cli import main
-    from wanpipe.parallel import ParallelConfig, ParallelMesh
+    from wanpipe.parallel import ParallelConfig
     from wanpipe.pipeline import WanPipeline
 
     results: dict[str, object] = {}
@@ -373,16 +373,19 @@ def _generate_worker(rank: int, world: int, port: int, ckpt: str, outdir: str) -
             code = main(generate_argv(ckpt, str(Path(outdir, "bad")), "--ulysses", "3"))
         results["bad"] = [code, err.getvalue()]
         pipe = WanPipeline.from_pretrained(ckpt, device="cpu", dtype="float32")
-        heads = pipe.executor.transformer.config.num_attention_heads
         for name, (ulysses, ring, cfg) in GENERATE_LAYOUTS.items():
-            config = ParallelConfig(ulysses=ulysses, ring=ring, cfg_parallel=cfg)
-            pipe.executor.parallel = ParallelMesh.build(config, num_heads=heads)
+            pipe.enable_parallel(ParallelConfig(ulysses=ulysses, ring=ring, cfg_parallel=cfg))
             video = pipe.generate(**GENERATE_KW, progress=False)
             np.save(Path(outdir, f"{name}-{rank}.npy"), video.frames)
             results[f"seed/{name}"] = video.seed
         # Rank 1 without a text encoder: rank 0 encodes the prompts and broadcasts the embeddings.
-        lean = WanPipeline.from_pretrained(ckpt, device="cpu", dtype="float32", load_text_encoder=rank == 0)
-        lean.executor.parallel = ParallelMesh.build(ParallelConfig(ulysses=2), num_heads=heads)
+        lean = WanPipeline.from_pretrained(
+            ckpt,
+            device="cpu",
+            dtype="float32",
+            load_text_encoder=rank == 0,
+            parallel=ParallelConfig(ulysses=2),
+        )
         results["lean/text_encoder"] = lean.executor.text_encoder is not None
         results["lean/params"] = [_param_count(pipe), _param_count(lean)]
         video = lean.generate(**GENERATE_KW, progress=False)
@@ -391,7 +394,7 @@ def _generate_worker(rank: int, world: int, port: int, ckpt: str, outdir: str) -
         # --vae-parallel: bands of latent rows decoded per rank; a halo of 4 covers the 4 rows of a
         # 32x32 video (exact), a halo of 0 does not (an approximation at the band edge).
         for halo in VAE_HALOS:
-            lean.executor.vae_halo = halo
+            lean.enable_parallel(ParallelConfig(ulysses=2), vae_halo=halo)
             video = lean.generate(**GENERATE_KW, seed=11, progress=False)
             np.save(Path(outdir, f"vae-halo{halo}-{rank}.npy"), video.frames)
         dist.barrier()

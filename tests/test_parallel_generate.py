@@ -18,6 +18,7 @@ from PIL import Image
 
 from tests import parallel_workers as workers
 from wanpipe.cli import main
+from wanpipe.context import WanRequest
 
 FRAMES_TOL = 1e-4
 
@@ -148,24 +149,29 @@ def test_bad_vae_halo_exits_2(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.Ca
 
 def test_parallel_refuses_compile_offload_block_and_step_cache(wan_pipe) -> None:
     """In one process (a mesh of one): refused combinations fail before any work, with the flags named."""
-    from wanpipe.parallel import ParallelConfig, ParallelMesh
-    from wanpipe.runtime.runner import DiTRunner
+    from wanpipe.parallel import ParallelConfig
+    from wanpipe.runtime import RuntimeOptions
 
     executor = wan_pipe.executor
-    runner, runtime = executor.runner, executor.runtime
+    runtime = executor.runtime
     try:
-        executor.parallel = ParallelMesh.build(ParallelConfig())
-        executor.check_parallel()
+        wan_pipe.enable_parallel(ParallelConfig())
         video = wan_pipe.generate(**workers.GENERATE_KW, seed=3, progress=False)
-        executor.parallel = None
+        wan_pipe.enable_parallel(None)
         plain = wan_pipe.generate(**workers.GENERATE_KW, seed=3, progress=False)
         assert np.abs(video.frames - plain.frames).max() <= FRAMES_TOL
-        executor.parallel = ParallelMesh.build(ParallelConfig())
-        executor.runner = DiTRunner(streamer=object())  # type: ignore[arg-type]
+        wan_pipe.set_runtime(RuntimeOptions(offload="block"))
         with pytest.raises(ValueError, match=r"does not combine with --offload block yet"):
-            executor.check_parallel()
-        executor.runner = runner
+            wan_pipe.enable_parallel(ParallelConfig())
+        wan_pipe.set_runtime(RuntimeOptions(compile=True))
+        with pytest.raises(ValueError, match=r"does not combine with --compile yet"):
+            wan_pipe.enable_parallel(ParallelConfig())
+        wan_pipe.set_runtime(runtime)
+        wan_pipe.enable_parallel(ParallelConfig())
         with pytest.raises(ValueError, match=r"does not combine with a step cache"):
             wan_pipe.generate(**workers.GENERATE_KW, seed=3, residual_threshold=0.1, progress=False)
+        with pytest.raises(ValueError, match=r"does not combine with a step cache"):
+            wan_pipe.check(WanRequest(prompt="a cat", residual_threshold=0.1))
     finally:
-        executor.parallel, executor.runner, executor.runtime = None, runner, runtime
+        wan_pipe.enable_parallel(None)
+        wan_pipe.set_runtime(runtime)

@@ -132,10 +132,11 @@ def _child(engine: str, folder: str, request: dict[str, Any], options: dict[str,
             return np.asarray(pipe(generator=g, output_type="np", **kw).frames[0])
     else:
         from wanpipe import WanPipeline
-        from wanpipe.runtime import RuntimeOptions, apply_runtime_options
+        from wanpipe.runtime import RuntimeOptions
 
-        pipe = WanPipeline.from_pretrained(folder, device="cpu", dtype="float32")
-        apply_runtime_options(pipe, RuntimeOptions(**options))
+        pipe = WanPipeline.from_pretrained(
+            folder, device="cpu", dtype="float32", runtime=RuntimeOptions(**options)
+        )
 
         def generate() -> np.ndarray:
             video = pipe.generate(seed=seed, progress=False, **kw)

@@ -248,13 +248,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate(
     args: argparse.Namespace, parallel: ParallelConfig | None = None, rank_device: torch.device | None = None
 ) -> int:
-    """The generation itself; ``parallel``: the layout of a torch.distributed run (or None),
-    ``rank_device``: this rank's device from ``init_distributed`` (used unless --device is given)."""
+    """The generation itself, through ``WanPipeline.generate`` as from Python; ``parallel``: the layout
+    of a torch.distributed run (or None), ``rank_device``: this rank's device from ``init_distributed``
+    (used unless --device is given)."""
     import torch.distributed as dist
 
     from wanpipe.context import InvalidRequestError, WanRequest
-    from wanpipe.media import Video, output_format_for
-    from wanpipe.pipeline import WanOutOfMemoryError, WanPipeline, shared_seed
+    from wanpipe.media import output_format_for
+    from wanpipe.pipeline import WanOutOfMemoryError, WanPipeline
     from wanpipe.weights.safetensors_io import CheckpointError
 
     first = parallel is None or not dist.is_initialized() or dist.get_rank() == 0  # prints and writes
@@ -280,22 +281,25 @@ def _generate(
 
     import torch
 
-    from wanpipe.pipeline import default_device, parse_dtype
-    from wanpipe.runtime.options import apply_runtime_options, options_from_args
+    from wanpipe.pipeline import default_device
+    from wanpipe.runtime.options import options_from_args
 
     t0 = time.perf_counter()
     try:
-        runtime = options_from_args(args)
         if args.device is not None:
             device = torch.device(args.device)
         else:
             device = rank_device if rank_device is not None else default_device()
-        dtype = parse_dtype(args.dtype, device)
-        # With offload the weights load into host memory and only visit the device while they run.
-        load_device = "cpu" if runtime.offload != "none" else device
         # Under torchrun rank 0 alone encodes the prompts (and broadcasts them): the others skip UMT5.
         options = dict(
-            device=load_device, dtype=dtype, experts=args.experts, fp8=args.fp8, load_text_encoder=first
+            device=device,
+            dtype=args.dtype,
+            experts=args.experts,
+            fp8=args.fp8,
+            load_text_encoder=first,
+            runtime=options_from_args(args),
+            parallel=parallel,
+            vae_halo=vae_halo(args) if parallel is not None else None,
         )
         if model is None:
             if args.sigma_grid is not None:
@@ -319,19 +323,11 @@ def _generate(
                 print(
                     f"LoRA {report.name}: {len(report.unmatched)} keys matched no layer: {report.unmatched[:10]}"
                 )
-        apply_runtime_options(pipe, runtime, device=device)
-        if parallel is not None:
-            from wanpipe.parallel.mesh import ParallelMesh
-
-            heads = pipe.executor.transformer.config.num_attention_heads
-            pipe.executor.parallel = ParallelMesh.build(parallel, num_heads=heads)
-            pipe.executor.vae_halo = vae_halo(args)
-            pipe.executor.check_parallel()
     except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     load_s = time.perf_counter() - t0
 
-    request = WanRequest(
+    params = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         height=args.height,
@@ -340,7 +336,7 @@ def _generate(
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         flow_shift=args.flow_shift,
-        seed=shared_seed(args.seed),
+        seed=args.seed,
         guidance_scale_2=args.guidance_scale_2,
         image=args.image,
         last_image=args.last_image,
@@ -350,32 +346,32 @@ def _generate(
         cfg_truncation=args.cfg_truncation,
     )
     try:
-        context = pipe.tokenizer.make_context(request)
-        output_format_for(output, context.num_frames)
-        pipe.executor.check_parallel(pipe.executor.prepare_inputs([context]))
+        resolved = pipe.check(WanRequest(**params))
+        output_format_for(output, resolved.num_frames)
     except (InvalidRequestError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     try:
-        frames, timings = pipe.run_contexts([context], progress=first and not args.no_progress)
+        video = pipe.generate(**params, progress=first and not args.no_progress)
     except WanOutOfMemoryError as e:
         return _fail(str(e), EXIT_FAILED)
     if not first:
         return 0  # rank 0 writes the video; every rank holds the same frames
-    video = Video(frames=frames[0], fps=context.fps, seed=context.seed)
     t1 = time.perf_counter()
     path = video.save(output)
     save_s = time.perf_counter() - t1
     print(
         f"wrote {path} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps:g} fps, "
-        f"seed {context.seed})"
+        f"seed {video.seed})"
     )
+    t = video.timings
     print(
-        f"timings: load {load_s:.2f} s, text encode {timings.text_encode_s:.2f} s, "
-        f"denoise {timings.denoise_s:.2f} s ({timings.denoise_s / context.num_inference_steps:.3f} s/step), "
-        f"decode {timings.decode_s:.2f} s, save {save_s:.2f} s"
-        + (f", compile {timings.compile_s:.2f} s" if timings.compile_s else "")
-        + (f"; {timings.skipped_steps} steps skipped by the step cache" if timings.skipped_steps else "")
-        + (f"; attention {timings.attention}" if timings.attention else "")
+        f"timings: load {load_s:.2f} s, text encode {t['text_encode_s']:.2f} s, "
+        f"condition {t['condition_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
+        f"({t['denoise_s'] / resolved.num_inference_steps:.3f} s/step), "
+        f"decode {t['decode_s']:.2f} s, save {save_s:.2f} s"
+        + (f", compile {t['compile_s']:.2f} s" if t["compile_s"] else "")
+        + (f"; {t['skipped_steps']} steps skipped by the step cache" if t["skipped_steps"] else "")
+        + (f"; attention {t['attention']}" if t["attention"] else "")
     )
     return 0
 

@@ -2,7 +2,9 @@
 
 ``WanRequest`` is what a user (Python, CLI or HTTP) asks for, with ``None`` for "use the default".
 ``WanContext`` is one validated request's state as the executor consumes it: token ids, the schedule
-with its precomputed step coefficients, the initial noise, the resolved sizes and the status.
+with its precomputed step coefficients, the initial noise, the resolved sizes, the preprocessed
+images/video (:class:`ConditioningInputs`), the opt-in approximations (:class:`Approximations`) and
+the status.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from wanpipe.schedulers import Schedule
 
 
 class GenerationStatus(enum.StrEnum):
@@ -56,12 +60,47 @@ class WanRequest:
     cfg_truncation: float | None = None  # stop guidance after this fraction of the steps
 
 
+@dataclass(frozen=True)
+class ConditioningInputs:
+    """A request's images and video, preprocessed for the executor (None: not given).
+
+    condition_pixels (K, 3, H, W) float32 in [-1, 1]: the first (and last) frame at the output size;
+    clip_pixels (K, 3, S, S) float32: the same images as CLIP sees them (Wan 2.1 I2V / FLF2V);
+    video_pixels (3, F, H, W) float32 in [-1, 1]: the video-to-video input; strength: how much of it
+    is re-noised."""
+
+    condition_pixels: np.ndarray | None = None
+    clip_pixels: np.ndarray | None = None
+    video_pixels: np.ndarray | None = None
+    strength: float | None = None
+
+    @property
+    def shapes(self) -> tuple:
+        """What a batch must share: the shapes of the arrays given."""
+        return tuple(
+            None if a is None else a.shape
+            for a in (self.condition_pixels, self.clip_pixels, self.video_pixels)
+        )
+
+
+@dataclass(frozen=True)
+class Approximations:
+    """Opt-in approximations of one request (None: the runtime options' default, off unless set).
+
+    residual_threshold: the step cache's threshold (skip the DiT while its input changes less);
+    cfg_truncation: the fraction of the steps that run classifier-free guidance."""
+
+    residual_threshold: float | None = None
+    cfg_truncation: float | None = None
+
+
 @dataclass
 class WanContext:
-    """One request's state, as the executor reads it (MAX's ``WanContext``, text-to-video subset).
+    """One request's state, as the executor reads it (MAX's ``WanContext``).
 
     Shapes: tokens/mask (L,), negative_tokens/negative_mask (L,) or None when no classifier-free
-    guidance is done, timesteps (N,), sigmas (N+1,), step_coefficients (N, K), latents (C, f, h, w).
+    guidance is done, latents (C, f, h, w) the initial noise; ``schedule`` holds timesteps (N,), sigmas
+    (N+1,) and step_coefficients (N, K) (also readable under MAX's flat names).
     """
 
     request_id: str
@@ -70,9 +109,7 @@ class WanContext:
     negative_tokens: np.ndarray | None
     negative_mask: np.ndarray | None
     explicit_negative_prompt: bool
-    timesteps: np.ndarray
-    sigmas: np.ndarray
-    step_coefficients: np.ndarray
+    schedule: Schedule
     latents: np.ndarray
     height: int
     width: int
@@ -81,19 +118,24 @@ class WanContext:
     guidance_scale: float
     flow_shift: float
     seed: int
-    output_format: str = "mp4"
     fps: int = 16
     guidance_scale_2: float | None = None
     boundary_timestep: float | None = None
-    strength: float | None = None
-    input_image: np.ndarray | None = None  # (H0, W0, 3) uint8: the first frame as given
-    input_images: list[np.ndarray] | None = None  # first (and last) frame as given, uint8
-    condition_pixels: np.ndarray | None = None  # (K, 3, H, W) float32 in [-1, 1]: the images at the size
-    clip_pixels: np.ndarray | None = None  # (K, 3, S, S) float32: the images as CLIP sees them
-    video_pixels: np.ndarray | None = None  # (3, F, H, W) float32 in [-1, 1]: video-to-video input
+    conditioning: ConditioningInputs = field(default_factory=ConditioningInputs)
+    approximations: Approximations = field(default_factory=Approximations)
     status: GenerationStatus = GenerationStatus.ACTIVE
-    residual_threshold: float | None = None  # step cache threshold (None: the runtime default)
-    cfg_truncation: float | None = None  # fraction of the steps with guidance (None: the runtime default)
+
+    @property
+    def timesteps(self) -> np.ndarray:
+        return self.schedule.timesteps
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        return self.schedule.sigmas
+
+    @property
+    def step_coefficients(self) -> np.ndarray:
+        return self.schedule.step_coefficients
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -103,20 +145,14 @@ class WanContext:
     @property
     def batch_key(self) -> tuple:
         """Contexts with equal keys can run together in one executor batch."""
-
-        def shape(a: np.ndarray | None) -> tuple | None:
-            return None if a is None else a.shape
-
         return (
             self.latents.shape,
             self.num_frames,
             self.num_inference_steps,
+            self.schedule.kind,
             self.timesteps.tobytes(),
             self.step_coefficients.tobytes(),
             self.boundary_timestep,
-            shape(self.condition_pixels),
-            shape(self.clip_pixels),
-            shape(self.video_pixels),
-            self.residual_threshold,
-            self.cfg_truncation,
+            self.conditioning.shapes,
+            self.approximations,
         )

@@ -9,14 +9,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from wanpipe.config import WanArchConfig
-from wanpipe.context import GenerationStatus, WanContext, WanRequest
-from wanpipe.executor import Experts, Timings, WanExecutor
+from wanpipe.context import Approximations, GenerationStatus, WanContext, WanRequest
+from wanpipe.executor import Timings, WanExecutor
 from wanpipe.media import Video
 from wanpipe.models.image_encoder import (
     WanImageEncoder,
@@ -33,6 +33,8 @@ from wanpipe.models.text_encoder import (
 )
 from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
 from wanpipe.models.vae import WanVAE
+from wanpipe.runtime.options import RuntimeOptions
+from wanpipe.stages.experts import Experts
 from wanpipe.tokenizer import WanTokenizer
 from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
 from wanpipe.weights.fp8 import check_fp8_mode, dit_fp8_state, use_fp8_linears
@@ -40,6 +42,9 @@ from wanpipe.weights.loader import load_weights
 from wanpipe.weights.lora import LoraManager, LoraReport
 from wanpipe.weights.safetensors_io import CheckpointError
 from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED
+
+if TYPE_CHECKING:
+    from wanpipe.parallel.mesh import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +131,9 @@ class WanPipeline:
         fp8: str | None = None,
         sigma_grid: str | None = None,
         load_text_encoder: bool = True,
+        runtime: RuntimeOptions | None = None,
+        parallel: ParallelConfig | None = None,
+        vae_halo: int | None = None,
     ) -> WanPipeline:
         """Load a Wan checkpoint from a local folder or a hub id: the diffusers layout
         (``model_index.json``) or an original Wan repository (``config.json``, ``Wan2.1_VAE.pth``,
@@ -140,8 +148,13 @@ class WanPipeline:
         or "original" (default: "diffusers" for the diffusers layout, "original" for original folders).
         ``load_text_encoder=False`` skips the UMT5 encoder (its weights are never read; the tokenizer
         is still loaded): for the ranks other than 0 of a parallel run, where rank 0 encodes the
-        prompts and broadcasts the embeddings (``executor.parallel``); such a pipeline cannot
-        generate on its own.
+        prompts and broadcasts the embeddings; such a pipeline cannot generate on its own.
+
+        ``runtime``: how it runs (:class:`~wanpipe.runtime.options.RuntimeOptions`: compile, offload,
+        step caches, ...; default the plain path); with offload the weights load into host memory and
+        visit ``device`` only while they run. ``parallel``: the layout of a torch.distributed run
+        (:class:`~wanpipe.parallel.mesh.ParallelConfig`, checked against the world and the model's
+        heads), with ``vae_halo`` latent rows for a decode split by bands (None: whole on every rank).
         """
         arch, weights = open_checkpoint(
             path_or_id, sigma_grid=sigma_grid, revision=revision, cache_dir=cache_dir
@@ -155,6 +168,9 @@ class WanPipeline:
             experts=experts,
             fp8=fp8,
             load_text_encoder=load_text_encoder,
+            runtime=runtime,
+            parallel=parallel,
+            vae_halo=vae_halo,
         )
 
     @classmethod
@@ -175,6 +191,9 @@ class WanPipeline:
         sigma_grid: str = "original",
         num_heads: int | None = None,
         load_text_encoder: bool = True,
+        runtime: RuntimeOptions | None = None,
+        parallel: ParallelConfig | None = None,
+        vae_halo: int | None = None,
     ) -> WanPipeline:
         """Load one file per component (ComfyUI's repackaged files, the original repositories' files):
         diffusers or original names, with or without wrapper prefixes (``model.diffusion_model.``),
@@ -184,7 +203,7 @@ class WanPipeline:
         low-noise expert. ``tokenizer`` is a folder or a hub id (default ``google/umt5-xxl``, fetched with
         ``huggingface_hub``). ``num_heads`` overrides the head count (default: width / 128, as in every
         released Wan DiT). The scheduler is the original repositories' UniPC with their shift.
-        ``load_text_encoder``: as in :meth:`from_pretrained`.
+        ``load_text_encoder``, ``runtime``, ``parallel``, ``vae_halo``: as in :meth:`from_pretrained`.
         """
         arch, weights = single_file_weights(
             transformer=transformer,
@@ -205,6 +224,9 @@ class WanPipeline:
             experts=experts,
             fp8=fp8,
             load_text_encoder=load_text_encoder,
+            runtime=runtime,
+            parallel=parallel,
+            vae_halo=vae_halo,
         )
 
     @classmethod
@@ -219,11 +241,22 @@ class WanPipeline:
         experts: str = "resident",
         fp8: str | None = None,
         load_text_encoder: bool = True,
+        runtime: RuntimeOptions | None = None,
+        parallel: ParallelConfig | None = None,
+        vae_halo: int | None = None,
     ) -> WanPipeline:
         """Build every module on the meta device and assign the weights of ``weights`` (runtime names);
         without ``load_text_encoder`` the executor gets no text encoder (see :meth:`from_pretrained`)."""
-        device = torch.device(device) if device is not None else default_device()
-        dtype = parse_dtype(dtype, device)
+        runtime = runtime or RuntimeOptions()
+        compute = torch.device(device) if device is not None else default_device()
+        dtype = parse_dtype(dtype, compute)
+        # With offload the weights load into host memory and only visit the device while they run.
+        device = torch.device("cpu") if runtime.offload != "none" else compute
+        mesh = None
+        if parallel is not None:
+            from wanpipe.parallel.mesh import ParallelMesh
+
+            mesh = ParallelMesh.build(parallel, num_heads=arch.transformer.num_attention_heads)
         vae_dtype = parse_dtype(vae_dtype, torch.device("cpu"))
         if experts not in ("resident", "swap"):
             raise ValueError(f"experts must be 'resident' or 'swap', got {experts!r}")
@@ -305,11 +338,31 @@ class WanPipeline:
             vae,
             image_encoder=image_encoder,
             expand_timesteps=arch.expand_timesteps,
-            device=device,
+            device=compute,
             dtype=dtype,
             vae_dtype=vae_dtype,
+            runtime=runtime,
+            parallel=mesh,
+            vae_halo=vae_halo,
         )
         return cls(arch, WanTokenizer(arch, text_tokenizer), executor)
+
+    # -- how it runs ------------------------------------------------------------------------------
+    def set_runtime(self, options: RuntimeOptions, *, device: str | torch.device | None = None) -> None:
+        """Run with ``options`` from now on (see :meth:`WanExecutor.set_runtime`)."""
+        self.executor.set_runtime(options, device=device)
+
+    def enable_parallel(self, parallel: ParallelConfig | None, *, vae_halo: int | None = None) -> None:
+        """Share every DiT forward across the ranks of a torch.distributed run laid out as ``parallel``
+        (None: one process again); ``vae_halo`` as in :meth:`from_pretrained`. Every rank calls it."""
+        mesh = None
+        if parallel is not None:
+            from wanpipe.parallel.mesh import ParallelMesh
+
+            mesh = ParallelMesh.build(
+                parallel, num_heads=self.executor.transformer.config.num_attention_heads
+            )
+        self.executor.enable_parallel(mesh, vae_halo=vae_halo)
 
     # -- LoRA -------------------------------------------------------------------------------------
     def load_lora(
@@ -397,6 +450,15 @@ class WanPipeline:
             cfg_truncation=cfg_truncation,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
+
+    def check(self, request: WanRequest) -> WanRequest:
+        """Validate ``request`` without running it (the CLI's early exit): -> the resolved request
+        (every default filled in, a seed drawn, images read; :meth:`WanTokenizer.resolve`). Raises
+        InvalidRequestError for a bad value, ValueError for what this pipeline's parallel run does not
+        combine with (a step cache)."""
+        resolved = self.tokenizer.resolve(request)
+        self.executor.check_parallel(Approximations(resolved.residual_threshold, resolved.cfg_truncation))
+        return resolved
 
     def generate_batch(
         self,

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import secrets
+from dataclasses import replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from wanpipe.config import WanArchConfig
-from wanpipe.context import InvalidRequestError, WanContext, WanRequest
+from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestError, WanContext, WanRequest
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.models.text_encoder import WanTextTokenizer
@@ -56,7 +57,12 @@ def _optional_fraction(value: Any, name: str, upper: float) -> float | None:
 
 
 class WanTokenizer:
-    """Request -> WanContext: validation, prompt tokens, schedule with step coefficients, noise."""
+    """Request -> WanContext: validation, prompt tokens, schedule with step coefficients, noise.
+
+    Two steps, so that a server can do the first at submit time and the second in its worker:
+    :meth:`resolve` validates a request and fills in every default (seed drawn, images and video read),
+    without tokens or noise; :meth:`make_context` turns a (resolved or not) request into its context.
+    """
 
     def __init__(self, arch: WanArchConfig, text_tokenizer: WanTextTokenizer):
         self.arch = arch
@@ -66,7 +72,14 @@ class WanTokenizer:
         """MAX's entry point; the work is synchronous CPU work (see :meth:`make_context`)."""
         return self.make_context(request)
 
-    def make_context(self, request: WanRequest) -> WanContext:
+    # -- resolve: validate and fill in ------------------------------------------------------------
+    def resolve(self, request: WanRequest) -> WanRequest:
+        """Validate ``request`` and fill in every default: a request with every size, step count,
+        guidance, shift and seed set (a seed drawn when none is given), images read into uint8 arrays
+        and a video into a uint8 (F, H, W, 3) array, its frame count settled. No tokens, no noise.
+
+        Raises :class:`InvalidRequestError` naming the field. Resolving a resolved request gives it back
+        unchanged (the same values, the same seed)."""
         arch, defaults = self.arch, self.arch.defaults
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise InvalidRequestError("prompt must be a non-empty string", "prompt")
@@ -115,60 +128,49 @@ class WanTokenizer:
                 f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {request.output_format!r}",
                 "output_format",
             )
-
-        conditioning = self._conditioning(request, height, width, num_frames)
-        num_frames = conditioning.pop("num_frames")
-        guidance_2, boundary = self._experts(request, guidance)
-        start_step, strength = self._start_step(request, steps)
-
-        shape = (
-            arch.transformer.out_channels,
-            (num_frames - 1) // stride + 1,
-            height // arch.vae.spatial_stride,
-            width // arch.vae.spatial_stride,
+        media = self._media(request, num_frames)
+        strength = self._strength(request, steps)
+        latents = (
+            None
+            if request.latents is None
+            else self._latents(request.latents, media["num_frames"], height, width)
         )
-        latents = self._latents(request.latents, seed, shape)
-
-        do_cfg = guidance > 1.0
-        prompts = [request.prompt] + ([request.negative_prompt or defaults.negative_prompt] if do_cfg else [])
-        tokens = self.text_tokenizer(prompts)
-        if tokens.truncated[0]:
-            logger.warning(
-                "the prompt is longer than %d tokens and was truncated (the reference does the same)",
-                self.text_tokenizer.max_length,
-            )
-        schedule = make_schedule(arch.scheduler, steps, flow_shift=flow_shift, start_step=start_step)
-        return WanContext(
-            request_id=request.request_id,
-            tokens=tokens.ids[0],
-            mask=tokens.mask[0],
-            negative_tokens=tokens.ids[1] if do_cfg else None,
-            negative_mask=tokens.mask[1] if do_cfg else None,
-            explicit_negative_prompt=request.negative_prompt is not None,
-            timesteps=schedule.timesteps,
-            sigmas=schedule.sigmas,
-            step_coefficients=schedule.step_coefficients,
+        return replace(
+            request,
             latents=latents,
             height=height,
             width=width,
-            num_frames=num_frames,
             num_inference_steps=steps,
             guidance_scale=guidance,
+            guidance_scale_2=self._guidance_2(request, guidance),
             flow_shift=flow_shift,
             seed=seed,
-            output_format=request.output_format,
-            fps=arch.defaults.fps,
-            guidance_scale_2=guidance_2,
-            boundary_timestep=boundary,
             strength=strength,
             residual_threshold=_optional_fraction(request.residual_threshold, "residual_threshold", 1e9),
             cfg_truncation=_optional_fraction(request.cfg_truncation, "cfg_truncation", 1.0),
-            **conditioning,
+            **media,
         )
 
-    # -- conditioning inputs -------------------------------------------------------------------
-    def _conditioning(self, request: WanRequest, height: int, width: int, num_frames: int) -> dict[str, Any]:
-        """Validate and preprocess image / last_image / video; returns the context fields."""
+    def batch_key(self, request: WanRequest) -> tuple:
+        """What requests must share to run as one executor batch, from a :meth:`resolve`'d request:
+        equal keys give contexts with equal :attr:`WanContext.batch_key`."""
+        return (
+            request.height,
+            request.width,
+            request.num_frames,
+            request.num_inference_steps,
+            request.flow_shift,
+            request.strength,
+            request.image is not None,
+            request.last_image is not None,
+            request.video is not None,
+            request.residual_threshold,
+            request.cfg_truncation,
+        )
+
+    def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:
+        """Validate image / last_image / video against the checkpoint and read them: the request's
+        ``image``, ``last_image`` (uint8 (H, W, 3)), ``video`` (uint8 (F, H, W, 3)) and ``num_frames``."""
         arch, name = self.arch, self.arch.variant.name
         out: dict[str, Any] = {"num_frames": num_frames}
         if request.image is None and request.last_image is not None:
@@ -203,14 +205,9 @@ class WanTokenizer:
                 f"this {name} checkpoint is first-last-frame: pass last_image too", "last_image"
             )
         if request.image is not None:
-            images = [_read_image(request.image, "image")]
-            if request.last_image is not None:
-                images.append(_read_image(request.last_image, "last_image"))
-            out["input_image"] = images[0]
-            out["input_images"] = images
-            out["condition_pixels"] = np.stack([_to_pixels(im, height, width) for im in images])
-            if arch.image_processor is not None and arch.transformer.image_dim is not None:
-                out["clip_pixels"] = clip_preprocess(images, arch.image_processor).numpy()
+            out["image"] = _read_image(request.image, "image")
+        if request.last_image is not None:
+            out["last_image"] = _read_image(request.last_image, "last_image")
         if request.strength is not None and request.video is None:
             raise InvalidRequestError("strength is for video-to-video: pass video too", "strength")
         if request.video is not None:
@@ -228,13 +225,11 @@ class WanTokenizer:
                     f"the video has {len(frames)} frames, fewer than num_frames={num_frames}", "video"
                 )
             out["num_frames"] = num_frames
-            out["video_pixels"] = np.stack(
-                [_to_pixels(f, height, width) for f in frames[:num_frames]], axis=1
-            )
+            out["video"] = frames[:num_frames]
         return out
 
-    def _experts(self, request: WanRequest, guidance: float) -> tuple[float | None, float | None]:
-        """The low-noise expert's guidance and the switch timestep (Wan 2.2 A14B), else (None, None)."""
+    def _guidance_2(self, request: WanRequest, guidance: float) -> float | None:
+        """The low-noise expert's guidance (Wan 2.2 A14B), else None."""
         arch = self.arch
         if not arch.has_second_expert:
             if request.guidance_scale_2 is not None:
@@ -243,7 +238,7 @@ class WanTokenizer:
                     f"{arch.variant.name} checkpoint has one",
                     "guidance_scale_2",
                 )
-            return None, None
+            return None
         if request.guidance_scale_2 is not None:
             guidance_2 = _float(request.guidance_scale_2, "guidance_scale_2")
         elif request.guidance_scale is None and arch.defaults.guidance_scale_2 is not None:
@@ -252,28 +247,95 @@ class WanTokenizer:
             guidance_2 = guidance
         if guidance_2 < 0:
             raise InvalidRequestError(f"guidance_scale_2 must be >= 0, got {guidance_2}", "guidance_scale_2")
-        return guidance_2, arch.boundary_timestep
+        return guidance_2
 
     @staticmethod
-    def _start_step(request: WanRequest, steps: int) -> tuple[int, float | None]:
-        """Video-to-video: the first step to run and the strength, as the reference derives them."""
+    def _strength(request: WanRequest, steps: int) -> float | None:
+        """Video-to-video: the strength (default 0.8), checked to run at least one step; else None."""
         if request.video is None:
-            return 0, None
+            return None
         strength = 0.8 if request.strength is None else _float(request.strength, "strength")
         if not 0.0 < strength <= 1.0:
             raise InvalidRequestError(f"strength must be in (0, 1], got {strength}", "strength")
-        init = min(int(steps * strength), steps)
-        if init < 1:
+        if min(int(steps * strength), steps) < 1:
             raise InvalidRequestError(
                 f"strength {strength} with {steps} steps runs no step: use strength >= 1/{steps} or more steps",
                 "strength",
             )
-        return steps - init, strength
+        return strength
 
-    @staticmethod
-    def _latents(given: Any, seed: int, shape: tuple[int, ...]) -> np.ndarray:
-        if given is None:
-            return draw_noise(seed, (1, *shape))[0].numpy()
+    # -- make_context: tokens, schedule, noise, pixels -------------------------------------------
+    def make_context(self, request: WanRequest) -> WanContext:
+        """Resolve ``request`` (:meth:`resolve`) and make its context: the prompts' token ids, the
+        schedule, the initial noise from the seed, the images and video as the executor takes them."""
+        r = self.resolve(request)
+        arch = self.arch
+        assert r.height is not None and r.width is not None and r.num_frames is not None
+        assert r.num_inference_steps is not None and r.guidance_scale is not None and r.seed is not None
+        shape = self.latent_shape(r.num_frames, r.height, r.width)
+        latents = draw_noise(r.seed, (1, *shape))[0].numpy() if r.latents is None else r.latents
+
+        do_cfg = r.guidance_scale > 1.0
+        prompts = [r.prompt] + ([r.negative_prompt or arch.defaults.negative_prompt] if do_cfg else [])
+        tokens = self.text_tokenizer(prompts)
+        if tokens.truncated[0]:
+            logger.warning(
+                "the prompt is longer than %d tokens and was truncated (the reference does the same)",
+                self.text_tokenizer.max_length,
+            )
+        steps = r.num_inference_steps
+        # Video-to-video starts partly noised: the schedule's tail, as the reference derives it.
+        start_step = 0 if r.strength is None else steps - min(int(steps * r.strength), steps)
+        schedule = make_schedule(arch.scheduler, steps, flow_shift=r.flow_shift, start_step=start_step)
+        return WanContext(
+            request_id=r.request_id,
+            tokens=tokens.ids[0],
+            mask=tokens.mask[0],
+            negative_tokens=tokens.ids[1] if do_cfg else None,
+            negative_mask=tokens.mask[1] if do_cfg else None,
+            explicit_negative_prompt=r.negative_prompt is not None,
+            schedule=schedule,
+            latents=latents,
+            height=r.height,
+            width=r.width,
+            num_frames=r.num_frames,
+            num_inference_steps=steps,
+            guidance_scale=r.guidance_scale,
+            flow_shift=r.flow_shift,  # type: ignore[arg-type]
+            seed=r.seed,
+            fps=arch.defaults.fps,
+            guidance_scale_2=r.guidance_scale_2,
+            boundary_timestep=arch.boundary_timestep if arch.has_second_expert else None,
+            conditioning=self._conditioning(r),
+            approximations=Approximations(r.residual_threshold, r.cfg_truncation),
+        )
+
+    def _conditioning(self, r: WanRequest) -> ConditioningInputs:
+        """A resolved request's images and video, preprocessed as the reference does."""
+        arch = self.arch
+        condition = clip = video = None
+        if r.image is not None:
+            images = [r.image] + ([r.last_image] if r.last_image is not None else [])
+            condition = np.stack([_to_pixels(im, r.height, r.width) for im in images])
+            if arch.image_processor is not None and arch.transformer.image_dim is not None:
+                clip = clip_preprocess(images, arch.image_processor).numpy()
+        if r.video is not None:
+            video = np.stack([_to_pixels(f, r.height, r.width) for f in r.video], axis=1)
+        return ConditioningInputs(condition, clip, video, r.strength)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, f, h, w): the latents of a video of this size."""
+        arch = self.arch
+        return (
+            arch.transformer.out_channels,
+            (num_frames - 1) // arch.temporal_stride + 1,
+            height // arch.vae.spatial_stride,
+            width // arch.vae.spatial_stride,
+        )
+
+    def _latents(self, given: Any, num_frames: int, height: int, width: int) -> np.ndarray:
+        """Given initial latents (C, f, h, w) or (1, C, f, h, w) -> checked float32 (C, f, h, w)."""
+        shape = self.latent_shape(num_frames, height, width)
         array = given.detach().cpu().float().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
         if array.ndim == len(shape) + 1 and array.shape[0] == 1:
             array = array[0]

@@ -6,11 +6,13 @@ checkpoints are renamed at load by :meth:`WanTransformerModel.prepare_state_dict
 The model is run one stage at a time so an executor can compile, offload or stream blocks::
 
     x = model.embed(latents, timestep, text_embeds, image_embeds)
-    hidden = x.hidden
-    for block in model.blocks:
-        hidden = block(hidden, x.context, x.modulation, x.rope,
-                       num_image_tokens=x.num_image_tokens, context_bias=x.context_bias)
+    hidden = run_blocks(model.blocks, x.hidden, x)
     out = model.head(hidden, x.temb, x.grid)
+
+:func:`run_blocks` is the one place the blocks are called (through :func:`call_block`): the plain
+forward below, the compiled one (``call=torch.compile(call_block)``), the streamed one (``blocks`` an
+iterator of device-resident copies) and the sequence-parallel one (``self_attention`` over the ranks)
+all go through it.
 
 Zero-padded text (Wan's text encoder zeroes every row past a prompt's length) can be compressed once
 per request with :func:`compress_text_padding`: the n identical padding rows become one row whose
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -646,14 +648,49 @@ class WanTransformerModel(nn.Module):
         text_embeds (B, Lt, text_dim), image_embeds (B, Li, image_dim) | None,
         text_bias (B, Lt) | None (see :func:`compress_text_padding`) -> (B, C_out, F, H, W)."""
         x = self.embed(latents, timestep, text_embeds, image_embeds, text_bias)
-        hidden = x.hidden
-        for block in self.blocks:
-            hidden = block(
-                hidden,
-                x.context,
-                x.modulation,
-                x.rope,
-                num_image_tokens=x.num_image_tokens,
-                context_bias=x.context_bias,
-            )
-        return self.head(hidden, x.temb, x.grid)
+        return self.head(run_blocks(self.blocks, x.hidden, x), x.temb, x.grid)
+
+
+BlockCall = Callable[[nn.Module, Tensor, Tensor, Tensor, Rope, int, Tensor | None, AttentionFn], Tensor]
+"""The signature of :func:`call_block` (and of its compiled form)."""
+
+
+def call_block(
+    block: nn.Module,
+    hidden: Tensor,
+    context: Tensor,
+    modulation: Tensor,
+    rope: Rope,
+    num_image_tokens: int,
+    context_bias: Tensor | None,
+    self_attention: AttentionFn,
+) -> Tensor:
+    """One block, positional arguments only (what ``torch.compile`` gets): see :meth:`WanBlock.forward`."""
+    return block(
+        hidden, context, modulation, rope, num_image_tokens, self_attention, context_bias=context_bias
+    )
+
+
+def run_blocks(
+    blocks: Iterable[nn.Module],
+    hidden: Tensor,
+    x: DiTInputs,
+    *,
+    rows: Tensor | slice | None = None,
+    call: BlockCall = call_block,
+    self_attention: AttentionFn = attention,
+) -> Tensor:
+    """hidden (B', L, dim) through ``blocks`` in order -> (B', L, dim): the one call site of the DiT blocks.
+
+    ``x``: :meth:`WanTransformerModel.embed`'s output for the whole batch; ``rows`` selects the batch
+    rows ``hidden`` holds (a step cache running one guidance stream alone), None for all. ``blocks``:
+    the model's blocks, a slice of them, or an iterator of device-resident copies (block offload).
+    ``call``: :func:`call_block` or its compiled form; ``self_attention``: see :meth:`SelfAttention.forward`.
+    """
+    context, modulation, bias = x.context, x.modulation, x.context_bias
+    if rows is not None:
+        context, modulation = context[rows], modulation[rows]
+        bias = None if bias is None else bias[rows]
+    for block in blocks:
+        hidden = call(block, hidden, context, modulation, x.rope, x.num_image_tokens, bias, self_attention)
+    return hidden

@@ -17,7 +17,7 @@ Steps 3 and 5 are :func:`shard_dit_inputs` and :func:`gather_dit_output`, so a b
 (compiled or streamed blocks) can wrap its own ``embed -> blocks -> head`` with them.
 
 Self-attention gets the sequence-parallel attention through the model's explicit hook,
-``WanBlock.forward(..., self_attention=fn)`` (:func:`shard_attention` makes ``fn``); cross-attention
+``run_blocks(..., self_attention=fn)`` (:func:`shard_attention` makes ``fn``); cross-attention
 keeps plain SDPA (its queries are the local tokens, its keys the whole text context).
 """
 
@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from wanpipe.models.transformer import AttentionFn, DiTInputs, WanTransformerModel
+from wanpipe.models.transformer import AttentionFn, DiTInputs, WanTransformerModel, run_blocks
 from wanpipe.parallel.attention import usp_attention
 from wanpipe.parallel.cfg import gather_cfg_batch, split_cfg_batch
 from wanpipe.parallel.mesh import ParallelMesh
@@ -122,17 +122,6 @@ def sequence_parallel_forward(
     same shapes as :func:`parallel_forward`, no CFG split. Collective over the sequence group."""
     x = model.embed(latents, timestep, text_embeds, image_embeds, text_bias)
     local, shard = shard_dit_inputs(x, mesh)
-    attend = shard_attention(mesh, shard)
-    hidden = local.hidden
-    for block in model.blocks:
-        hidden = block(
-            hidden,
-            local.context,
-            local.modulation,
-            local.rope,
-            local.num_image_tokens,
-            attend,
-            context_bias=local.context_bias,
-        )
+    hidden = run_blocks(model.blocks, local.hidden, local, self_attention=shard_attention(mesh, shard))
     out = model.head(hidden, local.temb, local.grid)
     return gather_dit_output(out, mesh, shard, x.grid, model.config.patch_size)

@@ -1,10 +1,11 @@
 """Block-level ``torch.compile`` of the DiT (``--compile``).
 
-One compiled function runs every block (the block module is an input of the graph, so the 30 or 40
-blocks of a Wan DiT share one artifact); the head is compiled apart. Shapes are static per request
-(``dynamic=False``): a new size or frame count compiles once more. The compiled path computes the same
-operations as the eager one (tested on tiny checkpoints). Compile time is reported apart: the executor
-runs one warm-up forward per new shape and times it (``Timings.compile_s``).
+One compiled function runs every block (:func:`~wanpipe.models.transformer.call_block`: the block
+module is an input of the graph, so the 30 or 40 blocks of a Wan DiT share one artifact); the head is
+compiled apart. Shapes are static per request (``dynamic=False``): a new size or frame count compiles
+once more. The compiled path computes the same operations as the eager one (tested on tiny
+checkpoints). Compile time is reported apart: the runner runs one warm-up forward per new shape and
+times it (``Timings.compile_s``).
 """
 
 from __future__ import annotations
@@ -13,19 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from wanpipe.models.transformer import Rope, WanBlock, WanHead
-
-
-def _block_forward(
-    block: WanBlock,
-    hidden: Tensor,
-    context: Tensor,
-    modulation: Tensor,
-    rope: Rope,
-    num_image_tokens: int,
-    context_bias: Tensor | None = None,
-) -> Tensor:
-    return block(hidden, context, modulation, rope, num_image_tokens, context_bias=context_bias)
+from wanpipe.models.transformer import WanHead, call_block
 
 
 def _head_forward(head: WanHead, hidden: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -43,6 +32,6 @@ class CompiledDiT:
         kw: dict[str, Any] = dict(dynamic=False, backend=backend, **options)
         if mode is not None:
             kw["mode"] = mode
-        self.block = torch.compile(_block_forward, **kw)
+        self.block = torch.compile(call_block, **kw)
         self.head = torch.compile(_head_forward, **kw)
         self.warmed: set[tuple] = set()

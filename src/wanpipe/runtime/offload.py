@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -53,9 +53,6 @@ def pin_module(module: nn.Module) -> None:
             p.data = p.data.pin_memory()
 
 
-BlockFn = Callable[[nn.Module, Tensor], Tensor]
-
-
 class BlockStreamer:
     """Runs host-resident blocks on ``device`` through ``num_buffers`` device-resident copies."""
 
@@ -66,7 +63,7 @@ class BlockStreamer:
         self.num_buffers = num_buffers
         self.buffers: list[nn.Module] = []
         self._signature: tuple | None = None
-        self.stream = torch.cuda.Stream(self.device) if _is_cuda(self.device) else None
+        self.copy_stream = torch.cuda.Stream(self.device) if _is_cuda(self.device) else None
         self.copies = 0  # blocks copied to the device (for tests and reports)
 
     @staticmethod
@@ -90,19 +87,24 @@ class BlockStreamer:
                 dst.copy_(src, non_blocking=True)
         self.copies += 1
 
-    def run(self, blocks: Sequence[nn.Module], hidden: Tensor, fn: BlockFn) -> Tensor:
-        """``hidden = fn(block, hidden)`` for every block in order, each run from a device buffer."""
+    def stream(self, blocks: Sequence[nn.Module]) -> Iterator[nn.Module]:
+        """Yield, in order, a device buffer holding each block's weights; the caller runs the yielded
+        block before asking for the next one (``run_blocks(streamer.stream(blocks), ...)``).
+
+        On CUDA the weights of block ``i + k`` are copied on a side stream while block ``i`` computes:
+        when the caller asks for block ``i + 1``, block ``i``'s work is queued, so the copy into its
+        buffer waits on an event recorded then."""
         if not blocks:
-            return hidden
+            return
         self._ensure_buffers(blocks[0])
         k = min(self.num_buffers, len(blocks))
-        stream = self.stream
+        stream = self.copy_stream
         if stream is None:  # synchronous: copy, then compute
             for i, block in enumerate(blocks):
                 buffer = self.buffers[i % k]
                 self._load(buffer, block)
-                hidden = fn(buffer, hidden)
-            return hidden
+                yield buffer
+            return
         compute = torch.cuda.current_stream(self.device)
         ready: list[torch.cuda.Event] = []
         stream.wait_stream(compute)
@@ -115,7 +117,7 @@ class BlockStreamer:
         for i in range(len(blocks)):
             slot = i % k
             compute.wait_event(ready[slot])
-            hidden = fn(self.buffers[slot], hidden)
+            yield self.buffers[slot]
             nxt = i + k
             if nxt < len(blocks):
                 done = torch.cuda.Event()
@@ -126,4 +128,3 @@ class BlockStreamer:
                     event = torch.cuda.Event()
                     event.record(stream)
                 ready[slot] = event
-        return hidden

@@ -6,10 +6,10 @@ approximations (``cache`` with a ``residual_threshold`` > 0, ``cfg_truncation`` 
 
 Wiring (for ``cli.py`` / ``pipeline.py``)::
 
-    from wanpipe.runtime import add_runtime_arguments, options_from_args, apply_runtime_options
+    from wanpipe.runtime import add_runtime_arguments, options_from_args
     add_runtime_arguments(generate_parser)            # --compile --offload --cache ...
-    pipe = WanPipeline.from_pretrained(...)
-    apply_runtime_options(pipe, options_from_args(args))
+    pipe = WanPipeline.from_pretrained(..., runtime=options_from_args(args))
+    pipe.set_runtime(other_options)                   # later, on a loaded pipeline
 
 Per request, ``WanRequest.residual_threshold`` / ``cfg_truncation`` override the defaults here.
 """
@@ -181,63 +181,14 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
     )
 
 
-def _dits(executor: Any) -> list[torch.nn.Module]:
-    experts = executor.experts
-    return [m for m in (experts.high, experts.low) if m is not None]
-
-
 def apply_runtime_options(
     target: Any, options: RuntimeOptions, *, device: str | torch.device | None = None
 ) -> Any:
-    """Configure a ``WanPipeline`` or ``WanExecutor`` in place; returns it.
+    """Run a ``WanPipeline`` or ``WanExecutor`` with ``options`` from now on; returns it. The same as
+    ``target.set_runtime(options, device=device)`` (prefer that, or ``from_pretrained(runtime=...)``).
 
     ``device``: the compute device, when the pipeline was loaded elsewhere (e.g. loaded on the CPU and
     run on "cuda" with offload, so the full model never sits on the GPU).
     """
-    from wanpipe.runtime.compile import CompiledDiT
-    from wanpipe.runtime.memory import configure_host_memory
-    from wanpipe.runtime.offload import BlockStreamer, ModelOffload, pin_module
-    from wanpipe.runtime.runner import DiTRunner
-
-    executor = getattr(target, "executor", target)
-    if device is not None:
-        executor.device = torch.device(device)
-    dev = executor.device
-    executor.runtime = options
-    executor.text_cache = None  # made anew for these options (and the encoder's device) at first use
-    if not hasattr(executor, "_loaded_vae_chunk_frames"):
-        executor._loaded_vae_chunk_frames = executor.vae_chunk_frames
-    executor.vae_chunk_frames = options.vae_chunk_frames or executor._loaded_vae_chunk_frames
-    if dev.type == "cpu":
-        configure_host_memory(options.host_memory)
-
-    streamer = None
-    executor.offload = None
-    storage = torch.device("cpu")
-    if options.offload == "model":
-        executor.offload = ModelOffload(dev, storage)
-        for module in (executor.text_encoder, executor.vae, executor.image_encoder, *_dits(executor)):
-            if module is not None:
-                module.to(storage)
-                pin_module(module)
-    elif options.offload == "block":
-        streamer = BlockStreamer(dev, options.offload_buffers)
-        for dit in _dits(executor):
-            for name, child in dit.named_children():
-                if name == "blocks":
-                    child.to(storage)
-                    pin_module(child)
-                else:
-                    child.to(dev)
-            dit.clear_rope_cache()
-        if executor.experts.swap_states is not None:
-            logger.info("block offload with swapped experts: both experts stream through one set of buffers")
-    else:
-        for module in (executor.text_encoder, executor.vae, executor.image_encoder, *_dits(executor)):
-            if module is not None:
-                module.to(dev)
-    if options.text_encoder_device is not None and executor.text_encoder is not None:
-        executor.text_encoder.to(options.text_encoder_device)
-    compiled = CompiledDiT(mode=options.compile_mode) if options.compile else None
-    executor.runner = DiTRunner(compiled=compiled, streamer=streamer)
+    getattr(target, "executor", target).set_runtime(options, device=device)
     return target

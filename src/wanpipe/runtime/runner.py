@@ -1,49 +1,85 @@
 """How one DiT forward runs: eager or compiled blocks, resident or streamed blocks, with or without a
-step cache. The plain path (no option set) is exactly ``embed -> blocks -> head``."""
+step cache, in one process or across the ranks of a parallel mesh. The plain path (no option set) is
+exactly ``embed -> run_blocks -> head``; every path calls the blocks through
+:func:`~wanpipe.models.transformer.run_blocks`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from wanpipe.models.transformer import DiTInputs, WanTransformerModel
+from wanpipe.models.transformer import DiTInputs, WanTransformerModel, call_block, run_blocks
 from wanpipe.runtime.compile import CompiledDiT
 from wanpipe.runtime.offload import BlockStreamer
 from wanpipe.runtime.step_cache import FirstBlockCache, StepCache, TeaCache, rows_of
+
+if TYPE_CHECKING:
+    from wanpipe.parallel.mesh import ParallelMesh
 
 Streams = dict[str, slice]
 """Which batch rows belong to which guidance stream: {"cond": rows, "uncond": rows}."""
 
 
 class DiTRunner:
-    def __init__(self, compiled: CompiledDiT | None = None, streamer: BlockStreamer | None = None) -> None:
+    """Runs DiT forwards the way the runtime options ask: ``compiled`` blocks (``--compile``),
+    ``streamer`` (``--offload block``), ``mesh`` (sequence/CFG parallelism across ranks).
+
+    ``compile_s`` adds up the compile warm-ups (one discarded forward per new shape), which the
+    executor reports apart from the denoising time."""
+
+    def __init__(
+        self,
+        compiled: CompiledDiT | None = None,
+        streamer: BlockStreamer | None = None,
+        mesh: ParallelMesh | None = None,
+    ) -> None:
         self.compiled = compiled
         self.streamer = streamer
+        self.mesh = mesh
+        self.compile_s = 0.0
 
     # -- pieces ---------------------------------------------------------------------------------
-    def _block_fn(self, x: DiTInputs, rows: Tensor | slice | None) -> Callable[[nn.Module, Tensor], Tensor]:
-        context = x.context if rows is None else x.context[rows]
-        modulation = x.modulation if rows is None else x.modulation[rows]
-        bias = x.context_bias if rows is None or x.context_bias is None else x.context_bias[rows]
-        rope, n_img = x.rope, x.num_image_tokens
-        if self.compiled is not None:
-            compiled = self.compiled.block
-            return lambda block, h: compiled(block, h, context, modulation, rope, n_img, bias)
-        return lambda block, h: block(h, context, modulation, rope, n_img, context_bias=bias)
-
-    def _run_blocks(self, blocks: Sequence[nn.Module], hidden: Tensor, fn: Callable) -> Tensor:
-        if self.streamer is not None:
-            return self.streamer.run(blocks, hidden, fn)
-        for block in blocks:
-            hidden = fn(block, hidden)
-        return hidden
+    def _run_blocks(
+        self, blocks: Sequence[nn.Module], hidden: Tensor, x: DiTInputs, rows: Tensor | slice | None = None
+    ) -> Tensor:
+        call = call_block if self.compiled is None else self.compiled.block
+        stream = blocks if self.streamer is None else self.streamer.stream(blocks)
+        return run_blocks(stream, hidden, x, rows=rows, call=call)
 
     def _head(self, dit: WanTransformerModel, hidden: Tensor, x: DiTInputs) -> Tensor:
         if self.compiled is not None:
             return self.compiled.head(dit.head, hidden, x.temb, x.grid)
         return dit.head(hidden, x.temb, x.grid)
+
+    def _warm_up(
+        self,
+        dit: WanTransformerModel,
+        latents: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        image_embeds: Tensor | None,
+        text_bias: Tensor | None,
+    ) -> None:
+        """Compile for a new shape before timing steps: one discarded forward, added to ``compile_s``."""
+        compiled = self.compiled
+        assert compiled is not None
+        key = tuple(
+            None if t is None else (tuple(t.shape), t.dtype, t.device)
+            for t in (latents, timestep, context, image_embeds, text_bias)
+        )
+        if key in compiled.warmed:
+            return
+        t0 = time.perf_counter()
+        x = dit.embed(latents, timestep, context, image_embeds, text_bias)
+        self._head(dit, self._run_blocks(list(dit.blocks), x.hidden, x), x)
+        if latents.device.type == "cuda":
+            torch.cuda.synchronize(latents.device)
+        self.compile_s += time.perf_counter() - t0
+        compiled.warmed.add(key)
 
     # -- one forward ------------------------------------------------------------------------------
     def forward(
@@ -63,7 +99,14 @@ class DiTRunner:
         """latents (B, C_in, f, h, w) -> prediction (B, C_out, f, h, w).
 
         context (B, Lt, text_dim) text embeddings, text_bias (B, Lt) their attention bias or None
-        (:func:`~wanpipe.models.transformer.compress_text_padding`); image_embeds (B, Li, image_dim)."""
+        (:func:`~wanpipe.models.transformer.compress_text_padding`); image_embeds (B, Li, image_dim).
+        ``cache``/``streams``/``step``/``num_steps``: the step cache and the rows of each guidance stream."""
+        if self.mesh is not None:
+            from wanpipe.parallel.dit import parallel_forward
+
+            return parallel_forward(self.mesh, dit, latents, timestep, context, image_embeds, text_bias)
+        if self.compiled is not None:
+            self._warm_up(dit, latents, timestep, context, image_embeds, text_bias)
         x = dit.embed(latents, timestep, context, image_embeds, text_bias)
         blocks = list(dit.blocks)
         streams = streams or {"cond": slice(0, latents.shape[0])}
@@ -72,7 +115,7 @@ class DiTRunner:
         elif isinstance(cache, TeaCache):
             hidden = self._teacache(dit, x, blocks, cache, streams, step, num_steps)
         else:
-            hidden = self._run_blocks(blocks, x.hidden, self._block_fn(x, None))
+            hidden = self._run_blocks(blocks, x.hidden, x)
         return self._head(dit, hidden, x)
 
     def _first_block_cached(
@@ -86,19 +129,19 @@ class DiTRunner:
         cache.bind(dit)
         cache.stats.steps += 1
         h0 = x.hidden
-        h1 = self._run_blocks(blocks[:1], h0, self._block_fn(x, None))
+        h1 = self._run_blocks(blocks[:1], h0, x)
         r1 = h1 - h0
         skip = [s for s, rows in streams.items() if cache.can_skip(s, r1[rows])]
         compute = sorted((s for s in streams if s not in skip), key=lambda s: streams[s].start)
         if not skip:
-            hidden = self._run_blocks(blocks[1:], h1, self._block_fn(x, None))
+            hidden = self._run_blocks(blocks[1:], h1, x)
             for s, rows in streams.items():
                 cache.store(s, r1[rows], hidden[rows] - h1[rows])
             return hidden
         hidden = torch.empty_like(h1)
         if compute:
             rows = rows_of(streams, compute)
-            rest = self._run_blocks(blocks[1:], h1[rows], self._block_fn(x, rows))
+            rest = self._run_blocks(blocks[1:], h1[rows], x, rows)
             offset = 0
             for s in compute:
                 sl = streams[s]
@@ -133,7 +176,7 @@ class DiTRunner:
             for s in ordered:
                 cache._count(s)
             return x.hidden + residual
-        hidden = self._run_blocks(blocks, x.hidden, self._block_fn(x, None))
+        hidden = self._run_blocks(blocks, x.hidden, x)
         for s, rows in streams.items():
             cache.residuals[s] = hidden[rows] - x.hidden[rows]
         return hidden

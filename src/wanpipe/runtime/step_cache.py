@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from wanpipe.models.transformer import TransformerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +154,26 @@ class TeaCache(StepCache):
         return True
 
 
-def make_step_cache(kind: str | None, threshold: float | None) -> StepCache | None:
-    """``kind`` "first-block" or "teacache" with a threshold > 0 -> a cache; otherwise None (off)."""
+def make_step_cache(
+    kind: str | None,
+    threshold: float | None,
+    *,
+    dit: TransformerConfig | None = None,
+    latent_size: tuple[int, int] | None = None,
+) -> StepCache | None:
+    """``kind`` "first-block" or "teacache" -> a cache with ``threshold`` (0 never skips); None, "none"
+    or "off" -> None. TeaCache takes the published coefficients that fit ``dit`` at a latent frame of
+    ``latent_size`` (h, w) when both are given (:func:`teacache_variant`)."""
     if kind in (None, "none", "off"):
         return None
     if kind == "first-block":
         return FirstBlockCache(threshold or 0.0)
     if kind == "teacache":
-        return TeaCache(threshold or 0.0)
+        coefficients = None
+        if dit is not None and latent_size is not None:
+            area = (latent_size[0] // dit.patch_size[1]) * (latent_size[1] // dit.patch_size[2])
+            coefficients = TEACACHE_WAN_COEFFICIENTS[teacache_variant(dit.dim, dit.in_channels, area)]
+        return TeaCache(threshold or 0.0, coefficients)
     raise ValueError(f"cache must be 'first-block', 'teacache' or None, got {kind!r}")
 
 

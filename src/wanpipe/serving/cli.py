@@ -146,17 +146,16 @@ def _load_pipeline(
     device = args.device if args.device is not None else rank_device
     # Under torchrun rank 0 alone encodes the prompts (and broadcasts them): the others skip UMT5.
     first = parallel is None or not dist.is_initialized() or dist.get_rank() == 0
-    pipe = WanPipeline.from_pretrained(model, device=device, dtype=args.dtype, load_text_encoder=first)
-    if parallel is not None:
-        from wanpipe.parallel.mesh import ParallelMesh
+    from wanpipe.cli import vae_halo
 
-        heads = pipe.executor.transformer.config.num_attention_heads
-        from wanpipe.cli import vae_halo
-
-        pipe.executor.parallel = ParallelMesh.build(parallel, num_heads=heads)
-        pipe.executor.vae_halo = vae_halo(args)
-        pipe.executor.check_parallel()
-    return pipe
+    return WanPipeline.from_pretrained(
+        model,
+        device=device,
+        dtype=args.dtype,
+        load_text_encoder=first,
+        parallel=parallel,
+        vae_halo=vae_halo(args) if parallel is not None else None,
+    )
 
 
 def _load_exit_code(error: BaseException) -> int:

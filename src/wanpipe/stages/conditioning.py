@@ -1,0 +1,211 @@
+"""Conditioning: what each generation mode adds to the denoising loop, prepared once before it.
+
+A :class:`Conditioning` is made by its ``prepare`` (timed as the "condition" stage: VAE encodes of
+input images and videos, CLIP image tokens; it also hands back the initial latents) and then answers, per step, the same
+few questions: what the DiT sees (:meth:`~Conditioning.model_input`), the timestep tensor
+(:meth:`~Conditioning.timestep`), the DiT's extra inputs (:meth:`~Conditioning.dit_kwargs`), and at
+the end the fix-up of the result (:meth:`~Conditioning.finish`). The loop never asks which mode runs.
+
+Modes (:func:`conditioning_class` picks one from the inputs and the model):
+
+- :class:`TextToVideo`: the latents as they are, one timestep per row;
+- :class:`VideoToVideo`: the same per step, starting from the input video's latents noised to the
+  first sigma;
+- :class:`ImageConcat` (Wan 2.1 I2V, FLF2V, Wan 2.2 I2V-A14B): 4 mask channels + the VAE latents of
+  the image(s) followed by zero frames, concatenated to the latents; Wan 2.1's CLIP image tokens;
+- :class:`CleanFirstFrame` (TI2V-5B, ``expand_timesteps``): per-token timesteps, and with an image
+  its first latent frame kept clean (timestep 0 on its tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from wanpipe.models.image_encoder import WanImageEncoder
+from wanpipe.models.vae import WanVAE
+from wanpipe.schedulers import add_noise
+from wanpipe.stages.placement import Placement
+
+if TYPE_CHECKING:
+    from wanpipe.executor import WanExecutorInputs
+
+
+@dataclass
+class ConditionEncoders:
+    """What conditioning needs to prepare: the VAE (encoder side), CLIP, and where they run."""
+
+    vae: WanVAE
+    image_encoder: WanImageEncoder | None
+    placement: Placement
+    vae_dtype: torch.dtype
+    expand_timesteps: bool
+    patch_size: tuple[int, int, int]
+
+    def encode_video(self, video: Tensor) -> Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, f, h, w) float32 (posterior mode)."""
+        place = self.placement
+        with place.on_device(self.vae):
+            z = self.vae.encode_mean(video.to(place.device, self.vae_dtype)).float()
+        return self.vae.normalize_latents(z)
+
+    def encode_images(self, clip_pixels: Tensor | None) -> Tensor | None:
+        """CLIP tokens of the first (and last) frame: (B, K, 3, S, S) -> (B, K * T, D) in the DiT's
+        dtype, or None (no images, or a model without CLIP). Rank 0 encodes in a parallel run."""
+        if clip_pixels is None or self.image_encoder is None:
+            return None
+        encoder, place = self.image_encoder, self.placement
+        batch, k = clip_pixels.shape[:2]
+
+        def run() -> Tensor:
+            with place.on_device(encoder):
+                tokens = encoder(clip_pixels.flatten(0, 1).to(place.device))
+            return tokens.reshape(batch, k * tokens.shape[1], tokens.shape[2]).to(place.dtype)
+
+        # Every rank loaded the same checkpoint, so all of them reach this point or none.
+        return self.placement.from_rank0(run, ndim=3)
+
+
+class Conditioning:
+    """The base answers, per step, as text-to-video does."""
+
+    def __init__(self, image_embeds: Tensor | None = None) -> None:
+        self.image_embeds = image_embeds  # (B, Li, image_dim) or None
+        self._image_embeds_guided: Tensor | None = None
+
+    @classmethod
+    def prepare(cls, inputs: WanExecutorInputs, encoders: ConditionEncoders) -> tuple[Conditioning, Tensor]:
+        """Encode what this mode needs from ``inputs``, once -> (the object, the initial latents
+        (B, C, f, h, w) float32 the loop starts from)."""
+        return cls(), _noise(inputs, encoders)
+
+    def model_input(self, latents: Tensor) -> Tensor:
+        """latents (B, C, f, h, w) -> what the DiT sees (B, C_in, f, h, w)."""
+        return latents
+
+    def timestep(self, t: Tensor, rows: int) -> Tensor:
+        """The step's timestep () -> the DiT's timestep tensor for ``rows`` rows: (rows,) or (rows, L)."""
+        return t.expand(rows)
+
+    def dit_kwargs(self, guided: bool) -> dict[str, Any]:
+        """The DiT's extra inputs for the step's rows (with guidance the rows are cond then uncond)."""
+        images = self.image_embeds
+        if images is not None and guided:
+            if self._image_embeds_guided is None:
+                self._image_embeds_guided = torch.cat([images, images])
+            images = self._image_embeds_guided
+        return {"image_embeds": images}
+
+    def finish(self, latents: Tensor) -> Tensor:
+        """The denoised latents -> the latents to decode."""
+        return latents
+
+
+def _noise(inputs: WanExecutorInputs, encoders: ConditionEncoders) -> Tensor:
+    return inputs.latents.to(device=encoders.placement.device, dtype=torch.float32)
+
+
+class TextToVideo(Conditioning):
+    """Text-to-video (and text-to-image): the base behaviour."""
+
+
+class VideoToVideo(Conditioning):
+    """Video-to-video: the input video's latents noised to the first step's sigma."""
+
+    @classmethod
+    def prepare(cls, inputs: WanExecutorInputs, encoders: ConditionEncoders) -> tuple[Conditioning, Tensor]:
+        assert inputs.video_pixels is not None
+        clean = encoders.encode_video(inputs.video_pixels)
+        noise = _noise(inputs, encoders)
+        sigma = torch.tensor(inputs.schedule.sigmas[0], device=noise.device)
+        return cls(), add_noise(clean, noise, sigma)
+
+
+class ImageConcat(Conditioning):
+    """Image-to-video with a 36-channel DiT: the condition (B, 4 + z, f, h, w), a frame mask and the
+    VAE latents of [first, zeros..., (last)], concatenated to the latents at every step."""
+
+    def __init__(self, condition: Tensor, image_embeds: Tensor | None) -> None:
+        super().__init__(image_embeds)
+        self.condition = condition
+
+    @classmethod
+    def prepare(cls, inputs: WanExecutorInputs, encoders: ConditionEncoders) -> tuple[Conditioning, Tensor]:
+        pixels = inputs.condition_pixels
+        assert pixels is not None
+        batch, k, _, height, width = pixels.shape
+        num_frames = inputs.num_frames
+        first = pixels[:, 0].unsqueeze(2)
+        zeros = first.new_zeros(batch, 3, num_frames - k, height, width)
+        video = torch.cat([first, zeros] + ([pixels[:, 1].unsqueeze(2)] if k == 2 else []), dim=2)
+        latents = encoders.encode_video(video)
+        stride = encoders.vae.config.temporal_stride
+        f, h, w = latents.shape[2:]
+        mask = torch.zeros(batch, 1, num_frames, h, w, device=latents.device)
+        mask[:, :, 0] = 1
+        if k == 2:
+            mask[:, :, -1] = 1
+        # The first frame stands for `stride` frames: the mask is (B, 4, f, h, w), frame-major.
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(stride, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(batch, f, stride, h, w).transpose(1, 2)
+        condition = torch.cat([mask, latents], dim=1)
+        images = encoders.encode_images(inputs.clip_pixels)
+        return cls(condition, images), _noise(inputs, encoders)
+
+    def model_input(self, latents: Tensor) -> Tensor:
+        return torch.cat([latents, self.condition], dim=1)
+
+
+class CleanFirstFrame(Conditioning):
+    """TI2V-5B (``expand_timesteps``): one timestep per token; with an image, the first latent frame
+    is the image's latents (B, z, 1, h, w), kept clean (timestep 0 on its tokens) at every step and
+    put back at the end. Without an image every token gets the step's timestep."""
+
+    def __init__(self, latents: Tensor, condition: Tensor | None, patch_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.condition = condition
+        # 0 on the first latent frame when it is the clean image condition, 1 elsewhere.
+        self.mask = torch.ones(1, 1, *latents.shape[2:], device=latents.device)
+        if condition is not None:
+            self.mask[:, :, 0] = 0
+        pt, ph, pw = patch_size
+        self.token_mask = self.mask[0, 0, ::pt, ::ph, ::pw]
+
+    @classmethod
+    def prepare(cls, inputs: WanExecutorInputs, encoders: ConditionEncoders) -> tuple[Conditioning, Tensor]:
+        pixels = inputs.condition_pixels
+        condition = None if pixels is None else encoders.encode_video(pixels[:, 0].unsqueeze(2))
+        latents = _noise(inputs, encoders)
+        return cls(latents, condition, encoders.patch_size), latents
+
+    def model_input(self, latents: Tensor) -> Tensor:
+        return self.finish(latents)
+
+    def timestep(self, t: Tensor, rows: int) -> Tensor:
+        return (self.token_mask * t).flatten().unsqueeze(0).expand(rows, -1)
+
+    def finish(self, latents: Tensor) -> Tensor:
+        if self.condition is None:
+            return latents
+        return (1 - self.mask) * self.condition + self.mask * latents
+
+
+def conditioning_class(inputs: WanExecutorInputs, expand_timesteps: bool) -> type[Conditioning]:
+    """The mode of a batch, from its inputs and the model (``expand_timesteps``: TI2V)."""
+    if inputs.video_pixels is not None:
+        return VideoToVideo
+    if expand_timesteps:
+        return CleanFirstFrame
+    if inputs.condition_pixels is not None:
+        return ImageConcat
+    return TextToVideo
+
+
+def prepare_conditioning(
+    inputs: WanExecutorInputs, encoders: ConditionEncoders
+) -> tuple[Conditioning, Tensor]:
+    """The batch's conditioning, prepared (the "condition" stage), and the initial latents."""
+    return conditioning_class(inputs, encoders.expand_timesteps).prepare(inputs, encoders)

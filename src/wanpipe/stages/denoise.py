@@ -1,0 +1,116 @@
+"""The denoising loop. Everything mode-specific was prepared before it (:mod:`~wanpipe.stages.conditioning`,
+:mod:`~wanpipe.stages.text`); the loop only steps: the expert known up front, one DiT forward through the
+runner (compiled / streamed / cached / parallel, :class:`~wanpipe.runtime.runner.DiTRunner`), guidance
+combined, the sampler's step, progress, cancellation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from wanpipe.runtime.runner import DiTRunner
+from wanpipe.runtime.step_cache import StepCache
+from wanpipe.schedulers import Schedule, new_state, step
+from wanpipe.stages.conditioning import Conditioning
+from wanpipe.stages.experts import Experts
+from wanpipe.stages.text import TextContext
+
+StepCallback = Callable[[int, int, float], None]
+"""Called after each denoising step with (step index, number of steps, timestep)."""
+
+
+class CancelledError(RuntimeError):
+    """The caller's cancel check asked to stop the denoising loop."""
+
+
+def guided_steps(num_steps: int, cfg_truncation: float | None) -> int:
+    """How many leading steps use guidance: all, unless ``cfg_truncation`` < 1 (that fraction, rounded up)."""
+    if cfg_truncation is None or cfg_truncation >= 1.0:
+        return num_steps
+    return max(0, min(num_steps, math.ceil(cfg_truncation * num_steps - 1e-9)))
+
+
+@dataclass
+class StepPlan:
+    """The steps of a batch: the sampler's ``schedule``, its ``timesteps`` (N,) on the device, and which
+    expert runs each step (:meth:`~wanpipe.stages.experts.Experts.plan`), all known before the loop."""
+
+    schedule: Schedule
+    timesteps: Tensor
+    experts: list[str]
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance of a batch of B rows.
+
+    do_cfg (B, 1, 1, 1, 1) bool: the rows that use it (the others keep their conditional prediction);
+    scales: each expert's scale (B, 1, 1, 1, 1) ("high", and "low" for Wan 2.2 A14B's second expert);
+    steps: how many leading steps run the unconditional rows (0: none)."""
+
+    do_cfg: Tensor
+    scales: dict[str, Tensor]
+    steps: int
+
+    def combine(self, pred: Tensor, batch: int, which: str) -> Tensor:
+        """pred (2B, C, f, h, w): conditional rows then unconditional ones -> (B, C, f, h, w)."""
+        pred_cond, pred_uncond = pred[:batch], pred[batch:]
+        scale = self.scales.get(which, self.scales["high"]).to(pred.dtype)
+        guided = pred_uncond + scale * (pred_cond - pred_uncond)
+        return torch.where(self.do_cfg, guided, pred_cond)
+
+
+def denoise(
+    runner: DiTRunner,
+    experts: Experts,
+    plan: StepPlan,
+    text: TextContext,
+    conditioning: Conditioning,
+    guidance: Guidance,
+    latents: Tensor,
+    *,
+    dtype: torch.dtype,
+    cache: StepCache | None = None,
+    callback: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Tensor:
+    """Run every step of ``plan`` from the initial ``latents`` (B, C, f, h, w) float32 -> the denoised
+    latents, same shape (after ``conditioning.finish``)."""
+    batch = latents.shape[0]
+    schedule = plan.schedule
+    num_steps = schedule.num_inference_steps
+    both = {"cond": slice(0, batch), "uncond": slice(batch, 2 * batch)}
+    cond_only = {"cond": slice(0, batch)}
+    state = new_state()
+    try:
+        for i, which in enumerate(plan.experts):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("generation cancelled")
+            guided = i < guidance.steps
+            model_input = conditioning.model_input(latents).to(dtype)
+            if guided:
+                model_input = torch.cat([model_input, model_input])
+            context, bias = text.rows(guided)
+            pred = runner.forward(
+                experts.get(which),
+                model_input,
+                conditioning.timestep(plan.timesteps[i], model_input.shape[0]),
+                context,
+                text_bias=bias,
+                cache=cache,
+                streams=both if guided else cond_only,
+                step=i,
+                num_steps=num_steps,
+                **conditioning.dit_kwargs(guided),
+            )
+            noise_pred = guidance.combine(pred, batch, which) if guided else pred
+            latents = step(schedule, state, i, noise_pred, latents)
+            if callback is not None:
+                callback(i, num_steps, float(schedule.timesteps[i]))
+    finally:
+        experts.release()
+    return conditioning.finish(latents)
