@@ -41,7 +41,6 @@ from wanpipe.models.vae_layers import (
     ResampleMode,
     ResidualBlock,
     ResidualDownBlock,
-    ResidualUpBlock,
     RMSNorm,
     UpBlock,
     patchify,
@@ -250,15 +249,15 @@ class Encoder3d(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        dim = config.base_dim
-        dims = [dim * m for m in (1, *config.dim_mult)]
+        dims = [config.base_dim * m for m in (1, *config.dim_mult)]
+        # every level but the last halves height and width, and time where temperal_downsample says so
+        modes: list[ResampleMode | None] = [
+            *("downsample3d" if t else "downsample2d" for t in config.temperal_downsample),
+            None,
+        ]
         self.conv_in = CausalConv3d(config.in_channels, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []
-        last = len(config.dim_mult) - 1
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            mode: ResampleMode | None = None
-            if i != last:
-                mode = "downsample3d" if config.temperal_downsample[i] else "downsample2d"
+        for in_dim, out_dim, mode in zip(dims[:-1], dims[1:], modes):
             if config.is_residual:
                 blocks.append(ResidualDownBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
                 continue
@@ -293,7 +292,7 @@ class Decoder3d(nn.Module):
     """Latents -> patchified video. Like diffusers', it has no attention outside the mid block.
 
     Wan 2.1 layout: each upsampler halves the channels. Wan 2.2 (``is_residual``): upsamplers keep the
-    channels and each level has a :class:`DupUp3d` shortcut (:class:`ResidualUpBlock`).
+    channels and each level that upsamples has a ``DupUp3d`` shortcut (:class:`UpBlock`).
     """
 
     def __init__(self, config: VAEConfig) -> None:
@@ -301,21 +300,22 @@ class Decoder3d(nn.Module):
         dim = config.decoder_base_dim or config.base_dim
         mult = config.dim_mult
         dims = [dim * m for m in (mult[-1], *mult[::-1])]
-        temporal_upsample = config.temperal_downsample[::-1]
+        # the encoder's resampling, mirrored
+        modes: list[ResampleMode | None] = [
+            *("upsample3d" if t else "upsample2d" for t in config.temperal_downsample[::-1]),
+            None,
+        ]
         self.conv_in = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0], config.dropout)
         blocks: list[nn.Module] = []
-        last = len(mult) - 1
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            mode: ResampleMode | None = None
-            if i != last:
-                mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
-            if config.is_residual:
-                blocks.append(ResidualUpBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
-                continue
-            if i > 0:
-                in_dim //= 2  # the previous upsampler halved the channels
-            blocks.append(UpBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
+        for i, (in_dim, out_dim, mode) in enumerate(zip(dims[:-1], dims[1:], modes)):
+            if i > 0 and not config.is_residual:
+                in_dim //= 2  # the previous (Wan 2.1) upsampler halved the channels
+            blocks.append(
+                UpBlock(
+                    in_dim, out_dim, config.num_res_blocks, config.dropout, mode, residual=config.is_residual
+                )
+            )
         self.up_blocks = nn.ModuleList(blocks)
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], config.out_channels, 3, padding=1)

@@ -3,11 +3,11 @@
 - :class:`CausalCache`, what the causal layers of one encoder or decoder carry from chunk to chunk,
   and :class:`CausalConv3d`, the 3-D convolution that only looks at past frames.
 - The blocks: :class:`RMSNorm`, :class:`ResidualBlock`, :class:`AttentionBlock`, :class:`Resample`
-  (2x up/down sampling in space, and in time for the 3d modes), :class:`MidBlock`, and
-  :class:`UpBlock`, one Wan 2.1 decoder level.
-- Wan 2.2: :func:`patchify` / :func:`unpatchify` (pixel patches <-> channels), the parameter-free
-  shortcuts :class:`AvgDown3d` and :class:`DupUp3d`, and the levels that carry them,
-  :class:`ResidualDownBlock` and :class:`ResidualUpBlock`.
+  (2x up/down sampling in space, and in time for the 3d modes), :class:`MidBlock`.
+- Wan 2.2: :func:`patchify` / :func:`unpatchify` (pixel patches <-> channels) and the parameter-free
+  shortcuts :class:`AvgDown3d` and :class:`DupUp3d`.
+- The levels: :class:`ResidualDownBlock`, a Wan 2.2 encoder level (Wan 2.1's encoder is a flat list of
+  blocks), and :class:`UpBlock`, a decoder level of either layout.
 
 On the CPU in fp32 the 3x3x3 convolutions and the upsampling convolutions take the faster paths of
 :mod:`wanpipe.models.fastconv`.
@@ -313,11 +313,6 @@ class Resample(nn.Module):
         return out
 
 
-def _residual_blocks(in_dim: int, out_dim: int, count: int, dropout: float) -> nn.ModuleList:
-    """``count`` residual blocks, the first from ``in_dim`` channels, all to ``out_dim``."""
-    return nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(count))
-
-
 class MidBlock(nn.Module):
     """Residual block, attention, residual block, at the lowest resolution."""
 
@@ -334,30 +329,8 @@ class MidBlock(nn.Module):
         return x
 
 
-class UpBlock(nn.Module):
-    """``num_res_blocks + 1`` residual blocks, then an optional upsampler (Wan 2.1 layout)."""
-
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        num_res_blocks: int,
-        dropout: float = 0.0,
-        upsample_mode: ResampleMode | None = None,
-    ) -> None:
-        super().__init__()
-        self.resnets = _residual_blocks(in_dim, out_dim, num_res_blocks + 1, dropout)
-        self.upsampler = Resample(out_dim, upsample_mode) if upsample_mode is not None else None
-
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        """(B, in_dim, T, H, W) -> (B, out_dim // 2, T', 2H, 2W) with an upsampler, else (B, out_dim, T, H, W)."""
-        for resnet in self.resnets:
-            x = resnet(x, cache)
-        return x if self.upsampler is None else self.upsampler(x, cache)
-
-
 # ----------------------------------------------------------------------------------------------
-# Wan 2.2: patches and the parameter-free residual shortcuts
+# Wan 2.2: patches and the parameter-free shortcuts
 # ----------------------------------------------------------------------------------------------
 
 
@@ -438,6 +411,16 @@ class DupUp3d(nn.Module):
         return x[:, :, ft - 1 :] if first_chunk and ft > 1 else x
 
 
+# ----------------------------------------------------------------------------------------------
+# Levels: the encoder's (Wan 2.2) and the decoder's
+# ----------------------------------------------------------------------------------------------
+
+
+def _residual_blocks(in_dim: int, out_dim: int, count: int, dropout: float) -> nn.ModuleList:
+    """``count`` residual blocks, the first from ``in_dim`` channels, all to ``out_dim``."""
+    return nn.ModuleList(ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(count))
+
+
 class ResidualDownBlock(nn.Module):
     """Wan 2.2 encoder level: residual blocks and an optional downsampler, plus an :class:`AvgDown3d` shortcut."""
 
@@ -466,9 +449,12 @@ class ResidualDownBlock(nn.Module):
         return x + shortcut
 
 
-class ResidualUpBlock(nn.Module):
-    """Wan 2.2 decoder level: ``num_res_blocks + 1`` residual blocks and an optional upsampler (which
-    keeps the channels), plus a :class:`DupUp3d` shortcut when it upsamples."""
+class UpBlock(nn.Module):
+    """A decoder level: ``num_res_blocks + 1`` residual blocks, then an optional upsampler.
+
+    Wan 2.1 layout: the upsampler halves the channels. Wan 2.2 (``residual``): it keeps them, and a level
+    that upsamples adds a :class:`DupUp3d` shortcut of its input.
+    """
 
     def __init__(
         self,
@@ -477,20 +463,24 @@ class ResidualUpBlock(nn.Module):
         num_res_blocks: int,
         dropout: float = 0.0,
         upsample_mode: ResampleMode | None = None,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         self.resnets = _residual_blocks(in_dim, out_dim, num_res_blocks + 1, dropout)
         self.upsampler: Resample | None = None
         self.shortcut: DupUp3d | None = None
         if upsample_mode is not None:
-            self.upsampler = Resample(out_dim, upsample_mode, out_dim=out_dim)
-            self.shortcut = DupUp3d(in_dim, out_dim, 2 if upsample_mode == "upsample3d" else 1, 2)
+            self.upsampler = Resample(out_dim, upsample_mode, out_dim=out_dim if residual else None)
+            if residual:
+                self.shortcut = DupUp3d(in_dim, out_dim, 2 if upsample_mode == "upsample3d" else 1, 2)
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        """(B, in_dim, T, H, W) -> (B, out_dim, T', 2H, 2W) with an upsampler, else (B, out_dim, T, H, W)."""
+        """(B, in_dim, T, H, W) -> (B, C, T', 2H, 2W) with an upsampler, else (B, out_dim, T, H, W);
+        C = out_dim, or out_dim // 2 in the Wan 2.1 layout."""
         inputs = x
         for resnet in self.resnets:
             x = resnet(x, cache)
-        if self.upsampler is None or self.shortcut is None:
+        if self.upsampler is None:
             return x
-        return self.upsampler(x, cache) + self.shortcut(inputs, cache.first_chunk)
+        x = self.upsampler(x, cache)
+        return x if self.shortcut is None else x + self.shortcut(inputs, cache.first_chunk)
