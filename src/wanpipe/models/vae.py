@@ -431,9 +431,7 @@ class WanVAE(nn.Module):
         Memory is bounded by one chunk plus the cache (2 frames per causal layer). Bad input raises
         here, not at the first ``next``.
         """
-        cfg = self.config
-        if z.ndim != 5 or z.shape[1] != cfg.z_dim:
-            raise ValueError(f"latents must be (B, {cfg.z_dim}, f, h, w), got {tuple(z.shape)}")
+        self._check_latents(z)
         if z.shape[2] < 1:
             raise ValueError("latents have no frames")
         if chunk_frames < 1:
@@ -469,10 +467,13 @@ class WanVAE(nn.Module):
 
     # -- latent statistics ----------------------------------------------------------------------
 
+    def _check_latents(self, z: Tensor) -> None:
+        if z.ndim != 5 or z.shape[1] != self.config.z_dim:
+            raise ValueError(f"latents must be (B, {self.config.z_dim}, f, h, w), got {tuple(z.shape)}")
+
     def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_latents(z)
         cfg = self.config
-        if z.ndim != 5 or z.shape[1] != cfg.z_dim:
-            raise ValueError(f"latents must be (B, {cfg.z_dim}, f, h, w), got {tuple(z.shape)}")
         shape = (1, cfg.z_dim, 1, 1, 1)
         mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape).to(z.device, z.dtype)
         inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape).to(z.device, z.dtype)
