@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import wanpipe.models.vae as vae_module
+import wanpipe.models.vae_layers as vae_module
 from wanpipe.models.fastconv import (
     _TRANSFORMS,
     ConvWeightCache,
@@ -18,7 +18,8 @@ from wanpipe.models.fastconv import (
     fast_conv_applies,
     upsample2x_conv3x3,
 )
-from wanpipe.models.vae import CausalCache, VAEConfig, WanVAE
+from wanpipe.models.vae import VAEConfig, WanVAE
+from wanpipe.models.vae_layers import CausalCache
 
 REL = 5e-6  # Winograd in fp32: rounding only (about 1e-6 relative seen)
 

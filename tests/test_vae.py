@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from wanpipe.models.vae import CausalCache, LatentDistribution, VAEConfig, WanVAE
+from wanpipe.models.vae import LatentDistribution, VAEConfig, WanVAE
+from wanpipe.models.vae_layers import CausalCache
 from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS
 
 diffusers = pytest.importorskip("diffusers")

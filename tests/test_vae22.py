@@ -9,15 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wanpipe.models.vae import (
-    AvgDown3d,
-    CausalCache,
-    DupUp3d,
-    VAEConfig,
-    WanVAE,
-    patchify,
-    unpatchify,
-)
+from wanpipe.models.vae import VAEConfig, WanVAE
+from wanpipe.models.vae_layers import AvgDown3d, CausalCache, DupUp3d, patchify, unpatchify
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKLWan = diffusers.AutoencoderKLWan
