@@ -197,7 +197,7 @@ def test_compression_is_on_by_default() -> None:
     [
         {},
         {"cache": "first-block", "residual_threshold": 1e6},
-        {"cache": "teacache", "residual_threshold": 1e6},
+        {"cache": "teacache", "residual_threshold": 1e6, "teacache_coefficients": (1.0, 0.0)},
     ],
     ids=["plain", "first-block", "teacache"],
 )

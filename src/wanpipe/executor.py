@@ -41,7 +41,7 @@ from wanpipe.runtime.memory import configure_host_memory, trim_host_memory
 from wanpipe.runtime.offload import BlockStreamer, ModelOffload, pin_module
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
-from wanpipe.runtime.step_cache import StepCache, make_step_cache
+from wanpipe.runtime.step_cache import StepCache, make_step_cache, teacache_coefficients, teacache_variant
 from wanpipe.schedulers import Schedule
 from wanpipe.stages.conditioning import ConditionEncoders, Conditioning, prepare_conditioning
 from wanpipe.stages.decode import decode
@@ -223,6 +223,8 @@ class WanExecutor:
                     module.to(dev)
         if options.text_encoder_device is not None and self.text_encoder is not None:
             self.text_encoder.to(options.text_encoder_device)
+        if options.cache == "teacache" and options.teacache_coefficients is None:
+            self._teacache_variant()  # refuse a model without published coefficients now, not mid-request
         self.placement.offload = offload
         self.experts.offload = offload
         compiled = CompiledDiT(mode=options.compile_mode) if options.compile else None
@@ -364,7 +366,8 @@ class WanExecutor:
             timesteps=torch.tensor(schedule.timesteps).to(device),
             experts=Experts.plan(schedule.timesteps, inputs.boundary_timestep),
         )
-        cache = self._make_cache(inputs.approximations, latent_size=tuple(inputs.latents.shape[3:]))
+        h, w = inputs.latents.shape[3:]
+        cache = self._make_cache(inputs.approximations, latent_size=(h, w))
         self._report = {"guided_steps": guidance.steps}
         self._report["attention"] = self._attention_report(latents, text)
         self.runner.compile_s = 0.0
@@ -418,17 +421,27 @@ class WanExecutor:
         return f"self: {own}, cross: {cross}"
 
     def _make_cache(
-        self, approximations: Approximations, latent_size: tuple[int, ...] | None = None
+        self, approximations: Approximations, latent_size: tuple[int, int] | None = None
     ) -> StepCache | None:
         """The step cache for a batch: the runtime's kind with the request's (or runtime's) threshold;
         a request threshold > 0 alone turns on First-Block-Cache. None (off) when the threshold is 0.
-        ``latent_size`` (h, w) picks TeaCache's coefficients."""
+        ``latent_size`` (h, w) picks TeaCache's published coefficients (I2V: 480P or 720P)."""
         requested = approximations.residual_threshold
         threshold = requested if requested is not None else self.runtime.residual_threshold
         kind = self.runtime.cache
         if kind is None and requested:
             kind = "first-block"
-        return make_step_cache(kind, threshold, dit=self.transformer.config, latent_size=latent_size)
+        coefficients = None
+        if kind == "teacache":
+            coefficients = self.runtime.teacache_coefficients or teacache_coefficients(
+                self._teacache_variant(), latent_size or (0, 0), self.transformer.config.patch_size
+            )
+        return make_step_cache(kind, threshold, coefficients)
+
+    def _teacache_variant(self) -> str:
+        return teacache_variant(
+            self.transformer.config, two_experts=self.experts.two, per_token_timesteps=self.expand_timesteps
+        )
 
     def _trim(self) -> None:
         if self.device.type == "cpu" and (

@@ -17,13 +17,11 @@ Per request, ``WanRequest.residual_threshold`` / ``cfg_truncation`` override the
 from __future__ import annotations
 
 import argparse
-import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 OFFLOAD_MODES = ("none", "model", "block")
 CACHE_MODES = ("none", "first-block", "teacache")
@@ -43,6 +41,9 @@ class RuntimeOptions:
     """Step skipping (an approximation): off unless a residual_threshold > 0 is given too."""
     residual_threshold: float = 0.0
     """The step cache's threshold (0: never skip); a request's own value wins."""
+    teacache_coefficients: tuple[float, ...] | None = None
+    """TeaCache's rescaling polynomial, highest degree first; None: the published TeaCache4Wan2.1 set for
+    the model (Wan 2.1 T2V 1.3B/14B, I2V 14B 480P/720P; other models are refused without these)."""
     cfg_truncation: float | None = None
     """Guidance only for the first fraction of the steps (None / 1.0: all steps); a request's wins."""
     text_encoder_device: str | None = None
@@ -73,6 +74,16 @@ class RuntimeOptions:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
         if self.cache not in (None, *CACHE_MODES):
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.teacache_coefficients is not None:
+            if not self.teacache_coefficients or not all(
+                isinstance(c, int | float) and math.isfinite(c) for c in self.teacache_coefficients
+            ):
+                raise ValueError(
+                    f"teacache_coefficients must be finite numbers, got {self.teacache_coefficients!r}"
+                )
+            object.__setattr__(
+                self, "teacache_coefficients", tuple(float(c) for c in self.teacache_coefficients)
+            )
         if self.residual_threshold < 0:
             raise ValueError(f"residual_threshold must be >= 0, got {self.residual_threshold}")
         if self.cfg_truncation is not None and not 0.0 <= self.cfg_truncation <= 1.0:
@@ -124,6 +135,14 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="step cache threshold (first-block: ~0.05-0.1; teacache: 0.05-0.2; 0 never skips)",
     )
     g.add_argument(
+        "--teacache-coefficients",
+        type=_coefficients,
+        default=None,
+        metavar="C4,C3,C2,C1,C0",
+        help="TeaCache's rescaling polynomial, highest degree first (default: the published TeaCache4Wan2.1 "
+        "set for Wan 2.1 T2V/I2V; needed for other models)",
+    )
+    g.add_argument(
         "--cfg-truncation",
         type=float,
         default=None,
@@ -160,6 +179,19 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _coefficients(text: str) -> tuple[float, ...]:
+    """``--teacache-coefficients 1.2,-3,0.5``: comma-separated finite numbers."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, highest degree first (e.g. 2.4e3,-1.3e3,201,-8.3,0.14), got {text!r}"
+        )
+    return values
+
+
 def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
     cache = getattr(args, "cache", "none")
     threshold = getattr(args, "residual_threshold", None)
@@ -171,6 +203,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         offload_buffers=getattr(args, "offload_buffers", 2) or 2,
         cache=None if cache in (None, "none") else cache,
         residual_threshold=float(threshold or 0.0),
+        teacache_coefficients=getattr(args, "teacache_coefficients", None),
         cfg_truncation=getattr(args, "cfg_truncation", None),
         text_encoder_device=getattr(args, "text_encoder_device", None),
         vae_chunk_frames=getattr(args, "vae_chunk_frames", None),

@@ -40,15 +40,39 @@ TEACACHE_WAN_COEFFICIENTS: dict[str, tuple[float, ...]] = {
 }
 
 
-def teacache_variant(dim: int, in_channels: int, latent_area: int) -> str:
-    """Which published coefficients fit a DiT: 1.3B by width, I2V-14B by input channels and size."""
-    if dim == 5120:
-        if in_channels == 36:
-            return "i2v-14B-480P" if latent_area <= 60 * 104 else "i2v-14B-720P"
-        return "t2v-14B"
-    if dim != 1536:
-        logger.info("TeaCache: no published coefficients for a DiT of width %d; using the 1.3B ones", dim)
-    return "t2v-1.3B"
+def teacache_variant(dit: TransformerConfig, *, two_experts: bool, per_token_timesteps: bool) -> str:
+    """The published TeaCache4Wan2.1 set that fits a DiT: "t2v-1.3B", "t2v-14B" or "i2v-14B" (whose
+    480P or 720P coefficients :func:`teacache_coefficients` picks by the latent size). ValueError for a
+    model with none published (Wan 2.2 A14B, TI2V-5B, FLF2V, other widths such as tiny test models):
+    give ``RuntimeOptions.teacache_coefficients`` (``--teacache-coefficients``) or use First-Block-Cache."""
+    if two_experts or per_token_timesteps or dit.pos_embed_seq_len is not None or dit.dim not in (1536, 5120):
+        model = (
+            "Wan 2.2 A14B"
+            if two_experts
+            else "TI2V-5B"
+            if per_token_timesteps
+            else "FLF2V"
+            if dit.pos_embed_seq_len is not None
+            else f"a DiT of width {dit.dim}"
+        )
+        raise ValueError(
+            f"TeaCache has no published coefficients for {model} (TeaCache4Wan2.1 covers Wan 2.1 T2V 1.3B/14B "
+            "and I2V 14B 480P/720P): give --teacache-coefficients (highest degree first) or use --cache first-block"
+        )
+    if dit.dim == 1536:
+        return "t2v-1.3B"
+    return "i2v-14B" if dit.in_channels != dit.out_channels else "t2v-14B"
+
+
+def teacache_coefficients(
+    variant: str, latent_size: tuple[int, int], patch: tuple[int, int, int]
+) -> tuple[float, ...]:
+    """The coefficients of a :func:`teacache_variant` at a latent frame of ``latent_size`` (h, w): I2V
+    takes the 480P set up to 480x832 pixels' worth of tokens, the 720P set above."""
+    if variant != "i2v-14B":
+        return TEACACHE_WAN_COEFFICIENTS[variant]
+    area = (latent_size[0] // patch[1]) * (latent_size[1] // patch[2])
+    return TEACACHE_WAN_COEFFICIENTS["i2v-14B-480P" if area <= 60 * 104 // 4 else "i2v-14B-720P"]
 
 
 def _relative_l1(new: Tensor, old: Tensor) -> float:
@@ -120,9 +144,11 @@ class FirstBlockCache(StepCache):
 class TeaCache(StepCache):
     kind = "teacache"
 
-    def __init__(self, threshold: float, coefficients: tuple[float, ...] | None = None) -> None:
+    def __init__(self, threshold: float, coefficients: tuple[float, ...]) -> None:
         super().__init__(threshold)
-        self.coefficients = coefficients
+        if not coefficients:
+            raise ValueError("TeaCache needs at least one coefficient")
+        self.coefficients = tuple(float(c) for c in coefficients)
         self.accumulated = 0.0
         self.previous: Tensor | None = None
 
@@ -143,9 +169,8 @@ class TeaCache(StepCache):
             self.accumulated = 0.0
             return True
         change = _relative_l1(indicator, previous)
-        coefficients = self.coefficients or TEACACHE_WAN_COEFFICIENTS["t2v-1.3B"]
         rescaled = 0.0
-        for c in coefficients:  # Horner, highest degree first (np.poly1d)
+        for c in self.coefficients:  # Horner, highest degree first (np.poly1d)
             rescaled = rescaled * change + c
         self.accumulated += rescaled
         if self.accumulated < self.threshold:
@@ -155,24 +180,18 @@ class TeaCache(StepCache):
 
 
 def make_step_cache(
-    kind: str | None,
-    threshold: float | None,
-    *,
-    dit: TransformerConfig | None = None,
-    latent_size: tuple[int, int] | None = None,
+    kind: str | None, threshold: float | None, coefficients: tuple[float, ...] | None = None
 ) -> StepCache | None:
     """``kind`` "first-block" or "teacache" -> a cache with ``threshold`` (0 never skips); None, "none"
-    or "off" -> None. TeaCache takes the published coefficients that fit ``dit`` at a latent frame of
-    ``latent_size`` (h, w) when both are given (:func:`teacache_variant`)."""
+    or "off" -> None. ``coefficients``: TeaCache's rescaling polynomial (highest degree first; see
+    :func:`teacache_variant` and :func:`teacache_coefficients` for the published ones), required for it."""
     if kind in (None, "none", "off"):
         return None
     if kind == "first-block":
         return FirstBlockCache(threshold or 0.0)
     if kind == "teacache":
-        coefficients = None
-        if dit is not None and latent_size is not None:
-            area = (latent_size[0] // dit.patch_size[1]) * (latent_size[1] // dit.patch_size[2])
-            coefficients = TEACACHE_WAN_COEFFICIENTS[teacache_variant(dit.dim, dit.in_channels, area)]
+        if coefficients is None:
+            raise ValueError("TeaCache needs its coefficients (see teacache_variant / teacache_coefficients)")
         return TeaCache(threshold or 0.0, coefficients)
     raise ValueError(f"cache must be 'first-block', 'teacache' or None, got {kind!r}")
 
