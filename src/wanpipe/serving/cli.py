@@ -22,6 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
+
 if TYPE_CHECKING:
     import torch
 
@@ -78,8 +80,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    from wanpipe.cli import add_parallel_arguments
-
     add_parallel_arguments(p)
 
 
@@ -151,8 +151,6 @@ def _load_pipeline(
         from wanpipe.parallel.mesh import ParallelMesh
 
         heads = pipe.executor.transformer.config.num_attention_heads
-        from wanpipe.cli import vae_halo
-
         pipe.executor.parallel = ParallelMesh.build(parallel, num_heads=heads)
         pipe.executor.vae_halo = vae_halo(args)
         pipe.executor.check_parallel()
@@ -166,8 +164,6 @@ def _load_exit_code(error: BaseException) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``wanpipe serve``; under torchrun rank 0 serves (:func:`_serve`) and the others follow."""
-    from wanpipe.cli import parallel_config
-
     try:
         config = parallel_config(args)
     except ValueError as e:
