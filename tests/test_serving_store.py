@@ -11,7 +11,7 @@ import pytest
 
 from tests.serving_helpers import png_bytes
 from wanpipe.serving.jobs import Job, JobStatus, JobStore, StoreLockedError, new_job_id
-from wanpipe.serving.protocol import (
+from wanpipe.serving.parsing import (
     APIError,
     JobSpec,
     frames_for_seconds,

@@ -44,11 +44,19 @@ from wanpipe.serving.jobs import (
     ShuttingDownError,
     UnknownModelError,
 )
-from wanpipe.serving.protocol import (
+from wanpipe.serving.parsing import (
     APIError,
+    NewJob,
+    format_seconds,
+    invalid,
+    parse_int,
+    parse_responses_create,
+    parse_video_create,
+    unflatten_form_keys,
+)
+from wanpipe.serving.schemas import (
     ModelCard,
     ModelList,
-    NewJob,
     OutputMessage,
     OutputVideo,
     ResponseObject,
@@ -57,12 +65,6 @@ from wanpipe.serving.protocol import (
     VideoList,
     VideoObject,
     VideoParameters,
-    format_seconds,
-    invalid,
-    parse_int,
-    parse_responses_create,
-    parse_video_create,
-    unflatten_form_keys,
 )
 
 logger = logging.getLogger("wanpipe.serving")

@@ -44,7 +44,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from wanpipe.serving.protocol import ServeLimits
+    from wanpipe.serving.parsing import ServeLimits
 
     limits = ServeLimits()
     p.add_argument(
@@ -212,7 +212,7 @@ def _serve(
 
     from wanpipe.serving.app import create_app
     from wanpipe.serving.jobs import JobManager, JobStore, StoreLockedError
-    from wanpipe.serving.protocol import ServeLimits
+    from wanpipe.serving.parsing import ServeLimits
 
     serving_logger = logging.getLogger("wanpipe.serving")
     if not logging.getLogger().handlers:

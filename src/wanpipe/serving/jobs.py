@@ -46,7 +46,7 @@ from PIL import Image
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
 from wanpipe.media import Video, read_image
-from wanpipe.serving.protocol import JobSpec, NewJob, ServeLimits
+from wanpipe.serving.parsing import JobSpec, NewJob, ServeLimits
 
 if TYPE_CHECKING:
     from wanpipe.pipeline import WanPipeline

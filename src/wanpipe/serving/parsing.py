@@ -1,4 +1,4 @@
-"""The HTTP edge of ``wanpipe serve``: request parsing, response models and OpenAI-style errors.
+"""The HTTP edge of ``wanpipe serve``, inbound: request parsing and OpenAI-style errors.
 
 Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec` plus decoded images):
 
@@ -11,7 +11,8 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
 
 Parsing checks types and formats only; the engine's tokenizer checks what depends on the checkpoint
 (multiples of 16, 4k+1 frames, ...). Every refusal is an :class:`APIError`, which the app turns into
-``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
+``{"error": {"message", "type", "param", "code"}}`` with its HTTP status. The response bodies are
+in :mod:`wanpipe.serving.schemas`.
 
 ``seconds`` -> frames: ``S`` seconds at ``fps`` frames per second give ``4*round(S*fps/4)+1`` frames
 (the VAE's temporal stride is 4), so that the first and the last frame are ``S`` seconds apart: 4 s at
@@ -27,11 +28,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from io import BytesIO
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import BaseModel, Field
 
 # Uploaded images larger than this are refused before they are decoded (decompression bombs).
 MAX_INPUT_IMAGE_PIXELS = 40_000_000
@@ -510,122 +510,3 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None
     return NewJob(spec, image, last_image, model, RESPONSES_PARAM_NAMES), response_format
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Response bodies
-
-VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class VideoError(BaseModel):
-    code: str
-    message: str
-
-
-class VideoParameters(BaseModel):
-    """Wan's settings of a job, every default resolved (an extension of OpenAI's Video object)."""
-
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    fps: float | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    guidance_scale_2: float | None = None
-    flow_shift: float | None = None
-    seed: int | None = None
-    negative_prompt: str | None = None
-    image: bool = False
-    last_image: bool = False
-
-
-class VideoObject(BaseModel):
-    """OpenAI's Video object, plus ``parameters`` and ``batch_size`` (how many jobs ran together)."""
-
-    id: str
-    object: Literal["video"] = "video"
-    status: VideoStatus
-    progress: int = Field(ge=0, le=100)
-    created_at: int
-    completed_at: int | None = None
-    expires_at: int | None = None
-    model: str
-    prompt: str
-    size: str
-    seconds: str
-    error: VideoError | None = None
-    remixed_from_video_id: str | None = None
-    parameters: VideoParameters
-    batch_size: int | None = None
-
-
-class VideoList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[VideoObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
-
-
-class VideoDeleted(BaseModel):
-    id: str
-    object: Literal["video.deleted"] = "video.deleted"
-    deleted: bool = True
-
-
-class OutputVideo(BaseModel):
-    type: Literal["output_video"] = "output_video"
-    video_url: str | None = None
-    video_data: str | None = None
-    format: str = "mp4"
-    frames_per_second: float
-    num_frames: int
-
-
-class OutputMessage(BaseModel):
-    type: Literal["message"] = "message"
-    id: str
-    role: Literal["assistant"] = "assistant"
-    status: Literal["completed"] = "completed"
-    content: list[OutputVideo]
-
-
-class ResponseObject(BaseModel):
-    """An Open Responses ``response`` whose one output message holds the video."""
-
-    id: str
-    object: Literal["response"] = "response"
-    created_at: int
-    completed_at: int | None = None
-    status: Literal["completed"] = "completed"
-    model: str
-    output: list[OutputMessage]
-    seed: int | None = None
-    video_id: str
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "wanpipe"
-    task: str
-    defaults: dict[str, Any]
-    limits: dict[str, Any]
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
