@@ -21,8 +21,9 @@ from PIL import Image
 
 from tests.serving_helpers import ThreadServer, assert_error, png_bytes, read_mp4, wait_until
 from wanpipe.serving.app import create_app
-from wanpipe.serving.jobs import JobManager, JobStatus, JobStore
+from wanpipe.serving.manager import JobManager
 from wanpipe.serving.parsing import ServeLimits
+from wanpipe.serving.store import JobStatus, JobStore
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -2,7 +2,9 @@
 
 parsing.py   request parsing and validation, OpenAI-style errors (the HTTP edge, inbound)
 schemas.py   the response bodies: pydantic models (the HTTP edge, outbound)
-jobs.py      the SQLite job store, the bounded queue and the worker that owns the model
+store.py     the SQLite job store: jobs, their videos and input images, recovery after a restart
+manager.py   the bounded queue and the worker thread that owns the model (JobManager)
+metrics.py   the counters behind /metrics
 app.py       the FastAPI routes and the web page (static/index.html)
 cli.py       ``add_serve_parser`` / ``cmd_serve`` (``wanpipe serve``); ``python -m wanpipe.serving``
 

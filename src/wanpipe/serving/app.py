@@ -34,10 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanpipe import __version__
 from wanpipe.context import InvalidRequestError
-from wanpipe.serving.jobs import (
-    Job,
+from wanpipe.serving.manager import (
     JobManager,
-    JobStatus,
     LimitExceededError,
     NotReadyError,
     QueueFullError,
@@ -66,6 +64,7 @@ from wanpipe.serving.schemas import (
     VideoObject,
     VideoParameters,
 )
+from wanpipe.serving.store import Job, JobStatus
 
 logger = logging.getLogger("wanpipe.serving")
 

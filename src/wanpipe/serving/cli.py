@@ -211,8 +211,9 @@ def _serve(
     import uvicorn
 
     from wanpipe.serving.app import create_app
-    from wanpipe.serving.jobs import JobManager, JobStore, StoreLockedError
+    from wanpipe.serving.manager import JobManager
     from wanpipe.serving.parsing import ServeLimits
+    from wanpipe.serving.store import JobStore, StoreLockedError
 
     serving_logger = logging.getLogger("wanpipe.serving")
     if not logging.getLogger().handlers:
