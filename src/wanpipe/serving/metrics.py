@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from wanpipe.serving.store import JobStatus
+
+# The counters of :class:`Metrics`: (attribute, metric name, label, help).
+COUNTERS = (
+    ("submitted", "wanpipe_jobs_submitted_total", "api", "Jobs accepted, by API."),
+    ("rejected", "wanpipe_requests_rejected_total", "reason", "Generation requests refused, by reason."),
+    ("finished", "wanpipe_jobs_finished_total", "status", "Jobs finished since start, by outcome."),
+    ("batches", "wanpipe_batches_total", "size", "Executor batches run, by the number of jobs in them."),
+)
+# The sums of :class:`Metrics` shown as summaries (batch_seconds is kept for Retry-After only).
+SUMMARIES = (
+    ("step_seconds", "Time of one denoising step of a batch."),
+    ("queue_wait_seconds", "Time from a job's submission to its start."),
+    ("run_seconds", "Time from a job's start to its saved video."),
+)
 
 
 class Metrics:
@@ -46,47 +61,20 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
             lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
 
+        def labelled(label: str, items: Iterable[tuple[Any, float]]) -> list[tuple[str, float]]:
+            return [(f'{{{label}="{key}"}}', n) for key, n in items]
+
         with self._lock:
             metric("wanpipe_ready", "gauge", "1 when the model is loaded and the worker runs.", [("", ready)])
             metric("wanpipe_queue_depth", "gauge", "Jobs waiting to run.", [("", counts[JobStatus.QUEUED])])
-            metric(
-                "wanpipe_jobs",
-                "gauge",
-                "Jobs in the store by state.",
-                [(f'{{state="{s.value}"}}', n) for s, n in counts.items()],
-            )
+            states = ((s.value, n) for s, n in counts.items())
+            metric("wanpipe_jobs", "gauge", "Jobs in the store by state.", labelled("state", states))
             metric(
                 "wanpipe_running_batch_size", "gauge", "Jobs in the batch now running.", [("", running_batch)]
             )
-            metric(
-                "wanpipe_jobs_submitted_total",
-                "counter",
-                "Jobs accepted, by API.",
-                [(f'{{api="{a}"}}', n) for a, n in sorted(self.submitted.items())],
-            )
-            metric(
-                "wanpipe_requests_rejected_total",
-                "counter",
-                "Generation requests refused, by reason.",
-                [(f'{{reason="{r}"}}', n) for r, n in sorted(self.rejected.items())],
-            )
-            metric(
-                "wanpipe_jobs_finished_total",
-                "counter",
-                "Jobs finished since start, by outcome.",
-                [(f'{{status="{s}"}}', n) for s, n in sorted(self.finished.items())],
-            )
-            metric(
-                "wanpipe_batches_total",
-                "counter",
-                "Executor batches run, by the number of jobs in them.",
-                [(f'{{size="{size}"}}', n) for size, n in sorted(self.batches.items())],
-            )
-            for name, help in (
-                ("step_seconds", "Time of one denoising step of a batch."),
-                ("queue_wait_seconds", "Time from a job's submission to its start."),
-                ("run_seconds", "Time from a job's start to its saved video."),
-            ):
+            for counter, name, label, help in COUNTERS:
+                metric(name, "counter", help, labelled(label, sorted(getattr(self, counter).items())))
+            for name, help in SUMMARIES:
                 total, n = getattr(self, name)
                 metric(f"wanpipe_{name}", "summary", help, [("_sum", total), ("_count", n)])
         return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from io import BytesIO
 from typing import Any
@@ -182,12 +182,30 @@ def parse_str(value: Any, name: str) -> str:
     return value
 
 
+def parse_fps(value: Any, name: str) -> float:
+    """A playback rate in (0, 240] frames per second."""
+    fps = parse_float(value, name)
+    if not 0 < fps <= 240:
+        raise invalid(f"{name} must be in (0, 240], got {fps:g}", name)
+    return fps
+
+
 def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` -> (width, height)."""
     match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
     if match is None:
         raise invalid(f"{name} must be WIDTHxHEIGHT in pixels, e.g. 832x480, got {_shown(value)}", name)
     return int(match.group(1)), int(match.group(2))
+
+
+def _optional(values: Mapping[str, Any], prefix: str = "") -> Callable[..., Any]:
+    """``opt(name, parse, *args)``: ``values[name]`` parsed as ``prefix + name``, or None if absent or null."""
+
+    def opt(name: str, parse: Callable[..., Any], *args: Any) -> Any:
+        value = values.get(name)
+        return None if value is None else parse(value, prefix + name, *args)
+
+    return opt
 
 
 def frames_for_seconds(seconds: float, fps: float, stride: int = 4) -> int:
@@ -340,17 +358,12 @@ def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_
     if not prompt.strip():
         raise invalid("prompt must be a non-empty string", "prompt")
 
-    def opt(name: str, parse: Any, *args: Any) -> Any:
-        value = body.get(name)
-        return None if value is None else parse(value, name, *args)
-
+    opt = _optional(body)
     model = opt("model", parse_str)
     width = height = None
     if body.get("size") is not None:
         width, height = parse_size(body["size"])
-    fps = opt("fps", parse_float)
-    if fps is not None and not 0 < fps <= 240:
-        raise invalid(f"fps must be in (0, 240], got {fps:g}", "fps")
+    fps = opt("fps", parse_fps)
     num_frames = opt("num_frames", parse_int, 1)
     if body.get("seconds") is not None:
         seconds = parse_float(body["seconds"], "seconds")
@@ -476,22 +489,14 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
             "unknown_parameter",
         )
 
-    def opt(name: str, parse: Any, *args: Any) -> Any:
-        value = video.get(name)
-        return None if value is None else parse(value, f"provider_options.video.{name}", *args)
-
+    opt = _optional(video, "provider_options.video.")
     response_format = opt("response_format", parse_str) or "url"
     if response_format not in RESPONSE_FORMATS:
         raise invalid(
             f"provider_options.video.response_format must be url or b64_json, got {response_format!r}",
             "provider_options.video.response_format",
         )
-    fps = opt("frames_per_second", parse_float)
-    if fps is not None and not 0 < fps <= 240:
-        raise invalid(
-            f"provider_options.video.frames_per_second must be in (0, 240], got {fps:g}",
-            "provider_options.video.frames_per_second",
-        )
+    fps = opt("frames_per_second", parse_fps)
     spec = JobSpec(
         prompt=prompt,
         negative_prompt=opt("negative_prompt", parse_str),

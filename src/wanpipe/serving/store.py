@@ -70,6 +70,11 @@ class Job:
         return self.status in (JobStatus.COMPLETED, JobStatus.FAILED)
 
 
+def _error_json(code: str, message: str) -> str:
+    """A failed job's ``error`` column: ``{"code", "message"}`` (read back into :attr:`Job.error`)."""
+    return json.dumps({"code": code, "message": message})
+
+
 def new_job_id() -> str:
     return f"video_{uuid.uuid4().hex}"
 
@@ -316,7 +321,7 @@ class JobStore:
                 db.execute(
                     "UPDATE jobs SET status = 'failed', completed_at = ?, error = ?, batch_size = ? "
                     "WHERE id = ? AND status IN ('queued', 'in_progress')",
-                    (now, json.dumps({"code": code, "message": message}), batch_size, job_id),
+                    (now, _error_json(code, message), batch_size, job_id),
                 ).rowcount
                 == 1
             )
@@ -340,11 +345,9 @@ class JobStore:
                 "WHERE status IN ('queued', 'in_progress') AND model != ?",
                 (
                     now,
-                    json.dumps(
-                        {
-                            "code": "model_changed",
-                            "message": f"the server restarted with another model ({model}) before this job ran",
-                        }
+                    _error_json(
+                        "model_changed",
+                        f"the server restarted with another model ({model}) before this job ran",
                     ),
                     model,
                 ),
@@ -358,11 +361,8 @@ class JobStore:
                 "WHERE status = 'queued' AND attempts >= ?",
                 (
                     now,
-                    json.dumps(
-                        {
-                            "code": "server_crashed",
-                            "message": f"the server stopped {max_attempts} times while running this job",
-                        }
+                    _error_json(
+                        "server_crashed", f"the server stopped {max_attempts} times while running this job"
                     ),
                     max_attempts,
                 ),
