@@ -21,7 +21,7 @@ import numpy as np
 from tests import parallel_workers as workers
 from tests.serving_helpers import read_mp4, wait_until
 from wanpipe.media import Video
-from wanpipe.serving.jobs import JobStatus, JobStore
+from wanpipe.serving.store import JobStatus, JobStore
 
 JOB = {
     "prompt": "a cat walks on the grass",

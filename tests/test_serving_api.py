@@ -21,8 +21,9 @@ from PIL import Image
 
 from tests.serving_helpers import ThreadServer, assert_error, png_bytes, read_mp4, wait_until
 from wanpipe.serving.app import create_app
-from wanpipe.serving.jobs import JobManager, JobStatus, JobStore
-from wanpipe.serving.protocol import ServeLimits
+from wanpipe.serving.manager import JobManager
+from wanpipe.serving.parsing import ServeLimits
+from wanpipe.serving.store import JobStatus, JobStore
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -172,7 +173,7 @@ def test_openai_sdk_image_to_video(tmp_path_factory, tmp_path: Path) -> None:
     gets it as WanRequest.image and the job's video is the engine's video for that image."""
     from tests import tiny_family
     from wanpipe import WanPipeline
-    from wanpipe.serving.protocol import decode_image
+    from wanpipe.serving.parsing import decode_image
 
     folder = tmp_path_factory.mktemp("i2v") / "ckpt"
     tiny_family.i2v_14b(folder)

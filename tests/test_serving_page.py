@@ -12,7 +12,8 @@ import pytest
 
 from tests.serving_helpers import ThreadServer
 from wanpipe.serving.app import create_app
-from wanpipe.serving.jobs import JobManager, JobStore
+from wanpipe.serving.manager import JobManager
+from wanpipe.serving.store import JobStore
 
 CHROMIUM = os.environ.get("WANPIPE_TEST_CHROMIUM", "/usr/bin/chromium")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.serving_helpers import ServerProcess, assert_error, read_mp4, wait_until
-from wanpipe.serving.jobs import JobStatus, JobStore
+from wanpipe.serving.store import JobStatus, JobStore
 
 SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}
 # A job that runs for a few seconds on the tiny checkpoint, so the server can be killed while it runs.

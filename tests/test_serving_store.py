@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from tests.serving_helpers import png_bytes
-from wanpipe.serving.jobs import Job, JobStatus, JobStore, StoreLockedError, new_job_id
-from wanpipe.serving.protocol import (
+from wanpipe.serving.parsing import (
     APIError,
     JobSpec,
     frames_for_seconds,
@@ -19,6 +18,7 @@ from wanpipe.serving.protocol import (
     parse_video_create,
     unflatten_form_keys,
 )
+from wanpipe.serving.store import Job, JobStatus, JobStore, StoreLockedError, new_job_id
 
 
 def make_job(key: str = "k1", model: str = "m", **spec) -> Job:

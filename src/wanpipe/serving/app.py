@@ -34,21 +34,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanpipe import __version__
 from wanpipe.context import InvalidRequestError
-from wanpipe.serving.jobs import (
-    Job,
+from wanpipe.serving.manager import (
     JobManager,
-    JobStatus,
     LimitExceededError,
     NotReadyError,
     QueueFullError,
     ShuttingDownError,
     UnknownModelError,
 )
-from wanpipe.serving.protocol import (
+from wanpipe.serving.parsing import (
     APIError,
+    NewJob,
+    format_seconds,
+    invalid,
+    parse_int,
+    parse_responses_create,
+    parse_video_create,
+    unflatten_form_keys,
+)
+from wanpipe.serving.schemas import (
     ModelCard,
     ModelList,
-    NewJob,
     OutputMessage,
     OutputVideo,
     ResponseObject,
@@ -57,13 +63,8 @@ from wanpipe.serving.protocol import (
     VideoList,
     VideoObject,
     VideoParameters,
-    format_seconds,
-    invalid,
-    parse_int,
-    parse_responses_create,
-    parse_video_create,
-    unflatten_form_keys,
 )
+from wanpipe.serving.store import Job, JobStatus
 
 logger = logging.getLogger("wanpipe.serving")
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,7 +44,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from wanpipe.serving.protocol import ServeLimits
+    from wanpipe.serving.parsing import ServeLimits
 
     limits = ServeLimits()
     p.add_argument(
@@ -78,8 +80,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    from wanpipe.cli import add_parallel_arguments
-
     add_parallel_arguments(p)
 
 
@@ -146,7 +146,6 @@ def _load_pipeline(
     device = args.device if args.device is not None else rank_device
     # Under torchrun rank 0 alone encodes the prompts (and broadcasts them): the others skip UMT5.
     first = parallel is None or not dist.is_initialized() or dist.get_rank() == 0
-    from wanpipe.cli import vae_halo
 
     return WanPipeline.from_pretrained(
         model,
@@ -165,8 +164,6 @@ def _load_exit_code(error: BaseException) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``wanpipe serve``; under torchrun rank 0 serves (:func:`_serve`) and the others follow."""
-    from wanpipe.cli import parallel_config
-
     try:
         config = parallel_config(args)
     except ValueError as e:
@@ -214,8 +211,9 @@ def _serve(
     import uvicorn
 
     from wanpipe.serving.app import create_app
-    from wanpipe.serving.jobs import JobManager, JobStore, StoreLockedError
-    from wanpipe.serving.protocol import ServeLimits
+    from wanpipe.serving.manager import JobManager
+    from wanpipe.serving.parsing import ServeLimits
+    from wanpipe.serving.store import JobStore, StoreLockedError
 
     serving_logger = logging.getLogger("wanpipe.serving")
     if not logging.getLogger().handlers:

@@ -1,4 +1,4 @@
-"""The HTTP edge of ``wanpipe serve``: request parsing, response models and OpenAI-style errors.
+"""The HTTP edge of ``wanpipe serve``, inbound: request parsing and OpenAI-style errors.
 
 Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec` plus decoded images):
 
@@ -11,7 +11,8 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
 
 Parsing checks types and formats only; the engine's tokenizer checks what depends on the checkpoint
 (multiples of 16, 4k+1 frames, ...). Every refusal is an :class:`APIError`, which the app turns into
-``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
+``{"error": {"message", "type", "param", "code"}}`` with its HTTP status. The response bodies are
+in :mod:`wanpipe.serving.schemas`.
 
 ``seconds`` -> frames: ``S`` seconds at ``fps`` frames per second give ``4*round(S*fps/4)+1`` frames
 (the VAE's temporal stride is 4), so that the first and the last frame are ``S`` seconds apart: 4 s at
@@ -24,14 +25,13 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from io import BytesIO
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import BaseModel, Field
 
 # Uploaded images larger than this are refused before they are decoded (decompression bombs).
 MAX_INPUT_IMAGE_PIXELS = 40_000_000
@@ -182,12 +182,30 @@ def parse_str(value: Any, name: str) -> str:
     return value
 
 
+def parse_fps(value: Any, name: str) -> float:
+    """A playback rate in (0, 240] frames per second."""
+    fps = parse_float(value, name)
+    if not 0 < fps <= 240:
+        raise invalid(f"{name} must be in (0, 240], got {fps:g}", name)
+    return fps
+
+
 def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` -> (width, height)."""
     match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
     if match is None:
         raise invalid(f"{name} must be WIDTHxHEIGHT in pixels, e.g. 832x480, got {_shown(value)}", name)
     return int(match.group(1)), int(match.group(2))
+
+
+def _optional(values: Mapping[str, Any], prefix: str = "") -> Callable[..., Any]:
+    """``opt(name, parse, *args)``: ``values[name]`` parsed as ``prefix + name``, or None if absent or null."""
+
+    def opt(name: str, parse: Callable[..., Any], *args: Any) -> Any:
+        value = values.get(name)
+        return None if value is None else parse(value, prefix + name, *args)
+
+    return opt
 
 
 def frames_for_seconds(seconds: float, fps: float, stride: int = 4) -> int:
@@ -340,17 +358,12 @@ def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_
     if not prompt.strip():
         raise invalid("prompt must be a non-empty string", "prompt")
 
-    def opt(name: str, parse: Any, *args: Any) -> Any:
-        value = body.get(name)
-        return None if value is None else parse(value, name, *args)
-
+    opt = _optional(body)
     model = opt("model", parse_str)
     width = height = None
     if body.get("size") is not None:
         width, height = parse_size(body["size"])
-    fps = opt("fps", parse_float)
-    if fps is not None and not 0 < fps <= 240:
-        raise invalid(f"fps must be in (0, 240], got {fps:g}", "fps")
+    fps = opt("fps", parse_fps)
     num_frames = opt("num_frames", parse_int, 1)
     if body.get("seconds") is not None:
         seconds = parse_float(body["seconds"], "seconds")
@@ -476,22 +489,14 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
             "unknown_parameter",
         )
 
-    def opt(name: str, parse: Any, *args: Any) -> Any:
-        value = video.get(name)
-        return None if value is None else parse(value, f"provider_options.video.{name}", *args)
-
+    opt = _optional(video, "provider_options.video.")
     response_format = opt("response_format", parse_str) or "url"
     if response_format not in RESPONSE_FORMATS:
         raise invalid(
             f"provider_options.video.response_format must be url or b64_json, got {response_format!r}",
             "provider_options.video.response_format",
         )
-    fps = opt("frames_per_second", parse_float)
-    if fps is not None and not 0 < fps <= 240:
-        raise invalid(
-            f"provider_options.video.frames_per_second must be in (0, 240], got {fps:g}",
-            "provider_options.video.frames_per_second",
-        )
+    fps = opt("frames_per_second", parse_fps)
     spec = JobSpec(
         prompt=prompt,
         negative_prompt=opt("negative_prompt", parse_str),
@@ -510,122 +515,3 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None
     return NewJob(spec, image, last_image, model, RESPONSES_PARAM_NAMES), response_format
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Response bodies
-
-VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class VideoError(BaseModel):
-    code: str
-    message: str
-
-
-class VideoParameters(BaseModel):
-    """Wan's settings of a job, every default resolved (an extension of OpenAI's Video object)."""
-
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    fps: float | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    guidance_scale_2: float | None = None
-    flow_shift: float | None = None
-    seed: int | None = None
-    negative_prompt: str | None = None
-    image: bool = False
-    last_image: bool = False
-
-
-class VideoObject(BaseModel):
-    """OpenAI's Video object, plus ``parameters`` and ``batch_size`` (how many jobs ran together)."""
-
-    id: str
-    object: Literal["video"] = "video"
-    status: VideoStatus
-    progress: int = Field(ge=0, le=100)
-    created_at: int
-    completed_at: int | None = None
-    expires_at: int | None = None
-    model: str
-    prompt: str
-    size: str
-    seconds: str
-    error: VideoError | None = None
-    remixed_from_video_id: str | None = None
-    parameters: VideoParameters
-    batch_size: int | None = None
-
-
-class VideoList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[VideoObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
-
-
-class VideoDeleted(BaseModel):
-    id: str
-    object: Literal["video.deleted"] = "video.deleted"
-    deleted: bool = True
-
-
-class OutputVideo(BaseModel):
-    type: Literal["output_video"] = "output_video"
-    video_url: str | None = None
-    video_data: str | None = None
-    format: str = "mp4"
-    frames_per_second: float
-    num_frames: int
-
-
-class OutputMessage(BaseModel):
-    type: Literal["message"] = "message"
-    id: str
-    role: Literal["assistant"] = "assistant"
-    status: Literal["completed"] = "completed"
-    content: list[OutputVideo]
-
-
-class ResponseObject(BaseModel):
-    """An Open Responses ``response`` whose one output message holds the video."""
-
-    id: str
-    object: Literal["response"] = "response"
-    created_at: int
-    completed_at: int | None = None
-    status: Literal["completed"] = "completed"
-    model: str
-    output: list[OutputMessage]
-    seed: int | None = None
-    video_id: str
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "wanpipe"
-    task: str
-    defaults: dict[str, Any]
-    limits: dict[str, Any]
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

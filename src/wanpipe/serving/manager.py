@@ -1,0 +1,490 @@
+"""The queue of ``wanpipe serve`` and the one worker thread that owns the model.
+
+:class:`JobManager` runs one worker thread: it loads the pipeline, then loops: claim the oldest queued job
+and the later queued jobs of the same batch key (same latent shape and schedule, up to ``max_batch``), run
+them as one executor batch, save each video, mark each job. HTTP handlers only talk to the store
+(:mod:`wanpipe.serving.store`) and never wait on the model. ``DELETE`` of a running job stops its batch at
+the next denoising step once every job of the batch is deleted (a batch's other jobs keep running: the
+deleted job's video is discarded). Shutdown stops the running batch at the next step and puts its jobs
+back in the queue: nothing is finished half-way and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from wanpipe.context import InvalidRequestError, WanContext, WanRequest
+from wanpipe.executor import CancelledError
+from wanpipe.media import Video
+from wanpipe.serving.metrics import Metrics
+from wanpipe.serving.parsing import JobSpec, NewJob, ServeLimits
+from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
+
+if TYPE_CHECKING:
+    from wanpipe.pipeline import WanPipeline
+    from wanpipe.serving.distributed import BatchLeader
+
+logger = logging.getLogger("wanpipe.serving")
+
+
+class NotReadyError(RuntimeError):
+    """The model is still loading (or failed to load)."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is stopping and takes no new work."""
+
+
+class QueueFullError(RuntimeError):
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownModelError(ValueError):
+    """The request names a model this server does not serve."""
+
+
+class LimitExceededError(InvalidRequestError):
+    """A request larger than the server's configured limits."""
+
+
+def batch_key_digest(ctx: WanContext) -> str:
+    """A stable text form of ``ctx.batch_key`` for the store (equal keys -> equal digests)."""
+    return hashlib.sha256(repr(ctx.batch_key).encode()).hexdigest()[:32]
+
+
+class JobManager:
+    """The queue and the one worker thread that owns the pipeline."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        load_pipeline: Callable[[], WanPipeline],
+        *,
+        model_name: str,
+        model_aliases: tuple[str, ...] = (),
+        limits: ServeLimits | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        leader: BatchLeader | None = None,
+    ):
+        """``leader``: under torchrun, rank 0's link to the follower ranks (``wanpipe.serving.distributed``):
+        each batch, each step's cancel flag and the stop go to them; any failure stops the server."""
+        self.store = store
+        self._leader = leader
+        self._world_broken = False
+        self.fatal_error: BaseException | None = None  # under torchrun: the failure that stopped the server
+        self.model_name = model_name
+        self.model_names = {model_name, *model_aliases}
+        self.limits = limits or ServeLimits()
+        self.metrics = Metrics()
+        self.pipe: WanPipeline | None = None
+        self.load_error: BaseException | None = None
+        self._load_pipeline = load_pipeline
+        self._on_fatal = on_fatal
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._paused = False
+        self._submit_lock = threading.Lock()
+        self._tokenize_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._progress: dict[str, int] = {}
+        self._running: frozenset[str] = frozenset()
+        self._cancelled: set[str] = set()
+        self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self.recovery = store.recover(model_name)
+        if any(self.recovery.values()):
+            logger.info(
+                "job store %s: %s", store.folder, ", ".join(f"{k} {v}" for k, v in self.recovery.items())
+            )
+        self._thread = threading.Thread(target=self._main, name="wanpipe-worker", daemon=True)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._stopping.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def pause(self) -> None:
+        """Start no new batch until :meth:`resume` (the running batch goes on)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    def begin_shutdown(self) -> None:
+        """Take no new work; stop the running batch at its next step and put its jobs back in the queue."""
+        if not self._stopping.is_set():
+            logger.info("shutting down: a running batch stops at its next step and stays queued")
+        self._stopping.set()
+        self._wake.set()
+        with self._state_lock:
+            job_ids = list(self._watchers)
+        for job_id in job_ids:
+            self._notify(job_id)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.begin_shutdown()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning(
+                "the worker did not stop within %.0f s; its jobs run again after a restart", timeout
+            )
+        else:
+            self.store.close()
+
+    # -- the HTTP side ------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_names:
+            raise UnknownModelError(
+                f"the model {name!r} is not served here; this server serves {self.model_name!r}"
+            )
+
+    def submit(self, new: NewJob, source: str) -> Job:
+        """Validate a request against the limits and the model, and queue it. Raises NotReadyError,
+        ShuttingDownError, UnknownModelError, InvalidRequestError (LimitExceededError) or QueueFullError."""
+        if self._stopping.is_set():
+            raise ShuttingDownError("the server is shutting down")
+        pipe = self.pipe
+        if pipe is None or not self._ready.is_set():
+            raise NotReadyError("the model is still loading")
+        self.check_model(new.model)
+        self._check_limits(pipe, new.spec)
+        with self._tokenize_lock:  # the engine validates the rest (an image on a text-to-video model, ...)
+            ctx = pipe.tokenizer.make_context(_wan_request(new.spec, new.image, new.last_image))
+        spec = replace(
+            new.spec,
+            height=ctx.height,
+            width=ctx.width,
+            num_frames=ctx.num_frames,
+            num_inference_steps=ctx.num_inference_steps,
+            guidance_scale=ctx.guidance_scale,
+            guidance_scale_2=getattr(ctx, "guidance_scale_2", new.spec.guidance_scale_2),
+            flow_shift=ctx.flow_shift,
+            seed=ctx.seed,
+            fps=new.spec.fps if new.spec.fps is not None else float(ctx.fps),
+        )
+        job = Job(
+            id=new_job_id(),
+            status=JobStatus.QUEUED,
+            model=self.model_name,
+            spec=spec,
+            batch_key=batch_key_digest(ctx),
+            source=source,
+            created_at=time.time(),
+        )
+        images = {"image": new.image, "last_image": new.last_image}
+        with self._submit_lock:
+            queued = self.store.count(JobStatus.QUEUED)
+            if queued >= self.limits.max_queue:
+                self.metrics.count("rejected", "queue_full")
+                raise QueueFullError(
+                    f"the queue is full ({queued} jobs waiting, --max-queue {self.limits.max_queue}); "
+                    "try again later",
+                    self.retry_after(queued),
+                )
+            job = self.store.add(job, {k: v for k, v in images.items() if v is not None})
+        self.metrics.count("submitted", source)
+        self._wake.set()
+        return job
+
+    def retry_after(self, queued: int | None = None) -> int:
+        """Seconds until the queue has room, roughly: the batches ahead times a batch's mean time."""
+        queued = self.store.count(JobStatus.QUEUED) if queued is None else queued
+        per_batch = self.metrics.mean_batch_seconds() or 10.0
+        return int(min(3600, max(1, math.ceil(max(queued, 1) / self.limits.max_batch) * per_batch)))
+
+    def _check_limits(self, pipe: WanPipeline, spec: JobSpec) -> None:
+        d, lim = pipe.arch.defaults, self.limits
+        height = d.height if spec.height is None else spec.height
+        width = d.width if spec.width is None else spec.width
+        frames = d.num_frames if spec.num_frames is None else spec.num_frames
+        steps = d.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
+        if height * width > lim.max_pixels:
+            raise LimitExceededError(
+                f"size {width}x{height} is {width * height} pixels; this server allows at most "
+                f"{lim.max_pixels} (--max-pixels)",
+                "height",
+            )
+        if frames > lim.max_frames:
+            raise LimitExceededError(
+                f"num_frames {frames} is more than this server allows ({lim.max_frames}, --max-frames)",
+                "num_frames",
+            )
+        if steps > lim.max_steps:
+            raise LimitExceededError(
+                f"num_inference_steps {steps} is more than this server allows ({lim.max_steps}, --max-steps)",
+                "num_inference_steps",
+            )
+
+    def progress(self, job: Job) -> int:
+        if job.status == JobStatus.COMPLETED:
+            return 100
+        if job.status == JobStatus.IN_PROGRESS:
+            with self._state_lock:
+                return self._progress.get(job.id, job.progress)
+        return job.progress
+
+    def running_batch_size(self) -> int:
+        with self._state_lock:
+            return len(self._running)
+
+    def delete(self, job_id: str) -> Job | None:
+        """Delete a job: a queued one never runs, a running one is cancelled (its batch stops at the next
+        step once all of its jobs are deleted), a finished one's files are removed."""
+        job = self.store.delete(job_id)
+        if job is None:
+            return None
+        if job.status == JobStatus.IN_PROGRESS:
+            with self._state_lock:
+                self._cancelled.add(job_id)
+        if not job.finished:
+            self.metrics.count("finished", "cancelled")
+            logger.info("job %s cancelled (%s)", job_id, job.status.value)
+        self.store.remove_files(job_id)
+        self._notify(job_id)
+        return job
+
+    async def wait_finished(self, job_id: str, is_disconnected: Callable[[], Awaitable[bool]]) -> Job | None:
+        """Wait, without blocking the event loop, until a job is finished; None if it was deleted. A client
+        that went away ends the wait with the job as it is; ShuttingDownError if the server stops first."""
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        entry = (loop, event)
+        with self._state_lock:
+            self._watchers.setdefault(job_id, []).append(entry)
+        try:
+            while True:
+                job = self.store.get(job_id)
+                if job is None or job.finished:
+                    return job
+                if self._stopping.is_set():
+                    raise ShuttingDownError("the server is shutting down")
+                if await is_disconnected():
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), 1.0)
+                event.clear()
+        finally:
+            with self._state_lock:
+                watchers = self._watchers.get(job_id, [])
+                if entry in watchers:
+                    watchers.remove(entry)
+                if not watchers:
+                    self._watchers.pop(job_id, None)
+
+    def _notify(self, job_id: str) -> None:
+        with self._state_lock:
+            watchers = list(self._watchers.get(job_id, []))
+        for loop, event in watchers:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(event.set)
+
+    # -- the worker thread --------------------------------------------------------------------
+    def _main(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.pipe = self._load_pipeline()
+        except BaseException as e:  # noqa: BLE001 - reported to the server, which exits
+            self.load_error = e
+            logger.error("cannot load the model: %s", e)
+            if self._on_fatal is not None:
+                self._on_fatal(e)
+            return
+        logger.info("model %s loaded in %.1f s: ready", self.model_name, time.perf_counter() - t0)
+        self._ready.set()
+        while not self._stopping.is_set():
+            if self._paused:
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
+            self._wake.clear()
+            batch = self.store.claim_batch(self.limits.max_batch, time.time())
+            if not batch:
+                self._wake.wait(1.0)
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # a bug here must not stop the worker: fail the batch, go on
+                logger.exception("worker error")
+                for job in batch:
+                    self._fail(job, "server_error", "internal error in the worker", None)
+                if self._leader is not None:
+                    self._break_world(e)
+        if self._leader is not None and not self._world_broken:
+            try:
+                self._leader.send_stop()
+            except Exception:
+                logger.exception("cannot tell the other ranks to stop")
+        logger.info("worker stopped")
+
+    def _break_world(self, error: BaseException) -> None:
+        """Under torchrun: after a failure the ranks may sit in different collectives; stop the server."""
+        self._world_broken = True
+        self.fatal_error = error
+        logger.error("a batch failed under torchrun (%s): stopping the server; restart it", error)
+        self.begin_shutdown()
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
+    def _fail(self, job: Job, code: str, message: str, batch_size: int | None) -> None:
+        if self.store.fail(job.id, code, message, now=time.time(), batch_size=batch_size):
+            self.metrics.count("finished", "failed")
+            logger.warning("job %s failed (%s): %s", job.id, code, message)
+        self._notify(job.id)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        pipe = self.pipe
+        assert pipe is not None
+        runnable: list[tuple[Job, WanRequest, WanContext]] = []
+        for job in jobs:
+            try:
+                images = self.store.read_inputs(job)
+                request = _wan_request(job.spec, images.get("image"), images.get("last_image"))
+                with self._tokenize_lock:
+                    runnable.append((job, request, pipe.tokenizer.make_context(request)))
+            except (InvalidRequestError, OSError, ValueError) as e:
+                self._fail(job, "invalid_request", str(e), None)
+        if not runnable:
+            return
+        key = runnable[0][2].batch_key
+        later = [job.id for job, _, ctx in runnable if ctx.batch_key != key]  # a stale stored key
+        if later:
+            self.store.requeue(later)
+        runnable = [item for item in runnable if item[2].batch_key == key]
+        jobs = [job for job, _, _ in runnable]
+        contexts = [ctx for _, _, ctx in runnable]
+        if self._leader is not None:
+            try:  # the followers make the same contexts from the resolved requests (seeds fixed)
+                self._leader.send_batch([request for _, request, _ in runnable])
+            except Exception as e:
+                self.store.requeue([job.id for job in jobs])
+                self._break_world(e)
+                return
+        ids = frozenset(job.id for job in jobs)
+        with self._state_lock:
+            self._running = ids
+            self._progress.update(dict.fromkeys(ids, 0))
+
+        def on_step(i: int, n: int, _t: float) -> None:
+            value = int(95 * (i + 1) / n)
+            with self._state_lock:
+                self._progress.update(dict.fromkeys(ids, value))
+
+        def local_cancel() -> bool:
+            if self._stopping.is_set():
+                return True
+            with self._state_lock:
+                return ids <= self._cancelled
+
+        def should_cancel() -> bool:
+            if self._leader is None:
+                return local_cancel()
+            return self._leader.should_cancel(local_cancel())  # every rank stops at the same step
+
+        size = len(jobs)
+        spec = jobs[0].spec
+        t0 = time.perf_counter()
+        try:
+            frames, timings = pipe.run_contexts(
+                contexts, on_step, progress=False, should_cancel=should_cancel
+            )
+        except CancelledError:
+            if self._stopping.is_set():
+                n = self.store.requeue(list(ids))
+                logger.info("stopped a batch of %d at shutdown: %d job(s) stay queued", size, n)
+            return
+        except Exception as e:  # out of memory (WanOutOfMemoryError) or any other failure of the engine
+            from wanpipe.pipeline import WanOutOfMemoryError
+
+            code = "out_of_memory" if isinstance(e, WanOutOfMemoryError) else "generation_failed"
+            if code == "generation_failed":
+                logger.exception("generation failed for %s", ", ".join(sorted(ids)))
+            for job in jobs:
+                self._fail(job, code, str(e) or type(e).__name__, size)
+            if self._leader is not None:
+                self._break_world(e)
+            return
+        finally:
+            with self._state_lock:
+                self._running = frozenset()
+                for job_id in ids:
+                    self._progress.pop(job_id, None)
+                cancelled = ids & self._cancelled
+                self._cancelled -= ids
+        self.metrics.count("batches", size)
+        self.metrics.add("step_seconds", timings.denoise_s, spec.num_inference_steps or 1)
+        for job, video_frames in zip(jobs, frames):
+            if job.id in cancelled:
+                continue
+            try:
+                video = Video(frames=video_frames, fps=job.spec.fps or 16)
+                video.save(self.store.video_path(job.id))
+                Video(frames=video_frames[:1], fps=video.fps).save(
+                    self.store.thumbnail_path(job.id), format="jpg"
+                )
+            except Exception as e:
+                logger.exception("saving the video of %s failed", job.id)
+                self._fail(job, "save_failed", f"cannot save the video: {e}", size)
+                continue
+            now = time.time()
+            if not self.store.complete(job.id, batch_size=size, now=now):  # deleted while it was saved
+                self.store.remove_files(job.id)
+                continue
+            wait_s = (job.started_at or now) - job.created_at
+            run_s = now - (job.started_at or now)
+            self.metrics.count("finished", "completed")
+            self.metrics.add("queue_wait_seconds", wait_s)
+            self.metrics.add("run_seconds", run_s)
+            s = job.spec
+            logger.info(
+                "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s",
+                job.id,
+                s.width,
+                s.height,
+                s.num_frames,
+                s.num_inference_steps,
+                size,
+                wait_s,
+                run_s,
+            )
+            self._notify(job.id)
+        self.metrics.add("batch_seconds", time.perf_counter() - t0)
+
+
+def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
+    return WanRequest(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        height=spec.height,
+        width=spec.width,
+        num_frames=spec.num_frames,
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        guidance_scale_2=spec.guidance_scale_2,
+        flow_shift=spec.flow_shift,
+        seed=spec.seed,
+        image=image,
+        last_image=last_image,
+    )

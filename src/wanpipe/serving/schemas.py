@@ -1,0 +1,127 @@
+"""The HTTP edge of ``wanpipe serve``, outbound: the response bodies (pydantic models).
+
+OpenAI's Video object (with Wan's ``parameters`` and ``batch_size``), lists and deletions, an Open
+Responses ``response`` holding the video, the model cards, and the error body
+``{"error": {"message", "type", "param", "code"}}``. Requests are parsed in :mod:`wanpipe.serving.parsing`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoParameters(BaseModel):
+    """Wan's settings of a job, every default resolved (an extension of OpenAI's Video object)."""
+
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    image: bool = False
+    last_image: bool = False
+
+
+class VideoObject(BaseModel):
+    """OpenAI's Video object, plus ``parameters`` and ``batch_size`` (how many jobs ran together)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    status: VideoStatus
+    progress: int = Field(ge=0, le=100)
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    model: str
+    prompt: str
+    size: str
+    seconds: str
+    error: VideoError | None = None
+    remixed_from_video_id: str | None = None
+    parameters: VideoParameters
+    batch_size: int | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class OutputVideo(BaseModel):
+    type: Literal["output_video"] = "output_video"
+    video_url: str | None = None
+    video_data: str | None = None
+    format: str = "mp4"
+    frames_per_second: float
+    num_frames: int
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    role: Literal["assistant"] = "assistant"
+    status: Literal["completed"] = "completed"
+    content: list[OutputVideo]
+
+
+class ResponseObject(BaseModel):
+    """An Open Responses ``response`` whose one output message holds the video."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    completed_at: int | None = None
+    status: Literal["completed"] = "completed"
+    model: str
+    output: list[OutputMessage]
+    seed: int | None = None
+    video_id: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "wanpipe"
+    task: str
+    defaults: dict[str, Any]
+    limits: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
