@@ -20,18 +20,16 @@ Modes (:func:`conditioning_class` picks one from the inputs and the model):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from wanpipe.batch import WanExecutorInputs
 from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.vae import WanVAE
 from wanpipe.schedulers import add_noise
 from wanpipe.stages.placement import Placement
-
-if TYPE_CHECKING:
-    from wanpipe.executor import WanExecutorInputs
 
 
 @dataclass
