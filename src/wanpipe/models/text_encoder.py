@@ -142,10 +142,6 @@ class TextEncoderConfig:
             ) from None
 
 
-# transformers ties the encoder's embedding to ``shared``; a checkpoint may store only one of them.
-TEXT_ENCODER_ALIASES = {"encoder.embed_tokens.weight": "shared.weight"}
-
-
 def build_text_encoder(config: TextEncoderConfig) -> nn.Module:
     """The UMT5 encoder, built on the meta device (weights are assigned by the loader): wanpipe's
     native :class:`~wanpipe.models.umt5.UMT5Encoder`, with transformers' parameter names and numerics
@@ -155,11 +151,6 @@ def build_text_encoder(config: TextEncoderConfig) -> nn.Module:
     with torch.device("meta"):
         model = UMT5Encoder.from_config_dict({k: v for k, v in config.raw.items() if not k.startswith("_")})
     return model
-
-
-def text_encoder_fp32_patterns(dtype: torch.dtype) -> tuple[str, ...]:
-    """transformers keeps T5's feed-forward output projection in fp32 under fp16 (it overflows)."""
-    return (r".+\.wo\..+",) if dtype == torch.float16 else ()
 
 
 class WanTextEncoder(nn.Module):

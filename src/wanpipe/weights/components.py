@@ -20,8 +20,6 @@ import torch
 
 from wanpipe.config import WanArchConfig
 from wanpipe.models.image_encoder import ImageProcessorConfig
-from wanpipe.models.transformer import WanTransformerModel
-from wanpipe.models.vae import WanVAE
 from wanpipe.weights.fp8 import dequantize_state
 from wanpipe.weights.loader import open_component_weights, read_json
 from wanpipe.weights.original import (
@@ -42,6 +40,8 @@ from wanpipe.weights.single_file import (
     transformer_to_runtime,
     vae_to_runtime,
 )
+from wanpipe.weights.transformer_keys import prepare_transformer_state
+from wanpipe.weights.vae_keys import prepare_vae_state
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ def diffusers_weights(folder: Path, arch: WanArchConfig) -> ComponentWeights:
     return ComponentWeights(
         tokenizer=folder / "tokenizer",
         text_encoder=component("text_encoder", dequantize_state),
-        transformer=component("transformer", WanTransformerModel.prepare_state_dict),
-        vae=component("vae", lambda s: WanVAE.prepare_state_dict(dequantize_state(s))),
-        transformer_2=component("transformer_2", WanTransformerModel.prepare_state_dict)
+        transformer=component("transformer", prepare_transformer_state),
+        vae=component("vae", lambda s: prepare_vae_state(dequantize_state(s))),
+        transformer_2=component("transformer_2", prepare_transformer_state)
         if arch.transformer_2 is not None
         else None,
         image_encoder=component("image_encoder", dequantize_state)

@@ -8,7 +8,13 @@ Each rule matches a whole key; ``(\\w+)`` at the end carries ``weight`` / ``bias
 
 from __future__ import annotations
 
-from wanpipe.weights.keymap import KeyMap
+import re
+from collections.abc import Mapping
+from typing import TypeVar
+
+from wanpipe.weights.keymap import KeyMap, remap_state_dict
+
+T = TypeVar("T")
 
 _BLOCK = r"blocks\.(\d+)\."
 
@@ -77,3 +83,14 @@ TRANSFORMER_TO_DIFFUSERS_KEYS: KeyMap = (
     (r"head\.head\.(\w+)", r"proj_out.\1"),
 )
 """The inverse table: wanpipe names -> diffusers names (to write checkpoints diffusers can read)."""
+
+
+def prepare_transformer_state(checkpoint_state_dict: Mapping[str, T]) -> dict[str, T]:
+    """Rename a diffusers-format DiT checkpoint to wanpipe's names, dropping the ignored keys
+    (original-format keys pass through: no rule matches them)."""
+    kept = {
+        k: v
+        for k, v in checkpoint_state_dict.items()
+        if not any(re.fullmatch(p, k) for p in TRANSFORMER_DIFFUSERS_IGNORED)
+    }
+    return remap_state_dict(kept, TRANSFORMER_DIFFUSERS_KEYS)

@@ -14,7 +14,12 @@ table.
 
 from __future__ import annotations
 
-from wanpipe.weights.keymap import KeyMap
+from collections.abc import Mapping
+from typing import TypeVar
+
+from wanpipe.weights.keymap import KeyMap, remap_state_dict
+
+T = TypeVar("T")
 
 VAE_DIFFUSERS_KEYS: KeyMap = (
     (r"(decoder\.up_blocks\.\d+)\.upsamplers\.0\.resample\.1\.(weight|bias)", r"\1.upsampler.conv.\2"),
@@ -39,3 +44,8 @@ diffusers' ``upsampler`` name, and its down blocks' ``downsampler`` too."""
 def vae_to_diffusers_keys(is_residual: bool) -> KeyMap:
     """The inverse table for a VAE config's layout (``VAEConfig.is_residual``)."""
     return VAE_RESIDUAL_TO_DIFFUSERS_KEYS if is_residual else VAE_TO_DIFFUSERS_KEYS
+
+
+def prepare_vae_state(checkpoint_state_dict: Mapping[str, T]) -> dict[str, T]:
+    """Rename a diffusers ``AutoencoderKLWan`` state dict (either layout) to :class:`WanVAE`'s names."""
+    return remap_state_dict(checkpoint_state_dict, VAE_DIFFUSERS_KEYS)
