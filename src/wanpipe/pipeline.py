@@ -19,10 +19,10 @@ from wanpipe.context import GenerationStatus, WanContext, WanRequest
 from wanpipe.executor import Experts, Timings, WanExecutor
 from wanpipe.media import Video
 from wanpipe.models.image_encoder import WanImageEncoder, build_clip_vision
-from wanpipe.models.text_encoder import WanTextEncoder, WanTextTokenizer, build_text_encoder
+from wanpipe.models.text_encoder import WanTextEncoder, build_text_encoder
 from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
 from wanpipe.models.vae import WanVAE
-from wanpipe.tokenizer import WanTokenizer
+from wanpipe.tokenizer import WanTextTokenizer, WanTokenizer
 from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
 from wanpipe.weights.fp8 import check_fp8_mode, dit_fp8_state, use_fp8_linears
 from wanpipe.weights.image_encoder_keys import clip_key_map, materialize_clip_buffers
