@@ -23,6 +23,7 @@ from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.loader import load_pickle_weights
 from wanpipe.weights.original import T5_ORIGINAL_KEYS, vae21_original_tables
 from wanpipe.weights.safetensors_io import CheckpointError, SafetensorsIndex
+from wanpipe.weights.text_encoder_keys import TEXT_ENCODER_ALIASES
 from wanpipe.weights.transformer_keys import prepare_transformer_state
 from wanpipe.weights.vae_keys import prepare_vae_state
 
@@ -249,8 +250,9 @@ def text_encoder_to_runtime(
     runtime = (
         dict(state) if naming_of(state, c) == "transformers" else remap_state_dict(state, T5_ORIGINAL_KEYS)
     )
-    if "shared.weight" not in runtime and "encoder.embed_tokens.weight" in runtime:
-        runtime["shared.weight"] = runtime["encoder.embed_tokens.weight"]
+    for tied, shared in TEXT_ENCODER_ALIASES.items():
+        if shared not in runtime and tied in runtime:
+            runtime[shared] = runtime[tied]
     vocab, d_model = _shape(runtime, "shared.weight", c)
     buckets, heads = _shape(
         runtime, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", c
