@@ -118,6 +118,7 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path: Path, tiny_ckpt: Pat
     index = SafetensorsIndex.from_folder(tiny_ckpt / "transformer")
     state = {k: index[k].clone() for k in index}
     from wanpipe.models.transformer import WanTransformerModel
+    from wanpipe.weights.transformer_keys import prepare_transformer_state
 
     def attempt(sd):
         with torch.device("meta"):
@@ -127,7 +128,7 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path: Path, tiny_ckpt: Pat
             sd,
             component="transformer",
             dtype=torch.float32,
-            prepare=WanTransformerModel.prepare_state_dict,
+            prepare=prepare_transformer_state,
         )
 
     missing = dict(state)

@@ -10,7 +10,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from wanpipe.models.transformer import DiTInputs, TransformerConfig, WanTransformerModel
-from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_KEYS
+from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_KEYS, prepare_transformer_state
 
 TEXT_LEN = 7
 # diffusers' I2V attention takes everything but the last 512 context tokens as image tokens.
@@ -50,7 +50,7 @@ def _pair(cfg: dict, seed: int = 0) -> tuple[WanTransformer3DModel, WanTransform
     ref = WanTransformer3DModel(**cfg).eval()
     _randomize(ref, seed)
     ours = WanTransformerModel(TransformerConfig.from_dict(cfg)).eval()
-    ours.load_state_dict(WanTransformerModel.prepare_state_dict(ref.state_dict()), strict=True)
+    ours.load_state_dict(prepare_transformer_state(ref.state_dict()), strict=True)
     return ref, ours
 
 
@@ -164,7 +164,7 @@ def test_meta_init_and_assign_load() -> None:
     ref, ours = _pair(T2V, seed=9)
     with torch.device("meta"):
         lazy = WanTransformerModel(TransformerConfig.from_dict(T2V))
-    lazy.load_state_dict(WanTransformerModel.prepare_state_dict(ref.state_dict()), strict=True, assign=True)
+    lazy.load_state_dict(prepare_transformer_state(ref.state_dict()), strict=True, assign=True)
     latents, t, text, _ = _inputs(T2V, (1, 2, 4), TEXT_LEN)
     assert torch.equal(lazy.eval()(latents, t, text), ours(latents, t, text))
 
@@ -194,7 +194,7 @@ def test_every_key_maps_both_ways(cfg: dict) -> None:
     ref = WanTransformer3DModel(**cfg)
     ours = WanTransformerModel(TransformerConfig.from_dict(cfg))
     ckpt = ref.state_dict()
-    renamed = WanTransformerModel.prepare_state_dict(ckpt)
+    renamed = prepare_transformer_state(ckpt)
     assert set(renamed) == set(ours.state_dict())
     for new, old in zip(renamed, ckpt):
         assert renamed[new].shape == ckpt[old].shape
@@ -205,14 +205,14 @@ def test_every_key_maps_both_ways(cfg: dict) -> None:
     assert {k for k in ckpt if k in renamed} == {"patch_embedding.weight", "patch_embedding.bias"}
     # diffusers' own ignored key is dropped; our names pass through unchanged
     extra = {**ckpt, "blocks.0.attn2.norm_added_q.weight": torch.ones(32)}
-    assert set(WanTransformerModel.prepare_state_dict(extra)) == set(renamed)
-    assert set(WanTransformerModel.prepare_state_dict(ours.state_dict())) == set(renamed)
+    assert set(prepare_transformer_state(extra)) == set(renamed)
+    assert set(prepare_transformer_state(ours.state_dict())) == set(renamed)
 
 
 def test_keep_in_fp32_matches_diffusers_modules() -> None:
     ref = WanTransformer3DModel(**FLF2V)
     keep = ref._keep_in_fp32_modules
-    renamed = WanTransformerModel.prepare_state_dict({k: k for k in ref.state_dict()})
+    renamed = prepare_transformer_state({k: k for k in ref.state_dict()})
     for ours_name, ref_name in renamed.items():
         ref_keeps = any(m in ref_name.split(".") for m in keep)
         assert WanTransformerModel.keeps_fp32(ours_name) == ref_keeps, (ours_name, ref_name)
@@ -258,9 +258,9 @@ def test_bf16_parity(tmp_path) -> None:
     for name, p in ours.named_parameters():
         if WanTransformerModel.keeps_fp32(name):
             p.data = p.data.float()
-    ours.load_state_dict(WanTransformerModel.prepare_state_dict(ref32.state_dict()), strict=True)
+    ours.load_state_dict(prepare_transformer_state(ref32.state_dict()), strict=True)
 
-    ref_dtypes = {k: v.dtype for k, v in WanTransformerModel.prepare_state_dict(ref.state_dict()).items()}
+    ref_dtypes = {k: v.dtype for k, v in prepare_transformer_state(ref.state_dict()).items()}
     assert {k: v.dtype for k, v in ours.state_dict().items()} == ref_dtypes
     assert torch.float32 in ref_dtypes.values() and torch.bfloat16 in ref_dtypes.values()
 

@@ -10,7 +10,7 @@ import torch
 
 from wanpipe.models.vae import LatentDistribution, VAEConfig, WanVAE
 from wanpipe.models.vae_layers import CausalCache
-from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS
+from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS, prepare_vae_state
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKLWan = diffusers.AutoencoderKLWan
@@ -42,7 +42,7 @@ def _pair(seed: int, **kw) -> tuple[torch.nn.Module, WanVAE]:
     ref = AutoencoderKLWan(**kw).eval()
     _randomize(ref, seed)
     ours = WanVAE(VAEConfig.from_dict(dict(ref.config))).eval()
-    ours.load_state_dict(WanVAE.prepare_state_dict(ref.state_dict()), strict=True)
+    ours.load_state_dict(prepare_vae_state(ref.state_dict()), strict=True)
     return ref, ours
 
 
@@ -157,7 +157,7 @@ def test_config_validation(kw: dict, match: str) -> None:
 
 def test_key_map_renames_only_container_indices(small) -> None:
     ref, ours = small
-    renamed = WanVAE.prepare_state_dict(ref.state_dict())
+    renamed = prepare_vae_state(ref.state_dict())
     assert set(renamed) == set(ours.state_dict())
     assert VAE_DIFFUSERS_KEYS  # the two renames, as data
     assert "decoder.up_blocks.0.upsampler.conv.weight" in renamed
@@ -172,9 +172,7 @@ def test_meta_device_load_through_loader(small) -> None:
     ref, ours = small
     with torch.device("meta"):
         meta = WanVAE(ours.config)
-    load_weights(
-        meta, ref.state_dict(), component="vae", dtype=torch.float32, prepare=WanVAE.prepare_state_dict
-    )
+    load_weights(meta, ref.state_dict(), component="vae", dtype=torch.float32, prepare=prepare_vae_state)
     for (name, a), b in zip(meta.state_dict().items(), ours.state_dict().values()):
         assert torch.equal(a, b), name
 

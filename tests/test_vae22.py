@@ -11,6 +11,7 @@ import torch
 
 from wanpipe.models.vae import VAEConfig, WanVAE
 from wanpipe.models.vae_layers import AvgDown3d, CausalCache, DupUp3d, patchify, unpatchify
+from wanpipe.weights.vae_keys import prepare_vae_state
 
 diffusers = pytest.importorskip("diffusers")
 AutoencoderKLWan = diffusers.AutoencoderKLWan
@@ -71,7 +72,7 @@ def _pair(seed: int, **kw) -> tuple[torch.nn.Module, WanVAE]:
     ref = AutoencoderKLWan(**kw).eval()
     _randomize(ref, seed)
     ours = WanVAE(VAEConfig.from_dict(dict(ref.config))).eval()
-    ours.load_state_dict(WanVAE.prepare_state_dict(ref.state_dict()), strict=True)
+    ours.load_state_dict(prepare_vae_state(ref.state_dict()), strict=True)
     return ref, ours
 
 
@@ -127,7 +128,7 @@ def test_ti2v_5b_config_builds_the_reference_structure() -> None:
     with torch.device("meta"):
         ref = AutoencoderKLWan(**{k: v for k, v in kw.items() if not k.startswith("_")})
         ours = WanVAE(cfg)
-    expected = {k: tuple(v.shape) for k, v in WanVAE.prepare_state_dict(ref.state_dict()).items()}
+    expected = {k: tuple(v.shape) for k, v in prepare_vae_state(ref.state_dict()).items()}
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == expected
 
 
@@ -195,7 +196,7 @@ def test_shortcuts_reject_channel_counts_that_do_not_divide() -> None:
 
 def test_key_map_keeps_residual_names(small) -> None:
     ref, ours = small
-    renamed = WanVAE.prepare_state_dict(ref.state_dict())
+    renamed = prepare_vae_state(ref.state_dict())
     assert set(renamed) == set(ours.state_dict())
     assert "encoder.down_blocks.1.downsampler.conv.weight" in renamed
     assert "encoder.down_blocks.1.downsampler.time_conv.weight" in renamed
@@ -209,9 +210,7 @@ def test_meta_device_load_through_loader(small) -> None:
     ref, ours = small
     with torch.device("meta"):
         meta = WanVAE(ours.config)
-    load_weights(
-        meta, ref.state_dict(), component="vae", dtype=torch.float32, prepare=WanVAE.prepare_state_dict
-    )
+    load_weights(meta, ref.state_dict(), component="vae", dtype=torch.float32, prepare=prepare_vae_state)
     assert meta.state_dict().keys() == ours.state_dict().keys()
     for (name, a), b in zip(meta.state_dict().items(), ours.state_dict().values()):
         assert torch.equal(a, b), name

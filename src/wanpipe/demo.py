@@ -20,7 +20,7 @@ from torch import nn
 
 from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
 from wanpipe.models.vae import VAEConfig, WanVAE
-from wanpipe.weights.keymap import remap_state_dict
+from wanpipe.weights.keymap import KeyMap, remap_state_dict
 from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS
 from wanpipe.weights.vae_keys import VAE_TO_DIFFUSERS_KEYS
 
@@ -213,23 +213,24 @@ def write_demo_checkpoint(folder: Path, seed: int = 0) -> Path:
     save_file(state, str(folder / "text_encoder" / "model.safetensors"))
 
     transformer = WanTransformerModel(TransformerConfig.from_dict(TRANSFORMER_CONFIG))
-    _randomize(transformer, generator)
-    _write_json(folder / "transformer" / "config.json", TRANSFORMER_CONFIG)
-    state = remap_state_dict(transformer.state_dict(), TRANSFORMER_TO_DIFFUSERS_KEYS)
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        str(folder / "transformer" / "diffusion_pytorch_model.safetensors"),
+    _write_component(
+        folder / "transformer", transformer, TRANSFORMER_CONFIG, TRANSFORMER_TO_DIFFUSERS_KEYS, generator
     )
-
     vae = WanVAE(VAEConfig.from_dict(VAE_CONFIG))
-    _randomize(vae, generator)
-    _write_json(folder / "vae" / "config.json", VAE_CONFIG)
-    state = remap_state_dict(vae.state_dict(), VAE_TO_DIFFUSERS_KEYS)
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        str(folder / "vae" / "diffusion_pytorch_model.safetensors"),
-    )
+    _write_component(folder / "vae", vae, VAE_CONFIG, VAE_TO_DIFFUSERS_KEYS, generator)
     return folder
+
+
+def _write_component(
+    folder: Path, module: nn.Module, config: dict[str, Any], rules: KeyMap, generator: torch.Generator
+) -> None:
+    """Randomize ``module`` and write it as a diffusers component folder (config, weights renamed by ``rules``)."""
+    _randomize(module, generator)
+    _write_json(folder / "config.json", config)
+    state = remap_state_dict(module.state_dict(), rules)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "diffusion_pytorch_model.safetensors")
+    )
 
 
 def ensure_demo_checkpoint(root: Path | None = None) -> Path:

@@ -18,29 +18,20 @@ from wanpipe.config import WanArchConfig
 from wanpipe.context import Approximations, GenerationStatus, WanContext, WanRequest
 from wanpipe.executor import Timings, WanExecutor
 from wanpipe.media import Video
-from wanpipe.models.image_encoder import (
-    WanImageEncoder,
-    build_clip_vision,
-    clip_key_map,
-    materialize_clip_buffers,
-)
-from wanpipe.models.text_encoder import (
-    TEXT_ENCODER_ALIASES,
-    WanTextEncoder,
-    WanTextTokenizer,
-    build_text_encoder,
-    text_encoder_fp32_patterns,
-)
+from wanpipe.models.image_encoder import WanImageEncoder, build_clip_vision
+from wanpipe.models.text_encoder import WanTextEncoder, build_text_encoder
 from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.stages.experts import Experts
-from wanpipe.tokenizer import WanTokenizer
+from wanpipe.tokenizer import WanTextTokenizer, WanTokenizer
 from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
 from wanpipe.weights.fp8 import check_fp8_mode, dit_fp8_state, use_fp8_linears
+from wanpipe.weights.image_encoder_keys import clip_key_map, materialize_clip_buffers
 from wanpipe.weights.loader import load_weights
 from wanpipe.weights.lora import LoraManager, LoraReport
 from wanpipe.weights.safetensors_io import CheckpointError
+from wanpipe.weights.text_encoder_keys import TEXT_ENCODER_ALIASES, text_encoder_fp32_patterns
 from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED
 
 if TYPE_CHECKING:

@@ -7,7 +7,6 @@ centre crop, rescale, normalise) is written here from the checkpoint's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-
-from wanpipe.weights.keymap import KeyMap, remap_state_dict
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,28 +92,6 @@ def build_clip_vision(config: dict[str, Any]) -> nn.Module:
     hf_config = CLIPVisionConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
     with torch.device("meta"):
         return CLIPVisionModel(hf_config)
-
-
-def clip_key_map(model: nn.Module) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Checkpoints name the tower ``vision_model.*`` (older transformers) or not (transformers 5):
-    rename to whichever the installed transformers builds."""
-    nested = hasattr(model, "vision_model")
-    rules: KeyMap = (
-        ((r"(?!vision_model\.)(.+)", r"vision_model.\1"),) if nested else ((r"vision_model\.(.+)", r"\1"),)
-    )
-
-    def prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return remap_state_dict(state_dict, rules)
-
-    return prepare
-
-
-def materialize_clip_buffers(model: nn.Module) -> None:
-    """Recreate CLIP's non-persistent ``position_ids`` buffer (not in checkpoints) after a meta build."""
-    embeddings = model.vision_model.embeddings if hasattr(model, "vision_model") else model.embeddings
-    device = embeddings.position_embedding.weight.device
-    positions = torch.arange(embeddings.num_positions, device=device).expand((1, -1))
-    embeddings.register_buffer("position_ids", positions, persistent=False)
 
 
 class WanImageEncoder(nn.Module):

@@ -1,7 +1,7 @@
 """The Wan 2.1 / 2.2 diffusion transformer (DiT).
 
 Parameter names follow the original Wan repositories (``wan/modules/model.py``); diffusers
-checkpoints are renamed at load by :meth:`WanTransformerModel.prepare_state_dict`.
+checkpoints are renamed at load by the key table of ``weights/transformer_keys.py``.
 
 The model is run one stage at a time so an executor can compile, offload or stream blocks::
 
@@ -40,9 +40,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from wanpipe.weights.keymap import remap_state_dict
-from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED, TRANSFORMER_DIFFUSERS_KEYS
 
 Rope = tuple[Tensor, Tensor]
 """``(cos, sin)``, each (L, head_dim // 2) float32: one angle per rotated channel pair."""
@@ -502,23 +499,14 @@ class WanTransformerModel(nn.Module):
         """Whether parameter ``name`` must stay float32 under a low-precision model dtype."""
         return any(re.fullmatch(p, name) for p in cls.keep_in_fp32)
 
-    @staticmethod
-    def prepare_state_dict(checkpoint_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Rename a diffusers-format checkpoint to our names (original-format keys pass through)."""
-        kept = {
-            k: v
-            for k, v in checkpoint_state_dict.items()
-            if not any(re.fullmatch(p, k) for p in TRANSFORMER_DIFFUSERS_IGNORED)
-        }
-        return remap_state_dict(kept, TRANSFORMER_DIFFUSERS_KEYS)
-
     @torch.no_grad()
     def reload_model_weights(self, state_dict: Mapping[str, Tensor]) -> None:
         """Copy another checkpoint of the same shape into this model's tensors, in place.
 
         No module is rebuilt and no tensor is replaced, so compiled or captured code keeps working:
         this is how one set of modules serves both Wan 2.2 experts. ``state_dict`` is in our names
-        (see :meth:`prepare_state_dict`); each tensor is cast to the parameter's dtype and device.
+        (a diffusers checkpoint renamed through ``weights/transformer_keys.py``); each tensor is cast
+        to the parameter's dtype and device.
         """
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(state_dict))

@@ -1,7 +1,7 @@
 """A native UMT5 encoder (the text encoder of every Wan checkpoint), without importing transformers.
 
 Same parameter names and numerics as transformers' ``UMT5EncoderModel`` (so checkpoints and the
-weight maps of :mod:`wanpipe.weights` load unchanged): T5 RMS norms computed in float32, attention
+key maps in ``weights/`` load unchanged): T5 RMS norms computed in float32, attention
 without score scaling, a learned relative-position bias in every layer (bidirectional buckets), a
 gated-GELU (tanh) feed-forward. Importing transformers' modeling code costs about 100 MB of host
 memory for a few hundred lines of model, which is why this exists.

@@ -20,7 +20,7 @@ temporal upsampling.
   encoder (``decoder_base_dim``). ``z_dim`` 48, 16x spatial stride.
 
 Same numerics as diffusers' ``AutoencoderKLWan``; parameter names follow diffusers' checkpoints except
-for the few renames in :data:`wanpipe.weights.vae_keys.VAE_DIFFUSERS_KEYS`.
+for the few renames of the VAE key table (``weights/vae_keys.py``).
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ from wanpipe.models.vae_layers import (
     patchify,
     unpatchify,
 )
-from wanpipe.weights.keymap import remap_state_dict
-from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS
 
 # diffusers' defaults: the Wan 2.1 VAE's per-channel latent statistics.
 WAN21_LATENTS_MEAN: tuple[float, ...] = (
@@ -373,11 +371,6 @@ class WanVAE(nn.Module):
         self.quant_conv = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
         self.post_quant_conv = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
-
-    @staticmethod
-    def prepare_state_dict(checkpoint_sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Rename a diffusers ``AutoencoderKLWan`` state dict (either layout) to this module's names."""
-        return remap_state_dict(checkpoint_sd, VAE_DIFFUSERS_KEYS)
 
     # -- encode ---------------------------------------------------------------------------------
 

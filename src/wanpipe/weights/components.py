@@ -20,8 +20,6 @@ import torch
 
 from wanpipe.config import WanArchConfig
 from wanpipe.models.image_encoder import ImageProcessorConfig
-from wanpipe.models.transformer import WanTransformerModel
-from wanpipe.models.vae import WanVAE
 from wanpipe.weights.fp8 import dequantize_state
 from wanpipe.weights.loader import open_component_weights, read_json
 from wanpipe.weights.original import (
@@ -42,6 +40,8 @@ from wanpipe.weights.single_file import (
     transformer_to_runtime,
     vae_to_runtime,
 )
+from wanpipe.weights.transformer_keys import prepare_transformer_state
+from wanpipe.weights.vae_keys import prepare_vae_state
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ def diffusers_weights(folder: Path, arch: WanArchConfig) -> ComponentWeights:
     return ComponentWeights(
         tokenizer=folder / "tokenizer",
         text_encoder=component("text_encoder", dequantize_state),
-        transformer=component("transformer", WanTransformerModel.prepare_state_dict),
-        vae=component("vae", lambda s: WanVAE.prepare_state_dict(dequantize_state(s))),
-        transformer_2=component("transformer_2", WanTransformerModel.prepare_state_dict)
+        transformer=component("transformer", prepare_transformer_state),
+        vae=component("vae", lambda s: prepare_vae_state(dequantize_state(s))),
+        transformer_2=component("transformer_2", prepare_transformer_state)
         if arch.transformer_2 is not None
         else None,
         image_encoder=component("image_encoder", dequantize_state)
@@ -115,24 +115,21 @@ def _dit(paths: list[Path]) -> StateFn:
     return lambda: transformer_to_runtime(strip_prefix(_dit_file(paths), "transformer"))
 
 
+def _one_file(path: Path, component: str) -> dict[str, torch.Tensor]:
+    """A one-file VAE, text or image encoder: opened, its wrapper prefix stripped, fp8 dequantized."""
+    return dequantize_state(strip_prefix(open_weights_file(path, component), component))
+
+
 def _vae(path: Path) -> StateFn:
-    return lambda: vae_to_runtime(dequantize_state(strip_prefix(open_weights_file(path, "vae"), "vae")))[0]
+    return lambda: vae_to_runtime(_one_file(path, "vae"))[0]
 
 
 def _text_encoder(path: Path) -> StateFn:
-    def load() -> Mapping[str, torch.Tensor]:
-        state = dequantize_state(strip_prefix(open_weights_file(path, "text_encoder"), "text_encoder"))
-        return text_encoder_to_runtime(state)[0]
-
-    return load
+    return lambda: text_encoder_to_runtime(_one_file(path, "text_encoder"))[0]
 
 
 def _image_encoder(path: Path, num_heads: int | None) -> StateFn:
-    def load() -> Mapping[str, torch.Tensor]:
-        state = dequantize_state(strip_prefix(open_weights_file(path, "image_encoder"), "image_encoder"))
-        return clip_to_runtime(state, num_heads=num_heads)[0]
-
-    return load
+    return lambda: clip_to_runtime(_one_file(path, "image_encoder"), num_heads=num_heads)[0]
 
 
 def _paths(value: str | Path | list[str | Path]) -> list[Path]:
@@ -185,9 +182,8 @@ def single_file_weights(
         dit2 = _dit(_paths(transformer_2))
         dit2_cfg = infer_transformer_config(dit2(), num_heads=heads, eps=eps)
     vae_path, te_path = Path(vae).expanduser(), Path(text_encoder).expanduser()
-    vae_cfg = vae_to_runtime(dequantize_state(strip_prefix(open_weights_file(vae_path, "vae"), "vae")))[1]
-    te_state = dequantize_state(strip_prefix(open_weights_file(te_path, "text_encoder"), "text_encoder"))
-    te_cfg = text_encoder_to_runtime(te_state)[1]
+    vae_cfg = vae_to_runtime(_one_file(vae_path, "vae"))[1]
+    te_cfg = text_encoder_to_runtime(_one_file(te_path, "text_encoder"))[1]
     clip_cfg = None
     clip_fn = None
     if dit_cfg.image_dim is not None:
@@ -197,10 +193,7 @@ def single_file_weights(
                 "transformers naming as the image encoder (the original open-clip .pth is not supported)"
             )
         clip_path = Path(image_encoder).expanduser()
-        clip_state = dequantize_state(
-            strip_prefix(open_weights_file(clip_path, "image_encoder"), "image_encoder")
-        )
-        clip_cfg = clip_to_runtime(clip_state)[1]
+        clip_cfg = clip_to_runtime(_one_file(clip_path, "image_encoder"))[1]
         clip_fn = _image_encoder(clip_path, None)
     tok = resolve_tokenizer(tokenizer)
     arch = WanArchConfig.from_parts(

@@ -23,6 +23,7 @@ from wanpipe.weights.fp8 import is_fp8, prepare_fp8_state
 from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.original import ORIGINAL_EXPERT_DIRS, T5_TO_ORIGINAL_KEYS, vae21_to_original_tables
 from wanpipe.weights.safetensors_io import CheckpointError
+from wanpipe.weights.text_encoder_keys import TEXT_ENCODER_ALIASES
 from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS
 from wanpipe.weights.vae_keys import vae_to_diffusers_keys
 
@@ -50,6 +51,13 @@ def _resolved(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> d
     if target is not None:
         out = {k: v.to(target) if v.is_floating_point() else v for k, v in out.items()}
     return out
+
+
+def _text_encoder_state(weights: ComponentWeights, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The UMT5 encoder's tensors to write: without the tied copies (``TEXT_ENCODER_ALIASES``)."""
+    return {
+        k: v for k, v in _resolved(weights.text_encoder(), dtype).items() if k not in TEXT_ENCODER_ALIASES
+    }
 
 
 def write_sharded(
@@ -122,12 +130,7 @@ def write_diffusers(
     write_sharded(vae_state, out / "vae", "diffusion_pytorch_model", shard)
     vae_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(arch.vae).items()}
     _json(out / "vae" / "config.json", {"_class_name": "AutoencoderKLWan", **vae_cfg})
-    te_state = {
-        k: v
-        for k, v in _resolved(weights.text_encoder(), dtype).items()
-        if k != "encoder.embed_tokens.weight"
-    }
-    write_sharded(te_state, out / "text_encoder", "model", shard)
+    write_sharded(_text_encoder_state(weights, dtype), out / "text_encoder", "model", shard)
     _json(out / "text_encoder" / "config.json", dict(arch.text_encoder.raw))
     _copy_tokenizer(weights.tokenizer, out / "tokenizer")
     sched = arch.scheduler
@@ -246,14 +249,7 @@ def write_original(
     inner, outer = vae21_to_original_tables(arch.vae.num_res_blocks, len(arch.vae.dim_mult))
     vae_state = remap_state_dict(remap_state_dict(_resolved(weights.vae(), dtype), inner), outer)
     torch.save({k: v.clone() for k, v in vae_state.items()}, out / "Wan2.1_VAE.pth")
-    te = {
-        k: v
-        for k, v in _resolved(weights.text_encoder(), dtype).items()
-        if k != "encoder.embed_tokens.weight"
-    }
-    torch.save(
-        {k: v.clone() for k, v in remap_state_dict(te, T5_TO_ORIGINAL_KEYS).items()},
-        out / "models_t5_umt5-xxl-enc-bf16.pth",
-    )
+    te_state = remap_state_dict(_text_encoder_state(weights, dtype), T5_TO_ORIGINAL_KEYS)
+    torch.save({k: v.clone() for k, v in te_state.items()}, out / "models_t5_umt5-xxl-enc-bf16.pth")
     _copy_tokenizer(weights.tokenizer, out / "google" / "umt5-xxl")
     return out

@@ -5,136 +5,106 @@
 - VAE (``Wan2.1_VAE.pth``, also ComfyUI's ``wan_2.1_vae.safetensors``): ``wan/modules/vae.py`` names.
   The encoder and the decoder are flat ``nn.Sequential`` lists there (``downsamples.K``/``upsamples.K``);
   the decoder's flat index K maps to wanpipe's ``up_blocks.L.resnets.J`` / ``up_blocks.L.upsampler``
-  by the VAE's shape, so that part of the table is generated per config by :func:`vae21_block_keys`.
+  by the VAE's shape, so that part of the table is generated per config by :func:`vae21_decoder_keys`.
 - UMT5 encoder (``models_t5_umt5-xxl-enc-bf16.pth``): ``wan/modules/t5.py`` names -> transformers'
-  ``UMT5EncoderModel`` names (:data:`T5_ORIGINAL_KEYS`).
+  ``UMT5EncoderModel`` names (:data:`T5_KEYS`).
 
-Every table has its inverse for writing original-layout checkpoints (``wanpipe convert``).
+Each table is written once (:class:`~wanpipe.weights.keymap.KeyTable`, original name first); the way
+back, for writing original-layout checkpoints (``wanpipe convert``), is derived from it.
 """
 
 from __future__ import annotations
 
-from wanpipe.weights.keymap import KeyMap
+from wanpipe.weights.keymap import KeyMap, KeyTable
+from wanpipe.weights.vae_keys import RESAMPLE_CONV
 
 # -- UMT5 text encoder ------------------------------------------------------------------------------
 
-_T5_BLOCK = r"blocks\.(\d+)\."
-_HF_BLOCK = r"encoder.block.\1.layer."
-
-T5_ORIGINAL_KEYS: KeyMap = (
-    (r"token_embedding\.weight", r"shared.weight"),
-    (_T5_BLOCK + r"norm1\.weight", _HF_BLOCK + r"0.layer_norm.weight"),
-    (_T5_BLOCK + r"attn\.(q|k|v|o)\.weight", _HF_BLOCK + r"0.SelfAttention.\2.weight"),
+T5_KEYS = KeyTable(
     (
-        _T5_BLOCK + r"pos_embedding\.embedding\.weight",
-        _HF_BLOCK + r"0.SelfAttention.relative_attention_bias.weight",
+        ("token_embedding.weight", "shared.weight"),
+        ("blocks.{n}.norm1.weight", "encoder.block.{n}.layer.0.layer_norm.weight"),
+        ("blocks.{n}.attn.{qkvo}.weight", "encoder.block.{n}.layer.0.SelfAttention.{qkvo}.weight"),
+        (
+            "blocks.{n}.pos_embedding.embedding.weight",
+            "encoder.block.{n}.layer.0.SelfAttention.relative_attention_bias.weight",
+        ),
+        ("blocks.{n}.norm2.weight", "encoder.block.{n}.layer.1.layer_norm.weight"),
+        ("blocks.{n}.ffn.gate.0.weight", "encoder.block.{n}.layer.1.DenseReluDense.wi_0.weight"),
+        ("blocks.{n}.ffn.fc1.weight", "encoder.block.{n}.layer.1.DenseReluDense.wi_1.weight"),
+        ("blocks.{n}.ffn.fc2.weight", "encoder.block.{n}.layer.1.DenseReluDense.wo.weight"),
+        ("norm.weight", "encoder.final_layer_norm.weight"),
     ),
-    (_T5_BLOCK + r"norm2\.weight", _HF_BLOCK + r"1.layer_norm.weight"),
-    (_T5_BLOCK + r"ffn\.gate\.0\.weight", _HF_BLOCK + r"1.DenseReluDense.wi_0.weight"),
-    (_T5_BLOCK + r"ffn\.fc1\.weight", _HF_BLOCK + r"1.DenseReluDense.wi_1.weight"),
-    (_T5_BLOCK + r"ffn\.fc2\.weight", _HF_BLOCK + r"1.DenseReluDense.wo.weight"),
-    (r"norm\.weight", r"encoder.final_layer_norm.weight"),
+    fields={"qkvo": "q|k|v|o"},
 )
-"""``wan/modules/t5.py`` (``T5Encoder``, ``shared_pos=False``) -> transformers ``UMT5EncoderModel``."""
+"""``(wan/modules/t5.py, transformers)`` names: ``T5Encoder`` (``shared_pos=False``) and
+``UMT5EncoderModel``. transformers' ``encoder.embed_tokens.weight`` is tied to ``shared.weight``
+(``text_encoder_keys.TEXT_ENCODER_ALIASES``): no rule names it, and writers leave it out."""
 
-_HF_T5_BLOCK = r"encoder\.block\.(\d+)\.layer\."
+T5_ORIGINAL_KEYS: KeyMap = T5_KEYS.to_runtime()
+"""Original names -> transformers names (reading)."""
 
-T5_TO_ORIGINAL_KEYS: KeyMap = (
-    (r"shared\.weight", r"token_embedding.weight"),
-    (_HF_T5_BLOCK + r"0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
-    (_HF_T5_BLOCK + r"0\.SelfAttention\.(q|k|v|o)\.weight", r"blocks.\1.attn.\2.weight"),
-    (
-        _HF_T5_BLOCK + r"0\.SelfAttention\.relative_attention_bias\.weight",
-        r"blocks.\1.pos_embedding.embedding.weight",
-    ),
-    (_HF_T5_BLOCK + r"1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
-    (_HF_T5_BLOCK + r"1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
-    (_HF_T5_BLOCK + r"1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
-    (_HF_T5_BLOCK + r"1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
-    (r"encoder\.final_layer_norm\.weight", r"norm.weight"),
-)
-"""The inverse table (``encoder.embed_tokens.weight``, tied to ``shared``, is not written)."""
+T5_TO_ORIGINAL_KEYS: KeyMap = T5_KEYS.to_checkpoint()
+"""transformers names -> original names (writing; without the tied ``encoder.embed_tokens.weight``)."""
 
 # -- VAE (Wan 2.1) ----------------------------------------------------------------------------------
 
-VAE21_ORIGINAL_KEYS: KeyMap = (
-    # Inside a block: the original's residual nn.Sequential slots and resample slots.
-    (r"(.+)\.residual\.0\.gamma", r"\1.norm1.gamma"),
-    (r"(.+)\.residual\.2\.(weight|bias)", r"\1.conv1.\2"),
-    (r"(.+)\.residual\.3\.gamma", r"\1.norm2.gamma"),
-    (r"(.+)\.residual\.6\.(weight|bias)", r"\1.conv2.\2"),
-    (r"(.+)\.shortcut\.(weight|bias)", r"\1.conv_shortcut.\2"),
-    (r"(.+)\.resample\.1\.(weight|bias)", r"\1.conv.\2"),
+VAE21_INNER_KEYS = KeyTable(
+    (
+        ("{rest}.residual.0.gamma", "{rest}.norm1.gamma"),
+        ("{rest}.residual.2.{wb}", "{rest}.conv1.{wb}"),
+        ("{rest}.residual.3.gamma", "{rest}.norm2.gamma"),
+        ("{rest}.residual.6.{wb}", "{rest}.conv2.{wb}"),
+        ("{rest}.shortcut.{wb}", "{rest}.conv_shortcut.{wb}"),
+        RESAMPLE_CONV,
+    )
 )
-"""Second pass: the original's names inside residual and resample blocks -> wanpipe's."""
+"""Names inside residual and resample blocks: the original's ``nn.Sequential`` slots -> wanpipe's."""
 
-VAE21_ORIGINAL_OUTER_KEYS: KeyMap = (
-    (r"conv1\.(weight|bias)", r"quant_conv.\1"),
-    (r"conv2\.(weight|bias)", r"post_quant_conv.\1"),
-    (r"(encoder|decoder)\.conv1\.(weight|bias)", r"\1.conv_in.\2"),
-    (r"(encoder|decoder)\.head\.0\.gamma", r"\1.norm_out.gamma"),
-    (r"(encoder|decoder)\.head\.2\.(weight|bias)", r"\1.conv_out.\2"),
-    (r"(encoder|decoder)\.middle\.0\.(.+)", r"\1.mid_block.resnets.0.\2"),
-    (r"(encoder|decoder)\.middle\.1\.(.+)", r"\1.mid_block.attentions.0.\2"),
-    (r"(encoder|decoder)\.middle\.2\.(.+)", r"\1.mid_block.resnets.1.\2"),
-    (r"encoder\.downsamples\.(\d+)\.(.+)", r"encoder.down_blocks.\1.\2"),
+VAE21_OUTER_KEYS = KeyTable(
+    (
+        ("conv1.{wb}", "quant_conv.{wb}"),
+        ("conv2.{wb}", "post_quant_conv.{wb}"),
+        ("{side}.conv1.{wb}", "{side}.conv_in.{wb}"),
+        ("{side}.head.0.gamma", "{side}.norm_out.gamma"),
+        ("{side}.head.2.{wb}", "{side}.conv_out.{wb}"),
+        ("{side}.middle.0.{rest}", "{side}.mid_block.resnets.0.{rest}"),
+        ("{side}.middle.1.{rest}", "{side}.mid_block.attentions.0.{rest}"),
+        ("{side}.middle.2.{rest}", "{side}.mid_block.resnets.1.{rest}"),
+        ("encoder.downsamples.{n}.{rest}", "encoder.down_blocks.{n}.{rest}"),
+    ),
+    fields={"side": "encoder|decoder"},
 )
-"""First pass: top-level names (the encoder's flat list keeps its indices)."""
+"""Top-level names, and the blocks of the encoder (its flat list keeps its indices)."""
 
 
-def vae21_block_keys(num_res_blocks: int, num_levels: int) -> KeyMap:
-    """First-pass rules for the decoder's flat ``upsamples.K`` list of a Wan 2.1 VAE: each level has
-    ``num_res_blocks + 1`` residual blocks, then (except the last level) one resample."""
+def vae21_decoder_keys(num_res_blocks: int, num_levels: int) -> KeyTable:
+    """The decoder's flat ``upsamples.K`` list of a Wan 2.1 VAE: each level has ``num_res_blocks + 1``
+    residual blocks, then (except the last level) one resample."""
     rules: list[tuple[str, str]] = []
     k = 0
     for level in range(num_levels):
         for j in range(num_res_blocks + 1):
-            rules.append((rf"decoder\.upsamples\.{k}\.(.+)", rf"decoder.up_blocks.{level}.resnets.{j}.\1"))
+            rules.append(
+                (f"decoder.upsamples.{k}.{{rest}}", f"decoder.up_blocks.{level}.resnets.{j}.{{rest}}")
+            )
             k += 1
         if level != num_levels - 1:
-            rules.append((rf"decoder\.upsamples\.{k}\.(.+)", rf"decoder.up_blocks.{level}.upsampler.\1"))
+            rules.append((f"decoder.upsamples.{k}.{{rest}}", f"decoder.up_blocks.{level}.upsampler.{{rest}}"))
             k += 1
-    return tuple(rules)
+    return KeyTable(tuple(rules))
 
 
 def vae21_original_tables(num_res_blocks: int, num_levels: int) -> tuple[KeyMap, KeyMap]:
-    """The two passes (outer block names, then names inside blocks) for a VAE of this shape."""
-    return VAE21_ORIGINAL_OUTER_KEYS + vae21_block_keys(num_res_blocks, num_levels), VAE21_ORIGINAL_KEYS
-
-
-VAE21_TO_ORIGINAL_INNER_KEYS: KeyMap = (
-    (r"(.+)\.norm1\.gamma", r"\1.residual.0.gamma"),
-    (r"(.+)\.conv1\.(weight|bias)", r"\1.residual.2.\2"),
-    (r"(.+)\.norm2\.gamma", r"\1.residual.3.gamma"),
-    (r"(.+)\.conv2\.(weight|bias)", r"\1.residual.6.\2"),
-    (r"(.+)\.conv_shortcut\.(weight|bias)", r"\1.shortcut.\2"),
-    (r"(.+\.(?:down_blocks\.\d+|upsampler))\.conv\.(weight|bias)", r"\1.resample.1.\2"),
-)
-"""Inverse of :data:`VAE21_ORIGINAL_KEYS` (wanpipe names, first pass when writing)."""
+    """Original names -> wanpipe names in two passes: the block names (outer), then names inside blocks."""
+    outer = VAE21_OUTER_KEYS + vae21_decoder_keys(num_res_blocks, num_levels)
+    return outer.to_runtime(), VAE21_INNER_KEYS.to_runtime()
 
 
 def vae21_to_original_tables(num_res_blocks: int, num_levels: int) -> tuple[KeyMap, KeyMap]:
-    """wanpipe names -> original names: inner names first, then the outer block names."""
-    outer: list[tuple[str, str]] = [
-        (r"quant_conv\.(weight|bias)", r"conv1.\1"),
-        (r"post_quant_conv\.(weight|bias)", r"conv2.\1"),
-        (r"(encoder|decoder)\.conv_in\.(weight|bias)", r"\1.conv1.\2"),
-        (r"(encoder|decoder)\.norm_out\.gamma", r"\1.head.0.gamma"),
-        (r"(encoder|decoder)\.conv_out\.(weight|bias)", r"\1.head.2.\2"),
-        (r"(encoder|decoder)\.mid_block\.resnets\.0\.(.+)", r"\1.middle.0.\2"),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", r"\1.middle.1.\2"),
-        (r"(encoder|decoder)\.mid_block\.resnets\.1\.(.+)", r"\1.middle.2.\2"),
-        (r"encoder\.down_blocks\.(\d+)\.(.+)", r"encoder.downsamples.\1.\2"),
-    ]
-    k = 0
-    for level in range(num_levels):
-        for j in range(num_res_blocks + 1):
-            outer.append((rf"decoder\.up_blocks\.{level}\.resnets\.{j}\.(.+)", rf"decoder.upsamples.{k}.\1"))
-            k += 1
-        if level != num_levels - 1:
-            outer.append((rf"decoder\.up_blocks\.{level}\.upsampler\.(.+)", rf"decoder.upsamples.{k}.\1"))
-            k += 1
-    return VAE21_TO_ORIGINAL_INNER_KEYS, tuple(outer)
+    """wanpipe names -> original names: the two passes undone in reverse order (inner, then outer)."""
+    outer = VAE21_OUTER_KEYS + vae21_decoder_keys(num_res_blocks, num_levels)
+    return VAE21_INNER_KEYS.to_checkpoint(), outer.to_checkpoint()
 
 
 # -- The original repositories' file names ----------------------------------------------------------

@@ -23,8 +23,9 @@ from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.loader import load_pickle_weights
 from wanpipe.weights.original import T5_ORIGINAL_KEYS, vae21_original_tables
 from wanpipe.weights.safetensors_io import CheckpointError, SafetensorsIndex
-from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED, TRANSFORMER_DIFFUSERS_KEYS
-from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS
+from wanpipe.weights.text_encoder_keys import TEXT_ENCODER_ALIASES
+from wanpipe.weights.transformer_keys import prepare_transformer_state
+from wanpipe.weights.vae_keys import prepare_vae_state
 
 WAN_HEAD_DIM = 128
 """attention_head_dim of every released Wan DiT (1.3B: 1536/12, 14B: 5120/40, 5B: 3072/24)."""
@@ -122,10 +123,7 @@ def transformer_to_runtime(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     """A DiT state dict in either naming (prefixes already stripped) -> wanpipe's (= the original's)."""
     if naming_of(state, "transformer") == "original":
         return dict(state)
-    kept = {
-        k: v for k, v in state.items() if not any(re.fullmatch(p, k) for p in TRANSFORMER_DIFFUSERS_IGNORED)
-    }
-    return remap_state_dict(kept, TRANSFORMER_DIFFUSERS_KEYS)
+    return prepare_transformer_state(state)
 
 
 def infer_transformer_config(
@@ -196,7 +194,7 @@ def vae_to_runtime(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     """A Wan 2.1 VAE state dict in either naming -> wanpipe names, and its config from the shapes."""
     c = "vae"
     if naming_of(state, c) == "diffusers":
-        runtime = remap_state_dict(state, VAE_DIFFUSERS_KEYS)
+        runtime = prepare_vae_state(state)
         prefix = "encoder.down_blocks"
     else:
         runtime = None
@@ -252,8 +250,9 @@ def text_encoder_to_runtime(
     runtime = (
         dict(state) if naming_of(state, c) == "transformers" else remap_state_dict(state, T5_ORIGINAL_KEYS)
     )
-    if "shared.weight" not in runtime and "encoder.embed_tokens.weight" in runtime:
-        runtime["shared.weight"] = runtime["encoder.embed_tokens.weight"]
+    for tied, shared in TEXT_ENCODER_ALIASES.items():
+        if shared not in runtime and tied in runtime:
+            runtime[shared] = runtime[tied]
     vocab, d_model = _shape(runtime, "shared.weight", c)
     buckets, heads = _shape(
         runtime, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", c
