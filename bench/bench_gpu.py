@@ -94,7 +94,8 @@ def _timed(fn, repeats: int) -> list[float]:
 def dit_case(name: str, repeats: int) -> dict:
     from diffusers import WanTransformer3DModel
 
-    from wanpipe.models.transformer import TransformerConfig, WanTransformerModel, compress_text_padding
+    from wanpipe.models.transformer import WanTransformerModel
+    from wanpipe.models.transformer_layers import TransformerConfig, compress_text_padding
     from wanpipe.runtime.attention import sdpa_choice
     from wanpipe.weights.keymap import remap_state_dict
     from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS

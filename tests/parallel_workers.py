@@ -175,7 +175,8 @@ _DIT_CACHE: dict[str, tuple] = {}
 def _dit_case(model_name: str):
     """(model, inputs, single-process prediction), built once per worker."""
     if model_name not in _DIT_CACHE:
-        from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+        from wanpipe.models.transformer import WanTransformerModel
+        from wanpipe.models.transformer_layers import TransformerConfig
 
         raw = DIT_T2V if model_name == "t2v" else DIT_I2V
         config = TransformerConfig.from_dict(raw)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests import tiny
-from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import VAEConfig, WanVAE
 from wanpipe.weights.keymap import KeyMap, KeyTable, remap_key, remap_state_dict
 from wanpipe.weights.original import (

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from tests import parallel_workers as workers
 from wanpipe.models import transformer as transformer_module
-from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.parallel import (
     ParallelConfig,
     ParallelMesh,

@@ -225,7 +225,7 @@ def test_compiled_blocks_give_the_same_frames(pipe, plain) -> None:
 
 
 def test_teacache_takes_published_coefficients_or_refuses(pipe) -> None:
-    from wanpipe.models.transformer import TransformerConfig
+    from wanpipe.models.transformer_layers import TransformerConfig
 
     def dit(dim: int, **kw) -> TransformerConfig:
         return TransformerConfig(num_attention_heads=dim // 128, attention_head_dim=128, **kw)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from wanpipe import WanPipeline, WanRequest
-from wanpipe.models.transformer import TransformerConfig, WanTransformerModel, compress_text_padding
+from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer_layers import TransformerConfig, compress_text_padding
 from wanpipe.runtime import RuntimeOptions, apply_runtime_options
 from wanpipe.runtime.compile import CompiledDiT
 from wanpipe.runtime.runner import DiTRunner

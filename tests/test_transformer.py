@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from wanpipe.models.transformer import DiTInputs, TransformerConfig, WanTransformerModel
+from wanpipe.models.transformer import DiTInputs, WanTransformerModel
+from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_KEYS, prepare_transformer_state
 
 TEXT_LEN = 7
@@ -279,7 +280,7 @@ def test_bf16_parity(tmp_path) -> None:
 
 
 def test_tanh_gelu_cpu_form_matches_torch() -> None:
-    from wanpipe.models.transformer import TanhGELU
+    from wanpipe.models.transformer_layers import TanhGELU
 
     x = torch.linspace(-12, 12, 10_001)
     expected = torch.nn.functional.gelu(x, approximate="tanh")
@@ -291,7 +292,7 @@ def test_tanh_gelu_cpu_form_matches_torch() -> None:
 
 
 def test_rope_forms_agree_and_the_block_traces_without_graph_breaks(monkeypatch) -> None:
-    from wanpipe.models.transformer import apply_rope
+    from wanpipe.models.transformer_layers import apply_rope
 
     model = WanTransformerModel(TransformerConfig.from_dict(T2V)).eval()
     rope = model.compute_rope(1, 5, 8)

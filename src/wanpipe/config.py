@@ -13,7 +13,7 @@ from typing import Any
 
 from wanpipe.models.image_encoder import ImageProcessorConfig
 from wanpipe.models.text_encoder import TextEncoderConfig
-from wanpipe.models.transformer import TransformerConfig
+from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import VAEConfig
 from wanpipe.schedulers import SchedulerConfig
 from wanpipe.weights.loader import read_json

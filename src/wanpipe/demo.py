@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import VAEConfig, WanVAE
 from wanpipe.weights.keymap import KeyMap, remap_state_dict
 from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS

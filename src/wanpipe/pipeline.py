@@ -20,7 +20,8 @@ from wanpipe.executor import Timings, WanExecutor
 from wanpipe.media import Video
 from wanpipe.models.image_encoder import WanImageEncoder, build_clip_vision
 from wanpipe.models.text_encoder import WanTextEncoder, build_text_encoder
-from wanpipe.models.transformer import TransformerConfig, WanTransformerModel
+from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.stages.experts import Experts

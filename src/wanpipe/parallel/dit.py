@@ -27,7 +27,8 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from wanpipe.models.transformer import AttentionFn, DiTInputs, WanTransformerModel, run_blocks
+from wanpipe.models.transformer import DiTInputs, WanTransformerModel, run_blocks
+from wanpipe.models.transformer_layers import AttentionFn
 from wanpipe.parallel.attention import usp_attention
 from wanpipe.parallel.cfg import gather_cfg_batch, split_cfg_batch
 from wanpipe.parallel.mesh import ParallelMesh

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import Tensor
 
-from wanpipe.models.transformer import WanHead, call_block
+from wanpipe.models.transformer import call_block
+from wanpipe.models.transformer_layers import WanHead
 
 
 def _head_forward(head: WanHead, hidden: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from wanpipe.models.transformer import TransformerConfig
+    from wanpipe.models.transformer_layers import TransformerConfig
 
 logger = logging.getLogger(__name__)
 

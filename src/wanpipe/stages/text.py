@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from wanpipe.models.text_encoder import WanTextEncoder
-from wanpipe.models.transformer import compress_text_padding
+from wanpipe.models.transformer_layers import compress_text_padding
 from wanpipe.runtime.text_cache import TextEmbeddingCache
 from wanpipe.stages.placement import Placement
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from wanpipe.models.text_encoder import TextEncoderConfig
-from wanpipe.models.transformer import TransformerConfig
+from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import VAEConfig
 from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.loader import load_pickle_weights
