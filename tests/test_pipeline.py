@@ -200,4 +200,7 @@ def test_bf16_loading_keeps_fp32_islands(tiny_ckpt, wan_pipe) -> None:
     low = pipe.generate(**kw, progress=False).frames
     full = wan_pipe.generate(**kw, progress=False).frames
     assert np.isfinite(low).all()
-    assert float(np.abs(low - full).mean()) < 0.05
+    err = np.abs(low - full)
+    # measured: mean 0.0014, max 0.028 (frames in [0, 1]); bounds about 2.5x the max
+    assert float(err.mean()) < 0.05
+    assert float(err.max()) < 0.07

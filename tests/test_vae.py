@@ -292,7 +292,10 @@ def test_roundtrip_shapes_and_dtype(small) -> None:
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     assert y.abs().max() <= 1.0
     fp32 = ours.decode(z.float(), chunk_frames=2)
-    assert (y.float() - fp32).abs().mean() < 0.02
+    err = (y.float() - fp32).abs()
+    # measured: mean 0.0079, max 0.106 (pixels in [-1, 1]); bounds about 2.5x the max
+    assert err.mean() < 0.02
+    assert err.max() < 0.25
 
 
 # ----------------------------------------------------------------------------------------------

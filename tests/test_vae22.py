@@ -319,7 +319,10 @@ def test_roundtrip_bfloat16(small) -> None:
     assert z.dtype == torch.bfloat16 and z.shape == (1, 48, 2, 1, 2)
     y = model.decode(z, chunk_frames=2)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
-    assert (y.float() - ours.decode(z.float(), chunk_frames=2)).abs().mean() < 0.02
+    err = (y.float() - ours.decode(z.float(), chunk_frames=2)).abs()
+    # measured: mean 0.0032, max 0.024 (pixels in [-1, 1]); bounds about 2.5x the max
+    assert err.mean() < 0.02
+    assert err.max() < 0.06
 
 
 # ----------------------------------------------------------------------------------------------

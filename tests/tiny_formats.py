@@ -2,6 +2,10 @@
 through the documented rename tables (``wanpipe.weights.original``, ``transformer_keys``, ``vae_keys``),
 fp8 files by quantizing it, and LoRA adapters in each format.
 
+Written with wanpipe's own tables, these files check the loaders' plumbing and that each table and its
+inverse agree, not that a table matches the original code: a wrong entry made in both directions passes
+here. ``tests/test_original_reference.py`` checks the layouts against the original Wan modules.
+
 The DiT has one head of Wan's head size 128 (so single files infer ``heads = width / 128`` as for the
 released models); the UMT5 encoder uses UMT5-XXL's 32 buckets and max distance 128 (single files and
 original ``.pth`` files carry no text-encoder config).
