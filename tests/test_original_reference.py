@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 
 from tests import tiny, wan_reference
 from wanpipe import WanPipeline
-from wanpipe.models.transformer import WanTransformerModel, compress_text_padding
+from wanpipe.models.transformer import WanTransformerModel
+from wanpipe.models.transformer_layers import compress_text_padding
 from wanpipe.weights.loader import load_weights
 from wanpipe.weights.safetensors_io import CheckpointError
 from wanpipe.weights.single_file import (
