@@ -39,9 +39,44 @@ def test_bad_request_is_refused(wan_pipe, change, param, message) -> None:
     if "latents" in change:
         fields.update(height=16, width=16)
     fields.update(change)
-    with pytest.raises(InvalidRequestError, match=message) as info:
-        wan_pipe.tokenizer.make_context(WanRequest(**fields))
-    assert info.value.param == param
+    # resolve (the server's submit), check (the CLI's early exit) and make_context refuse it alike
+    for validate in (wan_pipe.tokenizer.resolve, wan_pipe.check, wan_pipe.tokenizer.make_context):
+        with pytest.raises(InvalidRequestError, match=message) as info:
+            validate(WanRequest(**fields))
+        assert info.value.param == param
+
+
+def test_resolve_fills_every_default_once(wan_pipe, monkeypatch) -> None:
+    """resolve: defaults filled in and the seed drawn, no tokens and no noise; resolving again changes
+    nothing; the context of the resolved request is the context of the request with that seed."""
+    from wanpipe import tokenizer as tokenizer_module
+
+    def no(*args, **kwargs):
+        raise AssertionError("resolve must not tokenize or draw noise")
+
+    tokenizer = wan_pipe.tokenizer
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer.text_tokenizer, "__call__", no, raising=False)
+        patch.setattr(type(tokenizer.text_tokenizer), "__call__", no)
+        patch.setattr(tokenizer_module, "draw_noise", no)
+        resolved = tokenizer.resolve(WanRequest(prompt="a cat"))
+    d = wan_pipe.arch.defaults
+    assert (resolved.height, resolved.width, resolved.num_frames) == (d.height, d.width, d.num_frames)
+    assert (
+        resolved.num_inference_steps == d.num_inference_steps and resolved.guidance_scale == d.guidance_scale
+    )
+    assert resolved.flow_shift == wan_pipe.arch.scheduler.flow_shift and isinstance(resolved.seed, int)
+    assert tokenizer.resolve(resolved) == resolved
+    a = tokenizer.make_context(resolved)
+    b = tokenizer.make_context(WanRequest(prompt="a cat", seed=resolved.seed))
+    assert a.batch_key == b.batch_key and np.array_equal(a.latents, b.latents)
+    assert np.array_equal(a.tokens, b.tokens) and a.seed == b.seed
+    # requests whose resolved batch keys are equal make contexts that can share a batch
+    other = tokenizer.resolve(WanRequest(prompt="a dog", seed=5))
+    assert tokenizer.batch_key(other) == tokenizer.batch_key(resolved)
+    assert tokenizer.make_context(other).batch_key == a.batch_key
+    longer = tokenizer.resolve(WanRequest(prompt="a dog", num_inference_steps=d.num_inference_steps + 1))
+    assert tokenizer.batch_key(longer) != tokenizer.batch_key(resolved)
 
 
 def test_long_prompt_is_truncated_with_a_warning(wan_pipe, caplog) -> None:

@@ -58,9 +58,10 @@ class LimitExceededError(InvalidRequestError):
     """A request larger than the server's configured limits."""
 
 
-def batch_key_digest(ctx: WanContext) -> str:
-    """A stable text form of ``ctx.batch_key`` for the store (equal keys -> equal digests)."""
-    return hashlib.sha256(repr(ctx.batch_key).encode()).hexdigest()[:32]
+def batch_key_digest(key: tuple) -> str:
+    """A stable text form of a batch key (``WanTokenizer.batch_key``) for the store: equal keys give
+    equal digests."""
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:32]
 
 
 class JobManager:
@@ -96,7 +97,6 @@ class JobManager:
         self._wake = threading.Event()
         self._paused = False
         self._submit_lock = threading.Lock()
-        self._tokenize_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._progress: dict[str, int] = {}
         self._running: frozenset[str] = frozenset()
@@ -171,26 +171,28 @@ class JobManager:
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
         self._check_limits(pipe, new.spec)
-        with self._tokenize_lock:  # the engine validates the rest (an image on a text-to-video model, ...)
-            ctx = pipe.tokenizer.make_context(_wan_request(new.spec, new.image, new.last_image))
+        # The engine validates the rest (an image on a text-to-video model, ...) and fills in every
+        # default, the seed drawn: the stored spec makes the same video after a restart. No tokens, no
+        # noise here: the worker makes the contexts, once.
+        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image))
         spec = replace(
             new.spec,
-            height=ctx.height,
-            width=ctx.width,
-            num_frames=ctx.num_frames,
-            num_inference_steps=ctx.num_inference_steps,
-            guidance_scale=ctx.guidance_scale,
-            guidance_scale_2=getattr(ctx, "guidance_scale_2", new.spec.guidance_scale_2),
-            flow_shift=ctx.flow_shift,
-            seed=ctx.seed,
-            fps=new.spec.fps if new.spec.fps is not None else float(ctx.fps),
+            height=resolved.height,
+            width=resolved.width,
+            num_frames=resolved.num_frames,
+            num_inference_steps=resolved.num_inference_steps,
+            guidance_scale=resolved.guidance_scale,
+            guidance_scale_2=resolved.guidance_scale_2,
+            flow_shift=resolved.flow_shift,
+            seed=resolved.seed,
+            fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
         )
         job = Job(
             id=new_job_id(),
             status=JobStatus.QUEUED,
             model=self.model_name,
             spec=spec,
-            batch_key=batch_key_digest(ctx),
+            batch_key=batch_key_digest(pipe.tokenizer.batch_key(resolved)),
             source=source,
             created_at=time.time(),
         )
@@ -362,8 +364,7 @@ class JobManager:
             try:
                 images = self.store.read_inputs(job)
                 request = _wan_request(job.spec, images.get("image"), images.get("last_image"))
-                with self._tokenize_lock:
-                    runnable.append((job, request, pipe.tokenizer.make_context(request)))
+                runnable.append((job, request, pipe.tokenizer.make_context(request)))
             except (InvalidRequestError, OSError, ValueError) as e:
                 self._fail(job, "invalid_request", str(e), None)
         if not runnable:
@@ -376,7 +377,7 @@ class JobManager:
         jobs = [job for job, _, _ in runnable]
         contexts = [ctx for _, _, ctx in runnable]
         if self._leader is not None:
-            try:  # the followers make the same contexts from the resolved requests (seeds fixed)
+            try:  # the followers make their contexts from the same resolved requests (seeds fixed)
                 self._leader.send_batch([request for _, request, _ in runnable])
             except Exception as e:
                 self.store.requeue([job.id for job in jobs])
