@@ -145,6 +145,47 @@ def test_batch_of_contexts_equals_single_runs(wan_pipe) -> None:
     assert float(np.abs(batch[0].frames - batch[1].frames).max()) > 1e-3
 
 
+def test_a_row_cancelled_mid_batch_stops_its_work(wan_pipe, monkeypatch) -> None:
+    """cancelled_rows: the row's work stops at the next step (the DiT then runs the others alone), its
+    frames are not made, and the others' frames are those of the whole batch (UniPC's memory, the text
+    rows, the guidance of the rows that stay are cut along)."""
+    from wanpipe.context import GenerationStatus
+    from wanpipe.executor import CancelledError
+
+    common = dict(height=32, width=32, num_frames=5, num_inference_steps=5)
+    requests = [
+        WanRequest(prompt="a cat walks", guidance_scale=5.0, seed=1, **common),
+        WanRequest(prompt="a dog runs", negative_prompt="static", guidance_scale=2.0, seed=2, **common),
+        WanRequest(prompt="the lazy dog", guidance_scale=1.0, seed=3, **common),
+    ]
+    whole, _ = wan_pipe.run_contexts([wan_pipe.tokenizer.make_context(r) for r in requests], progress=False)
+    rows_seen: list[int] = []
+    runner = wan_pipe.executor.runner
+    forward = runner.forward
+
+    def counted(dit, latents, *args, **kwargs):
+        rows_seen.append(latents.shape[0])
+        return forward(dit, latents, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", counted)
+    steps_done: list[int] = []
+    contexts = [wan_pipe.tokenizer.make_context(r) for r in requests]
+    frames, _ = wan_pipe.run_contexts(
+        contexts,
+        lambda i, n, t: steps_done.append(i),
+        progress=False,
+        cancelled_rows=lambda: {1} if len(steps_done) >= 2 else set(),
+    )
+    assert rows_seen == [6, 6, 4, 4, 4]  # guided rows (cond + uncond): 3 + 3, then 2 + 2
+    assert frames[1] is None and contexts[1].status == GenerationStatus.CANCELLED
+    for i in (0, 2):
+        assert contexts[i].status == GenerationStatus.FINISHED
+        assert float(np.abs(frames[i] - whole[i]).max()) <= 1e-4
+    with pytest.raises(CancelledError):
+        wan_pipe.run_contexts(contexts[:2], progress=False, cancelled_rows=lambda: {0, 1})
+    assert all(c.status == GenerationStatus.CANCELLED for c in contexts[:2])
+
+
 def test_batch_refuses_mixed_shapes(wan_pipe) -> None:
     a = wan_pipe.tokenizer.make_context(
         WanRequest(prompt="a", height=32, width=32, num_frames=5, num_inference_steps=2)

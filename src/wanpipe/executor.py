@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -80,13 +80,15 @@ class Timings:
 
 @dataclass
 class WanExecutorOutputs:
-    """frames (B, F, H, W, 3) float32 in [0, 1]: the decoder's output before any 8-bit rounding."""
+    """frames (B', F, H, W, 3) float32 in [0, 1]: the decoder's output before any 8-bit rounding;
+    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch)."""
 
     frames: torch.Tensor
     timings: Timings = field(default_factory=Timings)
+    rows: list[int] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> WanExecutorOutputs:
-        return WanExecutorOutputs(self.frames.to(device), self.timings)
+        return WanExecutorOutputs(self.frames.to(device), self.timings, self.rows)
 
 
 class WanExecutor:
@@ -262,8 +264,10 @@ class WanExecutor:
         latents: torch.Tensor,
         callback: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
-    ) -> torch.Tensor:
-        """The denoise stage: initial latents (B, C, f, h, w) -> denoised latents, float32."""
+        cancelled_rows: Callable[[], Collection[int]] | None = None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The denoise stage: initial latents (B, C, f, h, w) -> (denoised latents (B', ...) float32,
+        the rows they are; see :func:`~wanpipe.stages.denoise.denoise` for the cancel checks)."""
         schedule = inputs.schedule
         num_steps = schedule.num_inference_steps
         device = self.device
@@ -290,7 +294,7 @@ class WanExecutor:
         self._report["attention"] = self._attention_report(latents, text)
         self.runner.compile_s = 0.0
         with attention_backend(self.runtime.attention_backend):
-            latents = denoise(
+            latents, rows = denoise(
                 self.runner,
                 self.experts,
                 plan,
@@ -302,10 +306,11 @@ class WanExecutor:
                 cache=cache,
                 callback=callback,
                 should_cancel=should_cancel,
+                cancelled_rows=cancelled_rows,
             )
         self._report["compile_s"] = self.runner.compile_s
         self.last_cache_stats = None if cache is None else cache.stats
-        return latents
+        return latents, rows
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The decode stage: denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]."""
@@ -383,8 +388,12 @@ class WanExecutor:
         inputs: WanExecutorInputs,
         callback: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        cancelled_rows: Callable[[], Collection[int]] | None = None,
     ) -> WanExecutorOutputs:
-        """text encode -> condition -> denoise -> decode: -> frames (B, F, H, W, 3), each stage timed."""
+        """text encode -> condition -> denoise -> decode: -> frames (B', F, H, W, 3), each stage timed.
+
+        ``should_cancel()`` True stops the batch (CancelledError); ``cancelled_rows()`` names rows whose
+        work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made)."""
         timings = Timings()
         self._report = {}
         with self._stage(timings, "text_encode_s"):
@@ -392,7 +401,9 @@ class WanExecutor:
         with self._stage(timings, "condition_s"):
             conditioning, noise = self.condition(inputs)
         with self._stage(timings, "denoise_s"):
-            latents = self.denoise(inputs, text, conditioning, noise, callback, should_cancel)
+            latents, rows = self.denoise(
+                inputs, text, conditioning, noise, callback, should_cancel, cancelled_rows
+            )
             del text, conditioning, noise
         with self._stage(timings, "decode_s"):
             frames = self.decode(latents)
@@ -403,4 +414,4 @@ class WanExecutor:
         timings.attention = self._report.get("attention", "")
         if self.last_cache_stats is not None:
             timings.skipped_steps = self.last_cache_stats.skipped_steps
-        return WanExecutorOutputs(frames=frames, timings=timings)
+        return WanExecutorOutputs(frames=frames, timings=timings, rows=rows)

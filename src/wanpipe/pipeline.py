@@ -6,7 +6,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,7 @@ import torch
 
 from wanpipe.config import WanArchConfig
 from wanpipe.context import Approximations, GenerationStatus, WanContext, WanRequest
-from wanpipe.executor import Timings, WanExecutor
+from wanpipe.executor import CancelledError, Timings, WanExecutor
 from wanpipe.media import Video
 from wanpipe.models.image_encoder import WanImageEncoder, build_clip_vision
 from wanpipe.models.text_encoder import WanTextEncoder, build_text_encoder
@@ -477,8 +477,13 @@ class WanPipeline:
         *,
         progress: bool = True,
         should_cancel: Callable[[], bool] | None = None,
-    ) -> tuple[list[np.ndarray], Timings]:
-        """Run prepared contexts as one batch; returns each one's frames (F, H, W, 3) and the timings."""
+        cancelled_rows: Callable[[], Collection[int]] | None = None,
+    ) -> tuple[list[np.ndarray | None], Timings]:
+        """Run prepared contexts as one batch; returns each one's frames (F, H, W, 3) and the timings.
+
+        ``should_cancel()`` True stops the batch (:class:`~wanpipe.executor.CancelledError`);
+        ``cancelled_rows()`` names contexts (indices into ``contexts``) whose work stops at the next
+        step: their frames are None and their status CANCELLED."""
         inputs = self.executor.prepare_inputs(contexts)
         bar = None
         if progress:
@@ -495,7 +500,13 @@ class WanPipeline:
                 callback(i, n, t)
 
         try:
-            outputs = self.executor.execute(inputs, callback=on_step, should_cancel=should_cancel)
+            outputs = self.executor.execute(
+                inputs, callback=on_step, should_cancel=should_cancel, cancelled_rows=cancelled_rows
+            )
+        except CancelledError:
+            for ctx in contexts:
+                ctx.status = GenerationStatus.CANCELLED
+            raise
         except torch.OutOfMemoryError as e:
             for ctx in contexts:
                 ctx.status = GenerationStatus.FAILED
@@ -507,10 +518,10 @@ class WanPipeline:
         finally:
             if bar is not None:
                 bar.close()
-        frames = outputs.frames.float().cpu().numpy()
-        for ctx in contexts:
-            ctx.status = GenerationStatus.FINISHED
-        return list(frames), outputs.timings
+        made = dict(zip(outputs.rows, outputs.frames.float().cpu().numpy()))
+        for i, ctx in enumerate(contexts):
+            ctx.status = GenerationStatus.FINISHED if i in made else GenerationStatus.CANCELLED
+        return [made.get(i) for i in range(len(contexts))], outputs.timings
 
     def __repr__(self) -> str:
         return f"WanPipeline({self.arch.path}, variant={self.arch.variant.name}, device={self.device}, dtype={self.dtype})"

@@ -115,6 +115,15 @@ class StepCache:
     def _reset_indicator(self) -> None:
         pass
 
+    def select(self, keep: list[int]) -> None:
+        """Keep only the batch rows ``keep`` of every cached per-row tensor (a row cancelled mid-batch)."""
+        for tensors in self._per_row():
+            for stream, value in tensors.items():
+                tensors[stream] = value[keep]
+
+    def _per_row(self) -> list[dict[str, Tensor]]:
+        return [self.residuals]
+
     def _count(self, stream: str) -> None:
         self.stats.skipped[stream] = self.stats.skipped.get(stream, 0) + 1
 
@@ -128,6 +137,9 @@ class FirstBlockCache(StepCache):
 
     def _reset_indicator(self) -> None:
         self.first_residuals.clear()
+
+    def _per_row(self) -> list[dict[str, Tensor]]:
+        return [self.residuals, self.first_residuals]
 
     def can_skip(self, stream: str, first_residual: Tensor) -> bool:
         """Whether ``stream`` may reuse its cached residual, given its first block's residual now."""
@@ -155,6 +167,11 @@ class TeaCache(StepCache):
     def _reset_indicator(self) -> None:
         self.accumulated = 0.0
         self.previous = None
+
+    def select(self, keep: list[int]) -> None:
+        super().select(keep)
+        if self.previous is not None:
+            self.previous = self.previous[keep]
 
     def should_compute(self, indicator: Tensor, step: int, num_steps: int) -> bool:
         """Update the accumulated rescaled change of ``indicator`` (the timestep embedding)."""

@@ -140,6 +140,14 @@ class SolverState:
     last_sample: Tensor | None = None
     x0_history: tuple[Tensor, ...] = ()
 
+    def select(self, keep: list[int]) -> SolverState:
+        """The memory of the batch rows ``keep`` only (a sample dropped mid-trajectory)."""
+        return SolverState(
+            step_index=self.step_index,
+            last_sample=None if self.last_sample is None else self.last_sample[keep],
+            x0_history=tuple(x[keep] for x in self.x0_history),
+        )
+
 
 def coefficient_row(schedule: Schedule, i: int) -> tuple[Tensor, ...]:
     """Step i's coefficients as 0-dim float32 CPU tensors.

@@ -19,6 +19,8 @@ Modes (:func:`conditioning_class` picks one from the inputs and the model):
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +103,20 @@ class Conditioning:
         """The denoised latents -> the latents to decode."""
         return latents
 
+    def select(self, keep: Sequence[int]) -> Conditioning:
+        """Only the batch rows ``keep`` (a row cancelled mid-batch): a copy with every per-row tensor cut."""
+        out = copy.copy(self)
+        for name, value in vars(self).items():
+            if name in self.shared:
+                continue
+            if isinstance(value, Tensor):
+                setattr(out, name, value[list(keep)])
+        out._image_embeds_guided = None
+        return out
+
+    shared: tuple[str, ...] = ()
+    """Attributes that are the same for every row (not cut by :meth:`select`)."""
+
 
 def _noise(inputs: WanExecutorInputs, encoders: ConditionEncoders) -> Tensor:
     return inputs.latents.to(device=encoders.placement.device, dtype=torch.float32)
@@ -161,6 +177,8 @@ class CleanFirstFrame(Conditioning):
     """TI2V-5B (``expand_timesteps``): one timestep per token; with an image, the first latent frame
     is the image's latents (B, z, 1, h, w), kept clean (timestep 0 on its tokens) at every step and
     put back at the end. Without an image every token gets the step's timestep."""
+
+    shared = ("mask", "token_mask")
 
     def __init__(self, latents: Tensor, condition: Tensor | None, patch_size: tuple[int, int, int]) -> None:
         super().__init__()

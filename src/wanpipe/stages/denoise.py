@@ -6,7 +6,7 @@ combined, the sampler's step, progress, cancellation."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +56,10 @@ class Guidance:
     scales: dict[str, Tensor]
     steps: int
 
+    def select(self, keep: Sequence[int]) -> Guidance:
+        """Only the rows ``keep`` (a row cancelled mid-batch)."""
+        return Guidance(self.do_cfg[keep], {k: v[keep] for k, v in self.scales.items()}, self.steps)
+
     def combine(self, pred: Tensor, batch: int, which: str) -> Tensor:
         """pred (2B, C, f, h, w): conditional rows then unconditional ones -> (B, C, f, h, w)."""
         pred_cond, pred_uncond = pred[:batch], pred[batch:]
@@ -77,24 +81,44 @@ def denoise(
     cache: StepCache | None = None,
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
-) -> Tensor:
-    """Run every step of ``plan`` from the initial ``latents`` (B, C, f, h, w) float32 -> the denoised
-    latents, same shape (after ``conditioning.finish``)."""
-    batch = latents.shape[0]
+    cancelled_rows: Callable[[], Collection[int]] | None = None,
+) -> tuple[Tensor, list[int]]:
+    """Run every step of ``plan`` from the initial ``latents`` (B, C, f, h, w) float32 -> (the denoised
+    latents (B', C, f, h, w) after ``conditioning.finish``, the batch rows they are).
+
+    ``should_cancel()`` True stops the whole batch (CancelledError); ``cancelled_rows()`` names rows
+    (indices as given) whose work stops at the next step: they are dropped from every per-row tensor,
+    and B' < B. When every row is cancelled, CancelledError."""
+    rows = list(range(latents.shape[0]))
     schedule = plan.schedule
     num_steps = schedule.num_inference_steps
-    both = {"cond": slice(0, batch), "uncond": slice(batch, 2 * batch)}
-    cond_only = {"cond": slice(0, batch)}
     state = new_state()
     try:
         for i, which in enumerate(plan.experts):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("generation cancelled")
+            if cancelled_rows is not None and (gone := set(cancelled_rows()).intersection(rows)):
+                keep = [j for j, row in enumerate(rows) if row not in gone]
+                if not keep:
+                    raise CancelledError("every row of the batch was cancelled")
+                rows = [rows[j] for j in keep]
+                latents, state = latents[keep], state.select(keep)
+                text, conditioning, guidance = (
+                    text.select(keep),
+                    conditioning.select(keep),
+                    guidance.select(keep),
+                )
+                if cache is not None:
+                    cache.select(keep)
+            batch = len(rows)
             guided = i < guidance.steps
             model_input = conditioning.model_input(latents).to(dtype)
             if guided:
                 model_input = torch.cat([model_input, model_input])
             context, bias = text.rows(guided)
+            streams = {"cond": slice(0, batch)}
+            if guided:
+                streams["uncond"] = slice(batch, 2 * batch)
             pred = runner.forward(
                 experts.get(which),
                 model_input,
@@ -102,7 +126,7 @@ def denoise(
                 context,
                 text_bias=bias,
                 cache=cache,
-                streams=both if guided else cond_only,
+                streams=streams,
                 step=i,
                 num_steps=num_steps,
                 **conditioning.dit_kwargs(guided),
@@ -113,4 +137,4 @@ def denoise(
                 callback(i, num_steps, float(schedule.timesteps[i]))
     finally:
         experts.release()
-    return conditioning.finish(latents)
+    return conditioning.finish(latents), rows

@@ -8,6 +8,7 @@ prompt tokens plus one padding key whose logit gets + log(n) for its n padding r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,11 @@ class TextContext:
     def guided(self) -> bool:
         """Whether the unconditional rows are there."""
         return self.embeds.shape[0] > self.batch
+
+    def select(self, keep: Sequence[int]) -> TextContext:
+        """Only the batch rows ``keep`` (and their unconditional rows)."""
+        index = list(keep) + ([self.batch + j for j in keep] if self.guided else [])
+        return TextContext(self.embeds[index], None if self.bias is None else self.bias[index], len(keep))
 
     def rows(self, guided: bool) -> tuple[Tensor, Tensor | None]:
         """(embeds, bias) for a step with guidance (all rows) or without (the conditional rows)."""
