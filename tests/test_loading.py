@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from tests import tiny
-from wanpipe import WanArchConfig, WanPipeline
+from wanpipe import WanPipeline
+from wanpipe.weights.arch import read_diffusers_arch
 from wanpipe.weights.loader import HUB_ALLOW_PATTERNS, load_pickle_weights, load_weights, resolve_checkpoint
 from wanpipe.weights.safetensors_io import CheckpointError, SafetensorsIndex
 
@@ -22,7 +23,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_arch_config_reads_the_checkpoint(tiny_ckpt: Path) -> None:
-    arch = WanArchConfig.from_folder(tiny_ckpt)
+    arch = read_diffusers_arch(tiny_ckpt)
     assert arch.get_max_seq_len() == 512
     assert arch.variant.name == "wan2.1-t2v-1.3b" and arch.variant.task == "t2v"
     assert arch.transformer.num_layers == 2 and arch.transformer.dim == 24
@@ -122,7 +123,7 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path: Path, tiny_ckpt: Pat
 
     def attempt(sd):
         with torch.device("meta"):
-            model = WanTransformerModel(WanArchConfig.from_folder(tiny_ckpt).transformer)
+            model = WanTransformerModel(read_diffusers_arch(tiny_ckpt).transformer)
         return load_weights(
             model,
             sd,

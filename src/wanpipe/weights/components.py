@@ -20,6 +20,7 @@ import torch
 
 from wanpipe.config import WanArchConfig
 from wanpipe.models.image_encoder import ImageProcessorConfig
+from wanpipe.weights.arch import arch_from_parts, read_diffusers_arch
 from wanpipe.weights.fp8 import dequantize_state
 from wanpipe.weights.loader import open_component_weights, read_json
 from wanpipe.weights.original import (
@@ -196,7 +197,7 @@ def single_file_weights(
         clip_cfg = clip_to_runtime(_one_file(clip_path, "image_encoder"))[1]
         clip_fn = _image_encoder(clip_path, None)
     tok = resolve_tokenizer(tokenizer)
-    arch = WanArchConfig.from_parts(
+    arch = arch_from_parts(
         path if path is not None else dit_paths[0],
         transformer=dit_cfg,
         transformer_2=dit2_cfg,
@@ -288,7 +289,7 @@ def open_checkpoint(
     folder = resolve_checkpoint(path_or_id, revision=revision, cache_dir=cache_dir)
     if is_original_layout(folder):
         return original_weights(folder, sigma_grid=sigma_grid or "original")
-    arch = WanArchConfig.from_folder(folder)
+    arch = read_diffusers_arch(folder)
     if sigma_grid is not None:
         arch = arch.with_sigma_grid(sigma_grid)
     return arch, diffusers_weights(folder, arch)
