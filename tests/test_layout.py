@@ -95,3 +95,113 @@ def test_import_graph_sees_function_level_imports() -> None:
 def test_no_import_cycles() -> None:
     cycles = import_cycles(import_graph())
     assert not cycles, "modules that import each other: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+MAX_LINES = 600
+
+
+def test_no_source_file_over_600_lines() -> None:
+    long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    assert not {n: k for n, k in long.items() if k > MAX_LINES}, "split these: " + str(
+        sorted(((k, n) for n, k in long.items() if k > MAX_LINES), reverse=True)
+    )
+
+
+# What each floor may import from wanpipe: the models are pure modules, the typed messages and
+# configs sit below the engine, the engine below the front doors.
+FLOORS: dict[str, tuple[str, ...]] = {
+    "wanpipe.models": ("wanpipe.models",),
+    "wanpipe.schedulers": ("wanpipe.schedulers",),
+    "wanpipe.config": ("wanpipe.models", "wanpipe.schedulers"),
+    "wanpipe.context": ("wanpipe.schedulers",),
+    "wanpipe.stages": (
+        "wanpipe.models",
+        "wanpipe.runtime",
+        "wanpipe.schedulers",
+        "wanpipe.batch",
+        "wanpipe.context",
+        "wanpipe.parallel",
+    ),
+    "wanpipe.weights": ("wanpipe.weights", "wanpipe.models", "wanpipe.config", "wanpipe.schedulers"),
+}
+
+
+def test_floors_import_only_what_is_below_them() -> None:
+    graph = import_graph()
+    wrong = []
+    for name, imported in graph.items():
+        for floor, allowed in FLOORS.items():
+            if name == floor or name.startswith(floor + "."):
+                wrong += [
+                    (name, m)
+                    for m in imported
+                    if not any(m == a or m.startswith(a + ".") for a in (floor, *allowed))
+                ]
+    assert not wrong, f"imports across floors: {sorted(wrong)}"
+
+
+def test_dit_blocks_are_called_in_one_place() -> None:
+    """Statically: the only call of a block is in ``call_block``, and the only loop over blocks that
+    calls them is ``run_blocks`` (the streamer's generator yields, it does not call)."""
+    calls = []
+    other_models = (
+        "wanpipe.models.umt5",
+        "wanpipe.models.vae",
+        "wanpipe.models.vae_layers",
+    )  # their own blocks
+    for name, path in _modules().items():
+        if name in other_models:
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id in ("block", "buffer")
+                ):
+                    calls.append((name, fn.name))
+    assert calls == [("wanpipe.models.transformer", "call_block")], calls
+
+
+def test_every_dit_path_runs_the_blocks_through_run_blocks(wan_pipe, monkeypatch) -> None:
+    """At run time, on the plain, block-offloaded and (one-rank) parallel paths, every block forward is
+    called from call_block inside run_blocks."""
+    import sys
+
+    from wanpipe import WanRequest
+    from wanpipe.models.transformer_layers import WanBlock
+    from wanpipe.parallel import ParallelConfig
+    from wanpipe.runtime import RuntimeOptions
+
+    stacks: list[set[str]] = []
+    forward = WanBlock.forward
+
+    def spy(self, *args, **kwargs):
+        frame, names = sys._getframe(1), set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back
+        stacks.append(names)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanBlock, "forward", spy)
+    request = WanRequest(prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=2, seed=1)
+    runtime = wan_pipe.executor.runtime
+    try:
+        for setup in ("plain", "block offload", "parallel"):
+            if setup == "block offload":
+                wan_pipe.set_runtime(RuntimeOptions(offload="block"))
+            if setup == "parallel":
+                wan_pipe.set_runtime(runtime)
+                wan_pipe.enable_parallel(ParallelConfig())
+            stacks.clear()
+            wan_pipe.generate_batch([request], progress=False)
+            blocks = len(wan_pipe.executor.transformer.blocks)
+            assert len(stacks) == 2 * blocks, setup
+            assert all({"call_block", "run_blocks"} <= names for names in stacks), setup
+    finally:
+        wan_pipe.enable_parallel(None)
+        wan_pipe.set_runtime(runtime)
