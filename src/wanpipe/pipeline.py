@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -93,6 +93,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+class LoadOptions(TypedDict, total=False):
+    """How :meth:`WanPipeline.from_pretrained` and :meth:`~WanPipeline.from_single_files` build a pipeline.
+
+    ``vae_dtype``: the VAE's dtype (default fp32, as the reference recommends). ``experts`` (Wan 2.2
+    A14B): "resident" (default) keeps both experts loaded; "swap" keeps one set of DiT modules and copies
+    the other expert's weights into it at the switch (half the DiT memory; the same frames). ``fp8``:
+    how fp8 weights run (:mod:`wanpipe.weights.fp8`; default "upcast" for fp8 checkpoints).
+    ``load_text_encoder=False`` skips the UMT5 encoder (its weights are never read; the tokenizer is still
+    loaded): for the ranks other than 0 of a parallel run, where rank 0 encodes the prompts and
+    broadcasts the embeddings; such a pipeline cannot generate on its own. ``runtime``: how it runs
+    (:class:`~wanpipe.runtime.options.RuntimeOptions`: compile, offload, step caches, ...; default the
+    plain path); with offload the weights load into host memory and visit the device only while they
+    run. ``parallel``: the layout of a torch.distributed run (:class:`~wanpipe.parallel.mesh.ParallelConfig`,
+    checked against the world and the model's heads), with ``vae_halo`` latent rows for a decode split
+    by bands (None: whole on every rank)."""
+
+    vae_dtype: str | torch.dtype | None
+    experts: str
+    fp8: str | None
+    load_text_encoder: bool
+    runtime: RuntimeOptions | None
+    parallel: ParallelConfig | None
+    vae_halo: int | None
+
+
 class WanPipeline:
     """A loaded Wan checkpoint: ``WanPipeline.from_pretrained(path_or_id).generate(prompt)``."""
 
@@ -116,54 +141,25 @@ class WanPipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         *,
-        vae_dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         cache_dir: str | Path | None = None,
-        experts: str = "resident",
-        fp8: str | None = None,
         sigma_grid: str | None = None,
-        load_text_encoder: bool = True,
-        runtime: RuntimeOptions | None = None,
-        parallel: ParallelConfig | None = None,
-        vae_halo: int | None = None,
+        **options: Unpack[LoadOptions],
     ) -> WanPipeline:
         """Load a Wan checkpoint from a local folder or a hub id: the diffusers layout
         (``model_index.json``) or an original Wan repository (``config.json``, ``Wan2.1_VAE.pth``,
         ``models_t5_umt5-xxl-enc-bf16.pth``, ``google/umt5-xxl/``; Wan 2.2 A14B's ``high_noise_model/``
         and ``low_noise_model/``).
 
-        ``dtype`` is the DiT's and text encoder's (default bf16 on CUDA, fp32 on CPU); the VAE runs in
-        ``vae_dtype`` (default fp32, as the reference recommends). ``experts`` (Wan 2.2 A14B): "resident"
-        keeps both experts loaded; "swap" keeps one set of DiT modules and copies the other expert's
-        weights into it at the switch (half the DiT memory; the same frames). ``fp8``: how fp8 weights
-        run (:mod:`wanpipe.weights.fp8`; default "upcast" for fp8 checkpoints). ``sigma_grid``: "diffusers"
-        or "original" (default: "diffusers" for the diffusers layout, "original" for original folders).
-        ``load_text_encoder=False`` skips the UMT5 encoder (its weights are never read; the tokenizer
-        is still loaded): for the ranks other than 0 of a parallel run, where rank 0 encodes the
-        prompts and broadcasts the embeddings; such a pipeline cannot generate on its own.
-
-        ``runtime``: how it runs (:class:`~wanpipe.runtime.options.RuntimeOptions`: compile, offload,
-        step caches, ...; default the plain path); with offload the weights load into host memory and
-        visit ``device`` only while they run. ``parallel``: the layout of a torch.distributed run
-        (:class:`~wanpipe.parallel.mesh.ParallelConfig`, checked against the world and the model's
-        heads), with ``vae_halo`` latent rows for a decode split by bands (None: whole on every rank).
+        ``dtype`` is the DiT's and text encoder's (default bf16 on CUDA, fp32 on CPU). ``sigma_grid``:
+        "diffusers" or "original" (default: "diffusers" for the diffusers layout, "original" for
+        original folders). The other options (``vae_dtype``, ``experts``, ``fp8``, ``load_text_encoder``,
+        ``runtime``, ``parallel``, ``vae_halo``) are :class:`LoadOptions`.
         """
         arch, weights = open_checkpoint(
             path_or_id, sigma_grid=sigma_grid, revision=revision, cache_dir=cache_dir
         )
-        return cls._from_components(
-            arch,
-            weights,
-            device=device,
-            dtype=dtype,
-            vae_dtype=vae_dtype,
-            experts=experts,
-            fp8=fp8,
-            load_text_encoder=load_text_encoder,
-            runtime=runtime,
-            parallel=parallel,
-            vae_halo=vae_halo,
-        )
+        return cls._from_components(arch, weights, device=device, dtype=dtype, **options)
 
     @classmethod
     def from_single_files(
@@ -177,15 +173,9 @@ class WanPipeline:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        vae_dtype: str | torch.dtype | None = None,
-        experts: str = "resident",
-        fp8: str | None = None,
         sigma_grid: str = "original",
         num_heads: int | None = None,
-        load_text_encoder: bool = True,
-        runtime: RuntimeOptions | None = None,
-        parallel: ParallelConfig | None = None,
-        vae_halo: int | None = None,
+        **options: Unpack[LoadOptions],
     ) -> WanPipeline:
         """Load one file per component (ComfyUI's repackaged files, the original repositories' files):
         diffusers or original names, with or without wrapper prefixes (``model.diffusion_model.``),
@@ -194,32 +184,20 @@ class WanPipeline:
         The variant is inferred from tensor names and shapes. ``transformer_2`` is Wan 2.2 A14B's
         low-noise expert. ``tokenizer`` is a folder or a hub id (default ``google/umt5-xxl``, fetched with
         ``huggingface_hub``). ``num_heads`` overrides the head count (default: width / 128, as in every
-        released Wan DiT). The scheduler is the original repositories' UniPC with their shift.
-        ``load_text_encoder``, ``runtime``, ``parallel``, ``vae_halo``: as in :meth:`from_pretrained`.
+        released Wan DiT). The scheduler is the original repositories' UniPC with their shift. The other
+        options are :class:`LoadOptions`, as in :meth:`from_pretrained`.
         """
         arch, weights = single_file_weights(
-            transformer=transformer,
-            vae=vae,
-            text_encoder=text_encoder,
-            transformer_2=transformer_2,
-            image_encoder=image_encoder,
-            tokenizer=tokenizer,
+            transformer,
+            vae,
+            text_encoder,
+            transformer_2,
+            image_encoder,
+            tokenizer,
             num_heads=num_heads,
             sigma_grid=sigma_grid,
         )
-        return cls._from_components(
-            arch,
-            weights,
-            device=device,
-            dtype=dtype,
-            vae_dtype=vae_dtype,
-            experts=experts,
-            fp8=fp8,
-            load_text_encoder=load_text_encoder,
-            runtime=runtime,
-            parallel=parallel,
-            vae_halo=vae_halo,
-        )
+        return cls._from_components(arch, weights, device=device, dtype=dtype, **options)
 
     @classmethod
     def _from_components(

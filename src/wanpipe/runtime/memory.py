@@ -93,15 +93,23 @@ def trim_host_memory() -> bool:
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB (``VmHWM``; ``ru_maxrss`` elsewhere)."""
+def _proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status in MB, or None where /proc is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (``VmHWM``; ``ru_maxrss`` elsewhere)."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -109,11 +117,4 @@ def peak_rss_mb() -> float:
 
 def current_rss_mb() -> float:
     """This process's resident set size now, in MB (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_status_mb("VmRSS") or 0.0

@@ -158,13 +158,13 @@ def resolve_tokenizer(tokenizer: str | Path | None, *, download: Callable[..., s
 
 
 def single_file_weights(
-    *,
     transformer: str | Path | list[str | Path],
     vae: str | Path,
     text_encoder: str | Path,
     transformer_2: str | Path | list[str | Path] | None = None,
     image_encoder: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    *,
     num_heads: int | None = None,
     dit_config: Mapping[str, Any] | None = None,
     sigma_grid: str = "original",
