@@ -12,7 +12,6 @@ from wanpipe.parallel.cfg import gather_cfg_batch, split_cfg_batch
 from wanpipe.parallel.dit import (
     gather_dit_output,
     parallel_forward,
-    sequence_parallel_forward,
     shard_attention,
     shard_dit_inputs,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "parallel_decode",
     "parallel_forward",
     "ring_attention",
-    "sequence_parallel_forward",
     "shard_attention",
     "shard_dit_inputs",
     "split_cfg_batch",

@@ -99,6 +99,10 @@ def parallel_forward(
     image_embeds (B, Li, image_dim) | None; text_bias (B, Lt) | None -> the prediction
     (B, C_out, F, H, W) on every rank, equal to
     ``model(latents, timestep, text_embeds, image_embeds, text_bias)`` in one process.
+
+    This rank's cfg half of the batch is embedded, its token shard runs the blocks with the
+    sequence-parallel self-attention (collectives over the sequence group), and the patches and the
+    cfg halves are gathered.
     """
     batch = latents.shape[0]
     if timestep.ndim == 0:
@@ -106,23 +110,9 @@ def parallel_forward(
     latents, timestep, text_embeds, image_embeds, text_bias = (
         split_cfg_batch(t, mesh) for t in (latents, timestep, text_embeds, image_embeds, text_bias)
     )
-    out = sequence_parallel_forward(mesh, model, latents, timestep, text_embeds, image_embeds, text_bias)
-    return gather_cfg_batch(out, mesh, batch)
-
-
-def sequence_parallel_forward(
-    mesh: ParallelMesh,
-    model: WanTransformerModel,
-    latents: Tensor,
-    timestep: Tensor,
-    text_embeds: Tensor,
-    image_embeds: Tensor | None = None,
-    text_bias: Tensor | None = None,
-) -> Tensor:
-    """The DiT forward with the tokens split across the sequence group (ring x ulysses) of ``mesh``;
-    same shapes as :func:`parallel_forward`, no CFG split. Collective over the sequence group."""
     x = model.embed(latents, timestep, text_embeds, image_embeds, text_bias)
     local, shard = shard_dit_inputs(x, mesh)
     hidden = run_blocks(model.blocks, local.hidden, local, self_attention=shard_attention(mesh, shard))
     out = model.head(hidden, local.temb, local.grid)
-    return gather_dit_output(out, mesh, shard, x.grid, model.config.patch_size)
+    out = gather_dit_output(out, mesh, shard, x.grid, model.config.patch_size)
+    return gather_cfg_batch(out, mesh, batch)
