@@ -126,6 +126,14 @@ class WanExecutor:
         self.vae_dtype = vae_dtype
         self.vae_chunk_frames = vae_chunk_frames  # the loaded default; runtime.vae_chunk_frames wins
         self.placement = Placement(torch.device(device), dtype)
+        self.encoders = ConditionEncoders(
+            vae,
+            image_encoder,
+            self.placement,
+            vae_dtype,
+            expand_timesteps,
+            self.transformer.config.patch_size,
+        )
         self.vae_halo: int | None = None
         self.last_cache_stats = None
         self.set_runtime(runtime or RuntimeOptions())
@@ -246,15 +254,7 @@ class WanExecutor:
 
     def condition(self, inputs: WanExecutorInputs) -> tuple[Conditioning, torch.Tensor]:
         """The condition stage: the batch's mode object (its inputs encoded) and initial latents."""
-        encoders = ConditionEncoders(
-            vae=self.vae,
-            image_encoder=self.image_encoder,
-            placement=self.placement,
-            vae_dtype=self.vae_dtype,
-            expand_timesteps=self.expand_timesteps,
-            patch_size=self.transformer.config.patch_size,
-        )
-        return prepare_conditioning(inputs, encoders)
+        return prepare_conditioning(inputs, self.encoders)
 
     def denoise(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -233,17 +234,17 @@ class WanPipeline:
         check_fp8_mode(fp8, device)
 
         t0 = time.perf_counter()
+        load = functools.partial(load_weights, dtype=dtype, device=device)
         text_tokenizer = WanTextTokenizer(weights.tokenizer, max_length=arch.get_max_seq_len())
         text_encoder = None
         if load_text_encoder:
             encoder = build_text_encoder(arch.text_encoder)
-            load_weights(
+            keep = text_encoder_fp32_patterns(dtype)
+            load(
                 encoder,
                 weights.text_encoder(),
                 component="text_encoder",
-                dtype=dtype,
-                device=device,
-                keep_in_fp32=text_encoder_fp32_patterns(dtype),
+                keep_in_fp32=keep,
                 aliases=TEXT_ENCODER_ALIASES,
             )
             text_encoder = WanTextEncoder(encoder)
@@ -257,12 +258,10 @@ class WanPipeline:
                 model = WanTransformerModel(config)
             if fp8_layers:
                 use_fp8_linears(model, fp8_layers, "scaled_mm" if fp8 == "scaled_mm" else "upcast")
-            return load_weights(
+            return load(
                 model,
                 state,
                 component=name,
-                dtype=dtype,
-                device=device,
                 keep_in_fp32=(*WanTransformerModel.keep_in_fp32, r".+\.weight_scale"),
                 keep_dtype=[re.escape(n) + r"\.weight" for n in fp8_layers],
                 ignore_unexpected=TRANSFORMER_DIFFUSERS_IGNORED,
@@ -291,12 +290,10 @@ class WanPipeline:
             if weights.image_encoder is None:
                 raise CheckpointError("this checkpoint needs an image encoder (CLIP) and none was given")
             vision = build_clip_vision(arch.image_encoder)
-            load_weights(
+            load(
                 vision,
                 weights.image_encoder(),
                 component="image_encoder",
-                dtype=dtype,
-                device=device,
                 prepare=clip_key_map(vision),
                 materialize=materialize_clip_buffers,
             )

@@ -69,13 +69,13 @@ def read_diffusers_arch(folder: str | Path) -> WanArchConfig:
         demo=bool(index.get("_wanpipe_demo")),
     )
     return WanArchConfig(
-        path=folder,
-        variant=variant,
-        transformer=transformer,
+        folder,
+        variant,
+        transformer,
+        vae,
+        text_encoder,
+        scheduler,
         transformer_2=transformer_2,
-        vae=vae,
-        text_encoder=text_encoder,
-        scheduler=scheduler,
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
         image_encoder=image_encoder,
@@ -119,13 +119,13 @@ def arch_from_parts(
     if transformer_2 is not None and boundary_ratio is None:
         boundary_ratio = sampling.get("boundary_ratio", 0.875)
     return WanArchConfig(
-        path=Path(path),
-        variant=variant,
-        transformer=transformer,
+        Path(path),
+        variant,
+        transformer,
+        vae,
+        text_encoder,
+        scheduler,
         transformer_2=transformer_2,
-        vae=vae,
-        text_encoder=text_encoder,
-        scheduler=scheduler,
         boundary_ratio=boundary_ratio if transformer_2 is not None else None,
         expand_timesteps=vae.z_dim == 48,  # Wan 2.2 TI2V-5B: per-token timesteps
         image_encoder=image_encoder,
