@@ -234,13 +234,13 @@ class WanPipeline:
         check_fp8_mode(fp8, device)
 
         t0 = time.perf_counter()
-        load = functools.partial(load_weights, dtype=dtype, device=device)
+        load_into = functools.partial(load_weights, dtype=dtype, device=device)
         text_tokenizer = WanTextTokenizer(weights.tokenizer, max_length=arch.get_max_seq_len())
         text_encoder = None
         if load_text_encoder:
             encoder = build_text_encoder(arch.text_encoder)
             keep = text_encoder_fp32_patterns(dtype)
-            load(
+            load_into(
                 encoder,
                 weights.text_encoder(),
                 component="text_encoder",
@@ -258,7 +258,7 @@ class WanPipeline:
                 model = WanTransformerModel(config)
             if fp8_layers:
                 use_fp8_linears(model, fp8_layers, "scaled_mm" if fp8 == "scaled_mm" else "upcast")
-            return load(
+            return load_into(
                 model,
                 state,
                 component=name,
@@ -290,7 +290,7 @@ class WanPipeline:
             if weights.image_encoder is None:
                 raise CheckpointError("this checkpoint needs an image encoder (CLIP) and none was given")
             vision = build_clip_vision(arch.image_encoder)
-            load(
+            load_into(
                 vision,
                 weights.image_encoder(),
                 component="image_encoder",
