@@ -144,7 +144,9 @@ def test_vae_band_decode_error_bound(wan_pipe) -> None:
 def test_bad_vae_halo_exits_2(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = workers.generate_argv(str(tiny_ckpt), str(tmp_path / "out"), "--vae-parallel", "--vae-halo", "-1")
     assert main(argv) == 2
-    assert "--vae-halo must be >= 0 latent rows, got -1" in capsys.readouterr().err
+    assert "argument --vae-halo: expected a whole number, at least 0 (latent rows), got '-1'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_parallel_refuses_compile_offload_block_and_step_cache(wan_pipe) -> None:

@@ -173,7 +173,10 @@ def test_responses_input_forms() -> None:
 def test_serve_parser_and_a_model_that_does_not_load(tmp_path: Path, capsys) -> None:
     from wanpipe.serving.cli import main
 
-    code = main(["--model", str(tmp_path / "missing"), "--port", "0", "--output-dir", str(tmp_path / "o")])
+    (tmp_path / "not-a-checkpoint").mkdir()  # a folder: a missing path is refused before the server starts
+    code = main(
+        ["--model", str(tmp_path / "not-a-checkpoint"), "--port", "0", "--output-dir", str(tmp_path / "o")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "cannot load the model" in err
@@ -184,7 +187,7 @@ def test_serve_refuses_an_output_dir_in_use(tmp_path: Path, capsys) -> None:
 
     held = JobStore(tmp_path / "o")
     try:
-        assert main(["--model", "x", "--port", "0", "--output-dir", str(tmp_path / "o")]) == 1
+        assert main(["--model", "owner/x", "--port", "0", "--output-dir", str(tmp_path / "o")]) == 1
     finally:
         held.close()
     assert "in use by another wanpipe serve" in capsys.readouterr().err
@@ -197,7 +200,13 @@ def test_wanpipe_serve_is_a_subcommand() -> None:
 
     parser = argparse.ArgumentParser(prog="wanpipe")
     add_serve_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--model", "m", "--max-queue", "3", "--api-key", "k"])
-    assert (args.command, args.model, args.max_queue, args.api_key, args.port) == ("serve", "m", 3, "k", 8000)
+    args = parser.parse_args(["serve", "--model", "owner/m", "--max-queue", "3", "--api-key", "k"])
+    assert (args.command, args.model, args.max_queue, args.api_key, args.port) == (
+        "serve",
+        "owner/m",
+        3,
+        "k",
+        8000,
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--max-batch", "0"])

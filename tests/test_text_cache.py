@@ -86,5 +86,9 @@ def test_text_cache_size_flag() -> None:
     add_runtime_arguments(parser)
     assert options_from_args(parser.parse_args([])).text_cache_size == 32
     assert options_from_args(parser.parse_args(["--text-cache-size", "0"])).text_cache_size == 0
+    with pytest.raises(SystemExit):  # refused while parsing (tests/test_cli_errors.py checks the message)
+        parser.parse_args(["--text-cache-size", "-1"])
+    from wanpipe.runtime import RuntimeOptions
+
     with pytest.raises(ValueError, match="text_cache_size"):
-        options_from_args(parser.parse_args(["--text-cache-size", "-1"]))
+        RuntimeOptions(text_cache_size=-1)

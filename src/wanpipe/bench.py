@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from wanpipe import arguments
+
 TRANSFORMER = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=2,
@@ -338,19 +340,53 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
+ENGINES = ("diffusers", "wanpipe")
+
+
+def _engines(text: str) -> str:
+    """``--engines``: a comma-separated subset of ``ENGINES``, each once."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(n in ENGINES for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {' and '.join(ENGINES)}, each once, got {text!r}"
+        )
+    return ",".join(names)
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="timed generations per engine (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    p.add_argument("--engines", default="diffusers,wanpipe")
-    p.add_argument("--out-dir", default=None, help="where the JSON goes (default: ./bench/results)")
-    p.add_argument("--vae-chunk-frames", type=int, default=1)
+    # The checkpoint is fixed (TRANSFORMER, VAE): 16-pixel multiples (VAE stride 8 x patch 2), 4k+1 frames.
+    p.add_argument(
+        "--steps", type=arguments.integer(1, arguments.MAX_STEPS, what="denoising steps"), default=8
+    )
+    p.add_argument(
+        "--frames",
+        type=arguments.integer(1, 4093, what="4k+1 frames: 1, 5, 9, 17 ...", valid=lambda n: n % 4 == 1),
+        default=17,
+    )
+    p.add_argument(
+        "--size",
+        type=arguments.integer(16, 16384, what="pixels, a multiple of 16", valid=lambda n: n % 16 == 0),
+        default=128,
+    )
+    p.add_argument(
+        "--repeats",
+        type=arguments.integer(1),
+        default=3,
+        help="timed generations per engine (median reported)",
+    )
+    p.add_argument("--threads", type=arguments.integer(0), default=0, help="torch threads (default: torch's)")
+    p.add_argument("--engines", type=_engines, default="diffusers,wanpipe")
+    p.add_argument(
+        "--out-dir",
+        type=arguments.output_folder,
+        default=None,
+        help="where the JSON goes (default: ./bench/results)",
+    )
+    p.add_argument("--vae-chunk-frames", type=arguments.integer(1), default=1)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cache", choices=("none", "first-block", "teacache"), default="none")
-    p.add_argument("--residual-threshold", type=float, default=0.0)
-    p.add_argument("--cfg-truncation", type=float, default=None)
+    p.add_argument("--residual-threshold", type=arguments.number(0), default=0.0)
+    p.add_argument("--cfg-truncation", type=arguments.number(0, 1), default=None)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -388,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         _child(*json.loads(argv[1]))
         return 0
-    parser = argparse.ArgumentParser(prog="wanpipe bench", description=__doc__)
+    parser = arguments.Parser(prog="wanpipe bench", description=__doc__)
     _add_arguments(parser)
-    return cmd_bench(parser.parse_args(argv))
+    args = arguments.parse(parser, argv)
+    return args if isinstance(args, int) else cmd_bench(args)
 
 
 if __name__ == "__main__":

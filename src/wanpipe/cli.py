@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wanpipe import arguments as a
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
 
 if TYPE_CHECKING:
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
 
     from wanpipe.parallel.mesh import ParallelConfig
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = a.EXIT_BAD_INPUT
 EXIT_FAILED = 1
 
 
@@ -28,26 +30,59 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "with random weights is made once in the cache: its video is noise, it shows the tool works.",
     )
     p.add_argument(
-        "--model", help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo"
+        "--model",
+        type=a.folder_or_hub_id("a checkpoint"),
+        help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo",
     )
-    p.add_argument("--prompt", required=True, help="what the video shows")
+    p.add_argument("--prompt", required=True, type=a.non_empty("a prompt"), help="what the video shows")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
-    p.add_argument("--num-frames", type=int, default=None, help="4k+1 frames, e.g. 81 (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    pixels = a.integer(1, what="pixels; a multiple of 16, of 32 for Wan 2.2 TI2V-5B")
     p.add_argument(
-        "--guidance-scale-2", type=float, default=None, help="the low-noise expert's guidance (Wan 2.2 A14B)"
+        "--height", type=pixels, default=None, help="pixels, a multiple of 16 (default: the model's)"
     )
     p.add_argument(
-        "--image", default=None, help="first frame for image-to-video checkpoints (I2V, FLF2V, TI2V)"
+        "--width", type=pixels, default=None, help="pixels, a multiple of 16 (default: the model's)"
     )
     p.add_argument(
-        "--last-image", default=None, help="last frame (first-last-frame: FLF2V, Wan 2.2 I2V-A14B)"
+        "--num-frames",
+        type=a.integer(1, what="4k+1 frames: 1, 5, 9, ..., 81"),
+        default=None,
+        help="4k+1 frames, e.g. 81 (default: the model's)",
     )
-    p.add_argument("--video", default=None, help="input video for video-to-video")
-    p.add_argument("--strength", type=float, default=None, help="video-to-video: how much to re-noise (0, 1]")
+    p.add_argument(
+        "--steps",
+        type=a.integer(1, a.MAX_STEPS, what="denoising steps"),
+        default=None,
+        help="denoising steps (default: the model's)",
+    )
+    p.add_argument("--guidance-scale", type=a.number(0), default=None, help="classifier-free guidance scale")
+    p.add_argument(
+        "--guidance-scale-2",
+        type=a.number(0),
+        default=None,
+        help="the low-noise expert's guidance (Wan 2.2 A14B)",
+    )
+    p.add_argument(
+        "--image",
+        type=a.existing_file("image"),
+        default=None,
+        help="first frame for image-to-video checkpoints (I2V, FLF2V, TI2V)",
+    )
+    p.add_argument(
+        "--last-image",
+        type=a.existing_file("image"),
+        default=None,
+        help="last frame (first-last-frame: FLF2V, Wan 2.2 I2V-A14B)",
+    )
+    p.add_argument(
+        "--video", type=a.existing_file("video"), default=None, help="input video for video-to-video"
+    )
+    p.add_argument(
+        "--strength",
+        type=a.number(above=0, maximum=1),
+        default=None,
+        help="video-to-video: how much to re-noise (0, 1]",
+    )
     p.add_argument(
         "--experts",
         choices=("resident", "swap"),
@@ -55,15 +90,29 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="Wan 2.2 A14B: keep both experts loaded, or swap one set of weights in place (less memory)",
     )
     p.add_argument(
-        "--flow-shift", type=float, default=None, help="schedule shift (default: the checkpoint's)"
+        "--flow-shift",
+        type=a.number(above=0),
+        default=None,
+        help="schedule shift (default: the checkpoint's)",
     )
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
     p.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"
+        "--seed",
+        type=a.integer(0, a.MAX_SEED),
+        default=None,
+        help="random seed (default: random, printed)",
+    )
+    p.add_argument(
+        "--device", type=a.device, default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)"
+    )
+    p.add_argument(
+        "--dtype",
+        type=a.dtype,
+        default=None,
+        help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)",
     )
     p.add_argument(
         "--output",
+        type=a.non_empty("a file or folder"),
         default="output.mp4",
         help="output file: .mp4, .webp, .gif, a folder for PNG frames, or .png/.jpg for one frame",
     )
@@ -76,6 +125,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora",
         action="append",
+        type=a.lora_spec,
         default=[],
         metavar="FILE[:SCALE][@high|low|both]",
         help="merge a LoRA adapter (diffusers/peft, original-Wan or kohya names); repeatable",
@@ -97,16 +147,39 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _add_weight_sources(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("single files (instead of --model: ComfyUI or original files, any naming)")
+    dit = a.file_or_folder("DiT")
     g.add_argument(
-        "--transformer", nargs="+", default=None, metavar="FILE", help="the DiT (file(s) or folder)"
+        "--transformer", nargs="+", type=dit, default=None, metavar="FILE", help="the DiT (file(s) or folder)"
     )
     g.add_argument(
-        "--transformer-2", nargs="+", default=None, metavar="FILE", help="Wan 2.2 A14B low-noise DiT"
+        "--transformer-2",
+        nargs="+",
+        type=dit,
+        default=None,
+        metavar="FILE",
+        help="Wan 2.2 A14B low-noise DiT",
     )
-    g.add_argument("--vae", default=None, metavar="FILE", help="the VAE file")
-    g.add_argument("--text-encoder", default=None, metavar="FILE", help="the UMT5 encoder file")
-    g.add_argument("--image-encoder", default=None, metavar="FILE", help="CLIP vision file (Wan 2.1 I2V)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: google/umt5-xxl)")
+    g.add_argument("--vae", type=a.existing_file("VAE"), default=None, metavar="FILE", help="the VAE file")
+    g.add_argument(
+        "--text-encoder",
+        type=a.existing_file("text encoder"),
+        default=None,
+        metavar="FILE",
+        help="the UMT5 encoder file",
+    )
+    g.add_argument(
+        "--image-encoder",
+        type=a.existing_file("image encoder"),
+        default=None,
+        metavar="FILE",
+        help="CLIP vision file (Wan 2.1 I2V)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        type=a.folder_or_hub_id("a tokenizer"),
+        default=None,
+        help="tokenizer folder or hub id (default: google/umt5-xxl)",
+    )
 
 
 def _single_files(args: argparse.Namespace) -> dict[str, object]:
@@ -120,22 +193,6 @@ def _single_files(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def parse_lora_arg(text: str) -> tuple[str, float, str]:
-    """``FILE[:SCALE][@high|low|both]`` -> (file, scale, expert)."""
-    expert = "both"
-    if "@" in text and text.rsplit("@", 1)[1] in ("high", "low", "both"):
-        text, expert = text.rsplit("@", 1)
-    scale = 1.0
-    if ":" in text:
-        head, tail = text.rsplit(":", 1)
-        try:
-            scale = float(tail)
-            text = head
-        except ValueError:
-            pass
-    return text, scale, expert
-
-
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -144,17 +201,28 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "single files) and write it as a diffusers-layout folder (sharded safetensors) or an original one.",
     )
     p.add_argument(
-        "model", nargs="?", default=None, help="checkpoint folder or hub id (or use the file flags)"
+        "model",
+        nargs="?",
+        type=a.folder_or_hub_id("a checkpoint"),
+        default=None,
+        help="checkpoint folder or hub id (or use the file flags)",
     )
     _add_weight_sources(p)
     p.add_argument("--to", choices=("diffusers", "original"), default="diffusers", help="the layout to write")
-    p.add_argument("--output", required=True, help="the folder to write")
-    p.add_argument("--dtype", default=None, help="cast weights (default: keep; fp8 becomes bfloat16)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 200MB)")
+    p.add_argument("--output", required=True, type=a.output_folder, help="the folder to write")
+    p.add_argument(
+        "--dtype", type=a.dtype, default=None, help="cast weights (default: keep; fp8 becomes bfloat16)"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=a.byte_size,
+        default="5GB",
+        help="largest safetensors shard (e.g. 5GB, 200MB)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanpipe", description="Wan video generation in PyTorch")
+    parser = a.Parser(prog="wanpipe", description="Wan video generation in PyTorch")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
@@ -168,13 +236,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"wanpipe: error: {message}", file=sys.stderr)
-    return code
+    return a.fail("wanpipe", message, code)
+
+
+_COMPONENT = re.compile(r"^(transformer_2|transformer|vae|text_encoder|image_encoder|tokenizer): ")
+
+
+def _load_error(error: Exception, model: str | None, flag: str = "--model") -> str:
+    """A checkpoint that does not load, with the flag that named it: ``--model: ...``, ``--vae: ...``."""
+    text = str(error)
+    if model is not None:
+        return f"{flag}: {text}"
+    return _COMPONENT.sub(lambda m: f"--{m[1].replace('_', '-')}: ", text)
+
+
+def _check_generate(args: argparse.Namespace) -> str | None:
+    """What is wrong with a ``generate`` command line as a whole (flags that do not go together, or
+    not on this device), before anything is loaded; None when nothing is."""
+    files = [f"--{k.replace('_', '-')}" for k, v in _single_files(args).items() if v is not None]
+    if args.model is not None and files:
+        return f"give --model or single files ({', '.join(files)}), not both"
+    import torch
+
+    device = torch.device(args.device) if args.device is not None else None
+    if device is None and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    if device is None or device.type != "cpu":
+        return None  # a GPU: its kernels are checked for the model's shapes at the first request
+    backend = args.attention_backend
+    if backend not in ("auto", "math"):
+        usable = a.cpu_attention_backends()
+        if backend not in usable:
+            return (
+                f"--attention-backend {backend}: PyTorch has no {backend} attention kernel on the CPU; use "
+                f"{', '.join(usable)} there ({backend} is a CUDA kernel)"
+            )
+    if args.fp8 == "scaled_mm":
+        return (
+            "--fp8 scaled_mm: fp8 matmuls need a CUDA GPU of compute capability >= 8.9; on the CPU use "
+            "--fp8 upcast or dequantize"
+        )
+    return None
+
+
+def _grid_problem(arch, request) -> str | None:
+    """A size or frame count beyond the DiT's position table (``rope_max_seq_len`` tokens per axis),
+    which the model would refuse mid-run; None when the request fits."""
+    limit, pt = arch.transformer.rope_max_seq_len, arch.transformer.patch_size[0]
+    largest = {
+        "--height": limit * arch.spatial_multiple,
+        "--width": limit * arch.spatial_multiple,
+        "--num-frames": (limit * pt - 1) * arch.temporal_stride + 1,
+    }
+    for flag, value in zip(largest, (request.height, request.width, request.num_frames)):
+        if value > largest[flag]:
+            return (
+                f"{flag} must be at most {largest[flag]} for this model (its position table covers {limit} "
+                f"tokens per axis), got {value}"
+            )
+    return None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``wanpipe generate``; under torchrun (WORLD_SIZE > 1) every rank runs it, with the DiT split
     across the ranks (``--ulysses/--ring/--cfg-parallel``) and rank 0 alone printing and writing."""
+    problem = _check_generate(args)
+    if problem is not None:
+        return _fail(problem, EXIT_BAD_INPUT)
     try:
         config = parallel_config(args)
     except ValueError as e:
@@ -206,6 +334,7 @@ def _generate(
     from wanpipe.context import InvalidRequestError, WanRequest
     from wanpipe.media import output_format_for
     from wanpipe.pipeline import WanOutOfMemoryError, WanPipeline
+    from wanpipe.runtime.attention import AttentionBackendError
     from wanpipe.weights.safetensors_io import CheckpointError
 
     first = parallel is None or not dist.is_initialized() or dist.get_rank() == 0  # prints and writes
@@ -213,9 +342,12 @@ def _generate(
     output = Path(args.output)
     # Refuse a bad output path before spending minutes on loading and generating.
     try:
-        output_format_for(output, args.num_frames if args.num_frames is not None else 2)
+        fmt = output_format_for(output, args.num_frames if args.num_frames is not None else 2)
     except ValueError as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+        return _fail(f"--output: {e}", EXIT_BAD_INPUT)
+    problem = a.output_problem(output, folder=fmt == "png-folder")
+    if problem is not None:
+        return _fail(f"--output: {problem}", EXIT_BAD_INPUT)
 
     model = args.model
     files = _single_files(args)
@@ -263,18 +395,23 @@ def _generate(
             pipe = WanPipeline.from_single_files(**files, **options)
         else:
             pipe = WanPipeline.from_pretrained(model, sigma_grid=args.sigma_grid, **options)
-        for spec in args.lora:
-            path, scale, expert = parse_lora_arg(spec)
-            report = pipe.load_lora(path, scale, expert)
-            if not first:
-                continue
-            print(f"LoRA {report.name}: {len(report.layers)} layers x {scale:g} ({'+'.join(report.experts)})")
-            if report.unmatched:
-                print(
-                    f"LoRA {report.name}: {len(report.unmatched)} keys matched no layer: {report.unmatched[:10]}"
-                )
-    except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
+        return _fail(_load_error(e, model), EXIT_BAD_INPUT)
+    except (NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    for spec in args.lora:
+        try:
+            path, scale, expert = a.parse_lora_arg(spec)
+            report = pipe.load_lora(path, scale, expert)
+        except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
+            return _fail(f"--lora {spec}: {str(e).removeprefix('lora: ')}", EXIT_BAD_INPUT)
+        if not first:
+            continue
+        print(f"LoRA {report.name}: {len(report.layers)} layers x {scale:g} ({'+'.join(report.experts)})")
+        if report.unmatched:
+            print(
+                f"LoRA {report.name}: {len(report.unmatched)} keys matched no layer: {report.unmatched[:10]}"
+            )
     load_s = time.perf_counter() - t0
 
     params = dict(
@@ -297,13 +434,21 @@ def _generate(
     )
     try:
         resolved = pipe.check(WanRequest(**params))
-        output_format_for(output, resolved.num_frames)
     except (InvalidRequestError, ValueError) as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+        return _fail(a.request_error(e), EXIT_BAD_INPUT)
+    problem = _grid_problem(pipe.arch, resolved)
+    if problem is not None:
+        return _fail(problem, EXIT_BAD_INPUT)
+    try:
+        output_format_for(output, resolved.num_frames)
+    except ValueError as e:
+        return _fail(f"--output: {e}", EXIT_BAD_INPUT)
     try:
         video = pipe.generate(**params, progress=first and not args.no_progress)
     except WanOutOfMemoryError as e:
         return _fail(str(e), EXIT_FAILED)
+    except AttentionBackendError as e:  # the kernel cannot run this model's shapes on this device
+        return _fail(f"--attention-backend {args.attention_backend}: {e}", EXIT_BAD_INPUT)
     if not first:
         return 0  # rank 0 writes the video; every rank holds the same frames
     t1 = time.perf_counter()
@@ -332,23 +477,39 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from wanpipe.weights.convert import write_diffusers, write_original
     from wanpipe.weights.safetensors_io import CheckpointError
 
+    files = _single_files(args)
+    given = [f"--{k.replace('_', '-')}" for k, v in files.items() if v is not None]
+    if args.model is not None and given:
+        return _fail(
+            f"give a checkpoint (MODEL) or single files ({', '.join(given)}), not both", EXIT_BAD_INPUT
+        )
+    missing = [f"--{k.replace('_', '-')}" for k in ("transformer", "vae", "text_encoder") if files[k] is None]
+    if args.model is None and missing:
+        return _fail(
+            f"give a checkpoint (MODEL), or single files --transformer, --vae and --text-encoder "
+            f"(missing: {', '.join(missing)})",
+            EXIT_BAD_INPUT,
+        )
     t0 = time.perf_counter()
     try:
-        files = _single_files(args)
         if args.model is None:
             files = {**files, "transformer": args.transformer, "transformer_2": args.transformer_2}
         arch, weights = open_checkpoint(args.model, **files)
         dtype = parse_dtype(args.dtype, __import__("torch").device("cpu")) if args.dtype else None
         write = write_diffusers if args.to == "diffusers" else write_original
         out = write(arch, weights, args.output, dtype=dtype, max_shard_size=args.max_shard_size)
-    except (CheckpointError, FileNotFoundError, NotImplementedError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
+        return _fail(_load_error(e, args.model, "model"), EXIT_BAD_INPUT)
+    except (NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     print(f"wrote {out} ({args.to} layout, {arch.variant.name}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = a.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args  # a bad command line, already said in one line
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )

@@ -35,7 +35,7 @@ from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.vae import WanVAE
-from wanpipe.runtime.attention import attention_backend, sdpa_choice
+from wanpipe.runtime.attention import AttentionBackendError, attention_backend, sdpa_choice
 from wanpipe.runtime.compile import CompiledDiT
 from wanpipe.runtime.memory import configure_host_memory, trim_host_memory
 from wanpipe.runtime.offload import BlockStreamer, ModelOffload, pin_module
@@ -337,7 +337,7 @@ class WanExecutor:
                 tokens, text.embeds.shape[1], head_dim, self.dtype, self.device, text.bias is not None
             )
         if "none" in (own, cross):
-            raise ValueError(
+            raise AttentionBackendError(
                 f"attention backend {self.runtime.attention_backend!r} cannot run this model's attention on "
                 f"{self.device.type} in {self.dtype} (head size {head_dim}); use 'auto' to let PyTorch choose"
             )

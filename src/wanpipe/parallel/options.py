@@ -11,6 +11,8 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from wanpipe import arguments as a
+
 if TYPE_CHECKING:
     from wanpipe.parallel.mesh import ParallelConfig
 
@@ -21,8 +23,11 @@ VAE_HALO = 4
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     """``--ulysses U --ring R --cfg-parallel`` (``generate`` and ``serve``); read by :func:`parallel_config`."""
     g = p.add_argument_group("multi-GPU (under torchrun: U x R (x 2 with --cfg-parallel) = the world size)")
-    g.add_argument("--ulysses", type=int, default=1, metavar="U", help="Ulysses sequence-parallel degree")
-    g.add_argument("--ring", type=int, default=1, metavar="R", help="ring-attention sequence-parallel degree")
+    degree = a.integer(1, what="ranks")
+    g.add_argument("--ulysses", type=degree, default=1, metavar="U", help="Ulysses sequence-parallel degree")
+    g.add_argument(
+        "--ring", type=degree, default=1, metavar="R", help="ring-attention sequence-parallel degree"
+    )
     g.add_argument(
         "--cfg-parallel",
         action="store_true",
@@ -36,7 +41,7 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--vae-halo",
-        type=int,
+        type=a.integer(0, what="latent rows"),
         default=VAE_HALO,
         metavar="ROWS",
         help=f"with --vae-parallel: latent rows each band borrows from its neighbours (default {VAE_HALO})",

@@ -26,6 +26,11 @@ _BY_NAME = {
 _NAMES = {int(v): k for k, v in _BY_NAME.items()}
 
 
+class AttentionBackendError(ValueError):
+    """The chosen attention backend cannot run a model's attention on its device and dtype (bad input:
+    the command line answers it with exit code 2)."""
+
+
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
     """Within the block, SDPA uses only backend ``name`` ("auto": PyTorch's own choice). A backend that

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from wanpipe import arguments as a
+
 OFFLOAD_MODES = ("none", "model", "block")
 CACHE_MODES = ("none", "first-block", "teacache")
 
@@ -120,7 +122,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="model: each component on the GPU only while it runs; block: stream DiT blocks (same frames)",
     )
     g.add_argument(
-        "--offload-buffers", type=int, default=2, help="block offload: DiT blocks resident at once"
+        "--offload-buffers", type=a.integer(1), default=2, help="block offload: DiT blocks resident at once"
     )
     g.add_argument(
         "--cache",
@@ -130,7 +132,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--residual-threshold",
-        type=float,
+        type=a.number(0),
         default=None,
         help="step cache threshold (first-block: ~0.05-0.1; teacache: 0.05-0.2; 0 never skips)",
     )
@@ -144,17 +146,22 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cfg-truncation",
-        type=float,
+        type=a.number(0, 1),
         default=None,
         help="guidance for this fraction of the steps only, e.g. 0.8 (approximate; default all)",
     )
-    g.add_argument("--text-encoder-device", default=None, help="run the text encoder here, e.g. cpu")
     g.add_argument(
-        "--vae-chunk-frames", type=int, default=None, help="latent frames per VAE decode chunk (default 1)"
+        "--text-encoder-device", type=a.device, default=None, help="run the text encoder here, e.g. cpu"
+    )
+    g.add_argument(
+        "--vae-chunk-frames",
+        type=a.integer(1),
+        default=None,
+        help="latent frames per VAE decode chunk (default 1)",
     )
     g.add_argument(
         "--text-cache-size",
-        type=int,
+        type=a.integer(0),
         default=None,
         help="prompt embeddings kept for reuse, e.g. the usual negative prompt (default 32; 0: off)",
     )
@@ -200,7 +207,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
     return RuntimeOptions(
         compile=bool(getattr(args, "compile", False)),
         offload=getattr(args, "offload", "none") or "none",
-        offload_buffers=getattr(args, "offload_buffers", 2) or 2,
+        offload_buffers=2 if getattr(args, "offload_buffers", None) is None else args.offload_buffers,
         cache=None if cache in (None, "none") else cache,
         residual_threshold=float(threshold or 0.0),
         teacache_coefficients=getattr(args, "teacache_coefficients", None),

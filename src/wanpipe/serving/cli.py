@@ -13,6 +13,7 @@ batches (``wanpipe.serving.distributed``); see docs/parallel.md.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from wanpipe import arguments as a
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
 
 if TYPE_CHECKING:
@@ -36,48 +38,64 @@ EXIT_FAILED = 1
 logger = logging.getLogger("wanpipe.serving")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from wanpipe.serving.parsing import ServeLimits
 
     limits = ServeLimits()
     p.add_argument(
-        "--model", help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo"
+        "--model",
+        type=a.folder_or_hub_id("a checkpoint"),
+        help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo",
     )
-    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument(
+        "--served-model-name",
+        type=a.non_empty("a model name"),
+        default=None,
+        help="the model's name in the API (default: --model)",
+    )
+    p.add_argument(
+        "--host",
+        type=a.non_empty("a host name or IP address"),
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port", type=a.integer(0, 65535), default=8000, help="port (default: 8000; 0 picks a free one)"
+    )
     p.add_argument(
         "--output-dir",
+        type=a.output_folder,
         default="wanpipe-serve",
         help="where the job database and the videos live (default: ./wanpipe-serve)",
     )
     p.add_argument(
         "--api-key",
-        default=os.environ.get("WANPIPE_API_KEY"),
+        type=a.api_key,
+        default=os.environ.get("WANPIPE_API_KEY") or None,
         help="require Authorization: Bearer KEY on /v1 routes (default: $WANPIPE_API_KEY, else none)",
     )
-    p.add_argument("--max-queue", type=_positive_int, default=limits.max_queue, help="queued jobs before 429")
+    count = a.integer(1)
+    p.add_argument("--max-queue", type=count, default=limits.max_queue, help="queued jobs before 429")
+    p.add_argument("--max-batch", type=count, default=limits.max_batch, help="jobs of one shape run together")
     p.add_argument(
-        "--max-batch", type=_positive_int, default=limits.max_batch, help="jobs of one shape run together"
+        "--max-pixels", type=count, default=limits.max_pixels, help="largest width*height accepted"
+    )
+    p.add_argument("--max-frames", type=count, default=limits.max_frames, help="most frames accepted")
+    p.add_argument("--max-steps", type=count, default=limits.max_steps, help="most steps accepted")
+    p.add_argument(
+        "--max-body-mb",
+        type=a.number(0.001, 1_000_000, what="MiB"),
+        default=25.0,
+        help="largest request body in MiB (default: 25)",
     )
     p.add_argument(
-        "--max-pixels", type=_positive_int, default=limits.max_pixels, help="largest width*height accepted"
+        "--device", type=a.device, default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)"
     )
-    p.add_argument("--max-frames", type=_positive_int, default=limits.max_frames, help="most frames accepted")
-    p.add_argument("--max-steps", type=_positive_int, default=limits.max_steps, help="most steps accepted")
     p.add_argument(
-        "--max-body-mb", type=float, default=25.0, help="largest request body in MiB (default: 25)"
-    )
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
-    p.add_argument(
-        "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"
+        "--dtype",
+        type=a.dtype,
+        default=None,
+        help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)",
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_parallel_arguments(p)
@@ -113,8 +131,16 @@ def _is_loopback(host: str) -> bool:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"wanpipe serve: error: {message}", file=sys.stderr)
-    return code
+    return a.fail("wanpipe serve", message, code)
+
+
+def _check_host(host: str, port: int) -> str | None:
+    """Why ``--host`` cannot be listened on (a name that does not resolve), or None."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        return f"--host {host}: cannot resolve it ({e}); use an IP address (127.0.0.1, 0.0.0.0, ::) or a host name"
+    return None
 
 
 def _model(args: argparse.Namespace, announce: bool = True) -> str:
@@ -168,6 +194,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = parallel_config(args)
     except ValueError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    problem = _check_host(args.host, args.port)
+    if problem is not None:
+        return _fail(problem, EXIT_BAD_INPUT)
     if config is None:
         return _serve(args)
 
@@ -240,7 +269,9 @@ def _serve(
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
-        return fail(f"cannot listen on {args.host}:{args.port}: {e}", EXIT_FAILED)
+        # An address this machine does not have is bad input; a port in use is not.
+        code = EXIT_BAD_INPUT if e.errno == errno.EADDRNOTAVAIL else EXIT_FAILED
+        return fail(f"cannot listen on --host {args.host} --port {args.port}: {e}", code)
     try:
         store = JobStore(args.output_dir)
     except (StoreLockedError, OSError, RuntimeError) as e:
@@ -296,7 +327,7 @@ def _serve(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = a.Parser(
         prog="python -m wanpipe.serving", description="wanpipe serve: a video generation server"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -305,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = a.parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args  # a bad command line, already said in one line
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

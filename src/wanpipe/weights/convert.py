@@ -8,6 +8,8 @@ fp8 tensors are dequantized (``dtype``, default bfloat16 for them); other tensor
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -30,16 +32,27 @@ from wanpipe.weights.vae_keys import vae_to_diffusers_keys
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
+SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+"""``parse_size``'s units (binary: 1KB = 1024 bytes, as huggingface's ``max_shard_size``)."""
+
+
 def parse_size(text: str | int) -> int:
-    """``"5GB"``, ``"200MB"``, ``"64KB"`` or a number of bytes."""
-    if isinstance(text, int):
-        return text
-    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "B": 1}
-    s = str(text).strip().upper()
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(s)
+    """``"5GB"``, ``"200MB"``, ``"64KB"``, ``"1.5GB"`` or a number of bytes; at least 1 byte.
+    ValueError (naming the allowed forms) for anything else."""
+    allowed = "expected a size such as 5GB, 200MB, 64KB (units B, KB, MB, GB, TB) or a number of bytes"
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?B)?\s*", str(text), re.I)
+        if match is None:
+            raise ValueError(f"{allowed}, got {text!r}")
+        amount = float(match.group(1)) * SIZE_UNITS[(match.group(2) or "B").upper()]
+        if not math.isfinite(amount):
+            raise ValueError(f"{allowed}, got {text!r}")
+        value = int(amount)
+    if value < 1:
+        raise ValueError(f"a shard size must be at least 1 byte, got {text!r}")
+    return value
 
 
 def _resolved(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
