@@ -225,16 +225,6 @@ def lora_spec(text: str) -> str:
     return text
 
 
-def byte_size(text: str) -> int:
-    """``--max-shard-size``'s ``type=``: ``5GB``, ``200MB``, ``64KB`` or bytes (``parse_size``)."""
-    from wanpipe.weights.convert import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 # -- the engine's messages -------------------------------------------------------------------------------
 
 
@@ -396,17 +386,3 @@ def device(text: str) -> str:
     if not backend.is_available():
         raise argparse.ArgumentTypeError(f"{text}: no {dev.type} device here; use --device cpu")
     return text
-
-
-def cpu_attention_backends() -> tuple[str, ...]:
-    """The ``--attention-backend`` values PyTorch can run on the CPU (probed; no attention computed)."""
-    import torch
-
-    from wanpipe.runtime.attention import ATTENTION_BACKENDS, attention_backend, sdpa_choice
-
-    usable = []
-    for name in ATTENTION_BACKENDS:
-        with attention_backend(name):
-            if sdpa_choice(16, 16, 64, torch.float32, torch.device("cpu")) != "none":
-                usable.append(name)
-    return tuple(usable)

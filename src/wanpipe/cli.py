@@ -193,6 +193,16 @@ def _single_files(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _byte_size(text: str) -> int:
+    """``--max-shard-size``'s ``type=``: ``5GB``, ``200MB``, ``64KB`` or bytes (``parse_size``)."""
+    from wanpipe.weights.convert import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
@@ -215,7 +225,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-shard-size",
-        type=a.byte_size,
+        type=_byte_size,
         default="5GB",
         help="largest safetensors shard (e.g. 5GB, 200MB)",
     )
@@ -265,7 +275,9 @@ def _check_generate(args: argparse.Namespace) -> str | None:
         return None  # a GPU: its kernels are checked for the model's shapes at the first request
     backend = args.attention_backend
     if backend not in ("auto", "math"):
-        usable = a.cpu_attention_backends()
+        from wanpipe.runtime.attention import cpu_attention_backends
+
+        usable = cpu_attention_backends()
         if backend not in usable:
             return (
                 f"--attention-backend {backend}: PyTorch has no {backend} attention kernel on the CPU; use "

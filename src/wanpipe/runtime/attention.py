@@ -64,3 +64,13 @@ def sdpa_choice(
     except RuntimeError:
         return "none"
     return _NAMES.get(choice, "none")
+
+
+def cpu_attention_backends() -> tuple[str, ...]:
+    """The ``--attention-backend`` values PyTorch can run on the CPU (probed; no attention computed)."""
+    usable = []
+    for name in ATTENTION_BACKENDS:
+        with attention_backend(name):
+            if sdpa_choice(16, 16, 64, torch.float32, torch.device("cpu")) != "none":
+                usable.append(name)
+    return tuple(usable)
