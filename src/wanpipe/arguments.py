@@ -246,7 +246,9 @@ REQUEST_FLAGS = {
     "residual_threshold": "--residual-threshold",
     "cfg_truncation": "--cfg-truncation",
 }
-"""``WanRequest`` fields -> the ``generate`` flags that set them (for the engine's error messages)."""
+"""``WanRequest`` fields -> the ``generate`` flags that set them: ``wanpipe generate`` builds its request
+from this table, and names the flag in the engine's error messages (``guidance_scale_2`` before
+``guidance_scale``: the longer name matches first)."""
 
 _FIELD_NAMES = re.compile(r"\b(" + "|".join(k for k in REQUEST_FLAGS if "_" in k) + r")\b")
 

@@ -426,24 +426,8 @@ def _generate(
             )
     load_s = time.perf_counter() - t0
 
-    params = dict(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        flow_shift=args.flow_shift,
-        seed=args.seed,
-        guidance_scale_2=args.guidance_scale_2,
-        image=args.image,
-        last_image=args.last_image,
-        video=args.video,
-        strength=args.strength,
-        residual_threshold=args.residual_threshold,
-        cfg_truncation=args.cfg_truncation,
-    )
+    # The request, field by field from the flags that set it (the table also names flags in errors).
+    params = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in a.REQUEST_FLAGS.items()}
     try:
         resolved = pipe.check(WanRequest(**params))
     except (InvalidRequestError, ValueError) as e:
