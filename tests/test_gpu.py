@@ -38,11 +38,15 @@ def test_cuda_bf16_matches_diffusers_bf16(tiny_ckpt) -> None:
     theirs = ref(generator=torch.Generator("cpu").manual_seed(KW["seed"]), output_type="np", **kw).frames[0]
     frames = ours.generate(**KW, progress=False).frames
     assert np.isfinite(frames).all()
-    assert float(np.abs(frames - theirs).mean()) < 0.02
+    diff = np.abs(frames - theirs)
+    # Max bound: not yet measured on a GPU (no device run so far); the CPU bf16 paths of the same tiny
+    # checkpoints reach 0.03-0.11 max (tests/test_pipeline.py, test_vae.py), so 0.25 leaves room for
+    # other bf16 kernels while still catching a wrong frame (values are in [0, 1]).
+    assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.25, (diff.mean(), diff.max())
 
 
 def test_cuda_bf16_attention_kernels_and_text_compression(tiny_ckpt) -> None:
-    from wanpipe.runtime import RuntimeOptions, apply_runtime_options
+    from wanpipe.runtime import RuntimeOptions
 
     pipe = WanPipeline.from_pretrained(tiny_ckpt, device="cuda", dtype="bfloat16")
     video = pipe.generate(**KW, negative_prompt="blurry", progress=False)
@@ -53,6 +57,7 @@ def test_cuda_bf16_attention_kernels_and_text_compression(tiny_ckpt) -> None:
         RuntimeOptions(attention_backend="math"),  # the reference kernel
         RuntimeOptions(compress_text=False),  # all 512 text tokens
     ):
-        apply_runtime_options(pipe, options)
+        pipe.set_runtime(options)
         other = pipe.generate(**KW, negative_prompt="blurry", progress=False)
-        assert float(np.abs(other.frames - video.frames).mean()) < 0.02
+        diff = np.abs(other.frames - video.frames)
+        assert float(diff.mean()) < 0.02 and float(diff.max()) < 0.25, (options, diff.mean(), diff.max())
