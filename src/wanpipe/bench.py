@@ -31,23 +31,20 @@ import numpy as np
 
 from wanpipe import arguments
 
-TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=64,
-    freq_dim=256,
-    ffn_dim=1024,
-    num_layers=6,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=1024,
+# The demo checkpoint's DiT and VAE (wanpipe.demo), made mid-size: what the CPU benchmark times.
+BENCH_TRANSFORMER: dict[str, Any] = dict(
+    attention_head_dim=128, text_dim=64, freq_dim=256, ffn_dim=1024, num_layers=6
 )
-VAE = dict(
-    base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
-)
+BENCH_VAE: dict[str, Any] = dict(base_dim=32, dim_mult=[1, 2, 4, 4], num_res_blocks=2)
+
+
+def bench_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The benchmark checkpoint's DiT and VAE configs (diffusers' config.json keys)."""
+    from wanpipe.demo import TRANSFORMER_CONFIG, VAE_CONFIG
+
+    return {**TRANSFORMER_CONFIG, **BENCH_TRANSFORMER}, {**VAE_CONFIG, **BENCH_VAE}
+
+
 SENTENCES = [
     "a cat walks on the grass",
     "a dog runs in the park under the sun",
@@ -94,8 +91,9 @@ def make_cpu_checkpoint(folder: Path) -> Path:
     text_encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
     )
-    vae = AutoencoderKLWan(**VAE)
-    transformer = WanTransformer3DModel(**TRANSFORMER)
+    transformer_config, vae_config = bench_configs()
+    vae = AutoencoderKLWan.from_config(vae_config)
+    transformer = WanTransformer3DModel.from_config(transformer_config)
     _randomize(vae, 1, 0.05)
     _randomize(transformer, 2, 0.05)
     scheduler = UniPCMultistepScheduler(
@@ -322,7 +320,9 @@ def run_cpu_bench(
         "load_average_after": load,
         "command": "python " + " ".join(sys.argv),
         "method": "both engines loaded and warmed up in their own processes, then timed in alternating turns",
-        "config": {"transformer": TRANSFORMER, "vae": VAE, "request": request, "wanpipe_options": options},
+        "config": dict(
+            zip(("transformer", "vae"), bench_configs()), request=request, wanpipe_options=options
+        ),
         "results": figures,
     }
     out_dir = out_dir or Path.cwd() / "bench" / "results"
