@@ -146,6 +146,13 @@ def read_mp4(data: bytes, folder: Path, name: str = "video.mp4") -> tuple[np.nda
     return read_video(path)
 
 
+def error_type(status: int) -> str:
+    """The OpenAI error type the server gives for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return "rate_limit_error" if status == 429 else "invalid_request_error"
+
+
 def assert_error(
     response: httpx.Response, status: int, param: str | None = None, code: str | None = None
 ) -> dict:
@@ -157,7 +164,7 @@ def assert_error(
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"], error
-    assert error["type"] == ("server_error" if status >= 500 else error["type"])
+    assert error["type"] == error_type(status), error
     if param is not None:
         assert error["param"] == param, error
     if code is not None:
