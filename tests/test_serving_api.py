@@ -623,3 +623,34 @@ def test_progress_is_reported_while_running(server, http, wan_pipe, monkeypatch)
 
     wait_until(watch, 60, "the job to finish", interval=0.02)
     assert 100 in seen and any(0 < p < 100 for p in seen), seen
+
+
+def test_metrics_are_prometheus_histograms_and_counters(server, http) -> None:
+    """Read back with prometheus_client's own parser, after the jobs above: histograms with buckets for
+    queue wait, step, run and batch time; counters by label; the store's gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    job = http.post("/v1/videos", json={"prompt": "one more", **SMALL}).json()
+    assert wait_done(http, job["id"])["status"] == "completed"
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    for name in ("queue_wait_seconds", "step_seconds", "run_seconds", "batch_seconds"):
+        family = families[f"wanpipe_{name}"]
+        assert family.type == "histogram", family
+        buckets = [s for s in family.samples if s.name.endswith("_bucket")]
+        counts = [s.value for s in buckets]
+        assert len(buckets) > 5 and counts == sorted(counts), buckets  # cumulative
+        (count,) = [s.value for s in family.samples if s.name.endswith("_count")]
+        assert buckets[-1].labels["le"] == "+Inf" and counts[-1] == count > 0
+    completed = server.manager.store.counts()[JobStatus.COMPLETED]
+    finished = {
+        s.labels["status"]: s.value
+        for s in families["wanpipe_jobs_finished"].samples
+        if s.name.endswith("_total")
+    }
+    assert finished["completed"] >= completed > 0
+    assert families["wanpipe_queue_depth"].samples[0].value == server.manager.store.count(JobStatus.QUEUED)
+    jobs = {s.labels["state"]: s.value for s in families["wanpipe_jobs"].samples}
+    assert jobs["completed"] == completed
+    assert families["wanpipe_batches"].type == "counter"

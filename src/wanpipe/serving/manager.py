@@ -435,7 +435,8 @@ class JobManager:
                 cancelled = ids & self._cancelled
                 self._cancelled -= ids
         self.metrics.count("batches", size)
-        self.metrics.add("step_seconds", timings.denoise_s, spec.num_inference_steps or 1)
+        num_steps = spec.num_inference_steps or 1
+        self.metrics.observe("step_seconds", timings.denoise_s / num_steps, num_steps)
         for job, video_frames in zip(jobs, frames):
             if job.id in cancelled:
                 continue
@@ -456,8 +457,8 @@ class JobManager:
             wait_s = (job.started_at or now) - job.created_at
             run_s = now - (job.started_at or now)
             self.metrics.count("finished", "completed")
-            self.metrics.add("queue_wait_seconds", wait_s)
-            self.metrics.add("run_seconds", run_s)
+            self.metrics.observe("queue_wait_seconds", wait_s)
+            self.metrics.observe("run_seconds", run_s)
             s = job.spec
             logger.info(
                 "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s",
@@ -471,7 +472,7 @@ class JobManager:
                 run_s,
             )
             self._notify(job.id)
-        self.metrics.add("batch_seconds", time.perf_counter() - t0)
+        self.metrics.observe("batch_seconds", time.perf_counter() - t0)
 
 
 def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
