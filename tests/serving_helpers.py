@@ -127,6 +127,42 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
+class Gate:
+    """The test's side of the worker's step gate (``wanpipe.serving.step_gate``): the worker runs only the
+    steps a test allows, so the test knows which step a job is at when it deletes, kills or stops."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment that turns the gate on in a server process."""
+        from wanpipe.serving.step_gate import ENV
+
+        return {ENV: str(self.folder)}
+
+    def allow(self, steps: int) -> None:
+        """Let the worker run ``steps`` steps in all (since the server started)."""
+        from wanpipe.serving.step_gate import write_whole
+
+        write_whole(self.folder / "allowed", str(steps))
+
+    def open(self) -> None:
+        self.allow(10**9)
+
+    def waiting(self) -> int | None:
+        try:
+            return int((self.folder / "waiting").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def hold_at(self, steps: int, timeout: float = 60) -> None:
+        """Allow ``steps`` steps in all and wait until the worker has run them and holds before the next."""
+        self.allow(steps)
+        wait_until(lambda: self.waiting() == steps, timeout, f"the worker to hold after {steps} steps", 0.01)
+
+
 def png_bytes(height: int, width: int, seed: int = 0) -> bytes:
     """A smooth random picture as PNG bytes."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serving_helpers import ThreadServer, assert_error, png_bytes, read_mp4, wait_until
+from tests.serving_helpers import Gate, ThreadServer, assert_error, png_bytes, read_mp4, wait_until
 from wanpipe.serving.app import create_app
 from wanpipe.serving.manager import JobManager
 from wanpipe.serving.parsing import ServeLimits
@@ -489,30 +488,45 @@ def test_failed_generation_marks_the_job_failed_and_the_server_goes_on(
 
 
 # -- cancelling ----------------------------------------------------------------------------------------
-def test_delete_cancels_a_running_job_within_a_step(server, http, wan_pipe, monkeypatch) -> None:
-    manager = server.manager
-    forwards: list[float] = []  # one DiT forward per denoising step
-    runner = wan_pipe.executor.runner  # every denoising step's DiT forward goes through it
+@pytest.fixture
+def gate(server, tmp_path: Path):
+    """The worker's step gate, shut for the test: the worker runs only the steps the test allows."""
+    from wanpipe.serving.step_gate import StepGate
+
+    gate = Gate(tmp_path / "gate")
+    server.manager.step_gate = StepGate(gate.folder)
+    try:
+        yield gate
+    finally:
+        gate.open()  # a worker held at the gate goes on
+        server.manager.step_gate = None
+
+
+@pytest.fixture
+def dit_rows(wan_pipe, monkeypatch) -> list[int]:
+    """The batch rows of every DiT forward (one per denoising step; cond and uncond rows when guided)."""
+    rows: list[int] = []
+    runner = wan_pipe.executor.runner
     forward = runner.forward
 
-    def counted(*args, **kwargs):
-        forwards.append(time.monotonic())
-        return forward(*args, **kwargs)
+    def counted(dit, latents, *args, **kwargs):
+        rows.append(latents.shape[0])
+        return forward(dit, latents, *args, **kwargs)
 
     monkeypatch.setattr(runner, "forward", counted)
-    long = {"prompt": "a long one", "size": "64x64", "num_frames": 17, "num_inference_steps": 200}
-    job = http.post("/v1/videos", json=long).json()
+    return rows
 
-    def running() -> bool:
-        body = http.get(f"/v1/videos/{job['id']}").json()
-        return body["status"] == "in_progress" and body["progress"] > 0
 
-    wait_until(running, 60, "the long job to run")
+def test_delete_cancels_a_running_job_at_the_next_step(server, http, gate, dit_rows) -> None:
+    manager = server.manager
+    job = http.post("/v1/videos", json={"prompt": "a long one", **SMALL, "num_inference_steps": 10}).json()
+    gate.hold_at(3)  # three steps done, the worker held before the fourth
+    assert http.get(f"/v1/videos/{job['id']}").json()["status"] == "in_progress"
     assert http.delete(f"/v1/videos/{job['id']}").json()["deleted"] is True
-    started = len(forwards)  # the step under way when the DELETE returned is the last one
     assert_error(http.get(f"/v1/videos/{job['id']}"), 404)
+    gate.open()
     wait_until(lambda: manager.running_batch_size() == 0, 60, "the worker to drop the cancelled batch", 0.01)
-    assert 0 < len(forwards) == started < 200, (len(forwards), started)
+    assert len(dit_rows) == 3  # the fourth step never ran
     assert not manager.store.video_path(job["id"]).exists()
 
 
@@ -602,27 +616,14 @@ def test_the_web_page_is_served(server) -> None:
         assert element in page.text
 
 
-def test_progress_is_reported_while_running(server, http, wan_pipe, monkeypatch) -> None:
-    runner = wan_pipe.executor.runner
-    forward = runner.forward
-
-    def slow(*args, **kwargs):  # a tiny model's step takes milliseconds: make the run last
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "forward", slow)
-    job = http.post(
-        "/v1/videos", json={"prompt": "slow", "size": "32x32", "num_frames": 5, "num_inference_steps": 60}
-    ).json()
-    seen: set[int] = set()
-
-    def watch() -> bool:
+def test_progress_is_reported_while_running(server, http, gate) -> None:
+    job = http.post("/v1/videos", json={"prompt": "step by step", **SMALL, "num_inference_steps": 4}).json()
+    for steps in (1, 3):  # the worker held after this many of 4 steps
+        gate.hold_at(steps)
         body = http.get(f"/v1/videos/{job['id']}").json()
-        seen.add(body["progress"])
-        return body["status"] == "completed"
-
-    wait_until(watch, 60, "the job to finish", interval=0.02)
-    assert 100 in seen and any(0 < p < 100 for p in seen), seen
+        assert body["status"] == "in_progress" and body["progress"] == 95 * steps // 4, body
+    gate.open()
+    assert wait_done(http, job["id"])["progress"] == 100
 
 
 def test_metrics_are_prometheus_histograms_and_counters(server, http) -> None:

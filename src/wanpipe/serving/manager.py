@@ -27,6 +27,7 @@ from wanpipe.executor import CancelledError
 from wanpipe.media import Video
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import JobSpec, NewJob, ServeLimits
+from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class JobManager:
         self.model_names = {model_name, *model_aliases}
         self.limits = limits or ServeLimits()
         self.metrics = Metrics()
+        # Test-only (WANPIPE_TEST_STEP_GATE): hold the worker before each step until a test allows it.
+        self.step_gate: StepGate | None = StepGate.from_environment()
         self.pipe: WanPipeline | None = None
         self.load_error: BaseException | None = None
         self._load_pipeline = load_pipeline
@@ -399,7 +402,11 @@ class JobManager:
             with self._state_lock:
                 return ids <= self._cancelled
 
-        def should_cancel() -> bool:
+        gate = self.step_gate
+
+        def should_cancel() -> bool:  # called before each denoising step
+            if gate is not None:
+                gate.wait(self._stopping)
             if self._leader is None:
                 return local_cancel()
             return self._leader.should_cancel(local_cancel())  # every rank stops at the same step
