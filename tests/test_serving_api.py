@@ -530,6 +530,49 @@ def test_delete_cancels_a_running_job_at_the_next_step(server, http, gate, dit_r
     assert not manager.store.video_path(job["id"]).exists()
 
 
+def test_delete_one_job_of_a_running_batch_stops_its_row(server, http, gate, dit_rows, wan_pipe, monkeypatch):
+    """Three jobs run as one batch; one is deleted after two steps: from the third step on the DiT runs
+    the other two rows alone, and they complete with the frames of a plain run of the batch."""
+    requests, made = [], []
+    make_context, run_contexts = wan_pipe.tokenizer.make_context, wan_pipe.run_contexts
+
+    def spy_make_context(request):
+        requests.append(request)
+        return make_context(request)
+
+    def spy_run_contexts(contexts, *args, **kwargs):
+        frames, timings = run_contexts(contexts, *args, **kwargs)
+        made.append(frames)
+        return frames, timings
+
+    monkeypatch.setattr(wan_pipe.tokenizer, "make_context", spy_make_context)
+    monkeypatch.setattr(wan_pipe, "run_contexts", spy_run_contexts)
+    fields = {**SMALL, "num_inference_steps": 5, "guidance_scale": 5.0}
+    server.manager.pause()
+    try:
+        jobs = [
+            http.post("/v1/videos", json={"prompt": f"clip {i}", **fields, "seed": 20 + i}).json()
+            for i in range(3)
+        ]
+    finally:
+        server.manager.resume()
+    gate.hold_at(2)
+    assert http.delete(f"/v1/videos/{jobs[1]['id']}").status_code == 200
+    gate.open()
+    done = [wait_done(http, jobs[i]["id"]) for i in (0, 2)]
+    assert [d["status"] for d in done] == ["completed"] * 2 and [d["batch_size"] for d in done] == [3, 3]
+    assert dit_rows == [6, 6, 4, 4, 4]  # guided: cond + uncond rows, 3 jobs then 2
+    assert_error(http.get(f"/v1/videos/{jobs[1]['id']}"), 404)
+    assert not server.manager.store.video_path(jobs[1]["id"]).exists()
+
+    monkeypatch.undo()
+    assert len(requests) == 3 and len(made) == 1 and made[0][1] is None
+    plain, _ = wan_pipe.run_contexts([wan_pipe.tokenizer.make_context(r) for r in requests], progress=False)
+    for i in (0, 2):
+        assert float(np.abs(made[0][i] - plain[i]).max()) <= 1e-4
+    assert float(np.abs(plain[0] - plain[2]).max()) > 1e-2  # different seeds: the check can fail
+
+
 def test_delete_a_queued_job(server, http) -> None:
     server.manager.pause()
     try:

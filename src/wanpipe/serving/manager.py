@@ -3,10 +3,11 @@
 :class:`JobManager` runs one worker thread: it loads the pipeline, then loops: claim the oldest queued job
 and the later queued jobs of the same batch key (same latent shape and schedule, up to ``max_batch``), run
 them as one executor batch, save each video, mark each job. HTTP handlers only talk to the store
-(:mod:`wanpipe.serving.store`) and never wait on the model. ``DELETE`` of a running job stops its batch at
-the next denoising step once every job of the batch is deleted (a batch's other jobs keep running: the
-deleted job's video is discarded). Shutdown stops the running batch at the next step and puts its jobs
-back in the queue: nothing is finished half-way and nothing is lost.
+(:mod:`wanpipe.serving.store`) and never wait on the model. ``DELETE`` of a running job stops its work at
+the next denoising step: its row leaves the batch (``run_contexts(cancelled_rows=)``) and the batch's
+other jobs run on; once every job of the batch is deleted the batch stops. Shutdown stops the running
+batch at the next step and puts its jobs back in the queue: nothing is finished half-way and nothing is
+lost.
 """
 
 from __future__ import annotations
@@ -256,8 +257,8 @@ class JobManager:
             return len(self._running)
 
     def delete(self, job_id: str) -> Job | None:
-        """Delete a job: a queued one never runs, a running one is cancelled (its batch stops at the next
-        step once all of its jobs are deleted), a finished one's files are removed."""
+        """Delete a job: a queued one never runs, a running one is cancelled (its work stops at the next
+        step; the batch stops once all of its jobs are deleted), a finished one's files are removed."""
         job = self.store.delete(job_id)
         if job is None:
             return None
@@ -387,6 +388,7 @@ class JobManager:
                 self._break_world(e)
                 return
         ids = frozenset(job.id for job in jobs)
+        row_of = {job.id: i for i, job in enumerate(jobs)}
         with self._state_lock:
             self._running = ids
             self._progress.update(dict.fromkeys(ids, 0))
@@ -396,27 +398,39 @@ class JobManager:
             with self._state_lock:
                 self._progress.update(dict.fromkeys(ids, value))
 
-        def local_cancel() -> bool:
-            if self._stopping.is_set():
-                return True
+        def local_decision() -> tuple[bool, set[int]]:
+            """(stop the batch: shutdown or every job deleted, the rows of the deleted jobs)."""
             with self._state_lock:
-                return ids <= self._cancelled
+                deleted = ids & self._cancelled
+            return self._stopping.is_set() or deleted == ids, {row_of[job_id] for job_id in deleted}
 
+        def local_cancel() -> bool:
+            return local_decision()[0]
+
+        def local_rows() -> set[int]:
+            return local_decision()[1]
+
+        decide, cancelled_rows = local_cancel, local_rows
+        if self._leader is not None:  # every rank stops the batch, or drops the same rows, at the same step
+            steps = self._leader.steps(len(jobs), local_decision)
+            decide, cancelled_rows = steps.should_cancel, steps.cancelled_rows
         gate = self.step_gate
 
         def should_cancel() -> bool:  # called before each denoising step
             if gate is not None:
                 gate.wait(self._stopping)
-            if self._leader is None:
-                return local_cancel()
-            return self._leader.should_cancel(local_cancel())  # every rank stops at the same step
+            return decide()
 
         size = len(jobs)
         spec = jobs[0].spec
         t0 = time.perf_counter()
         try:
             frames, timings = pipe.run_contexts(
-                contexts, on_step, progress=False, should_cancel=should_cancel
+                contexts,
+                on_step,
+                progress=False,
+                should_cancel=should_cancel,
+                cancelled_rows=cancelled_rows,
             )
         except CancelledError:
             if self._stopping.is_set():
@@ -445,7 +459,7 @@ class JobManager:
         num_steps = spec.num_inference_steps or 1
         self.metrics.observe("step_seconds", timings.denoise_s / num_steps, num_steps)
         for job, video_frames in zip(jobs, frames):
-            if job.id in cancelled:
+            if job.id in cancelled or video_frames is None:  # None: its row stopped mid-batch
                 continue
             try:
                 video = Video(frames=video_frames, fps=job.spec.fps or 16)
