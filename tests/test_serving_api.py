@@ -487,6 +487,57 @@ def test_failed_generation_marks_the_job_failed_and_the_server_goes_on(
     assert wait_done(http, again["id"])["status"] == "completed"
 
 
+def _batch_of_three(server, http, poison: dict) -> list[dict]:
+    """Three jobs of one shape queued together (so they run as one batch); the second with ``poison``."""
+    server.manager.pause()
+    try:
+        bodies = [{"prompt": f"clip {i}", **SMALL, "seed": 30 + i} for i in range(3)]
+        bodies[1].update(poison)
+        return [http.post("/v1/videos", json=body).json() for body in bodies]
+    finally:
+        server.manager.resume()
+
+
+def test_a_bad_job_in_a_batch_fails_alone(server, http, wan_pipe, monkeypatch) -> None:
+    """An exception in one job of a batch (bad input that slipped through validation): the batch runs
+    again job by job; the bad job fails with its message, the others complete."""
+    execute = wan_pipe.executor.execute
+    sizes: list[int] = []
+
+    def choke_on_the_poison(inputs, *args, **kwargs):
+        sizes.append(inputs.latents.shape[0])
+        if bool((inputs.guidance_scale == 7.25).any()):
+            raise ValueError("the engine cannot take guidance_scale 7.25")
+        return execute(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(wan_pipe.executor, "execute", choke_on_the_poison)
+    jobs = _batch_of_three(server, http, {"guidance_scale": 7.25})
+    done = [wait_done(http, job["id"]) for job in jobs]
+    assert [d["status"] for d in done] == ["completed", "failed", "completed"]
+    assert done[1]["error"]["code"] == "generation_failed"
+    assert "cannot take guidance_scale 7.25" in done[1]["error"]["message"]
+    assert sizes == [3, 1, 1, 1] and [done[i]["batch_size"] for i in (0, 2)] == [1, 1]
+    assert http.get(f"/v1/videos/{jobs[0]['id']}/content").status_code == 200
+
+
+def test_a_batch_out_of_memory_runs_its_jobs_alone(server, http, wan_pipe, monkeypatch) -> None:
+    """Out of memory in a batch of three: each job runs alone and completes."""
+    execute = wan_pipe.executor.execute
+    sizes: list[int] = []
+
+    def too_big_together(inputs, *args, **kwargs):
+        sizes.append(inputs.latents.shape[0])
+        if inputs.latents.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return execute(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(wan_pipe.executor, "execute", too_big_together)
+    jobs = _batch_of_three(server, http, {})
+    done = [wait_done(http, job["id"]) for job in jobs]
+    assert [d["status"] for d in done] == ["completed"] * 3
+    assert sizes == [3, 1, 1, 1] and [d["batch_size"] for d in done] == [1, 1, 1]
+
+
 # -- cancelling ----------------------------------------------------------------------------------------
 @pytest.fixture
 def gate(server, tmp_path: Path):

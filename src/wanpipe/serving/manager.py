@@ -7,16 +7,19 @@ them as one executor batch, save each video, mark each job. HTTP handlers only t
 the next denoising step: its row leaves the batch (``run_contexts(cancelled_rows=)``) and the batch's
 other jobs run on; once every job of the batch is deleted the batch stops. Shutdown stops the running
 batch at the next step and puts its jobs back in the queue: nothing is finished half-way and nothing is
-lost.
+lost. A batch of several jobs that raises runs again job by job, so one job's bad input or memory need
+fails that job alone; a full output disk fails the job whose video did not fit (``disk_full``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +35,8 @@ from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from wanpipe.pipeline import WanPipeline
     from wanpipe.serving.distributed import BatchLeader
 
@@ -326,7 +331,12 @@ class JobManager:
                 self._wake.clear()
                 continue
             self._wake.clear()
-            batch = self.store.claim_batch(self.limits.max_batch, time.time())
+            try:
+                batch = self.store.claim_batch(self.limits.max_batch, time.time())
+            except (sqlite3.Error, OSError) as e:  # a full disk, say: the queue waits, the server serves on
+                logger.error("cannot take the next batch from the job store: %s", e)
+                self._stopping.wait(1.0)
+                continue
             if not batch:
                 self._wake.wait(1.0)
                 continue
@@ -355,7 +365,12 @@ class JobManager:
             self._on_fatal(error)
 
     def _fail(self, job: Job, code: str, message: str, batch_size: int | None) -> None:
-        if self.store.fail(job.id, code, message, now=time.time(), batch_size=batch_size):
+        try:
+            failed = self.store.fail(job.id, code, message, now=time.time(), batch_size=batch_size)
+        except (sqlite3.Error, OSError) as e:  # the job stays running in the store: a restart runs it again
+            logger.error("cannot mark job %s failed (%s: %s) in the job store: %s", job.id, code, message, e)
+            failed = False
+        if failed:
             self.metrics.count("finished", "failed")
             logger.warning("job %s failed (%s): %s", job.id, code, message)
         self._notify(job.id)
@@ -377,9 +392,16 @@ class JobManager:
         later = [job.id for job, _, ctx in runnable if ctx.batch_key != key]  # a stale stored key
         if later:
             self.store.requeue(later)
-        runnable = [item for item in runnable if item[2].batch_key == key]
+        self._run([item for item in runnable if item[2].batch_key == key])
+
+    def _run(self, runnable: list[tuple[Job, WanRequest, WanContext]]) -> None:
+        """Run jobs as one executor batch and save their videos. A job deleted meanwhile stops its row at
+        the next step (the others run on); shutdown stops the batch and requeues it. When a batch of
+        several fails, its jobs run again one by one (without torchrun): a job that fails alone is failed
+        with its message, the others complete."""
+        pipe = self.pipe
+        assert pipe is not None
         jobs = [job for job, _, _ in runnable]
-        contexts = [ctx for _, _, ctx in runnable]
         if self._leader is not None:
             try:  # the followers make their contexts from the same resolved requests (seeds fixed)
                 self._leader.send_batch([request for _, request, _ in runnable])
@@ -422,32 +444,20 @@ class JobManager:
             return decide()
 
         size = len(jobs)
-        spec = jobs[0].spec
         t0 = time.perf_counter()
+        error: Exception | None = None
         try:
             frames, timings = pipe.run_contexts(
-                contexts,
+                [ctx for _, _, ctx in runnable],
                 on_step,
                 progress=False,
                 should_cancel=should_cancel,
                 cancelled_rows=cancelled_rows,
             )
         except CancelledError:
-            if self._stopping.is_set():
-                n = self.store.requeue(list(ids))
-                logger.info("stopped a batch of %d at shutdown: %d job(s) stay queued", size, n)
-            return
+            frames = None
         except Exception as e:  # out of memory (WanOutOfMemoryError) or any other failure of the engine
-            from wanpipe.pipeline import WanOutOfMemoryError
-
-            code = "out_of_memory" if isinstance(e, WanOutOfMemoryError) else "generation_failed"
-            if code == "generation_failed":
-                logger.exception("generation failed for %s", ", ".join(sorted(ids)))
-            for job in jobs:
-                self._fail(job, code, str(e) or type(e).__name__, size)
-            if self._leader is not None:
-                self._break_world(e)
-            return
+            error = e
         finally:
             with self._state_lock:
                 self._running = frozenset()
@@ -455,45 +465,94 @@ class JobManager:
                     self._progress.pop(job_id, None)
                 cancelled = ids & self._cancelled
                 self._cancelled -= ids
+        if error is not None:
+            self._failed(runnable, error, cancelled)
+            return
+        if frames is None:
+            if self._stopping.is_set():
+                n = self.store.requeue(list(ids - cancelled))
+                logger.info("stopped a batch of %d at shutdown: %d job(s) stay queued", size, n)
+            return
         self.metrics.count("batches", size)
-        num_steps = spec.num_inference_steps or 1
+        num_steps = jobs[0].spec.num_inference_steps or 1
         self.metrics.observe("step_seconds", timings.denoise_s / num_steps, num_steps)
         for job, video_frames in zip(jobs, frames):
-            if job.id in cancelled or video_frames is None:  # None: its row stopped mid-batch
+            if job.id in cancelled or video_frames is None:
                 continue
-            try:
-                video = Video(frames=video_frames, fps=job.spec.fps or 16)
-                video.save(self.store.video_path(job.id))
-                Video(frames=video_frames[:1], fps=video.fps).save(
-                    self.store.thumbnail_path(job.id), format="jpg"
-                )
-            except Exception as e:
-                logger.exception("saving the video of %s failed", job.id)
-                self._fail(job, "save_failed", f"cannot save the video: {e}", size)
-                continue
-            now = time.time()
-            if not self.store.complete(job.id, batch_size=size, now=now):  # deleted while it was saved
-                self.store.remove_files(job.id)
-                continue
-            wait_s = (job.started_at or now) - job.created_at
-            run_s = now - (job.started_at or now)
-            self.metrics.count("finished", "completed")
-            self.metrics.observe("queue_wait_seconds", wait_s)
-            self.metrics.observe("run_seconds", run_s)
-            s = job.spec
-            logger.info(
-                "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s",
-                job.id,
-                s.width,
-                s.height,
-                s.num_frames,
-                s.num_inference_steps,
-                size,
-                wait_s,
-                run_s,
-            )
-            self._notify(job.id)
+            self._save(job, video_frames, size)
         self.metrics.observe("batch_seconds", time.perf_counter() - t0)
+
+    def _failed(
+        self, runnable: list[tuple[Job, WanRequest, WanContext]], error: Exception, deleted: frozenset[str]
+    ) -> None:
+        """A batch raised: under torchrun the world stops; else a batch of several runs again job by job
+        (one job's bad input or memory need must not fail the others), a single job is failed."""
+        from wanpipe.pipeline import WanOutOfMemoryError
+
+        ids = ", ".join(sorted(job.id for job, _, _ in runnable))
+        if len(runnable) > 1 and self._leader is None:
+            logger.warning("a batch of %d failed (%s): running its jobs one by one", len(runnable), error)
+            pipe = self.pipe
+            assert pipe is not None
+            for job, request, _ in runnable:
+                if job.id in deleted:
+                    continue
+                if self._stopping.is_set():
+                    self.store.requeue([job.id])
+                    continue
+                self._run([(job, request, pipe.tokenizer.make_context(request))])  # fresh noise, same seed
+            return
+        code = "out_of_memory" if isinstance(error, WanOutOfMemoryError) else "generation_failed"
+        if code == "generation_failed":
+            logger.error("generation failed for %s", ids, exc_info=error)
+        for job, _, _ in runnable:
+            self._fail(job, code, str(error) or type(error).__name__, len(runnable))
+        if self._leader is not None:
+            self._break_world(error)
+
+    def _save(self, job: Job, frames: np.ndarray, batch_size: int) -> None:
+        """Write a job's video and thumbnail, then mark it completed (a full disk fails the job)."""
+        try:
+            video = Video(frames=frames, fps=job.spec.fps or 16)
+            video.save(self.store.video_path(job.id))
+            Video(frames=frames[:1], fps=video.fps).save(self.store.thumbnail_path(job.id), format="jpg")
+        except Exception as e:
+            for path in (self.store.video_path(job.id), self.store.thumbnail_path(job.id)):
+                path.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                message = f"the output disk is full: cannot save the video in {self.store.videos_dir}"
+                self._fail(job, "disk_full", f"{message} ({e.strerror})", batch_size)
+            else:
+                logger.exception("saving the video of %s failed", job.id)
+                self._fail(job, "save_failed", f"cannot save the video: {e}", batch_size)
+            return
+        now = time.time()
+        try:
+            completed = self.store.complete(job.id, batch_size=batch_size, now=now)
+        except (sqlite3.Error, OSError) as e:  # the job stays running in the store: a restart runs it again
+            logger.error("cannot mark job %s completed in the job store: %s", job.id, e)
+            return
+        if not completed:  # deleted while it was saved
+            self.store.remove_files(job.id)
+            return
+        wait_s = (job.started_at or now) - job.created_at
+        run_s = now - (job.started_at or now)
+        self.metrics.count("finished", "completed")
+        self.metrics.observe("queue_wait_seconds", wait_s)
+        self.metrics.observe("run_seconds", run_s)
+        s = job.spec
+        logger.info(
+            "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s",
+            job.id,
+            s.width,
+            s.height,
+            s.num_frames,
+            s.num_inference_steps,
+            batch_size,
+            wait_s,
+            run_s,
+        )
+        self._notify(job.id)
 
 
 def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
