@@ -1,4 +1,4 @@
-"""wanpipe serve under faults: the output disk fills up.
+"""wanpipe serve under faults: the output disk fills up, the job database on start is corrupt or unreadable.
 
 (A job of a batch that raises, and deleting one job of a running batch, are in test_serving_api.py.)
 Figures and commands: docs/reliability.md.
@@ -6,9 +6,12 @@ Figures and commands: docs/reliability.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import httpx
 import pytest
 
 from tests.serving_helpers import Gate, ThreadServer, wait_until
+from tests.test_serving_store import make_job
 from wanpipe.serving.app import create_app
 from wanpipe.serving.manager import JobManager
 from wanpipe.serving.parsing import ServeLimits
@@ -127,3 +131,85 @@ def test_a_full_output_disk_fails_the_job_and_the_server_goes_on(
         assert not store.video_path(big["id"]).exists() and store.video_path(again["id"]).exists()
     finally:
         store.close()
+
+
+# -- a job database that cannot be read ------------------------------------------------------------
+def _database(folder: Path, jobs: int = 300) -> Path:
+    """A real job database with ``jobs`` queued rows (several pages), closed cleanly."""
+    store = JobStore(folder)
+    for _ in range(jobs):
+        store.add(make_job())
+    store.close()
+    return folder / "jobs.sqlite3"
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a database\n" * 200)
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _damaged_page(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[3 * page : 4 * page] = bytes(range(256)) * (page // 256)  # a b-tree page of the jobs table
+    path.write_bytes(bytes(data))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _serve(out: Path, tiny_ckpt: Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m wanpipe.serving`` on ``out``, run to its end."""
+    args = ["--host", "127.0.0.1", "--port", "0", "--output-dir", str(out), "--model", str(tiny_ckpt)]
+    command = [*(prefix or []), sys.executable, "-m", "wanpipe.serving", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("damage", [_garbage, _truncated, _damaged_page], ids=lambda f: f.__name__[1:])
+def test_a_corrupt_job_database_is_refused_and_left_as_it_is(damage, tiny_ckpt: Path, tmp_path: Path) -> None:
+    path = _database(tmp_path / "out")
+    damage(path)
+    digest = _sha256(path)
+    names = sorted(p.name for p in path.parent.iterdir())
+    copy = tmp_path / "copy.sqlite3"
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(sqlite3.DatabaseError):  # what a plain open would run into, sooner or later
+        db = sqlite3.connect(copy)
+        try:
+            db.execute("PRAGMA integrity_check").fetchall()
+            db.execute("SELECT * FROM jobs").fetchall()
+        finally:
+            db.close()
+    assert _sha256(path) == digest
+    run = _serve(path.parent, tiny_ckpt)
+    assert run.returncode == 1, run
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wanpipe serve: error: cannot read the job database"), run
+    assert str(path) in lines[0] and "listening" not in run.stdout
+    assert _sha256(path) == digest  # byte-identical
+    assert sorted(p.name for p in path.parent.iterdir()) == names  # no journal left beside it either
+
+
+def test_an_unreadable_job_database_is_refused(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A database the server may not read (mode 000; as root, the server runs without the capabilities
+    that override file permissions)."""
+    path = _database(tmp_path / "out", jobs=3)
+    path.chmod(0)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # root here may still read it
+    prefix = []
+    if _is_root():
+        if shutil.which("setpriv") is None:
+            pytest.skip("as root this needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    run = _serve(path.parent, tiny_ckpt, prefix=prefix)
+    assert run.returncode == 1, run
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wanpipe serve: error: cannot read the job database"), run
+    assert "unable to open" in lines[0], lines
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest and path.stat().st_mode & 0o777 == 0
