@@ -517,6 +517,7 @@ def test_a_bad_job_in_a_batch_fails_alone(server, http, wan_pipe, monkeypatch) -
     assert done[1]["error"]["code"] == "generation_failed"
     assert "cannot take guidance_scale 7.25" in done[1]["error"]["message"]
     assert sizes == [3, 1, 1, 1] and [done[i]["batch_size"] for i in (0, 2)] == [1, 1]
+    print(f"\nFAULT a bad job in a batch of 3: {[d['status'] for d in done]}, {done[1]['error']}")
     assert http.get(f"/v1/videos/{jobs[0]['id']}/content").status_code == 200
 
 

@@ -102,6 +102,7 @@ def test_a_full_output_disk_fails_the_job_and_the_server_goes_on(
         failed = _wait_done(http, big["id"])
         assert failed["status"] == "failed" and failed["error"]["code"] == "disk_full", failed
         assert "disk is full" in failed["error"]["message"], failed
+        print(f"\nFAULT disk full: {failed['error']}")
         # the server serves on: health, the list, the earlier video
         assert http.get("/health").status_code == 200
         listed = {v["id"]: v["status"] for v in http.get("/v1/videos").json()["data"]}
@@ -191,6 +192,7 @@ def test_a_corrupt_job_database_is_refused_and_left_as_it_is(damage, tiny_ckpt: 
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wanpipe serve: error: cannot read the job database"), run
     assert str(path) in lines[0] and "listening" not in run.stdout
+    print(f"\nFAULT {damage.__name__[1:]} database: exit {run.returncode}: {lines[0]}")
     assert _sha256(path) == digest  # byte-identical
     assert sorted(p.name for p in path.parent.iterdir()) == names  # no journal left beside it either
 
@@ -212,4 +214,5 @@ def test_an_unreadable_job_database_is_refused(tiny_ckpt: Path, tmp_path: Path) 
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wanpipe serve: error: cannot read the job database"), run
     assert "unable to open" in lines[0], lines
+    print(f"\nFAULT unreadable database: exit {run.returncode}: {lines[0]}")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest and path.stat().st_mode & 0o777 == 0
