@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -247,17 +246,19 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def rendezvous_store() -> torch.distributed.TCPStore:
+    """The world's rendezvous store, hosted by the parent on a port the OS picks, as torchrun's agent
+    hosts it: the ranks connect to ``store.port`` (TORCHELASTIC_USE_AGENT_STORE, see :func:`join_world`),
+    so no port is picked, released and bound again. Keep it referenced until the world is done."""
+    return torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def spawn_world(target: Callable[..., None], world: int, args: tuple, timeout_s: float) -> None:
     """Run ``target(rank, world, port, *args)`` on ``world`` spawned processes; kill them all and
     raise TimeoutError after ``timeout_s``; a process that fails raises (torch's ProcessRaisedException)."""
+    store = rendezvous_store()
     ctx = mp.start_processes(
-        target, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn"
+        target, args=(world, store.port, *args), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
@@ -266,16 +267,19 @@ def spawn_world(target: Callable[..., None], world: int, args: tuple, timeout_s:
                 if process.is_alive():
                     process.kill()
             raise TimeoutError(f"the {world}-process world did not finish in {timeout_s:.0f} s")
+    del store
 
 
 def join_world(rank: int, world: int, port: int, timeout_s: float = 60.0) -> torch.device:
-    """In a spawned process: torchrun's environment for ``rank``, then join the gloo group."""
+    """In a spawned process: torchrun's environment for ``rank`` (the parent's rendezvous store on
+    ``port``, :func:`rendezvous_store`), then join the gloo group."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(1)
     from wanpipe.parallel import init_distributed
@@ -433,30 +437,73 @@ def run_generate_world(ckpt: str, outdir: str, world: int = 2, timeout_s: float 
 
 
 def _serve_worker(rank: int, world: int, port: int, argv: list[str], outdir: str) -> None:
-    """``wanpipe serve`` (the CLI's ``main``) on every rank: rank 0 serves, the others follow; each
-    rank's exit code goes to ``outdir/serve-{rank}.json``."""
+    """``wanpipe serve`` (the CLI's ``main``) on every rank: rank 0 serves, the others follow; rank 0's
+    stdout (its address) goes to ``outdir/serve-0.out``, each rank's exit code to ``outdir/serve-{rank}.json``,
+    and the frames of every job a rank computes to ``outdir/frames-{rank}-{seed}.npy`` (before H.264)."""
+    import contextlib
     import sys
 
+    import numpy as np
     import torch.distributed as dist
 
+    from wanpipe.pipeline import WanPipeline
+
+    run_contexts = WanPipeline.run_contexts
+
+    def recording(self, contexts, *args, **kwargs):
+        frames, timings = run_contexts(self, contexts, *args, **kwargs)
+        for ctx, made in zip(contexts, frames):
+            if made is not None:  # None: a row dropped mid-batch (its job deleted)
+                np.save(Path(outdir, f"frames-{rank}-{ctx.seed}.npy"), made)
+        return frames, timings
+
+    WanPipeline.run_contexts = recording  # this spawned process only
     join_world(rank, world, port)
     from wanpipe.cli import main
 
     code: object = "raised"
     try:
-        code = main(argv)
+        with (
+            open(Path(outdir, f"serve-{rank}.out"), "w", buffering=1) as out,
+            contextlib.redirect_stdout(out),
+        ):
+            code = main(argv)
     finally:
         Path(outdir, f"serve-{rank}.json").write_text(json.dumps(code))
         dist.destroy_process_group()
     sys.exit(code)
 
 
-def start_serve_world(argv: list[str], outdir: str, world: int = 2) -> mp.ProcessContext:
+@dataclass
+class ServeWorld:
+    """A ``wanpipe serve`` world started by :func:`start_serve_world`."""
+
+    processes: list[mp.Process]
+    store: torch.distributed.TCPStore  # the rendezvous store, alive as long as the world
+    outdir: Path
+
+    def url(self, timeout: float = 60.0) -> str:
+        """Rank 0's address, from the line it prints once it listens (``--port 0``: the OS's pick)."""
+        deadline = time.monotonic() + timeout
+        out = self.outdir / "serve-0.out"
+        while time.monotonic() < deadline:
+            found = re.search(r"listening on (http://\S+)", out.read_text() if out.exists() else "")
+            if found:
+                return found.group(1)
+            if not self.processes[0].is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"rank 0 printed no address; exit {self.processes[0].exitcode}")
+
+
+def start_serve_world(argv: list[str], outdir: str, world: int = 2) -> ServeWorld:
     """:func:`_serve_worker` on ``world`` spawned processes, not joined (the caller stops rank 0)."""
-    return mp.start_processes(
+    store = rendezvous_store()
+    ctx = mp.start_processes(
         _serve_worker,
-        args=(world, _free_port(), argv, outdir),
+        args=(world, store.port, argv, outdir),
         nprocs=world,
         join=False,
         start_method="spawn",
     )
+    return ServeWorld(ctx.processes, store, Path(outdir))

@@ -127,6 +127,42 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
+class Gate:
+    """The test's side of the worker's step gate (``wanpipe.serving.step_gate``): the worker runs only the
+    steps a test allows, so the test knows which step a job is at when it deletes, kills or stops."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment that turns the gate on in a server process."""
+        from wanpipe.serving.step_gate import ENV
+
+        return {ENV: str(self.folder)}
+
+    def allow(self, steps: int) -> None:
+        """Let the worker run ``steps`` steps in all (since the server started)."""
+        from wanpipe.serving.step_gate import write_whole
+
+        write_whole(self.folder / "allowed", str(steps))
+
+    def open(self) -> None:
+        self.allow(10**9)
+
+    def waiting(self) -> int | None:
+        try:
+            return int((self.folder / "waiting").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def hold_at(self, steps: int, timeout: float = 60) -> None:
+        """Allow ``steps`` steps in all and wait until the worker has run them and holds before the next."""
+        self.allow(steps)
+        wait_until(lambda: self.waiting() == steps, timeout, f"the worker to hold after {steps} steps", 0.01)
+
+
 def png_bytes(height: int, width: int, seed: int = 0) -> bytes:
     """A smooth random picture as PNG bytes."""
     rng = np.random.default_rng(seed)
@@ -146,6 +182,13 @@ def read_mp4(data: bytes, folder: Path, name: str = "video.mp4") -> tuple[np.nda
     return read_video(path)
 
 
+def error_type(status: int) -> str:
+    """The OpenAI error type the server gives for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return "rate_limit_error" if status == 429 else "invalid_request_error"
+
+
 def assert_error(
     response: httpx.Response, status: int, param: str | None = None, code: str | None = None
 ) -> dict:
@@ -157,7 +200,7 @@ def assert_error(
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"], error
-    assert error["type"] == ("server_error" if status >= 500 else error["type"])
+    assert error["type"] == error_type(status), error
     if param is not None:
         assert error["param"] == param, error
     if code is not None:

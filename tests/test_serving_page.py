@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.serving_helpers import ThreadServer
+from tests.serving_helpers import Gate, ThreadServer
 from wanpipe.serving.app import create_app
 from wanpipe.serving.manager import JobManager
+from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import JobStore
 
 CHROMIUM = os.environ.get("WANPIPE_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -33,24 +33,19 @@ def _browser_or_skip():
 
 
 @pytest.fixture
-def page_server(wan_pipe, tmp_path: Path, monkeypatch):
-    # The tiny model runs a step in milliseconds: slow each step down so that the page's progress
-    # polling sees the bar between 0 and 100, however fast the machine is.
-    run_contexts = wan_pipe.run_contexts
-
-    def slow_run_contexts(contexts, callback=None, **kw):
-        def on_step(i: int, n: int, t: float) -> None:
-            time.sleep(0.03)
-            if callback is not None:
-                callback(i, n, t)
-
-        return run_contexts(contexts, callback=on_step, **kw)
-
-    monkeypatch.setattr(wan_pipe, "run_contexts", slow_run_contexts)
+def page_server(wan_pipe, tmp_path: Path):
+    # The worker's step gate holds the job half-way until the page has shown a progress between 0 and
+    # 100, however fast or slow the machine is.
     manager = JobManager(JobStore(tmp_path / "out"), lambda: wan_pipe, model_name="wan-tiny")
+    gate = Gate(tmp_path / "gate")
+    manager.step_gate = StepGate(gate.folder)
     with ThreadServer(create_app(manager)) as srv:
         assert manager.wait_ready(60)
-        yield srv
+        srv.gate = gate
+        try:
+            yield srv
+        finally:
+            gate.open()
 
 
 def test_the_page_generates_and_plays_a_video(page_server, tmp_path: Path) -> None:
@@ -89,6 +84,9 @@ def test_the_page_generates_and_plays_a_video(page_server, tmp_path: Path) -> No
             page.click("#submit")
 
             page.wait_for_selector("#current:not([hidden])")
+            page_server.gate.hold_at(50)  # half-way: the bar must show it before the job goes on
+            page.wait_for_function("() => window.seenProgress.some(v => v > 0 && v < 100)")
+            page_server.gate.open()
             page.wait_for_function(
                 """() => { const v = document.getElementById('player');
                            return !v.hidden && v.readyState >= 2 && !v.paused && v.currentTime > 0; }"""

@@ -1,6 +1,8 @@
 """Jobs survive the server: ``kill -9`` with one job finished, one running and one queued, then a restart;
 and SIGTERM stops a running job at a step boundary and keeps it queued. The server runs as
-``python -m wanpipe.serving`` subprocesses on 127.0.0.1 (two starts in all)."""
+``python -m wanpipe.serving`` subprocesses on 127.0.0.1 (two starts in all), each with the worker's
+step gate (``WANPIPE_TEST_STEP_GATE``): the signals arrive while a job is held between two known steps,
+however fast the machine."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.serving_helpers import ServerProcess, assert_error, read_mp4, wait_until
+from tests.serving_helpers import Gate, ServerProcess, assert_error, read_mp4, wait_until
 from wanpipe.serving.store import JobStatus, JobStore
 
 SMALL = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}
-# A job that runs for a few seconds on the tiny checkpoint, so the server can be killed while it runs.
-LONG = {"size": "64x64", "num_frames": 17, "num_inference_steps": 60}
+# A job the server is killed in (held by the gate after its first step); another shape than SMALL.
+LONG = {"size": "48x32", "num_frames": 5, "num_inference_steps": 6}
 
 
 def status(http: httpx.Client, video_id: str) -> dict:
@@ -34,32 +36,42 @@ def wait_status(http: httpx.Client, video_id: str, wanted: str, timeout: float =
 
 def test_kill_9_and_restart_lose_nothing_and_sigterm_is_graceful(tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "jobs"
-    args = ("--model", str(tiny_ckpt), "--output-dir", str(out), "--max-steps", "200")
+    args = ("--model", str(tiny_ckpt), "--output-dir", str(out))
     env = {"OMP_NUM_THREADS": "1"}  # the test process and the server share two cores
-    first = ServerProcess(*args, env=env)
+    gate = Gate(tmp_path / "gate-1")
+    first = ServerProcess(*args, env={**env, **gate.env})
     try:
         first.wait_ready()
         with httpx.Client(base_url=first.url, timeout=30) as http:
+            gate.allow(SMALL["num_inference_steps"])
             finished = http.post("/v1/videos", json={"prompt": "a cat walks", **SMALL, "seed": 1}).json()
             wait_status(http, finished["id"], "completed")
             finished_mp4 = http.get(f"/v1/videos/{finished['id']}/content").content
             running = http.post("/v1/videos", json={"prompt": "a long one", **LONG, "seed": 2}).json()
             queued = http.post("/v1/videos", json={"prompt": "a dog runs", **SMALL, "seed": 3}).json()
-            wait_until(lambda: status(http, running["id"])["progress"] > 0, 60, "the long job to run")
+            gate.hold_at(
+                SMALL["num_inference_steps"] + 1
+            )  # the long job: one step done, held before its second
+            assert status(http, running["id"])["status"] == "in_progress"
+            assert status(http, running["id"])["progress"] == 95 // LONG["num_inference_steps"]
             assert status(http, queued["id"])["status"] == "queued"
     finally:
         first.kill()  # kill -9, in the middle of the long job
     assert first.proc.returncode == -9
 
-    second = ServerProcess(*args, env=env)
+    gate = Gate(tmp_path / "gate-2")  # the second server counts its steps from 0
+    second = ServerProcess(*args, env={**env, **gate.env})
     try:
         with httpx.Client(base_url=second.url, timeout=30) as http:
             # the store answers before the model is loaded
             listed = {v["id"]: v for v in http.get("/v1/videos", params={"limit": 100}).json()["data"]}
             assert set(listed) == {finished["id"], running["id"], queued["id"]}
             assert listed[finished["id"]]["status"] == "completed"
+            assert listed[running["id"]]["status"] == "queued"  # back in the queue
             assert http.get(f"/v1/videos/{finished['id']}/content").content == finished_mp4
             second.wait_ready()
+            both = SMALL["num_inference_steps"] + LONG["num_inference_steps"]
+            gate.allow(both)
             done = wait_status(http, queued["id"], "completed")
             assert done["parameters"]["seed"] == 3
             frames, _ = read_mp4(http.get(f"/v1/videos/{queued['id']}/content").content, tmp_path)
@@ -69,7 +81,7 @@ def test_kill_9_and_restart_lose_nothing_and_sigterm_is_graceful(tiny_ckpt: Path
             # SIGTERM while a job runs for a waiting /v1/responses call: the job stops at a step and
             # stays queued, the call is answered 503, nothing is half-written
             answer: dict[str, httpx.Response] = {}
-            video = {"height": 64, "width": 64, "num_frames": 17, "steps": LONG["num_inference_steps"]}
+            video = {"height": 32, "width": 48, "num_frames": 5, "steps": LONG["num_inference_steps"]}
             body = {"input": "interrupted", "seed": 4, "provider_options": {"video": video}}
 
             def respond() -> None:
@@ -78,14 +90,10 @@ def test_kill_9_and_restart_lose_nothing_and_sigterm_is_graceful(tiny_ckpt: Path
 
             waiting = threading.Thread(target=respond)
             waiting.start()
-
-            def last_running() -> dict | None:
-                newest = http.get("/v1/videos", params={"limit": 1}).json()["data"][0]
-                running_now = newest["prompt"] == "interrupted" and newest["progress"] > 0
-                return newest if running_now and newest["status"] == "in_progress" else None
-
-            last = wait_until(last_running, 60, "the last job to run")
-        code = second.terminate(timeout=30)
+            gate.hold_at(both + 1)  # one step of the last job done, held before its second
+            last = http.get("/v1/videos", params={"limit": 1}).json()["data"][0]
+            assert last["prompt"] == "interrupted" and last["status"] == "in_progress", last
+        code = second.terminate(timeout=30)  # the gate lets a stopping worker go: it stops at that step
         waiting.join(30)
     finally:
         second.kill()

@@ -489,7 +489,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     text = manager.metrics.render(
         ready=manager.ready, counts=manager.store.counts(), running_batch=manager.running_batch_size()
     )
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PlainTextResponse(text, media_type=manager.metrics.content_type)
 
 
 @plain.get("/", response_class=HTMLResponse)

@@ -8,8 +8,10 @@ talks to the group):
 * ``("batch", [WanRequest, ...])`` (``broadcast_object_list``) when the worker takes a batch: the
   requests with every setting resolved and the seed fixed (as the job store keeps them) and the
   uploaded images as decoded arrays. Each rank makes the contexts and calls ``run_contexts``.
-* one flag per denoising step (a one-element tensor broadcast inside ``should_cancel``): rank 0's
-  decision (every job of the batch deleted, or shutdown); every rank stops at the same step.
+* one decision per denoising step (a small int tensor broadcast inside ``should_cancel``, see
+  :class:`StepDecisions`): rank 0's flag (every job of the batch deleted, or shutdown: every rank stops
+  the batch at the same step) and a mask of the batch's rows whose job was deleted (every rank drops
+  those rows at the same step and runs the others on).
 * ``("stop", None)`` when rank 0's worker stops (SIGTERM, Ctrl-C): the followers return 0.
 
 Failures are fail-fast: an exception other than the agreed cancel, on any rank, may leave the ranks
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,11 +48,35 @@ def _flag_device() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
 
-def broadcast_flag(value: bool) -> bool:
-    """Rank 0's ``value`` on every rank (a collective: every rank calls it, the others' value is ignored)."""
-    flag = torch.tensor([int(value)], dtype=torch.int32, device=_flag_device())
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+def broadcast_decision(cancel: bool, rows: Collection[int], size: int) -> tuple[bool, frozenset[int]]:
+    """Rank 0's step decision on every rank (a collective: every rank calls it, the others' arguments
+    are ignored): whether the whole batch stops, and the rows (indices below ``size``) whose work stops."""
+    values = [int(cancel)] + [int(i in rows) for i in range(size)]
+    mask = torch.tensor(values, dtype=torch.int32, device=_flag_device())
+    dist.broadcast(mask, src=0)
+    got = mask.tolist()
+    return bool(got[0]), frozenset(i for i, v in enumerate(got[1:]) if v)
+
+
+class StepDecisions:
+    """One batch's per-step decisions, the same on every rank. The denoise loop calls
+    :meth:`should_cancel` before each step (it broadcasts rank 0's decision: the one collective of the
+    check) and :meth:`cancelled_rows` right after (the rows of that decision, no collective).
+
+    ``local`` gives rank 0's own (stop the batch, rows to drop); None on the followers."""
+
+    def __init__(self, size: int, local: Callable[[], tuple[bool, Collection[int]]] | None = None):
+        self.size = size
+        self._local = local
+        self._rows: frozenset[int] = frozenset()
+
+    def should_cancel(self) -> bool:
+        cancel, rows = self._local() if self._local is not None else (False, ())
+        cancel, self._rows = broadcast_decision(cancel, rows, self.size)
+        return cancel
+
+    def cancelled_rows(self) -> frozenset[int]:
+        return self._rows
 
 
 def _receive() -> tuple[str, Any]:
@@ -59,13 +86,14 @@ def _receive() -> tuple[str, Any]:
 
 
 class BatchLeader:
-    """Rank 0's side: the job manager's worker sends each batch, each step's cancel flag and the stop."""
+    """Rank 0's side: the job manager's worker sends each batch, each step's decision and the stop."""
 
     def send_batch(self, requests: list[WanRequest]) -> None:
         dist.broadcast_object_list([(BATCH, requests)], src=0)
 
-    def should_cancel(self, local: bool) -> bool:
-        return broadcast_flag(local)
+    def steps(self, size: int, local: Callable[[], tuple[bool, Collection[int]]]) -> StepDecisions:
+        """The step decisions of a batch of ``size`` jobs: ``local()`` is rank 0's (stop, rows to drop)."""
+        return StepDecisions(size, local)
 
     def send_stop(self) -> None:
         dist.broadcast_object_list([(STOP, None)], src=0)
@@ -82,9 +110,6 @@ def follow(pipe: WanPipeline) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, ignore)
 
-    def should_cancel() -> bool:
-        return broadcast_flag(False)
-
     while True:
         kind, payload = _receive()
         if kind == STOP:
@@ -93,7 +118,13 @@ def follow(pipe: WanPipeline) -> int:
         if kind != BATCH:
             raise RuntimeError(f"rank {rank}: unknown message {kind!r} from rank 0")
         contexts = [pipe.tokenizer.make_context(request) for request in payload]
+        steps = StepDecisions(len(contexts))
         try:
-            pipe.run_contexts(contexts, progress=False, should_cancel=should_cancel)
+            pipe.run_contexts(
+                contexts,
+                progress=False,
+                should_cancel=steps.should_cancel,
+                cancelled_rows=steps.cancelled_rows,
+            )
         except CancelledError:
             continue

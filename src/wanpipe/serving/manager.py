@@ -3,19 +3,23 @@
 :class:`JobManager` runs one worker thread: it loads the pipeline, then loops: claim the oldest queued job
 and the later queued jobs of the same batch key (same latent shape and schedule, up to ``max_batch``), run
 them as one executor batch, save each video, mark each job. HTTP handlers only talk to the store
-(:mod:`wanpipe.serving.store`) and never wait on the model. ``DELETE`` of a running job stops its batch at
-the next denoising step once every job of the batch is deleted (a batch's other jobs keep running: the
-deleted job's video is discarded). Shutdown stops the running batch at the next step and puts its jobs
-back in the queue: nothing is finished half-way and nothing is lost.
+(:mod:`wanpipe.serving.store`) and never wait on the model. ``DELETE`` of a running job stops its work at
+the next denoising step: its row leaves the batch (``run_contexts(cancelled_rows=)``) and the batch's
+other jobs run on; once every job of the batch is deleted the batch stops. Shutdown stops the running
+batch at the next step and puts its jobs back in the queue: nothing is finished half-way and nothing is
+lost. A batch of several jobs that raises runs again job by job, so one job's bad input or memory need
+fails that job alone; a full output disk fails the job whose video did not fit (``disk_full``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -27,9 +31,12 @@ from wanpipe.executor import CancelledError
 from wanpipe.media import Video
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import JobSpec, NewJob, ServeLimits
+from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from wanpipe.pipeline import WanPipeline
     from wanpipe.serving.distributed import BatchLeader
 
@@ -88,6 +95,8 @@ class JobManager:
         self.model_names = {model_name, *model_aliases}
         self.limits = limits or ServeLimits()
         self.metrics = Metrics()
+        # Test-only (WANPIPE_TEST_STEP_GATE): hold the worker before each step until a test allows it.
+        self.step_gate: StepGate | None = StepGate.from_environment()
         self.pipe: WanPipeline | None = None
         self.load_error: BaseException | None = None
         self._load_pipeline = load_pipeline
@@ -253,8 +262,8 @@ class JobManager:
             return len(self._running)
 
     def delete(self, job_id: str) -> Job | None:
-        """Delete a job: a queued one never runs, a running one is cancelled (its batch stops at the next
-        step once all of its jobs are deleted), a finished one's files are removed."""
+        """Delete a job: a queued one never runs, a running one is cancelled (its work stops at the next
+        step; the batch stops once all of its jobs are deleted), a finished one's files are removed."""
         job = self.store.delete(job_id)
         if job is None:
             return None
@@ -322,7 +331,12 @@ class JobManager:
                 self._wake.clear()
                 continue
             self._wake.clear()
-            batch = self.store.claim_batch(self.limits.max_batch, time.time())
+            try:
+                batch = self.store.claim_batch(self.limits.max_batch, time.time())
+            except (sqlite3.Error, OSError) as e:  # a full disk, say: the queue waits, the server serves on
+                logger.error("cannot take the next batch from the job store: %s", e)
+                self._stopping.wait(1.0)
+                continue
             if not batch:
                 self._wake.wait(1.0)
                 continue
@@ -351,7 +365,12 @@ class JobManager:
             self._on_fatal(error)
 
     def _fail(self, job: Job, code: str, message: str, batch_size: int | None) -> None:
-        if self.store.fail(job.id, code, message, now=time.time(), batch_size=batch_size):
+        try:
+            failed = self.store.fail(job.id, code, message, now=time.time(), batch_size=batch_size)
+        except (sqlite3.Error, OSError) as e:  # the job stays running in the store: a restart runs it again
+            logger.error("cannot mark job %s failed (%s: %s) in the job store: %s", job.id, code, message, e)
+            failed = False
+        if failed:
             self.metrics.count("finished", "failed")
             logger.warning("job %s failed (%s): %s", job.id, code, message)
         self._notify(job.id)
@@ -373,9 +392,16 @@ class JobManager:
         later = [job.id for job, _, ctx in runnable if ctx.batch_key != key]  # a stale stored key
         if later:
             self.store.requeue(later)
-        runnable = [item for item in runnable if item[2].batch_key == key]
+        self._run([item for item in runnable if item[2].batch_key == key])
+
+    def _run(self, runnable: list[tuple[Job, WanRequest, WanContext]]) -> None:
+        """Run jobs as one executor batch and save their videos. A job deleted meanwhile stops its row at
+        the next step (the others run on); shutdown stops the batch and requeues it. When a batch of
+        several fails, its jobs run again one by one (without torchrun): a job that fails alone is failed
+        with its message, the others complete."""
+        pipe = self.pipe
+        assert pipe is not None
         jobs = [job for job, _, _ in runnable]
-        contexts = [ctx for _, _, ctx in runnable]
         if self._leader is not None:
             try:  # the followers make their contexts from the same resolved requests (seeds fixed)
                 self._leader.send_batch([request for _, request, _ in runnable])
@@ -384,6 +410,7 @@ class JobManager:
                 self._break_world(e)
                 return
         ids = frozenset(job.id for job in jobs)
+        row_of = {job.id: i for i, job in enumerate(jobs)}
         with self._state_lock:
             self._running = ids
             self._progress.update(dict.fromkeys(ids, 0))
@@ -393,40 +420,44 @@ class JobManager:
             with self._state_lock:
                 self._progress.update(dict.fromkeys(ids, value))
 
-        def local_cancel() -> bool:
-            if self._stopping.is_set():
-                return True
+        def local_decision() -> tuple[bool, set[int]]:
+            """(stop the batch: shutdown or every job deleted, the rows of the deleted jobs)."""
             with self._state_lock:
-                return ids <= self._cancelled
+                deleted = ids & self._cancelled
+            return self._stopping.is_set() or deleted == ids, {row_of[job_id] for job_id in deleted}
 
-        def should_cancel() -> bool:
-            if self._leader is None:
-                return local_cancel()
-            return self._leader.should_cancel(local_cancel())  # every rank stops at the same step
+        def local_cancel() -> bool:
+            return local_decision()[0]
+
+        def local_rows() -> set[int]:
+            return local_decision()[1]
+
+        decide, cancelled_rows = local_cancel, local_rows
+        if self._leader is not None:  # every rank stops the batch, or drops the same rows, at the same step
+            steps = self._leader.steps(len(jobs), local_decision)
+            decide, cancelled_rows = steps.should_cancel, steps.cancelled_rows
+        gate = self.step_gate
+
+        def should_cancel() -> bool:  # called before each denoising step
+            if gate is not None:
+                gate.wait(self._stopping)
+            return decide()
 
         size = len(jobs)
-        spec = jobs[0].spec
         t0 = time.perf_counter()
+        error: Exception | None = None
         try:
             frames, timings = pipe.run_contexts(
-                contexts, on_step, progress=False, should_cancel=should_cancel
+                [ctx for _, _, ctx in runnable],
+                on_step,
+                progress=False,
+                should_cancel=should_cancel,
+                cancelled_rows=cancelled_rows,
             )
         except CancelledError:
-            if self._stopping.is_set():
-                n = self.store.requeue(list(ids))
-                logger.info("stopped a batch of %d at shutdown: %d job(s) stay queued", size, n)
-            return
+            frames = None
         except Exception as e:  # out of memory (WanOutOfMemoryError) or any other failure of the engine
-            from wanpipe.pipeline import WanOutOfMemoryError
-
-            code = "out_of_memory" if isinstance(e, WanOutOfMemoryError) else "generation_failed"
-            if code == "generation_failed":
-                logger.exception("generation failed for %s", ", ".join(sorted(ids)))
-            for job in jobs:
-                self._fail(job, code, str(e) or type(e).__name__, size)
-            if self._leader is not None:
-                self._break_world(e)
-            return
+            error = e
         finally:
             with self._state_lock:
                 self._running = frozenset()
@@ -434,44 +465,94 @@ class JobManager:
                     self._progress.pop(job_id, None)
                 cancelled = ids & self._cancelled
                 self._cancelled -= ids
+        if error is not None:
+            self._failed(runnable, error, cancelled)
+            return
+        if frames is None:
+            if self._stopping.is_set():
+                n = self.store.requeue(list(ids - cancelled))
+                logger.info("stopped a batch of %d at shutdown: %d job(s) stay queued", size, n)
+            return
         self.metrics.count("batches", size)
-        self.metrics.add("step_seconds", timings.denoise_s, spec.num_inference_steps or 1)
+        num_steps = jobs[0].spec.num_inference_steps or 1
+        self.metrics.observe("step_seconds", timings.denoise_s / num_steps, num_steps)
         for job, video_frames in zip(jobs, frames):
-            if job.id in cancelled:
+            if job.id in cancelled or video_frames is None:
                 continue
-            try:
-                video = Video(frames=video_frames, fps=job.spec.fps or 16)
-                video.save(self.store.video_path(job.id))
-                Video(frames=video_frames[:1], fps=video.fps).save(
-                    self.store.thumbnail_path(job.id), format="jpg"
-                )
-            except Exception as e:
+            self._save(job, video_frames, size)
+        self.metrics.observe("batch_seconds", time.perf_counter() - t0)
+
+    def _failed(
+        self, runnable: list[tuple[Job, WanRequest, WanContext]], error: Exception, deleted: frozenset[str]
+    ) -> None:
+        """A batch raised: under torchrun the world stops; else a batch of several runs again job by job
+        (one job's bad input or memory need must not fail the others), a single job is failed."""
+        from wanpipe.pipeline import WanOutOfMemoryError
+
+        ids = ", ".join(sorted(job.id for job, _, _ in runnable))
+        if len(runnable) > 1 and self._leader is None:
+            logger.warning("a batch of %d failed (%s): running its jobs one by one", len(runnable), error)
+            pipe = self.pipe
+            assert pipe is not None
+            for job, request, _ in runnable:
+                if job.id in deleted:
+                    continue
+                if self._stopping.is_set():
+                    self.store.requeue([job.id])
+                    continue
+                self._run([(job, request, pipe.tokenizer.make_context(request))])  # fresh noise, same seed
+            return
+        code = "out_of_memory" if isinstance(error, WanOutOfMemoryError) else "generation_failed"
+        if code == "generation_failed":
+            logger.error("generation failed for %s", ids, exc_info=error)
+        for job, _, _ in runnable:
+            self._fail(job, code, str(error) or type(error).__name__, len(runnable))
+        if self._leader is not None:
+            self._break_world(error)
+
+    def _save(self, job: Job, frames: np.ndarray, batch_size: int) -> None:
+        """Write a job's video and thumbnail, then mark it completed (a full disk fails the job)."""
+        try:
+            video = Video(frames=frames, fps=job.spec.fps or 16)
+            video.save(self.store.video_path(job.id))
+            Video(frames=frames[:1], fps=video.fps).save(self.store.thumbnail_path(job.id), format="jpg")
+        except Exception as e:
+            for path in (self.store.video_path(job.id), self.store.thumbnail_path(job.id)):
+                path.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                message = f"the output disk is full: cannot save the video in {self.store.videos_dir}"
+                self._fail(job, "disk_full", f"{message} ({e.strerror})", batch_size)
+            else:
                 logger.exception("saving the video of %s failed", job.id)
-                self._fail(job, "save_failed", f"cannot save the video: {e}", size)
-                continue
-            now = time.time()
-            if not self.store.complete(job.id, batch_size=size, now=now):  # deleted while it was saved
-                self.store.remove_files(job.id)
-                continue
-            wait_s = (job.started_at or now) - job.created_at
-            run_s = now - (job.started_at or now)
-            self.metrics.count("finished", "completed")
-            self.metrics.add("queue_wait_seconds", wait_s)
-            self.metrics.add("run_seconds", run_s)
-            s = job.spec
-            logger.info(
-                "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s",
-                job.id,
-                s.width,
-                s.height,
-                s.num_frames,
-                s.num_inference_steps,
-                size,
-                wait_s,
-                run_s,
-            )
-            self._notify(job.id)
-        self.metrics.add("batch_seconds", time.perf_counter() - t0)
+                self._fail(job, "save_failed", f"cannot save the video: {e}", batch_size)
+            return
+        now = time.time()
+        try:
+            completed = self.store.complete(job.id, batch_size=batch_size, now=now)
+        except (sqlite3.Error, OSError) as e:  # the job stays running in the store: a restart runs it again
+            logger.error("cannot mark job %s completed in the job store: %s", job.id, e)
+            return
+        if not completed:  # deleted while it was saved
+            self.store.remove_files(job.id)
+            return
+        wait_s = (job.started_at or now) - job.created_at
+        run_s = now - (job.started_at or now)
+        self.metrics.count("finished", "completed")
+        self.metrics.observe("queue_wait_seconds", wait_s)
+        self.metrics.observe("run_seconds", run_s)
+        s = job.spec
+        logger.info(
+            "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s",
+            job.id,
+            s.width,
+            s.height,
+            s.num_frames,
+            s.num_inference_steps,
+            batch_size,
+            wait_s,
+            run_s,
+        )
+        self._notify(job.id)
 
 
 def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:

@@ -1,80 +1,90 @@
-"""The counters and sums of ``wanpipe serve`` for ``GET /metrics`` (Prometheus text format)."""
+"""The metrics of ``wanpipe serve`` for ``GET /metrics``, through ``prometheus_client``.
+
+Each :class:`Metrics` has its own ``CollectorRegistry`` (several servers may live in one process, as in
+the tests): counters of jobs and batches, histograms of queue wait, step, run and batch times, and the
+gauges of the store's state, set at each scrape by :meth:`Metrics.render`.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
-from collections.abc import Iterable
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from wanpipe.serving.store import JobStatus
 
-# The counters of :class:`Metrics`: (attribute, metric name, label, help).
+# The Prometheus text format 0.0.4 that generate_latest writes (prometheus_client's
+# CONTENT_TYPE_PLAIN_0_0_4; its CONTENT_TYPE_LATEST names 1.0.0 in recent releases).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The counters: (the key :meth:`Metrics.count` takes, the metric name without ``_total``, label, help).
 COUNTERS = (
-    ("submitted", "wanpipe_jobs_submitted_total", "api", "Jobs accepted, by API."),
-    ("rejected", "wanpipe_requests_rejected_total", "reason", "Generation requests refused, by reason."),
-    ("finished", "wanpipe_jobs_finished_total", "status", "Jobs finished since start, by outcome."),
-    ("batches", "wanpipe_batches_total", "size", "Executor batches run, by the number of jobs in them."),
+    ("submitted", "wanpipe_jobs_submitted", "api", "Jobs accepted, by API."),
+    ("rejected", "wanpipe_requests_rejected", "reason", "Generation requests refused, by reason."),
+    ("finished", "wanpipe_jobs_finished", "status", "Jobs finished since start, by outcome."),
+    ("batches", "wanpipe_batches", "size", "Executor batches run, by the number of jobs in them."),
 )
-# The sums of :class:`Metrics` shown as summaries (batch_seconds is kept for Retry-After only).
-SUMMARIES = (
-    ("step_seconds", "Time of one denoising step of a batch."),
-    ("queue_wait_seconds", "Time from a job's submission to its start."),
-    ("run_seconds", "Time from a job's start to its saved video."),
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+# The histograms: (the key :meth:`Metrics.observe` takes, help, buckets in seconds).
+HISTOGRAMS = (
+    (
+        "step_seconds",
+        "Time of one denoising step of a batch (its denoise time over its steps, once per step).",
+        (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    ),
+    ("queue_wait_seconds", "Time from a job's submission to its start.", _SECONDS),
+    ("run_seconds", "Time from a job's start to its saved video.", _SECONDS),
+    ("batch_seconds", "Time of one executor batch, its videos saved.", _SECONDS),
 )
 
 
 class Metrics:
-    """Counters and sums for ``/metrics`` (Prometheus text format)."""
+    """The counters, histograms and gauges behind ``/metrics``, in a registry of their own."""
+
+    content_type = CONTENT_TYPE
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._counters = {
+            key: Counter(name, help, [label], registry=r) for key, name, label, help in COUNTERS
+        }
+        self._histograms = {
+            key: Histogram(f"wanpipe_{key}", help, buckets=buckets, registry=r)
+            for key, help, buckets in HISTOGRAMS
+        }
+        self._ready = Gauge("wanpipe_ready", "1 when the model is loaded and the worker runs.", registry=r)
+        self._queue_depth = Gauge("wanpipe_queue_depth", "Jobs waiting to run.", registry=r)
+        self._jobs = Gauge("wanpipe_jobs", "Jobs in the store by state.", ["state"], registry=r)
+        self._running = Gauge("wanpipe_running_batch_size", "Jobs in the batch now running.", registry=r)
         self._lock = threading.Lock()
-        self.submitted: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self.finished: Counter[str] = Counter()
-        self.batches: Counter[int] = Counter()
-        self.step_seconds = [0.0, 0]  # sum, count
-        self.queue_wait_seconds = [0.0, 0]
-        self.run_seconds = [0.0, 0]
-        self.batch_seconds = [0.0, 0]
-
-    def add(self, name: str, value: float, count: int = 1) -> None:
-        with self._lock:
-            pair = getattr(self, name)
-            pair[0] += value
-            pair[1] += count
+        self._batch_total = 0.0  # for Retry-After: the mean batch time
+        self._batch_count = 0
 
     def count(self, counter: str, key: Any, n: int = 1) -> None:
-        with self._lock:
-            getattr(self, counter)[key] += n
+        """Add ``n`` to the counter ``counter`` (submitted, rejected, finished, batches) at label ``key``."""
+        self._counters[counter].labels(str(key)).inc(n)
+
+    def observe(self, name: str, seconds: float, times: int = 1) -> None:
+        """Observe ``seconds`` in the histogram ``name``, ``times`` times."""
+        histogram = self._histograms[name]
+        for _ in range(times):
+            histogram.observe(seconds)
+        if name == "batch_seconds":
+            with self._lock:
+                self._batch_total += seconds
+                self._batch_count += times
 
     def mean_batch_seconds(self) -> float | None:
         with self._lock:
-            total, n = self.batch_seconds
-        return total / n if n else None
+            return self._batch_total / self._batch_count if self._batch_count else None
 
-    def render(self, *, ready: bool, counts: dict[JobStatus, int], running_batch: int) -> str:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
-
-        def labelled(label: str, items: Iterable[tuple[Any, float]]) -> list[tuple[str, float]]:
-            return [(f'{{{label}="{key}"}}', n) for key, n in items]
-
-        with self._lock:
-            metric("wanpipe_ready", "gauge", "1 when the model is loaded and the worker runs.", [("", ready)])
-            metric("wanpipe_queue_depth", "gauge", "Jobs waiting to run.", [("", counts[JobStatus.QUEUED])])
-            states = ((s.value, n) for s, n in counts.items())
-            metric("wanpipe_jobs", "gauge", "Jobs in the store by state.", labelled("state", states))
-            metric(
-                "wanpipe_running_batch_size", "gauge", "Jobs in the batch now running.", [("", running_batch)]
-            )
-            for counter, name, label, help in COUNTERS:
-                metric(name, "counter", help, labelled(label, sorted(getattr(self, counter).items())))
-            for name, help in SUMMARIES:
-                total, n = getattr(self, name)
-                metric(f"wanpipe_{name}", "summary", help, [("_sum", total), ("_count", n)])
-        return "\n".join(lines) + "\n"
+    def render(self, *, ready: bool, counts: dict[JobStatus, int], running_batch: int) -> bytes:
+        """The Prometheus text (format 0.0.4, :data:`CONTENT_TYPE`), the gauges set to the given state."""
+        self._ready.set(int(ready))
+        self._queue_depth.set(counts[JobStatus.QUEUED])
+        for state, n in counts.items():
+            self._jobs.labels(state.value).set(n)
+        self._running.set(running_batch)
+        return generate_latest(self.registry)

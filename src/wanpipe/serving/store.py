@@ -5,7 +5,8 @@
 ``videos/<id>.mp4`` (and its first frame to ``videos/<id>.jpg``) atomically, *before* the row says
 ``completed``; uploaded images are kept as ``inputs/<id>.<name>.png`` before the row is inserted. So a
 row never points at a missing or half-written file. The store holds an exclusive lock on the directory:
-two servers never run the same jobs.
+two servers never run the same jobs. A database SQLite cannot read whole on start is refused
+(:class:`StoreUnreadableError`) and left as it is.
 
 On start, :meth:`JobStore.recover` puts jobs that were running when the process died back in the queue (a
 job that was running during three crashes is marked failed instead: it may be what crashes the server),
@@ -83,6 +84,32 @@ class StoreLockedError(RuntimeError):
     """Another server uses this output directory."""
 
 
+class StoreUnreadableError(RuntimeError):
+    """The job database cannot be opened or read whole; it is left untouched."""
+
+
+def check_readable(path: Path) -> None:
+    """Refuse a job database that SQLite cannot open or read whole (a corrupt, truncated or unreadable
+    file), before anything writes to it: a read-only connection runs ``PRAGMA quick_check``. Without a
+    WAL file beside it the file is opened as immutable, so not even an empty journal is created."""
+    if not path.exists():
+        return
+    wal = path.with_name(path.name + "-wal").exists()  # after kill -9: committed changes to read too
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}", uri=True)
+        try:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        problems = [str(e)]
+    if problems != ["ok"]:
+        raise StoreUnreadableError(
+            f"cannot read the job database {path}: {problems[0]} (left as it is: restore it from a backup, "
+            "or move it away to start with an empty job list)"
+        )
+
+
 class JobStore:
     """Jobs in SQLite, videos and input images as files beside it. Safe to use from several threads."""
 
@@ -103,6 +130,11 @@ class JobStore:
                     f"{self.folder} is in use by another wanpipe serve; give each server its own --output-dir"
                 ) from None
         self.path = self.folder / "jobs.sqlite3"
+        try:
+            check_readable(self.path)
+        except StoreUnreadableError:
+            self._release_lock()
+            raise
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -138,6 +170,9 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
