@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_BAD_INPUT = 2
 """Exit code for bad input (argparse's own); 1 is for failures at run time (out of memory, ...)."""
@@ -228,35 +228,10 @@ def lora_spec(text: str) -> str:
 # -- the engine's messages -------------------------------------------------------------------------------
 
 
-REQUEST_FLAGS = {
-    "prompt": "--prompt",
-    "negative_prompt": "--negative-prompt",
-    "height": "--height",
-    "width": "--width",
-    "num_frames": "--num-frames",
-    "num_inference_steps": "--steps",
-    "guidance_scale_2": "--guidance-scale-2",
-    "guidance_scale": "--guidance-scale",
-    "flow_shift": "--flow-shift",
-    "seed": "--seed",
-    "last_image": "--last-image",
-    "image": "--image",
-    "video": "--video",
-    "strength": "--strength",
-    "residual_threshold": "--residual-threshold",
-    "cfg_truncation": "--cfg-truncation",
-}
-"""``WanRequest`` fields -> the ``generate`` flags that set them: ``wanpipe generate`` builds its request
-from this table, and names the flag in the engine's error messages (``guidance_scale_2`` before
-``guidance_scale``: the longer name matches first)."""
-
-_FIELD_NAMES = re.compile(r"\b(" + "|".join(k for k in REQUEST_FLAGS if "_" in k) + r")\b")
-
-
 def request_error(error: Exception) -> str:
     """The engine's message for a refused request with the flags named instead of the request fields:
     ``num_frames must be 4k+1 ...`` -> ``--num-frames must be 4k+1 ...``."""
-    text = _FIELD_NAMES.sub(lambda m: REQUEST_FLAGS[m[1]], str(error))
+    text = _field_names().sub(lambda m: REQUEST_FLAGS[m[1]], str(error))
     text = re.sub(r"\b(pass|needs) (image|video)\b", lambda m: f"{m[1]} {REQUEST_FLAGS[m[2]]}", text)
     param = getattr(error, "param", None)
     flag = REQUEST_FLAGS.get(param or "")
@@ -388,3 +363,62 @@ def device(text: str) -> str:
     if not backend.is_available():
         raise argparse.ArgumentTypeError(f"{text}: no {dev.type} device here; use --device cpu")
     return text
+
+
+# -- the request's flags ---------------------------------------------------------------------------------
+
+_PIXELS = integer(1, what="pixels; a multiple of 16, of 32 for Wan 2.2 TI2V-5B")
+
+REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("prompt", "--prompt", non_empty("a prompt"), "what the video shows"),
+    ("negative_prompt", "--negative-prompt", str, "what to steer away from (default: empty)"),
+    ("height", "--height", _PIXELS, "pixels, a multiple of 16 (default: the model's)"),
+    ("width", "--width", _PIXELS, "pixels, a multiple of 16 (default: the model's)"),
+    (
+        "num_frames",
+        "--num-frames",
+        integer(1, what="4k+1 frames: 1, 5, 9, ..., 81"),
+        "4k+1 frames, e.g. 81 (default: the model's)",
+    ),
+    (
+        "num_inference_steps",
+        "--steps",
+        integer(1, MAX_STEPS, what="denoising steps"),
+        "denoising steps (default: the model's)",
+    ),
+    ("guidance_scale", "--guidance-scale", number(0), "classifier-free guidance scale"),
+    ("guidance_scale_2", "--guidance-scale-2", number(0), "the low-noise expert's guidance (Wan 2.2 A14B)"),
+    (
+        "image",
+        "--image",
+        existing_file("image"),
+        "first frame for image-to-video checkpoints (I2V, FLF2V, TI2V)",
+    ),
+    (
+        "last_image",
+        "--last-image",
+        existing_file("image"),
+        "last frame (first-last-frame: FLF2V, Wan 2.2 I2V-A14B)",
+    ),
+    ("video", "--video", existing_file("video"), "input video for video-to-video"),
+    ("strength", "--strength", number(above=0, maximum=1), "video-to-video: how much to re-noise (0, 1]"),
+    ("flow_shift", "--flow-shift", number(above=0), "schedule shift (default: the checkpoint's)"),
+    ("seed", "--seed", integer(0, MAX_SEED), "random seed (default: random, printed)"),
+)
+"""``wanpipe generate``'s request flags: (``WanRequest`` field, flag, ``type=``, help); each defaults to
+None, the model's default (``--prompt`` is required)."""
+
+REQUEST_FLAGS: dict[str, str] = {
+    **{field: flag for field, flag, _, _ in REQUEST_ARGUMENTS},
+    # the approximations, also runtime options (wanpipe.runtime.options.add_runtime_arguments)
+    "residual_threshold": "--residual-threshold",
+    "cfg_truncation": "--cfg-truncation",
+}
+"""``WanRequest`` fields -> the ``generate`` flags that set them: ``wanpipe generate`` builds its request
+from this table, and names the flag in the engine's error messages."""
+
+
+def _field_names() -> re.Pattern[str]:
+    """The request fields as words, longest first (``guidance_scale_2`` before ``guidance_scale``)."""
+    names = sorted((k for k in REQUEST_FLAGS if "_" in k), key=len, reverse=True)
+    return re.compile(r"\b(" + "|".join(names) + r")\b")

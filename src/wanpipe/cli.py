@@ -34,72 +34,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         type=a.folder_or_hub_id("a checkpoint"),
         help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo",
     )
-    p.add_argument("--prompt", required=True, type=a.non_empty("a prompt"), help="what the video shows")
-    p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: empty)")
-    pixels = a.integer(1, what="pixels; a multiple of 16, of 32 for Wan 2.2 TI2V-5B")
-    p.add_argument(
-        "--height", type=pixels, default=None, help="pixels, a multiple of 16 (default: the model's)"
-    )
-    p.add_argument(
-        "--width", type=pixels, default=None, help="pixels, a multiple of 16 (default: the model's)"
-    )
-    p.add_argument(
-        "--num-frames",
-        type=a.integer(1, what="4k+1 frames: 1, 5, 9, ..., 81"),
-        default=None,
-        help="4k+1 frames, e.g. 81 (default: the model's)",
-    )
-    p.add_argument(
-        "--steps",
-        type=a.integer(1, a.MAX_STEPS, what="denoising steps"),
-        default=None,
-        help="denoising steps (default: the model's)",
-    )
-    p.add_argument("--guidance-scale", type=a.number(0), default=None, help="classifier-free guidance scale")
-    p.add_argument(
-        "--guidance-scale-2",
-        type=a.number(0),
-        default=None,
-        help="the low-noise expert's guidance (Wan 2.2 A14B)",
-    )
-    p.add_argument(
-        "--image",
-        type=a.existing_file("image"),
-        default=None,
-        help="first frame for image-to-video checkpoints (I2V, FLF2V, TI2V)",
-    )
-    p.add_argument(
-        "--last-image",
-        type=a.existing_file("image"),
-        default=None,
-        help="last frame (first-last-frame: FLF2V, Wan 2.2 I2V-A14B)",
-    )
-    p.add_argument(
-        "--video", type=a.existing_file("video"), default=None, help="input video for video-to-video"
-    )
-    p.add_argument(
-        "--strength",
-        type=a.number(above=0, maximum=1),
-        default=None,
-        help="video-to-video: how much to re-noise (0, 1]",
-    )
+    for field, flag, kind, text in a.REQUEST_ARGUMENTS:
+        p.add_argument(flag, type=kind, default=None, required=field == "prompt", help=text)
     p.add_argument(
         "--experts",
         choices=("resident", "swap"),
         default="resident",
         help="Wan 2.2 A14B: keep both experts loaded, or swap one set of weights in place (less memory)",
-    )
-    p.add_argument(
-        "--flow-shift",
-        type=a.number(above=0),
-        default=None,
-        help="schedule shift (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--seed",
-        type=a.integer(0, a.MAX_SEED),
-        default=None,
-        help="random seed (default: random, printed)",
     )
     p.add_argument(
         "--device", type=a.device, default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)"
