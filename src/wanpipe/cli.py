@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,35 +87,22 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
 
 
+WEIGHT_FILES: tuple[tuple[str, Callable[[str], str], bool, str], ...] = (
+    ("--transformer", a.file_or_folder("DiT"), True, "the DiT (file(s) or folder)"),
+    ("--transformer-2", a.file_or_folder("DiT"), True, "Wan 2.2 A14B low-noise DiT"),
+    ("--vae", a.existing_file("VAE"), False, "the VAE file"),
+    ("--text-encoder", a.existing_file("text encoder"), False, "the UMT5 encoder file"),
+    ("--image-encoder", a.existing_file("image encoder"), False, "CLIP vision file (Wan 2.1 I2V)"),
+)
+"""The single-file flags: (flag, ``type=``, several files allowed, help)."""
+
+
 def _add_weight_sources(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("single files (instead of --model: ComfyUI or original files, any naming)")
-    dit = a.file_or_folder("DiT")
-    g.add_argument(
-        "--transformer", nargs="+", type=dit, default=None, metavar="FILE", help="the DiT (file(s) or folder)"
-    )
-    g.add_argument(
-        "--transformer-2",
-        nargs="+",
-        type=dit,
-        default=None,
-        metavar="FILE",
-        help="Wan 2.2 A14B low-noise DiT",
-    )
-    g.add_argument("--vae", type=a.existing_file("VAE"), default=None, metavar="FILE", help="the VAE file")
-    g.add_argument(
-        "--text-encoder",
-        type=a.existing_file("text encoder"),
-        default=None,
-        metavar="FILE",
-        help="the UMT5 encoder file",
-    )
-    g.add_argument(
-        "--image-encoder",
-        type=a.existing_file("image encoder"),
-        default=None,
-        metavar="FILE",
-        help="CLIP vision file (Wan 2.1 I2V)",
-    )
+    for flag, kind, several, text in WEIGHT_FILES:
+        g.add_argument(
+            flag, nargs="+" if several else None, type=kind, default=None, metavar="FILE", help=text
+        )
     g.add_argument(
         "--tokenizer",
         type=a.folder_or_hub_id("a tokenizer"),
