@@ -422,3 +422,21 @@ def _field_names() -> re.Pattern[str]:
     """The request fields as words, longest first (``guidance_scale_2`` before ``guidance_scale``)."""
     names = sorted((k for k in REQUEST_FLAGS if "_" in k), key=len, reverse=True)
     return re.compile(r"\b(" + "|".join(names) + r")\b")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--dtype``: which checkpoint runs where (``generate`` and ``serve``)."""
+    p.add_argument(
+        "--model",
+        type=folder_or_hub_id("a checkpoint"),
+        help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo",
+    )
+    p.add_argument(
+        "--device", type=device, default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)"
+    )
+    p.add_argument(
+        "--dtype",
+        type=dtype,
+        default=None,
+        help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)",
+    )

@@ -30,11 +30,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate a video with a Wan checkpoint. Without --model, a small built-in demo checkpoint "
         "with random weights is made once in the cache: its video is noise, it shows the tool works.",
     )
-    p.add_argument(
-        "--model",
-        type=a.folder_or_hub_id("a checkpoint"),
-        help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo",
-    )
+    a.add_model_arguments(p)
     for field, flag, kind, text in a.REQUEST_ARGUMENTS:
         p.add_argument(flag, type=kind, default=None, required=field == "prompt", help=text)
     p.add_argument(
@@ -42,15 +38,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         choices=("resident", "swap"),
         default="resident",
         help="Wan 2.2 A14B: keep both experts loaded, or swap one set of weights in place (less memory)",
-    )
-    p.add_argument(
-        "--device", type=a.device, default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)"
-    )
-    p.add_argument(
-        "--dtype",
-        type=a.dtype,
-        default=None,
-        help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)",
     )
     p.add_argument(
         "--output",

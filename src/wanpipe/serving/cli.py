@@ -42,11 +42,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from wanpipe.serving.parsing import ServeLimits
 
     limits = ServeLimits()
-    p.add_argument(
-        "--model",
-        type=a.folder_or_hub_id("a checkpoint"),
-        help="checkpoint folder or Hugging Face hub id (diffusers layout); default: demo",
-    )
+    a.add_model_arguments(p)
     p.add_argument(
         "--served-model-name",
         type=a.non_empty("a model name"),
@@ -87,15 +83,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=a.number(0.001, 1_000_000, what="MiB"),
         default=25.0,
         help="largest request body in MiB (default: 25)",
-    )
-    p.add_argument(
-        "--device", type=a.device, default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)"
-    )
-    p.add_argument(
-        "--dtype",
-        type=a.dtype,
-        default=None,
-        help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)",
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_parallel_arguments(p)
