@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -45,6 +46,7 @@ from wanpipe.serving.manager import (
 from wanpipe.serving.parsing import (
     APIError,
     NewJob,
+    Upload,
     format_seconds,
     invalid,
     parse_int,
@@ -179,7 +181,9 @@ async def read_fields(request: Request, max_part_bytes: int) -> dict[str, Any]:
         try:
             items: list[tuple[str, Any]] = []
             for key, value in form.multi_items():
-                items.append((key, await value.read() if isinstance(value, UploadFile) else value))
+                if isinstance(value, UploadFile):
+                    value = Upload(await value.read(), value.filename, value.content_type)
+                items.append((key, value))
         finally:
             await form.close()
         return unflatten_form_keys(items)
@@ -287,10 +291,20 @@ def _video_response(job: Job, manager: JobManager) -> JSONResponse:
     return JSONResponse(video_object(job, manager).model_dump(mode="json"), headers=headers)
 
 
+# What a video id can look like (the store makes video_<32 hex digits>): anything else, a path
+# character, a NUL, a long string, is a 404 before the store is asked.
+VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _no_video(video_id: str) -> APIError:
+    shown = video_id if len(video_id) <= 80 else video_id[:77] + "..."
+    return APIError(404, f"no video with id {shown!r}", param="video_id", code="not_found")
+
+
 def _get_job(manager: JobManager, video_id: str) -> Job:
-    job = manager.store.get(video_id)
+    job = manager.store.get(video_id) if VIDEO_ID.fullmatch(video_id) else None
     if job is None:
-        raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+        raise _no_video(video_id)
     return job
 
 
@@ -307,7 +321,12 @@ async def create_video(request: Request) -> JSONResponse:
     arch = manager.pipe.arch
     try:
         fields = await read_fields(request, request.app.state.max_body_bytes)
-        new = parse_video_create(fields, default_fps=arch.defaults.fps, temporal_stride=arch.temporal_stride)
+        new = parse_video_create(
+            fields,
+            default_fps=arch.defaults.fps,
+            temporal_stride=arch.temporal_stride,
+            max_image_pixels=manager.limits.max_image_pixels,
+        )
     except (APIError, BodyTooLargeError):
         manager.metrics.count("rejected", "invalid")
         raise
@@ -370,7 +389,7 @@ async def video_content(request: Request, video_id: str) -> Response:
         if variant == "video"
         else (store.thumbnail_path(video_id), "image/jpeg")
     )
-    if not path.is_file():
+    if path.parent.resolve() != store.videos_dir.resolve() or not path.is_file():
         raise APIError(
             404, f"the file of video {video_id} is missing from the output directory", code="not_found"
         )
@@ -380,9 +399,9 @@ async def video_content(request: Request, video_id: str) -> Response:
 @v1.delete("/videos/{video_id}", response_model=VideoDeleted)
 async def delete_video(request: Request, video_id: str) -> JSONResponse:
     manager = _manager(request)
-    job = await run_in_threadpool(manager.delete, video_id)
+    job = await run_in_threadpool(manager.delete, video_id) if VIDEO_ID.fullmatch(video_id) else None
     if job is None:
-        raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+        raise _no_video(video_id)
     return JSONResponse(VideoDeleted(id=video_id).model_dump(mode="json"))
 
 
@@ -391,7 +410,8 @@ async def create_response(request: Request) -> Response:
     manager = _manager(request)
     _require_ready(manager)
     try:
-        new, response_format = parse_responses_create(await read_json(request))
+        body = await read_json(request)
+        new, response_format = parse_responses_create(body, max_image_pixels=manager.limits.max_image_pixels)
     except (APIError, BodyTooLargeError):
         manager.metrics.count("rejected", "invalid")
         raise

@@ -25,16 +25,15 @@ import base64
 import binascii
 import math
 import re
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-
-# Uploaded images larger than this are refused before they are decoded (decompression bombs).
-MAX_INPUT_IMAGE_PIXELS = 40_000_000
 
 
 class APIError(Exception):
@@ -84,6 +83,18 @@ class ServeLimits:
         for name in ("max_queue", "max_batch", "max_pixels", "max_frames", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def max_image_pixels(self) -> int:
+        """The largest uploaded image decoded: ``MAX_IMAGE_PIXELS_FACTOR`` x ``max_pixels`` (the image is
+        resized to the video's size, so a larger one costs memory and nothing more)."""
+        return MAX_IMAGE_PIXELS_FACTOR * self.max_pixels
+
+
+# An uploaded image may have this many times --max-pixels pixels (36.9 M at the default 1280x720: a
+# 24-megapixel photo passes); a larger one is refused from its header, before it is decoded.
+MAX_IMAGE_PIXELS_FACTOR = 40
+DEFAULT_MAX_IMAGE_PIXELS = ServeLimits().max_image_pixels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,30 +230,156 @@ def format_seconds(num_frames: int, fps: float) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Images
+#
+# An upload is checked from its first bytes and its header before anything is decoded: its real type
+# (magic bytes) against the type it claims (content type, file name, data URL), a video or an animation
+# refused as such, its size against the server's limit. Only then is its one frame decoded.
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may open here (no EPS, TIFF, PSD, ...)
+ACCEPTED_IMAGES = "PNG, JPEG, WebP, GIF or BMP"
+_IMAGE_TYPES = {
+    "image/png": "PNG",
+    "image/apng": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/pjpeg": "JPEG",
+    "image/webp": "WEBP",
+    "image/gif": "GIF",
+    "image/bmp": "BMP",
+    "image/x-bmp": "BMP",
+    "image/x-ms-bmp": "BMP",
+}
+_IMAGE_EXTENSIONS = {
+    ".png": "PNG",
+    ".apng": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".jfif": "JPEG",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+}
+_VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".3gp")
 
 
-def decode_image(data: bytes, param: str) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, WebP, ...) -> uint8 (H, W, 3), EXIF orientation applied."""
+@dataclass(frozen=True)
+class Upload:
+    """A file of a multipart form: its bytes, and the name and content type the client gave it."""
+
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format the first bytes show: an image format of PIL's, a video container, or None."""
+    head = data[:16]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[4:8] == b"ftyp":
+        return "MP4" if head[8:12] != b"qt  " else "QuickTime"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "WebM/Matroska"
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "AVI"
+    if head.startswith(b"II*\x00") or head.startswith(b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+_VIDEO_FORMATS = ("MP4", "QuickTime", "WebM/Matroska", "AVI")
+
+
+def _claimed_format(content_type: str | None, filename: str | None) -> tuple[str, str] | None:
+    """(format, what said so) the client claims: its content type, else its file name's extension.
+    ``application/octet-stream`` and unknown names claim nothing."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in _IMAGE_TYPES:
+        return _IMAGE_TYPES[media], f"content type {media}"
+    if media.startswith("video/"):
+        return "video", f"content type {media}"
+    if media.startswith("image/"):
+        return media.removeprefix("image/").upper(), f"content type {media}"
+    suffix = Path(filename).suffix.lower() if filename else ""
+    if suffix in _IMAGE_EXTENSIONS:
+        return _IMAGE_EXTENSIONS[suffix], f"file name {filename!r}"
+    if suffix in _VIDEO_EXTENSIONS:
+        return "video", f"file name {filename!r}"
+    return None
+
+
+def _bad_image(param: str, message: str) -> APIError:
+    return invalid(f"{param}: {message}", param, "invalid_image")
+
+
+def decode_image(
+    data: bytes,
+    param: str,
+    *,
+    max_pixels: int | None = None,
+    content_type: str | None = None,
+    filename: str | None = None,
+) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP, GIF, BMP) -> uint8 (H, W, 3), EXIF orientation applied.
+
+    Refused with a 400 before decoding: an empty file, a video, bytes of another type than the one the
+    client names (``content_type``, ``filename``), an image format not in :data:`IMAGE_FORMATS`, an
+    animation, more than ``max_pixels`` pixels (read from the header: a decompression bomb is never
+    decoded). A truncated or corrupt file is refused when its decoding fails."""
+    max_pixels = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not data:
-        raise invalid(f"{param}: the image is empty", param, "invalid_image")
+        raise _bad_image(param, "the image is empty")
+    found = sniff_format(data)
+    if found in _VIDEO_FORMATS:
+        raise _bad_image(
+            param, f"this is a video ({found}), not an image: send one frame as {ACCEPTED_IMAGES}"
+        )
+    claim = _claimed_format(content_type, filename)
+    if claim is not None:
+        claimed, said = claim
+        if claimed == "video":
+            raise _bad_image(param, f"the upload is a video ({said}), not an image: send {ACCEPTED_IMAGES}")
+        if found is not None and found != claimed:
+            raise _bad_image(
+                param,
+                f"the {said} says {claimed}, but the bytes are a {found} image: the file lies about its type",
+            )
+    if found not in IMAGE_FORMATS:
+        what = f"a {found} image" if found is not None else "not an image this server reads"
+        raise _bad_image(param, f"the file is {what}; send {ACCEPTED_IMAGES}")
     try:
-        with Image.open(BytesIO(data)) as image:
+        with Image.open(BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
-            if width * height > MAX_INPUT_IMAGE_PIXELS:
-                raise invalid(
-                    f"{param}: the image is {width}x{height}, more than {MAX_INPUT_IMAGE_PIXELS} pixels",
+            if width * height > max_pixels:
+                raise _bad_image(
                     param,
-                    "invalid_image",
+                    f"the image is {width}x{height} ({width * height} pixels), more than this server "
+                    f"decodes ({max_pixels}: {MAX_IMAGE_PIXELS_FACTOR} x --max-pixels)",
+                )
+            if image.format in ("PNG", "GIF", "WEBP") and getattr(image, "is_animated", False):
+                raise _bad_image(
+                    param, f"the image is an animated {image.format}: send a still image (one frame)"
                 )
             image.load()
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()
     except APIError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise invalid(f"{param}: cannot read the image ({e})", param, "invalid_image") from None
+    except Image.DecompressionBombError as e:
+        raise _bad_image(param, f"the image is too large to decode ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+        raise _bad_image(param, f"cannot read the image, truncated or corrupt? ({e})") from None
 
 
-def decode_data_url(url: str, param: str) -> np.ndarray:
+def decode_data_url(url: str, param: str, *, max_pixels: int | None = None) -> np.ndarray:
     """``data:image/png;base64,...`` -> uint8 (H, W, 3). Web URLs are refused: the server fetches nothing."""
     if re.match(r"(?i)https?://", url):
         raise invalid(
@@ -262,15 +399,20 @@ def decode_data_url(url: str, param: str) -> np.ndarray:
         data = base64.b64decode(re.sub(r"\s+", "", match.group(3)), validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"{param}: the data URL is not valid base64", param, "invalid_image") from None
-    return decode_image(data, param)
+    return decode_image(data, param, max_pixels=max_pixels, content_type=match.group(1) or None)
 
 
-def parse_image(value: Any, param: str) -> np.ndarray:
-    """An upload's bytes, a data URL, or ``{"image_url": ...}`` (OpenAI's ImageInputReferenceParam)."""
+def parse_image(value: Any, param: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """An upload (:class:`Upload` or bytes), a data URL, or ``{"image_url": ...}`` (OpenAI's
+    ImageInputReferenceParam)."""
+    if isinstance(value, Upload):
+        return decode_image(
+            value.data, param, max_pixels=max_pixels, content_type=value.content_type, filename=value.filename
+        )
     if isinstance(value, bytes):
-        return decode_image(value, param)
+        return decode_image(value, param, max_pixels=max_pixels)
     if isinstance(value, str):
-        return decode_data_url(value, param)
+        return decode_data_url(value, param, max_pixels=max_pixels)
     if isinstance(value, Mapping):
         if "file_id" in value and "image_url" not in value:
             raise invalid(
@@ -281,7 +423,7 @@ def parse_image(value: Any, param: str) -> np.ndarray:
         unknown = sorted(set(value) - {"image_url"})
         if unknown or not isinstance(value.get("image_url"), str):
             raise invalid(f'{param} must be an upload, a data URL or {{"image_url": "data:..."}}', param)
-        return decode_data_url(value["image_url"], param)
+        return decode_data_url(value["image_url"], param, max_pixels=max_pixels)
     raise invalid(f"{param} must be an image upload or a data URL, got {_shown(value)}", param)
 
 
@@ -343,8 +485,14 @@ def unflatten_form_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_stride: int = 4) -> NewJob:
-    """The fields of ``POST /v1/videos`` (JSON values, or form strings / upload bytes) -> NewJob."""
+def parse_video_create(
+    body: Mapping[str, Any],
+    *,
+    default_fps: float,
+    temporal_stride: int = 4,
+    max_image_pixels: int | None = None,
+) -> NewJob:
+    """The fields of ``POST /v1/videos`` (JSON values, or form strings / :class:`Upload` files) -> NewJob."""
     unknown = sorted(set(body) - set(VIDEO_CREATE_FIELDS))
     if unknown:
         raise invalid(
@@ -377,12 +525,11 @@ def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_
                 "seconds",
             )
         num_frames = frames
-    image = (
-        None
-        if body.get("input_reference") is None
-        else parse_image(body["input_reference"], "input_reference")
-    )
-    last_image = None if body.get("last_image") is None else parse_image(body["last_image"], "last_image")
+    images = {
+        name: None if body.get(name) is None else parse_image(body[name], name, max_pixels=max_image_pixels)
+        for name in ("input_reference", "last_image")
+    }
+    image, last_image = images["input_reference"], images["last_image"]
     spec = JobSpec(
         prompt=prompt,
         negative_prompt=opt("negative_prompt", parse_str),
@@ -419,7 +566,7 @@ VIDEO_OPTION_FIELDS = (
 RESPONSE_FORMATS = ("url", "b64_json")
 
 
-def _parse_input(value: Any) -> tuple[str, list[np.ndarray]]:
+def _parse_input(value: Any, max_image_pixels: int | None) -> tuple[str, list[np.ndarray]]:
     """``input``: a prompt, or one user message (``{"role": "user", "content": str | [parts]}``, alone or
     in a list) whose parts are ``input_text`` and up to two ``input_image`` (first and last frame)."""
     if isinstance(value, str):
@@ -444,7 +591,7 @@ def _parse_input(value: Any) -> tuple[str, list[np.ndarray]]:
         if kind == "input_text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
-            images.append(decode_data_url(part["image_url"], "input"))
+            images.append(decode_data_url(part["image_url"], "input", max_pixels=max_image_pixels))
         else:
             raise invalid(
                 f"input parts must be input_text or input_image (with a data URL), got {_shown(part)}",
@@ -455,7 +602,7 @@ def _parse_input(value: Any) -> tuple[str, list[np.ndarray]]:
     return " ".join(texts), images
 
 
-def parse_responses_create(body: Any) -> tuple[NewJob, str]:
+def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) -> tuple[NewJob, str]:
     """An Open Responses body -> (NewJob, response_format). Open Responses fields that do not apply to
     video generation (temperature, tools, ...) are ignored; ``provider_options.video`` is checked strictly."""
     if not isinstance(body, Mapping):
@@ -465,7 +612,7 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
     model = None if body.get("model") is None else parse_str(body["model"], "model")
     if "input" not in body:
         raise invalid("input is required", "input", "missing_required_parameter")
-    prompt, images = _parse_input(body["input"])
+    prompt, images = _parse_input(body["input"], max_image_pixels)
     if not prompt.strip():
         raise invalid("input must contain a non-empty prompt", "input")
     seed = None if body.get("seed") is None else parse_int(body["seed"], "seed", 0)
