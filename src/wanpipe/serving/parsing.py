@@ -158,13 +158,31 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# The text forms of numbers (form fields, and JSON strings where a number is expected), ASCII only. The
+# OpenAPI document states the same patterns (wanpipe.serving.openapi), so what it calls valid is what
+# the parser accepts. At most MAX_NUMBER_TEXT characters; an exponent has at most two digits (every
+# such float is finite).
+MAX_NUMBER_TEXT = 64
+SPACE = r"[ \t\n\r\f\v]*"
+INT_TEXT = rf"{SPACE}[+-]?[0-9]+{SPACE}"
+MANTISSA = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)"
+EXPONENT = r"(?:[eE][+-]?[0-9]{1,2})?"
+FLOAT_TEXT = rf"{SPACE}[+-]?{MANTISSA}{EXPONENT}{SPACE}"
+SIZE_TEXT = rf"{SPACE}([0-9]{{1,6}}){SPACE}[xX]{SPACE}([0-9]{{1,6}}){SPACE}"
+
+
+def _number_text(value: Any, pattern: str) -> bool:
+    return (
+        isinstance(value, str) and len(value) <= MAX_NUMBER_TEXT and re.fullmatch(pattern, value) is not None
+    )
+
+
 def parse_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """An integer from JSON (int, integral float) or a form field (decimal string)."""
+    """An integer from JSON (int, integral float) or a form field (decimal string, :data:`INT_TEXT`)."""
     integral = (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, float) and value.is_integer()
     )
-    decimal = isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value) is not None
-    number = int(value) if integral or decimal else None
+    number = int(value) if integral or _number_text(value, INT_TEXT) else None
     if number is None:
         raise invalid(f"{name} must be an integer, got {_shown(value)}", name)
     if minimum is not None and number < minimum:
@@ -173,14 +191,13 @@ def parse_int(value: Any, name: str, minimum: int | None = None) -> int:
 
 
 def parse_float(value: Any, name: str) -> float:
-    """A finite number from JSON or a form field."""
+    """A finite number from JSON or a form field (:data:`FLOAT_TEXT`)."""
     number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str) and len(value) <= 64:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if numeric or _number_text(value, FLOAT_TEXT):
         try:
             number = float(value)
-        except ValueError:
+        except OverflowError:  # an integer too large for a float
             number = None
     if number is None or not math.isfinite(number):
         raise invalid(f"{name} must be a finite number, got {_shown(value)}", name)
@@ -193,6 +210,29 @@ def parse_str(value: Any, name: str) -> str:
     return value
 
 
+# Guidance scales and the schedule shift the server takes: the engine takes any guidance >= 0 and any
+# shift > 0, but far outside these ranges its frames come out NaN (guidance 1e30, shift 1e-30 or 1e30)
+# and the job would fail after running. No checkpoint is used outside them.
+GUIDANCE_RANGE = (0.0, 100.0)
+FLOW_SHIFT_RANGE = (0.01, 100.0)
+
+
+def parse_in_range(value: Any, name: str, bounds: tuple[float, float]) -> float:
+    """A finite number in ``[low, high]``."""
+    number, (low, high) = parse_float(value, name), bounds
+    if not low <= number <= high:
+        raise invalid(f"{name} must be in [{low:g}, {high:g}], got {number:g}", name)
+    return number
+
+
+def parse_guidance(value: Any, name: str) -> float:
+    return parse_in_range(value, name, GUIDANCE_RANGE)
+
+
+def parse_flow_shift(value: Any, name: str) -> float:
+    return parse_in_range(value, name, FLOW_SHIFT_RANGE)
+
+
 def parse_fps(value: Any, name: str) -> float:
     """A playback rate in (0, 240] frames per second."""
     fps = parse_float(value, name)
@@ -203,7 +243,7 @@ def parse_fps(value: Any, name: str) -> float:
 
 def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` -> (width, height)."""
-    match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
+    match = re.fullmatch(SIZE_TEXT, value) if isinstance(value, str) else None
     if match is None:
         raise invalid(f"{name} must be WIDTHxHEIGHT in pixels, e.g. 832x480, got {_shown(value)}", name)
     return int(match.group(1)), int(match.group(2))
@@ -517,6 +557,8 @@ def parse_video_create(
         seconds = parse_float(body["seconds"], "seconds")
         if seconds < 0:
             raise invalid(f"seconds must be >= 0, got {seconds:g}", "seconds")
+        if not math.isfinite(seconds * (fps or default_fps)):
+            raise invalid(f"seconds={seconds:g} is more frames than any server makes", "seconds")
         frames = frames_for_seconds(seconds, fps or default_fps, temporal_stride)
         if num_frames is not None and num_frames != frames:
             raise invalid(
@@ -538,9 +580,9 @@ def parse_video_create(
         num_frames=num_frames,
         fps=fps,
         num_inference_steps=opt("num_inference_steps", parse_int, 1),
-        guidance_scale=opt("guidance_scale", parse_float),
-        guidance_scale_2=opt("guidance_scale_2", parse_float),
-        flow_shift=opt("flow_shift", parse_float),
+        guidance_scale=opt("guidance_scale", parse_guidance),
+        guidance_scale_2=opt("guidance_scale_2", parse_guidance),
+        flow_shift=opt("flow_shift", parse_flow_shift),
         seed=opt("seed", parse_int, 0),
         has_image=image is not None,
         has_last_image=last_image is not None,
@@ -607,7 +649,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
     video generation (temperature, tools, ...) are ignored; ``provider_options.video`` is checked strictly."""
     if not isinstance(body, Mapping):
         raise invalid("the request body must be a JSON object", None)
-    if body.get("stream"):
+    if body.get("stream") is not None and body["stream"] is not False:
         raise invalid("streaming is not supported for video generation; omit stream", "stream")
     model = None if body.get("model") is None else parse_str(body["model"], "model")
     if "input" not in body:
@@ -616,7 +658,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
     if not prompt.strip():
         raise invalid("input must contain a non-empty prompt", "input")
     seed = None if body.get("seed") is None else parse_int(body["seed"], "seed", 0)
-    options = body.get("provider_options") or {}
+    options = {} if body.get("provider_options") is None else body["provider_options"]
     if not isinstance(options, Mapping):
         raise invalid("provider_options must be an object", "provider_options")
     if options.get("image") is not None:
@@ -625,7 +667,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
             "provider_options.image",
             "unsupported",
         )
-    video = options.get("video") or {}
+    video = {} if options.get("video") is None else options["video"]
     if not isinstance(video, Mapping):
         raise invalid("provider_options.video must be an object", "provider_options.video")
     unknown = sorted(set(video) - set(VIDEO_OPTION_FIELDS))
@@ -637,10 +679,10 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         )
 
     opt = _optional(video, "provider_options.video.")
-    response_format = opt("response_format", parse_str) or "url"
+    response_format = "url" if video.get("response_format") is None else video["response_format"]
     if response_format not in RESPONSE_FORMATS:
         raise invalid(
-            f"provider_options.video.response_format must be url or b64_json, got {response_format!r}",
+            f"provider_options.video.response_format must be url or b64_json, got {_shown(response_format)}",
             "provider_options.video.response_format",
         )
     fps = opt("frames_per_second", parse_fps)
@@ -652,9 +694,9 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         num_frames=opt("num_frames", parse_int, 1),
         fps=fps,
         num_inference_steps=opt("steps", parse_int, 1),
-        guidance_scale=opt("guidance_scale", parse_float),
-        guidance_scale_2=opt("guidance_scale_2", parse_float),
-        flow_shift=opt("flow_shift", parse_float),
+        guidance_scale=opt("guidance_scale", parse_guidance),
+        guidance_scale_2=opt("guidance_scale_2", parse_guidance),
+        flow_shift=opt("flow_shift", parse_flow_shift),
         seed=seed,
         has_image=len(images) >= 1,
         has_last_image=len(images) == 2,
