@@ -8,8 +8,11 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when the server 
 * ``POST /v1/responses``: Open Responses as MAX serves it; answers when the video is done.
 * ``GET /v1/models``; ``/health`` (the process answers), ``/ready`` (the model is loaded),
   ``/metrics`` (Prometheus text) and ``/`` (the web page).
+* ``/openapi.json`` and ``/docs``: the OpenAPI document (:mod:`wanpipe.serving.openapi` adds the request
+  bodies FastAPI cannot see; each route declares its error statuses here).
 
-Every 4xx/5xx body is ``{"error": {"message", "type", "param", "code"}}``.
+Every 4xx/5xx body is ``{"error": {"message", "type", "param", "code"}}``; a 405 names the allowed
+methods in ``Allow``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanpipe import __version__
@@ -43,6 +47,7 @@ from wanpipe.serving.manager import (
     ShuttingDownError,
     UnknownModelError,
 )
+from wanpipe.serving.openapi import LIST_PARAMETERS, POLL_HEADER, VARIANT_PARAMETERS, build_openapi, errors
 from wanpipe.serving.parsing import (
     APIError,
     NewJob,
@@ -314,7 +319,11 @@ def _get_job(manager: JobManager, video_id: str) -> Job:
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-@v1.post("/videos", response_model=VideoObject)
+@v1.post(
+    "/videos",
+    response_model=VideoObject,
+    responses={200: {"headers": POLL_HEADER}, **errors(400, 401, 404, 413, 415, 429, 503)},
+)
 async def create_video(request: Request) -> JSONResponse:
     manager = _manager(request)
     _require_ready(manager)
@@ -334,7 +343,12 @@ async def create_video(request: Request) -> JSONResponse:
     return _video_response(job, manager)
 
 
-@v1.get("/videos", response_model=VideoList)
+@v1.get(
+    "/videos",
+    response_model=VideoList,
+    responses=errors(400, 401),
+    openapi_extra={"parameters": LIST_PARAMETERS},
+)
 async def list_videos(request: Request) -> JSONResponse:
     manager = _manager(request)
     query = request.query_params
@@ -361,13 +375,32 @@ async def list_videos(request: Request) -> JSONResponse:
     return JSONResponse(page.model_dump(mode="json"))
 
 
-@v1.get("/videos/{video_id}", response_model=VideoObject)
+@v1.get(
+    "/videos/{video_id}",
+    response_model=VideoObject,
+    responses={200: {"headers": POLL_HEADER}, **errors(401, 404)},
+)
 async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
     manager = _manager(request)
     return _video_response(_get_job(manager, video_id), manager)
 
 
-@v1.get("/videos/{video_id}/content", name="video_content")
+@v1.get(
+    "/videos/{video_id}/content",
+    name="video_content",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The mp4 (`variant=video`), or a JPEG of the first frame (`variant=thumbnail`).",
+            "content": {
+                "video/mp4": {"schema": {"type": "string", "format": "binary"}},
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **errors(400, 401, 404, 409),
+    },
+    openapi_extra={"parameters": VARIANT_PARAMETERS},
+)
 async def video_content(request: Request, video_id: str) -> Response:
     manager = _manager(request)
     variant = request.query_params.get("variant", "video")
@@ -396,7 +429,7 @@ async def video_content(request: Request, video_id: str) -> Response:
     return FileResponse(path, media_type=media_type, filename=path.name, content_disposition_type="inline")
 
 
-@v1.delete("/videos/{video_id}", response_model=VideoDeleted)
+@v1.delete("/videos/{video_id}", response_model=VideoDeleted, responses=errors(401, 404))
 async def delete_video(request: Request, video_id: str) -> JSONResponse:
     manager = _manager(request)
     job = await run_in_threadpool(manager.delete, video_id) if VIDEO_ID.fullmatch(video_id) else None
@@ -405,7 +438,14 @@ async def delete_video(request: Request, video_id: str) -> JSONResponse:
     return JSONResponse(VideoDeleted(id=video_id).model_dump(mode="json"))
 
 
-@v1.post("/responses", response_model=ResponseObject)
+@v1.post(
+    "/responses",
+    response_model=ResponseObject,
+    responses={
+        204: {"description": "The client went away before the video was done (the job goes on)."},
+        **errors(400, 401, 404, 409, 413, 429, 503),
+    },
+)
 async def create_response(request: Request) -> Response:
     manager = _manager(request)
     _require_ready(manager)
@@ -457,7 +497,7 @@ async def create_response(request: Request) -> Response:
     return JSONResponse(response.model_dump(mode="json", exclude_none=True))
 
 
-@v1.get("/models", response_model=ModelList)
+@v1.get("/models", response_model=ModelList, responses=errors(401, 503))
 async def list_models(request: Request) -> JSONResponse:
     manager = _manager(request)
     _require_ready(manager)
@@ -491,28 +531,36 @@ async def list_models(request: Request) -> JSONResponse:
 plain = APIRouter()
 
 
-@plain.get("/health")
+@plain.get("/health", responses=errors())
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@plain.get("/ready")
+@plain.get("/ready", responses=errors(503))
 async def ready(request: Request) -> dict[str, str]:
     manager = _manager(request)
     _require_ready(manager)
     return {"status": "ready", "model": manager.model_name}
 
 
-@plain.get("/metrics")
+class PrometheusText(PlainTextResponse):
+    media_type = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@plain.get(
+    "/metrics",
+    response_class=PrometheusText,
+    responses={200: {"description": "The Prometheus text format."}, **errors()},
+)
 async def metrics(request: Request) -> PlainTextResponse:
     manager = _manager(request)
     text = manager.metrics.render(
         ready=manager.ready, counts=manager.store.counts(), running_batch=manager.running_batch_size()
     )
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return PrometheusText(text)
 
 
-@plain.get("/", response_class=HTMLResponse)
+@plain.get("/", response_class=HTMLResponse, responses=errors())
 async def index() -> HTMLResponse:
     page = resources.files("wanpipe.serving").joinpath("static", "index.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
@@ -574,11 +622,28 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return _error_response(e.status_code, str(e.detail), codes.get(e.status_code), dict(e.headers or {}))
+        headers = dict(e.headers or {})
+        message = str(e.detail)
+        if e.status_code == 405:
+            allowed = _allowed_methods(app, request.scope)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        return _error_response(e.status_code, message, codes.get(e.status_code), headers)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, e: Exception) -> JSONResponse:
         logger.exception("error in %s %s", request.method, request.url.path)
         return _error_response(500, f"internal server error ({type(e).__name__})", "server_error")
 
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route takes on this path (Starlette's 405 names the first route's alone)."""
+    methods: set[str] = set()
+    for route in (*app.router.routes, *v1.routes, *plain.routes):
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods, key=lambda m: order.index(m) if m in order else len(order))
