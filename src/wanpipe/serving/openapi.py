@@ -177,11 +177,8 @@ def _fps(description: str, *, json: bool) -> dict[str, Any]:
     return _number(description, json=json, above=0, maximum=240)
 
 
-def _string(description: str, *, json: bool, pattern: str | None = None) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "string"}
-    if pattern is not None:
-        schema["pattern"] = pattern
-    return _field(description, schema, nullable=json)
+def _string(description: str, *, json: bool) -> dict[str, Any]:
+    return _field(description, {"type": "string"}, nullable=json)
 
 
 NON_BLANK = r"\S"  # some character that str.strip() keeps
@@ -194,8 +191,8 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
     fields (every value text; multipart images as files)."""
     json = form is None
     frames = (
-        f"Frames, 4k+1 (the checkpoint's temporal stride k), at most {limits.max_frames} (--max-frames). "
-        "Default: the checkpoint's."
+        f"Frames: 4k+1 (1, 5, 9, ...: the checkpoint's temporal stride is 4), at most {limits.max_frames} "
+        "(--max-frames). Default: the checkpoint's."
     )
     image_ref = "The first frame, for image-to-video checkpoints (a text-to-video one refuses it): " + (
         f"{IMAGE_FILE}, or {DATA_URL}" if form == "multipart" else DATA_URL
