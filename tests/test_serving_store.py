@@ -169,6 +169,54 @@ def test_responses_input_forms() -> None:
     assert info.value.status == 400 and info.value.param == "input"
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"seed": "\u0663"}, "seed"),  # digits are ASCII digits (int() would take an Arabic-Indic 3)
+        ({"num_frames": "1_7"}, "num_frames"),  # no underscores (int() would take them)
+        ({"guidance_scale": "5_0"}, "guidance_scale"),
+        ({"guidance_scale": "1e400"}, "guidance_scale"),  # exponents of at most two digits: finite
+        ({"guidance_scale": 10**400}, "guidance_scale"),  # too large for a float: 400, not a 500
+        ({"guidance_scale": 1e30}, "guidance_scale"),  # in [0, 100]: far above, the frames are NaN
+        ({"guidance_scale_2": 101}, "guidance_scale_2"),
+        ({"flow_shift": 1e-30}, "flow_shift"),  # in [0.01, 100]: far outside, the frames are NaN
+        ({"flow_shift": "1e30"}, "flow_shift"),
+        ({"seconds": 1.6e308}, "seconds"),  # seconds x fps overflows: 400, not a 500
+        ({"size": "\u0663\u0662x32"}, "size"),
+        ({"seed": " " * 60 + "12345"}, "seed"),  # numbers as text have at most 64 characters
+    ],
+)
+def test_video_values_the_parser_refuses(body: dict, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse_video_create({"prompt": "p", **body}, default_fps=16)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_video_values_the_parser_takes() -> None:
+    body = {"prompt": "p", "seed": " +12\n", "guidance_scale": "-0", "flow_shift": "1e1", "seconds": ".25"}
+    spec = parse_video_create({**body, "size": " 32 X 16 ", "fps": "8."}, default_fps=16).spec
+    assert (spec.seed, spec.guidance_scale, spec.flow_shift, spec.num_frames) == (12, 0.0, 10.0, 1)
+    assert (spec.width, spec.height, spec.fps) == (32, 16, 8.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"stream": 0}, "stream"),  # stream is false, null or absent
+        ({"stream": "false"}, "stream"),
+        ({"provider_options": ""}, "provider_options"),  # an object or null, not any falsy value
+        ({"provider_options": {"video": []}}, "provider_options.video"),
+        ({"provider_options": {"video": {"response_format": ""}}}, "provider_options.video.response_format"),
+    ],
+)
+def test_responses_values_the_parser_refuses(body: dict, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse_responses_create({"input": "a cat", **body})
+    assert info.value.status == 400 and info.value.param == param
+    job, fmt = parse_responses_create({"input": "a cat", "stream": False, "provider_options": None})
+    assert fmt == "url" and job.spec.prompt == "a cat"
+
+
 # -- the command line ------------------------------------------------------------------------------------
 def test_serve_parser_and_a_model_that_does_not_load(tmp_path: Path, capsys) -> None:
     from wanpipe.serving.cli import main

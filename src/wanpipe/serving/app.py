@@ -8,8 +8,11 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when the server 
 * ``POST /v1/responses``: Open Responses as MAX serves it; answers when the video is done.
 * ``GET /v1/models``; ``/health`` (the process answers), ``/ready`` (the model is loaded),
   ``/metrics`` (Prometheus text) and ``/`` (the web page).
+* ``/openapi.json`` and ``/docs``: the OpenAPI document (:mod:`wanpipe.serving.openapi` adds the request
+  bodies FastAPI cannot see; each route declares its error statuses here).
 
-Every 4xx/5xx body is ``{"error": {"message", "type", "param", "code"}}``.
+Every 4xx/5xx body is ``{"error": {"message", "type", "param", "code"}}``; a 405 names the allowed
+methods in ``Allow``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -30,6 +34,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanpipe import __version__
@@ -42,9 +47,12 @@ from wanpipe.serving.manager import (
     ShuttingDownError,
     UnknownModelError,
 )
+from wanpipe.serving.metrics import CONTENT_TYPE
+from wanpipe.serving.openapi import LIST_PARAMETERS, POLL_HEADER, VARIANT_PARAMETERS, build_openapi, errors
 from wanpipe.serving.parsing import (
     APIError,
     NewJob,
+    Upload,
     format_seconds,
     invalid,
     parse_int,
@@ -179,7 +187,9 @@ async def read_fields(request: Request, max_part_bytes: int) -> dict[str, Any]:
         try:
             items: list[tuple[str, Any]] = []
             for key, value in form.multi_items():
-                items.append((key, await value.read() if isinstance(value, UploadFile) else value))
+                if isinstance(value, UploadFile):
+                    value = Upload(await value.read(), value.filename, value.content_type)
+                items.append((key, value))
         finally:
             await form.close()
         return unflatten_form_keys(items)
@@ -287,10 +297,20 @@ def _video_response(job: Job, manager: JobManager) -> JSONResponse:
     return JSONResponse(video_object(job, manager).model_dump(mode="json"), headers=headers)
 
 
+# What a video id can look like (the store makes video_<32 hex digits>): anything else, a path
+# character, a NUL, a long string, is a 404 before the store is asked.
+VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _no_video(video_id: str) -> APIError:
+    shown = video_id if len(video_id) <= 80 else video_id[:77] + "..."
+    return APIError(404, f"no video with id {shown!r}", param="video_id", code="not_found")
+
+
 def _get_job(manager: JobManager, video_id: str) -> Job:
-    job = manager.store.get(video_id)
+    job = manager.store.get(video_id) if VIDEO_ID.fullmatch(video_id) else None
     if job is None:
-        raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+        raise _no_video(video_id)
     return job
 
 
@@ -300,14 +320,23 @@ def _get_job(manager: JobManager, video_id: str) -> Job:
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-@v1.post("/videos", response_model=VideoObject)
+@v1.post(
+    "/videos",
+    response_model=VideoObject,
+    responses={200: {"headers": POLL_HEADER}, **errors(400, 401, 404, 413, 415, 429, 503)},
+)
 async def create_video(request: Request) -> JSONResponse:
     manager = _manager(request)
     _require_ready(manager)
     arch = manager.pipe.arch
     try:
         fields = await read_fields(request, request.app.state.max_body_bytes)
-        new = parse_video_create(fields, default_fps=arch.defaults.fps, temporal_stride=arch.temporal_stride)
+        new = parse_video_create(
+            fields,
+            default_fps=arch.defaults.fps,
+            temporal_stride=arch.temporal_stride,
+            max_image_pixels=manager.limits.max_image_pixels,
+        )
     except (APIError, BodyTooLargeError):
         manager.metrics.count("rejected", "invalid")
         raise
@@ -315,7 +344,12 @@ async def create_video(request: Request) -> JSONResponse:
     return _video_response(job, manager)
 
 
-@v1.get("/videos", response_model=VideoList)
+@v1.get(
+    "/videos",
+    response_model=VideoList,
+    responses=errors(400, 401),
+    openapi_extra={"parameters": LIST_PARAMETERS},
+)
 async def list_videos(request: Request) -> JSONResponse:
     manager = _manager(request)
     query = request.query_params
@@ -342,13 +376,32 @@ async def list_videos(request: Request) -> JSONResponse:
     return JSONResponse(page.model_dump(mode="json"))
 
 
-@v1.get("/videos/{video_id}", response_model=VideoObject)
+@v1.get(
+    "/videos/{video_id}",
+    response_model=VideoObject,
+    responses={200: {"headers": POLL_HEADER}, **errors(401, 404)},
+)
 async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
     manager = _manager(request)
     return _video_response(_get_job(manager, video_id), manager)
 
 
-@v1.get("/videos/{video_id}/content", name="video_content")
+@v1.get(
+    "/videos/{video_id}/content",
+    name="video_content",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The mp4 (`variant=video`), or a JPEG of the first frame (`variant=thumbnail`).",
+            "content": {
+                "video/mp4": {"schema": {"type": "string", "format": "binary"}},
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **errors(400, 401, 404, 409),
+    },
+    openapi_extra={"parameters": VARIANT_PARAMETERS},
+)
 async def video_content(request: Request, video_id: str) -> Response:
     manager = _manager(request)
     variant = request.query_params.get("variant", "video")
@@ -370,28 +423,36 @@ async def video_content(request: Request, video_id: str) -> Response:
         if variant == "video"
         else (store.thumbnail_path(video_id), "image/jpeg")
     )
-    if not path.is_file():
+    if path.parent.resolve() != store.videos_dir.resolve() or not path.is_file():
         raise APIError(
             404, f"the file of video {video_id} is missing from the output directory", code="not_found"
         )
     return FileResponse(path, media_type=media_type, filename=path.name, content_disposition_type="inline")
 
 
-@v1.delete("/videos/{video_id}", response_model=VideoDeleted)
+@v1.delete("/videos/{video_id}", response_model=VideoDeleted, responses=errors(401, 404))
 async def delete_video(request: Request, video_id: str) -> JSONResponse:
     manager = _manager(request)
-    job = await run_in_threadpool(manager.delete, video_id)
+    job = await run_in_threadpool(manager.delete, video_id) if VIDEO_ID.fullmatch(video_id) else None
     if job is None:
-        raise APIError(404, f"no video with id {video_id!r}", param="video_id", code="not_found")
+        raise _no_video(video_id)
     return JSONResponse(VideoDeleted(id=video_id).model_dump(mode="json"))
 
 
-@v1.post("/responses", response_model=ResponseObject)
+@v1.post(
+    "/responses",
+    response_model=ResponseObject,
+    responses={
+        204: {"description": "The client went away before the video was done (the job goes on)."},
+        **errors(400, 401, 404, 409, 413, 429, 503),
+    },
+)
 async def create_response(request: Request) -> Response:
     manager = _manager(request)
     _require_ready(manager)
     try:
-        new, response_format = parse_responses_create(await read_json(request))
+        body = await read_json(request)
+        new, response_format = parse_responses_create(body, max_image_pixels=manager.limits.max_image_pixels)
     except (APIError, BodyTooLargeError):
         manager.metrics.count("rejected", "invalid")
         raise
@@ -437,7 +498,7 @@ async def create_response(request: Request) -> Response:
     return JSONResponse(response.model_dump(mode="json", exclude_none=True))
 
 
-@v1.get("/models", response_model=ModelList)
+@v1.get("/models", response_model=ModelList, responses=errors(401, 503))
 async def list_models(request: Request) -> JSONResponse:
     manager = _manager(request)
     _require_ready(manager)
@@ -471,28 +532,36 @@ async def list_models(request: Request) -> JSONResponse:
 plain = APIRouter()
 
 
-@plain.get("/health")
+@plain.get("/health", responses=errors())
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@plain.get("/ready")
+@plain.get("/ready", responses=errors(503))
 async def ready(request: Request) -> dict[str, str]:
     manager = _manager(request)
     _require_ready(manager)
     return {"status": "ready", "model": manager.model_name}
 
 
-@plain.get("/metrics")
+class PrometheusText(PlainTextResponse):
+    media_type = CONTENT_TYPE  # what the metrics render (prometheus_client's text format 0.0.4)
+
+
+@plain.get(
+    "/metrics",
+    response_class=PrometheusText,
+    responses={200: {"description": "The Prometheus text format."}, **errors()},
+)
 async def metrics(request: Request) -> PlainTextResponse:
     manager = _manager(request)
     text = manager.metrics.render(
         ready=manager.ready, counts=manager.store.counts(), running_batch=manager.running_batch_size()
     )
-    return PlainTextResponse(text, media_type=manager.metrics.content_type)
+    return PrometheusText(text)
 
 
-@plain.get("/", response_class=HTMLResponse)
+@plain.get("/", response_class=HTMLResponse, responses=errors())
 async def index() -> HTMLResponse:
     page = resources.files("wanpipe.serving").joinpath("static", "index.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
@@ -554,11 +623,28 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return _error_response(e.status_code, str(e.detail), codes.get(e.status_code), dict(e.headers or {}))
+        headers = dict(e.headers or {})
+        message = str(e.detail)
+        if e.status_code == 405:
+            allowed = _allowed_methods(app, request.scope)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        return _error_response(e.status_code, message, codes.get(e.status_code), headers)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, e: Exception) -> JSONResponse:
         logger.exception("error in %s %s", request.method, request.url.path)
         return _error_response(500, f"internal server error ({type(e).__name__})", "server_error")
 
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route takes on this path (Starlette's 405 names the first route's alone)."""
+    methods: set[str] = set()
+    for route in (*app.router.routes, *v1.routes, *plain.routes):
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods, key=lambda m: order.index(m) if m in order else len(order))

@@ -25,16 +25,15 @@ import base64
 import binascii
 import math
 import re
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-
-# Uploaded images larger than this are refused before they are decoded (decompression bombs).
-MAX_INPUT_IMAGE_PIXELS = 40_000_000
 
 
 class APIError(Exception):
@@ -84,6 +83,18 @@ class ServeLimits:
         for name in ("max_queue", "max_batch", "max_pixels", "max_frames", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def max_image_pixels(self) -> int:
+        """The largest uploaded image decoded: ``MAX_IMAGE_PIXELS_FACTOR`` x ``max_pixels`` (the image is
+        resized to the video's size, so a larger one costs memory and nothing more)."""
+        return MAX_IMAGE_PIXELS_FACTOR * self.max_pixels
+
+
+# An uploaded image may have this many times --max-pixels pixels (36.9 M at the default 1280x720: a
+# 24-megapixel photo passes); a larger one is refused from its header, before it is decoded.
+MAX_IMAGE_PIXELS_FACTOR = 40
+DEFAULT_MAX_IMAGE_PIXELS = ServeLimits().max_image_pixels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,13 +158,31 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# The text forms of numbers (form fields, and JSON strings where a number is expected), ASCII only. The
+# OpenAPI document states the same patterns (wanpipe.serving.openapi), so what it calls valid is what
+# the parser accepts. At most MAX_NUMBER_TEXT characters; an exponent has at most two digits (every
+# such float is finite).
+MAX_NUMBER_TEXT = 64
+SPACE = r"[ \t\n\r\f\v]*"
+INT_TEXT = rf"{SPACE}[+-]?[0-9]+{SPACE}"
+MANTISSA = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)"
+EXPONENT = r"(?:[eE][+-]?[0-9]{1,2})?"
+FLOAT_TEXT = rf"{SPACE}[+-]?{MANTISSA}{EXPONENT}{SPACE}"
+SIZE_TEXT = rf"{SPACE}([0-9]{{1,6}}){SPACE}[xX]{SPACE}([0-9]{{1,6}}){SPACE}"
+
+
+def _number_text(value: Any, pattern: str) -> bool:
+    return (
+        isinstance(value, str) and len(value) <= MAX_NUMBER_TEXT and re.fullmatch(pattern, value) is not None
+    )
+
+
 def parse_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """An integer from JSON (int, integral float) or a form field (decimal string)."""
+    """An integer from JSON (int, integral float) or a form field (decimal string, :data:`INT_TEXT`)."""
     integral = (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, float) and value.is_integer()
     )
-    decimal = isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value) is not None
-    number = int(value) if integral or decimal else None
+    number = int(value) if integral or _number_text(value, INT_TEXT) else None
     if number is None:
         raise invalid(f"{name} must be an integer, got {_shown(value)}", name)
     if minimum is not None and number < minimum:
@@ -162,14 +191,13 @@ def parse_int(value: Any, name: str, minimum: int | None = None) -> int:
 
 
 def parse_float(value: Any, name: str) -> float:
-    """A finite number from JSON or a form field."""
+    """A finite number from JSON or a form field (:data:`FLOAT_TEXT`)."""
     number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str) and len(value) <= 64:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if numeric or _number_text(value, FLOAT_TEXT):
         try:
             number = float(value)
-        except ValueError:
+        except OverflowError:  # an integer too large for a float
             number = None
     if number is None or not math.isfinite(number):
         raise invalid(f"{name} must be a finite number, got {_shown(value)}", name)
@@ -182,6 +210,29 @@ def parse_str(value: Any, name: str) -> str:
     return value
 
 
+# Guidance scales and the schedule shift the server takes: the engine takes any guidance >= 0 and any
+# shift > 0, but far outside these ranges its frames come out NaN (guidance 1e30, shift 1e-30 or 1e30)
+# and the job would fail after running. No checkpoint is used outside them.
+GUIDANCE_RANGE = (0.0, 100.0)
+FLOW_SHIFT_RANGE = (0.01, 100.0)
+
+
+def parse_in_range(value: Any, name: str, bounds: tuple[float, float]) -> float:
+    """A finite number in ``[low, high]``."""
+    number, (low, high) = parse_float(value, name), bounds
+    if not low <= number <= high:
+        raise invalid(f"{name} must be in [{low:g}, {high:g}], got {number:g}", name)
+    return number
+
+
+def parse_guidance(value: Any, name: str) -> float:
+    return parse_in_range(value, name, GUIDANCE_RANGE)
+
+
+def parse_flow_shift(value: Any, name: str) -> float:
+    return parse_in_range(value, name, FLOW_SHIFT_RANGE)
+
+
 def parse_fps(value: Any, name: str) -> float:
     """A playback rate in (0, 240] frames per second."""
     fps = parse_float(value, name)
@@ -192,7 +243,7 @@ def parse_fps(value: Any, name: str) -> float:
 
 def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` -> (width, height)."""
-    match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
+    match = re.fullmatch(SIZE_TEXT, value) if isinstance(value, str) else None
     if match is None:
         raise invalid(f"{name} must be WIDTHxHEIGHT in pixels, e.g. 832x480, got {_shown(value)}", name)
     return int(match.group(1)), int(match.group(2))
@@ -219,30 +270,156 @@ def format_seconds(num_frames: int, fps: float) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Images
+#
+# An upload is checked from its first bytes and its header before anything is decoded: its real type
+# (magic bytes) against the type it claims (content type, file name, data URL), a video or an animation
+# refused as such, its size against the server's limit. Only then is its one frame decoded.
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may open here (no EPS, TIFF, PSD, ...)
+ACCEPTED_IMAGES = "PNG, JPEG, WebP, GIF or BMP"
+_IMAGE_TYPES = {
+    "image/png": "PNG",
+    "image/apng": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/pjpeg": "JPEG",
+    "image/webp": "WEBP",
+    "image/gif": "GIF",
+    "image/bmp": "BMP",
+    "image/x-bmp": "BMP",
+    "image/x-ms-bmp": "BMP",
+}
+_IMAGE_EXTENSIONS = {
+    ".png": "PNG",
+    ".apng": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".jfif": "JPEG",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+}
+_VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".3gp")
 
 
-def decode_image(data: bytes, param: str) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, WebP, ...) -> uint8 (H, W, 3), EXIF orientation applied."""
+@dataclass(frozen=True)
+class Upload:
+    """A file of a multipart form: its bytes, and the name and content type the client gave it."""
+
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format the first bytes show: an image format of PIL's, a video container, or None."""
+    head = data[:16]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[4:8] == b"ftyp":
+        return "MP4" if head[8:12] != b"qt  " else "QuickTime"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "WebM/Matroska"
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return "AVI"
+    if head.startswith(b"II*\x00") or head.startswith(b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+_VIDEO_FORMATS = ("MP4", "QuickTime", "WebM/Matroska", "AVI")
+
+
+def _claimed_format(content_type: str | None, filename: str | None) -> tuple[str, str] | None:
+    """(format, what said so) the client claims: its content type, else its file name's extension.
+    ``application/octet-stream`` and unknown names claim nothing."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in _IMAGE_TYPES:
+        return _IMAGE_TYPES[media], f"content type {media}"
+    if media.startswith("video/"):
+        return "video", f"content type {media}"
+    if media.startswith("image/"):
+        return media.removeprefix("image/").upper(), f"content type {media}"
+    suffix = Path(filename).suffix.lower() if filename else ""
+    if suffix in _IMAGE_EXTENSIONS:
+        return _IMAGE_EXTENSIONS[suffix], f"file name {filename!r}"
+    if suffix in _VIDEO_EXTENSIONS:
+        return "video", f"file name {filename!r}"
+    return None
+
+
+def _bad_image(param: str, message: str) -> APIError:
+    return invalid(f"{param}: {message}", param, "invalid_image")
+
+
+def decode_image(
+    data: bytes,
+    param: str,
+    *,
+    max_pixels: int | None = None,
+    content_type: str | None = None,
+    filename: str | None = None,
+) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP, GIF, BMP) -> uint8 (H, W, 3), EXIF orientation applied.
+
+    Refused with a 400 before decoding: an empty file, a video, bytes of another type than the one the
+    client names (``content_type``, ``filename``), an image format not in :data:`IMAGE_FORMATS`, an
+    animation, more than ``max_pixels`` pixels (read from the header: a decompression bomb is never
+    decoded). A truncated or corrupt file is refused when its decoding fails."""
+    max_pixels = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not data:
-        raise invalid(f"{param}: the image is empty", param, "invalid_image")
+        raise _bad_image(param, "the image is empty")
+    found = sniff_format(data)
+    if found in _VIDEO_FORMATS:
+        raise _bad_image(
+            param, f"this is a video ({found}), not an image: send one frame as {ACCEPTED_IMAGES}"
+        )
+    claim = _claimed_format(content_type, filename)
+    if claim is not None:
+        claimed, said = claim
+        if claimed == "video":
+            raise _bad_image(param, f"the upload is a video ({said}), not an image: send {ACCEPTED_IMAGES}")
+        if found is not None and found != claimed:
+            raise _bad_image(
+                param,
+                f"the {said} says {claimed}, but the bytes are a {found} image: the file lies about its type",
+            )
+    if found not in IMAGE_FORMATS:
+        what = f"a {found} image" if found is not None else "not an image this server reads"
+        raise _bad_image(param, f"the file is {what}; send {ACCEPTED_IMAGES}")
     try:
-        with Image.open(BytesIO(data)) as image:
+        with Image.open(BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
-            if width * height > MAX_INPUT_IMAGE_PIXELS:
-                raise invalid(
-                    f"{param}: the image is {width}x{height}, more than {MAX_INPUT_IMAGE_PIXELS} pixels",
+            if width * height > max_pixels:
+                raise _bad_image(
                     param,
-                    "invalid_image",
+                    f"the image is {width}x{height} ({width * height} pixels), more than this server "
+                    f"decodes ({max_pixels}: {MAX_IMAGE_PIXELS_FACTOR} x --max-pixels)",
+                )
+            if image.format in ("PNG", "GIF", "WEBP") and getattr(image, "is_animated", False):
+                raise _bad_image(
+                    param, f"the image is an animated {image.format}: send a still image (one frame)"
                 )
             image.load()
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()
     except APIError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise invalid(f"{param}: cannot read the image ({e})", param, "invalid_image") from None
+    except Image.DecompressionBombError as e:
+        raise _bad_image(param, f"the image is too large to decode ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+        raise _bad_image(param, f"cannot read the image, truncated or corrupt? ({e})") from None
 
 
-def decode_data_url(url: str, param: str) -> np.ndarray:
+def decode_data_url(url: str, param: str, *, max_pixels: int | None = None) -> np.ndarray:
     """``data:image/png;base64,...`` -> uint8 (H, W, 3). Web URLs are refused: the server fetches nothing."""
     if re.match(r"(?i)https?://", url):
         raise invalid(
@@ -262,15 +439,20 @@ def decode_data_url(url: str, param: str) -> np.ndarray:
         data = base64.b64decode(re.sub(r"\s+", "", match.group(3)), validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"{param}: the data URL is not valid base64", param, "invalid_image") from None
-    return decode_image(data, param)
+    return decode_image(data, param, max_pixels=max_pixels, content_type=match.group(1) or None)
 
 
-def parse_image(value: Any, param: str) -> np.ndarray:
-    """An upload's bytes, a data URL, or ``{"image_url": ...}`` (OpenAI's ImageInputReferenceParam)."""
+def parse_image(value: Any, param: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """An upload (:class:`Upload` or bytes), a data URL, or ``{"image_url": ...}`` (OpenAI's
+    ImageInputReferenceParam)."""
+    if isinstance(value, Upload):
+        return decode_image(
+            value.data, param, max_pixels=max_pixels, content_type=value.content_type, filename=value.filename
+        )
     if isinstance(value, bytes):
-        return decode_image(value, param)
+        return decode_image(value, param, max_pixels=max_pixels)
     if isinstance(value, str):
-        return decode_data_url(value, param)
+        return decode_data_url(value, param, max_pixels=max_pixels)
     if isinstance(value, Mapping):
         if "file_id" in value and "image_url" not in value:
             raise invalid(
@@ -281,7 +463,7 @@ def parse_image(value: Any, param: str) -> np.ndarray:
         unknown = sorted(set(value) - {"image_url"})
         if unknown or not isinstance(value.get("image_url"), str):
             raise invalid(f'{param} must be an upload, a data URL or {{"image_url": "data:..."}}', param)
-        return decode_data_url(value["image_url"], param)
+        return decode_data_url(value["image_url"], param, max_pixels=max_pixels)
     raise invalid(f"{param} must be an image upload or a data URL, got {_shown(value)}", param)
 
 
@@ -343,8 +525,14 @@ def unflatten_form_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_stride: int = 4) -> NewJob:
-    """The fields of ``POST /v1/videos`` (JSON values, or form strings / upload bytes) -> NewJob."""
+def parse_video_create(
+    body: Mapping[str, Any],
+    *,
+    default_fps: float,
+    temporal_stride: int = 4,
+    max_image_pixels: int | None = None,
+) -> NewJob:
+    """The fields of ``POST /v1/videos`` (JSON values, or form strings / :class:`Upload` files) -> NewJob."""
     unknown = sorted(set(body) - set(VIDEO_CREATE_FIELDS))
     if unknown:
         raise invalid(
@@ -369,6 +557,8 @@ def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_
         seconds = parse_float(body["seconds"], "seconds")
         if seconds < 0:
             raise invalid(f"seconds must be >= 0, got {seconds:g}", "seconds")
+        if not math.isfinite(seconds * (fps or default_fps)):
+            raise invalid(f"seconds={seconds:g} is more frames than any server makes", "seconds")
         frames = frames_for_seconds(seconds, fps or default_fps, temporal_stride)
         if num_frames is not None and num_frames != frames:
             raise invalid(
@@ -377,12 +567,11 @@ def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_
                 "seconds",
             )
         num_frames = frames
-    image = (
-        None
-        if body.get("input_reference") is None
-        else parse_image(body["input_reference"], "input_reference")
-    )
-    last_image = None if body.get("last_image") is None else parse_image(body["last_image"], "last_image")
+    images = {
+        name: None if body.get(name) is None else parse_image(body[name], name, max_pixels=max_image_pixels)
+        for name in ("input_reference", "last_image")
+    }
+    image, last_image = images["input_reference"], images["last_image"]
     spec = JobSpec(
         prompt=prompt,
         negative_prompt=opt("negative_prompt", parse_str),
@@ -391,9 +580,9 @@ def parse_video_create(body: Mapping[str, Any], *, default_fps: float, temporal_
         num_frames=num_frames,
         fps=fps,
         num_inference_steps=opt("num_inference_steps", parse_int, 1),
-        guidance_scale=opt("guidance_scale", parse_float),
-        guidance_scale_2=opt("guidance_scale_2", parse_float),
-        flow_shift=opt("flow_shift", parse_float),
+        guidance_scale=opt("guidance_scale", parse_guidance),
+        guidance_scale_2=opt("guidance_scale_2", parse_guidance),
+        flow_shift=opt("flow_shift", parse_flow_shift),
         seed=opt("seed", parse_int, 0),
         has_image=image is not None,
         has_last_image=last_image is not None,
@@ -419,7 +608,7 @@ VIDEO_OPTION_FIELDS = (
 RESPONSE_FORMATS = ("url", "b64_json")
 
 
-def _parse_input(value: Any) -> tuple[str, list[np.ndarray]]:
+def _parse_input(value: Any, max_image_pixels: int | None) -> tuple[str, list[np.ndarray]]:
     """``input``: a prompt, or one user message (``{"role": "user", "content": str | [parts]}``, alone or
     in a list) whose parts are ``input_text`` and up to two ``input_image`` (first and last frame)."""
     if isinstance(value, str):
@@ -444,7 +633,7 @@ def _parse_input(value: Any) -> tuple[str, list[np.ndarray]]:
         if kind == "input_text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
-            images.append(decode_data_url(part["image_url"], "input"))
+            images.append(decode_data_url(part["image_url"], "input", max_pixels=max_image_pixels))
         else:
             raise invalid(
                 f"input parts must be input_text or input_image (with a data URL), got {_shown(part)}",
@@ -455,21 +644,21 @@ def _parse_input(value: Any) -> tuple[str, list[np.ndarray]]:
     return " ".join(texts), images
 
 
-def parse_responses_create(body: Any) -> tuple[NewJob, str]:
+def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) -> tuple[NewJob, str]:
     """An Open Responses body -> (NewJob, response_format). Open Responses fields that do not apply to
     video generation (temperature, tools, ...) are ignored; ``provider_options.video`` is checked strictly."""
     if not isinstance(body, Mapping):
         raise invalid("the request body must be a JSON object", None)
-    if body.get("stream"):
+    if body.get("stream") is not None and body["stream"] is not False:
         raise invalid("streaming is not supported for video generation; omit stream", "stream")
     model = None if body.get("model") is None else parse_str(body["model"], "model")
     if "input" not in body:
         raise invalid("input is required", "input", "missing_required_parameter")
-    prompt, images = _parse_input(body["input"])
+    prompt, images = _parse_input(body["input"], max_image_pixels)
     if not prompt.strip():
         raise invalid("input must contain a non-empty prompt", "input")
     seed = None if body.get("seed") is None else parse_int(body["seed"], "seed", 0)
-    options = body.get("provider_options") or {}
+    options = {} if body.get("provider_options") is None else body["provider_options"]
     if not isinstance(options, Mapping):
         raise invalid("provider_options must be an object", "provider_options")
     if options.get("image") is not None:
@@ -478,7 +667,7 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
             "provider_options.image",
             "unsupported",
         )
-    video = options.get("video") or {}
+    video = {} if options.get("video") is None else options["video"]
     if not isinstance(video, Mapping):
         raise invalid("provider_options.video must be an object", "provider_options.video")
     unknown = sorted(set(video) - set(VIDEO_OPTION_FIELDS))
@@ -490,10 +679,10 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
         )
 
     opt = _optional(video, "provider_options.video.")
-    response_format = opt("response_format", parse_str) or "url"
+    response_format = "url" if video.get("response_format") is None else video["response_format"]
     if response_format not in RESPONSE_FORMATS:
         raise invalid(
-            f"provider_options.video.response_format must be url or b64_json, got {response_format!r}",
+            f"provider_options.video.response_format must be url or b64_json, got {_shown(response_format)}",
             "provider_options.video.response_format",
         )
     fps = opt("frames_per_second", parse_fps)
@@ -505,9 +694,9 @@ def parse_responses_create(body: Any) -> tuple[NewJob, str]:
         num_frames=opt("num_frames", parse_int, 1),
         fps=fps,
         num_inference_steps=opt("steps", parse_int, 1),
-        guidance_scale=opt("guidance_scale", parse_float),
-        guidance_scale_2=opt("guidance_scale_2", parse_float),
-        flow_shift=opt("flow_shift", parse_float),
+        guidance_scale=opt("guidance_scale", parse_guidance),
+        guidance_scale_2=opt("guidance_scale_2", parse_guidance),
+        flow_shift=opt("flow_shift", parse_flow_shift),
         seed=seed,
         has_image=len(images) >= 1,
         has_last_image=len(images) == 2,

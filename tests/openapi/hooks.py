@@ -1,0 +1,65 @@
+"""schemathesis hooks for tests/test_openapi.py (loaded through ``SCHEMATHESIS_HOOKS``).
+
+``refused_only_for_rules_in_words``: a schema-valid request that the server refuses with a 400 must
+name, in its error body, one of the rules the OpenAPI document can only state in words. Any other
+400 to a schema-valid request means the document and the parser disagree, and fails the run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import schemathesis
+
+IMAGE = {"invalid_image", "unsupported_url", "invalid_value"}  # not an image, a URL, not on this checkpoint
+VIDEO_OPTIONS = "provider_options.video."
+# operation -> param -> the codes of a 400 that a schema-valid request may get ("limit_exceeded", a
+# request over --max-pixels/--max-frames/--max-steps, may come with any param)
+RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
+    "POST /v1/videos": {
+        "size": {"invalid_value"},  # a multiple of the checkpoint's spatial multiple, at least 1
+        "num_frames": {"invalid_value"},  # 4k+1
+        "seconds": {"invalid_value"},  # seconds and num_frames disagree
+        # bounds of numbers given as text (a pattern states the sign, not a bound)
+        "fps": {"invalid_value"},  # over 240
+        "seed": {"invalid_value"},  # over 2^63-1
+        "guidance_scale": {"invalid_value"},  # over 100
+        "flow_shift": {"invalid_value"},  # under 0.01 or over 100
+        "guidance_scale_2": {"invalid_value"},  # a one-expert checkpoint (or over 100 as text)
+        "input_reference": IMAGE,
+        "last_image": IMAGE,
+    },
+    "POST /v1/responses": {
+        "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
+        "seed": {"invalid_value"},
+        VIDEO_OPTIONS + "height": {"invalid_value"},
+        VIDEO_OPTIONS + "width": {"invalid_value"},
+        VIDEO_OPTIONS + "num_frames": {"invalid_value"},
+        VIDEO_OPTIONS + "frames_per_second": {"invalid_value"},
+        VIDEO_OPTIONS + "guidance_scale": {"invalid_value"},
+        VIDEO_OPTIONS + "guidance_scale_2": {"invalid_value"},
+        VIDEO_OPTIONS + "flow_shift": {"invalid_value"},
+    },
+    "GET /v1/videos": {"after": {"not_found"}},  # an id that does not exist
+}
+
+
+@schemathesis.check
+def refused_only_for_rules_in_words(ctx, response, case) -> bool | None:
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
+        return None
+    rules = RULES_IN_WORDS.get(case.operation.label)
+    if rules is None:  # the default positive_data_acceptance already refuses this 400
+        return None
+    error = json.loads(response.content)["error"]
+    if error["code"] == "limit_exceeded" or error["code"] in rules.get(error["param"], set()):
+        return None
+    raise AssertionError(
+        f"a schema-valid request was refused for a rule the document does not state: {error}"
+    )
+
+
+@schemathesis.deserializer("text/html")
+def html(ctx, response):
+    return response.content.decode("utf-8")
