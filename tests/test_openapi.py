@@ -25,15 +25,9 @@ from hypothesis import strategies as st
 from tests.serving_helpers import ThreadServer, assert_error
 from wanpipe.serving import openapi
 from wanpipe.serving.app import create_app
+from wanpipe.serving.errors import APIError
 from wanpipe.serving.manager import JobManager
-from wanpipe.serving.parsing import (
-    SIZE_TEXT,
-    APIError,
-    ServeLimits,
-    parse_float,
-    parse_int,
-    parse_size,
-)
+from wanpipe.serving.parsing import SIZE_TEXT, ServeLimits, parse_float, parse_int, parse_size
 from wanpipe.serving.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent

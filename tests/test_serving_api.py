@@ -172,7 +172,7 @@ def test_openai_sdk_image_to_video(tmp_path_factory, tmp_path: Path) -> None:
     gets it as WanRequest.image and the job's video is the engine's video for that image."""
     from tests import tiny_family
     from wanpipe import WanPipeline
-    from wanpipe.serving.parsing import decode_image
+    from wanpipe.serving.uploads import decode_image
 
     folder = tmp_path_factory.mktemp("i2v") / "ckpt"
     tiny_family.i2v_14b(folder)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tests.serving_helpers import png_bytes
+from wanpipe.serving.errors import APIError
 from wanpipe.serving.parsing import (
-    APIError,
     JobSpec,
     frames_for_seconds,
     parse_responses_create,

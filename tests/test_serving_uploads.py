@@ -22,17 +22,11 @@ from PIL import Image, ImageFile
 
 from tests.serving_helpers import ThreadServer, assert_error, png_bytes
 from wanpipe.serving.app import create_app
+from wanpipe.serving.errors import APIError
 from wanpipe.serving.manager import JobManager
-from wanpipe.serving.parsing import (
-    MAX_IMAGE_PIXELS_FACTOR,
-    APIError,
-    ServeLimits,
-    Upload,
-    decode_image,
-    parse_image,
-    sniff_format,
-)
+from wanpipe.serving.parsing import ServeLimits
 from wanpipe.serving.store import JobStore
+from wanpipe.serving.uploads import MAX_IMAGE_PIXELS_FACTOR, Upload, decode_image, parse_image, sniff_format
 
 LIMITS = ServeLimits(max_queue=8, max_batch=2, max_pixels=32 * 32, max_frames=5, max_steps=2)
 IMAGE_LIMIT = LIMITS.max_image_pixels  # 40 x 1024 = 40960 pixels

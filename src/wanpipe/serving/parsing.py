@@ -21,49 +21,16 @@ in :mod:`wanpipe.serving.schemas`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import re
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
-
-class APIError(Exception):
-    """A refusal with its HTTP status and the OpenAI error fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(message: str, param: str | None, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
-
+from wanpipe.serving.errors import invalid, shown
+from wanpipe.serving.uploads import DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS_FACTOR, decode_data_url, parse_image
 
 # ---------------------------------------------------------------------------------------------------------
 # What a server accepts
@@ -75,7 +42,7 @@ class ServeLimits:
 
     max_queue: int = 64
     max_batch: int = 4
-    max_pixels: int = 1280 * 720
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_frames: int = 129
     max_steps: int = 100
 
@@ -89,12 +56,6 @@ class ServeLimits:
         """The largest uploaded image decoded: ``MAX_IMAGE_PIXELS_FACTOR`` x ``max_pixels`` (the image is
         resized to the video's size, so a larger one costs memory and nothing more)."""
         return MAX_IMAGE_PIXELS_FACTOR * self.max_pixels
-
-
-# An uploaded image may have this many times --max-pixels pixels (36.9 M at the default 1280x720: a
-# 24-megapixel photo passes); a larger one is refused from its header, before it is decoded.
-MAX_IMAGE_PIXELS_FACTOR = 40
-DEFAULT_MAX_IMAGE_PIXELS = ServeLimits().max_image_pixels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,11 +114,6 @@ class NewJob:
 # Scalars
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 # The text forms of numbers (form fields, and JSON strings where a number is expected), ASCII only. The
 # OpenAPI document states the same patterns (wanpipe.serving.openapi), so what it calls valid is what
 # the parser accepts. At most MAX_NUMBER_TEXT characters; an exponent has at most two digits (every
@@ -184,7 +140,7 @@ def parse_int(value: Any, name: str, minimum: int | None = None) -> int:
     )
     number = int(value) if integral or _number_text(value, INT_TEXT) else None
     if number is None:
-        raise invalid(f"{name} must be an integer, got {_shown(value)}", name)
+        raise invalid(f"{name} must be an integer, got {shown(value)}", name)
     if minimum is not None and number < minimum:
         raise invalid(f"{name} must be at least {minimum}, got {number}", name)
     return number
@@ -200,13 +156,13 @@ def parse_float(value: Any, name: str) -> float:
         except OverflowError:  # an integer too large for a float
             number = None
     if number is None or not math.isfinite(number):
-        raise invalid(f"{name} must be a finite number, got {_shown(value)}", name)
+        raise invalid(f"{name} must be a finite number, got {shown(value)}", name)
     return number
 
 
 def parse_str(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise invalid(f"{name} must be a string, got {_shown(value)}", name)
+        raise invalid(f"{name} must be a string, got {shown(value)}", name)
     return value
 
 
@@ -245,7 +201,7 @@ def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` -> (width, height)."""
     match = re.fullmatch(SIZE_TEXT, value) if isinstance(value, str) else None
     if match is None:
-        raise invalid(f"{name} must be WIDTHxHEIGHT in pixels, e.g. 832x480, got {_shown(value)}", name)
+        raise invalid(f"{name} must be WIDTHxHEIGHT in pixels, e.g. 832x480, got {shown(value)}", name)
     return int(match.group(1)), int(match.group(2))
 
 
@@ -266,205 +222,6 @@ def frames_for_seconds(seconds: float, fps: float, stride: int = 4) -> int:
 
 def format_seconds(num_frames: int, fps: float) -> str:
     return f"{(num_frames - 1) / fps:g}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Images
-#
-# An upload is checked from its first bytes and its header before anything is decoded: its real type
-# (magic bytes) against the type it claims (content type, file name, data URL), a video or an animation
-# refused as such, its size against the server's limit. Only then is its one frame decoded.
-
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what PIL may open here (no EPS, TIFF, PSD, ...)
-ACCEPTED_IMAGES = "PNG, JPEG, WebP, GIF or BMP"
-_IMAGE_TYPES = {
-    "image/png": "PNG",
-    "image/apng": "PNG",
-    "image/jpeg": "JPEG",
-    "image/jpg": "JPEG",
-    "image/pjpeg": "JPEG",
-    "image/webp": "WEBP",
-    "image/gif": "GIF",
-    "image/bmp": "BMP",
-    "image/x-bmp": "BMP",
-    "image/x-ms-bmp": "BMP",
-}
-_IMAGE_EXTENSIONS = {
-    ".png": "PNG",
-    ".apng": "PNG",
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".jpe": "JPEG",
-    ".jfif": "JPEG",
-    ".webp": "WEBP",
-    ".gif": "GIF",
-    ".bmp": "BMP",
-}
-_VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ts", ".3gp")
-
-
-@dataclass(frozen=True)
-class Upload:
-    """A file of a multipart form: its bytes, and the name and content type the client gave it."""
-
-    data: bytes
-    filename: str | None = None
-    content_type: str | None = None
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The format the first bytes show: an image format of PIL's, a video container, or None."""
-    head = data[:16]
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head.startswith(b"BM"):
-        return "BMP"
-    if head[4:8] == b"ftyp":
-        return "MP4" if head[8:12] != b"qt  " else "QuickTime"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "WebM/Matroska"
-    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
-        return "AVI"
-    if head.startswith(b"II*\x00") or head.startswith(b"MM\x00*"):
-        return "TIFF"
-    return None
-
-
-_VIDEO_FORMATS = ("MP4", "QuickTime", "WebM/Matroska", "AVI")
-
-
-def _claimed_format(content_type: str | None, filename: str | None) -> tuple[str, str] | None:
-    """(format, what said so) the client claims: its content type, else its file name's extension.
-    ``application/octet-stream`` and unknown names claim nothing."""
-    media = (content_type or "").split(";")[0].strip().lower()
-    if media in _IMAGE_TYPES:
-        return _IMAGE_TYPES[media], f"content type {media}"
-    if media.startswith("video/"):
-        return "video", f"content type {media}"
-    if media.startswith("image/"):
-        return media.removeprefix("image/").upper(), f"content type {media}"
-    suffix = Path(filename).suffix.lower() if filename else ""
-    if suffix in _IMAGE_EXTENSIONS:
-        return _IMAGE_EXTENSIONS[suffix], f"file name {filename!r}"
-    if suffix in _VIDEO_EXTENSIONS:
-        return "video", f"file name {filename!r}"
-    return None
-
-
-def _bad_image(param: str, message: str) -> APIError:
-    return invalid(f"{param}: {message}", param, "invalid_image")
-
-
-def decode_image(
-    data: bytes,
-    param: str,
-    *,
-    max_pixels: int | None = None,
-    content_type: str | None = None,
-    filename: str | None = None,
-) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, WebP, GIF, BMP) -> uint8 (H, W, 3), EXIF orientation applied.
-
-    Refused with a 400 before decoding: an empty file, a video, bytes of another type than the one the
-    client names (``content_type``, ``filename``), an image format not in :data:`IMAGE_FORMATS`, an
-    animation, more than ``max_pixels`` pixels (read from the header: a decompression bomb is never
-    decoded). A truncated or corrupt file is refused when its decoding fails."""
-    max_pixels = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if not data:
-        raise _bad_image(param, "the image is empty")
-    found = sniff_format(data)
-    if found in _VIDEO_FORMATS:
-        raise _bad_image(
-            param, f"this is a video ({found}), not an image: send one frame as {ACCEPTED_IMAGES}"
-        )
-    claim = _claimed_format(content_type, filename)
-    if claim is not None:
-        claimed, said = claim
-        if claimed == "video":
-            raise _bad_image(param, f"the upload is a video ({said}), not an image: send {ACCEPTED_IMAGES}")
-        if found is not None and found != claimed:
-            raise _bad_image(
-                param,
-                f"the {said} says {claimed}, but the bytes are a {found} image: the file lies about its type",
-            )
-    if found not in IMAGE_FORMATS:
-        what = f"a {found} image" if found is not None else "not an image this server reads"
-        raise _bad_image(param, f"the file is {what}; send {ACCEPTED_IMAGES}")
-    try:
-        with Image.open(BytesIO(data), formats=IMAGE_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise _bad_image(
-                    param,
-                    f"the image is {width}x{height} ({width * height} pixels), more than this server "
-                    f"decodes ({max_pixels}: {MAX_IMAGE_PIXELS_FACTOR} x --max-pixels)",
-                )
-            if image.format in ("PNG", "GIF", "WEBP") and getattr(image, "is_animated", False):
-                raise _bad_image(
-                    param, f"the image is an animated {image.format}: send a still image (one frame)"
-                )
-            image.load()
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB")).copy()
-    except APIError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise _bad_image(param, f"the image is too large to decode ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
-        raise _bad_image(param, f"cannot read the image, truncated or corrupt? ({e})") from None
-
-
-def decode_data_url(url: str, param: str, *, max_pixels: int | None = None) -> np.ndarray:
-    """``data:image/png;base64,...`` -> uint8 (H, W, 3). Web URLs are refused: the server fetches nothing."""
-    if re.match(r"(?i)https?://", url):
-        raise invalid(
-            f"{param}: this server does not fetch URLs; send the image as a file upload or a "
-            "data URL (data:image/png;base64,...)",
-            param,
-            "unsupported_url",
-        )
-    match = re.fullmatch(r"(?s)data:([\w.+/-]*)((?:;[\w.+-]+=[\w.+-]+)*);base64,(.*)", url.strip())
-    if match is None:
-        raise invalid(
-            f"{param} must be an image upload or a base64 data URL (data:image/png;base64,...)",
-            param,
-            "invalid_image",
-        )
-    try:
-        data = base64.b64decode(re.sub(r"\s+", "", match.group(3)), validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid(f"{param}: the data URL is not valid base64", param, "invalid_image") from None
-    return decode_image(data, param, max_pixels=max_pixels, content_type=match.group(1) or None)
-
-
-def parse_image(value: Any, param: str, *, max_pixels: int | None = None) -> np.ndarray:
-    """An upload (:class:`Upload` or bytes), a data URL, or ``{"image_url": ...}`` (OpenAI's
-    ImageInputReferenceParam)."""
-    if isinstance(value, Upload):
-        return decode_image(
-            value.data, param, max_pixels=max_pixels, content_type=value.content_type, filename=value.filename
-        )
-    if isinstance(value, bytes):
-        return decode_image(value, param, max_pixels=max_pixels)
-    if isinstance(value, str):
-        return decode_data_url(value, param, max_pixels=max_pixels)
-    if isinstance(value, Mapping):
-        if "file_id" in value and "image_url" not in value:
-            raise invalid(
-                f"{param}: file ids are not supported here; upload the image or send a data URL",
-                param,
-                "unsupported_file_id",
-            )
-        unknown = sorted(set(value) - {"image_url"})
-        if unknown or not isinstance(value.get("image_url"), str):
-            raise invalid(f'{param} must be an upload, a data URL or {{"image_url": "data:..."}}', param)
-        return decode_data_url(value["image_url"], param, max_pixels=max_pixels)
-    raise invalid(f"{param} must be an image upload or a data URL, got {_shown(value)}", param)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -636,7 +393,7 @@ def _parse_input(value: Any, max_image_pixels: int | None) -> tuple[str, list[np
             images.append(decode_data_url(part["image_url"], "input", max_pixels=max_image_pixels))
         else:
             raise invalid(
-                f"input parts must be input_text or input_image (with a data URL), got {_shown(part)}",
+                f"input parts must be input_text or input_image (with a data URL), got {shown(part)}",
                 "input",
             )
     if len(images) > 2:
@@ -682,7 +439,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
     response_format = "url" if video.get("response_format") is None else video["response_format"]
     if response_format not in RESPONSE_FORMATS:
         raise invalid(
-            f"provider_options.video.response_format must be url or b64_json, got {_shown(response_format)}",
+            f"provider_options.video.response_format must be url or b64_json, got {shown(response_format)}",
             "provider_options.video.response_format",
         )
     fps = opt("frames_per_second", parse_fps)
