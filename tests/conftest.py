@@ -36,3 +36,18 @@ def wan_pipe(tiny_ckpt: Path):
     from wanpipe import WanPipeline
 
     return WanPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def dit_rows(wan_pipe, monkeypatch) -> list[int]:
+    """The batch rows of every DiT forward (one per denoising step; cond and uncond rows when guided)."""
+    rows: list[int] = []
+    runner = wan_pipe.executor.runner
+    forward = runner.forward
+
+    def counted(dit, latents, *args, **kwargs):
+        rows.append(latents.shape[0])
+        return forward(dit, latents, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", counted)
+    return rows

@@ -554,21 +554,6 @@ def gate(server, tmp_path: Path):
         server.manager.step_gate = None
 
 
-@pytest.fixture
-def dit_rows(wan_pipe, monkeypatch) -> list[int]:
-    """The batch rows of every DiT forward (one per denoising step; cond and uncond rows when guided)."""
-    rows: list[int] = []
-    runner = wan_pipe.executor.runner
-    forward = runner.forward
-
-    def counted(dit, latents, *args, **kwargs):
-        rows.append(latents.shape[0])
-        return forward(dit, latents, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "forward", counted)
-    return rows
-
-
 def test_delete_cancels_a_running_job_at_the_next_step(server, http, gate, dit_rows) -> None:
     manager = server.manager
     job = http.post("/v1/videos", json={"prompt": "a long one", **SMALL, "num_inference_steps": 10}).json()
