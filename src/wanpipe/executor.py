@@ -265,9 +265,12 @@ class WanExecutor:
         callback: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
+        timings: Timings | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """The denoise stage: initial latents (B, C, f, h, w) -> (denoised latents (B', ...) float32,
-        the rows they are; see :func:`~wanpipe.stages.denoise.denoise` for the cancel checks)."""
+        the rows they are; see :func:`~wanpipe.stages.denoise.denoise` for the cancel checks). What the
+        loop reports (guided and skipped steps, compile time, attention kernels) goes into ``timings``."""
+        report = timings if timings is not None else Timings()
         schedule = inputs.schedule
         num_steps = schedule.num_inference_steps
         device = self.device
@@ -290,8 +293,8 @@ class WanExecutor:
         )
         h, w = inputs.latents.shape[3:]
         cache = self._make_cache(inputs.approximations, latent_size=(h, w))
-        self._report = {"guided_steps": guidance.steps}
-        self._report["attention"] = self._attention_report(latents, text)
+        report.guided_steps = guidance.steps
+        report.attention = self._attention_report(latents, text)
         self.runner.compile_s = 0.0
         with attention_backend(self.runtime.attention_backend):
             latents, rows = denoise(
@@ -308,8 +311,10 @@ class WanExecutor:
                 should_cancel=should_cancel,
                 cancelled_rows=cancelled_rows,
             )
-        self._report["compile_s"] = self.runner.compile_s
+        report.compile_s = self.runner.compile_s
         self.last_cache_stats = None if cache is None else cache.stats
+        if cache is not None:
+            report.skipped_steps = cache.stats.skipped_steps
         return latents, rows
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -395,23 +400,17 @@ class WanExecutor:
         ``should_cancel()`` True stops the batch (CancelledError); ``cancelled_rows()`` names rows whose
         work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made)."""
         timings = Timings()
-        self._report = {}
         with self._stage(timings, "text_encode_s"):
             text = self.encode_text(inputs)
         with self._stage(timings, "condition_s"):
             conditioning, noise = self.condition(inputs)
         with self._stage(timings, "denoise_s"):
             latents, rows = self.denoise(
-                inputs, text, conditioning, noise, callback, should_cancel, cancelled_rows
+                inputs, text, conditioning, noise, callback, should_cancel, cancelled_rows, timings
             )
             del text, conditioning, noise
         with self._stage(timings, "decode_s"):
             frames = self.decode(latents)
             del latents
-        timings.compile_s = self._report.get("compile_s", 0.0)
-        timings.denoise_s -= timings.compile_s
-        timings.guided_steps = self._report.get("guided_steps", 0)
-        timings.attention = self._report.get("attention", "")
-        if self.last_cache_stats is not None:
-            timings.skipped_steps = self.last_cache_stats.skipped_steps
+        timings.denoise_s -= timings.compile_s  # the compile warm-up is reported apart
         return WanExecutorOutputs(frames=frames, timings=timings, rows=rows)
