@@ -165,6 +165,7 @@ def test_parallel_refuses_compile_offload_block_and_step_cache(wan_pipe) -> None
         wan_pipe.set_runtime(RuntimeOptions(offload="block"))
         with pytest.raises(ValueError, match=r"does not combine with --offload block yet"):
             wan_pipe.enable_parallel(ParallelConfig())
+        assert executor.parallel is None and executor.runner.mesh is None  # a refusal changes nothing
         wan_pipe.set_runtime(RuntimeOptions(compile=True))
         with pytest.raises(ValueError, match=r"does not combine with --compile yet"):
             wan_pipe.enable_parallel(ParallelConfig())

@@ -255,8 +255,10 @@ def test_teacache_takes_published_coefficients_or_refuses(pipe) -> None:
         ):
             teacache_variant(config, **kw)
     # The tiny test model is refused when it is configured, not in the middle of a request ...
+    before = pipe.executor.runtime
     with pytest.raises(ValueError, match=r"width \d+"):
         apply_runtime_options(pipe, RuntimeOptions(cache="teacache", residual_threshold=0.1))
+    assert pipe.executor.runtime is before  # refused before anything changed
     apply_runtime_options(pipe, RuntimeOptions(trim_host_memory=False))
     # ... and runs with coefficients of its own.
     frames, timings = run(pipe, _cache("teacache", 1e6))

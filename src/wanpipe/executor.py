@@ -164,6 +164,8 @@ class WanExecutor:
 
         ``device``: the compute device, when the modules were loaded elsewhere (e.g. loaded on the CPU
         and run on "cuda" with offload, so the full model never sits on the GPU)."""
+        if options.cache == "teacache" and options.teacache_coefficients is None:
+            self._teacache_variant()  # refuse a model without published coefficients now, not mid-request
         if device is not None:
             self.placement.device = torch.device(device)
         dev = self.device
@@ -195,8 +197,6 @@ class WanExecutor:
                     module.to(dev)
         if options.text_encoder_device is not None and self.text_encoder is not None:
             self.text_encoder.to(options.text_encoder_device)
-        if options.cache == "teacache" and options.teacache_coefficients is None:
-            self._teacache_variant()  # refuse a model without published coefficients now, not mid-request
         self.placement.offload = offload
         self.experts.offload = offload
         compiled = CompiledDiT(mode=options.compile_mode) if options.compile else None
@@ -215,10 +215,14 @@ class WanExecutor:
         rank). Raises ValueError when the runtime options do not combine with it (:meth:`check_parallel`)."""
         if vae_halo is not None and vae_halo < 0:
             raise ValueError(f"--vae-halo must be >= 0 latent rows, got {vae_halo}")
-        self.placement.mesh = mesh
-        self.runner.mesh = mesh
+        before = self.placement.mesh, self.vae_halo
+        self.placement.mesh = self.runner.mesh = mesh
         self.vae_halo = vae_halo if mesh is not None else None
-        self.check_parallel()
+        try:
+            self.check_parallel()
+        except ValueError:
+            (self.placement.mesh, self.vae_halo), self.runner.mesh = before, before[0]
+            raise
 
     def check_parallel(self, approximations: Approximations | None = None) -> None:
         """Raise ValueError if ``parallel`` is set together with something it does not combine with
