@@ -26,6 +26,7 @@ from fastapi.openapi.utils import get_openapi
 
 from wanpipe.serving.parsing import (
     EXPONENT,
+    FLOAT_TEXT,
     FLOW_SHIFT_RANGE,
     GUIDANCE_RANGE,
     MANTISSA,
@@ -106,7 +107,7 @@ POLL_HEADER = {
 _ZERO = r"(?:0+\.?0*|\.0+)"
 INT_MIN_0 = rf"{SPACE}(?:\+?[0-9]+|-0+){SPACE}"
 INT_MIN_1 = rf"{SPACE}\+?0*[1-9][0-9]*{SPACE}"
-FLOAT_ANY = rf"{SPACE}[+-]?{MANTISSA}{EXPONENT}{SPACE}"
+FLOAT_ANY = FLOAT_TEXT  # any float the parser takes
 FLOAT_MIN_0 = rf"{SPACE}(?:\+?{MANTISSA}|-{_ZERO}){EXPONENT}{SPACE}"
 FLOAT_ABOVE_0 = rf"{SPACE}\+?(?:[0-9]*[1-9][0-9]*\.?[0-9]*|[0-9]*\.[0-9]*[1-9][0-9]*){EXPONENT}{SPACE}"
 
