@@ -429,9 +429,11 @@ class WanPipeline:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request
         (every default filled in, a seed drawn, images read; :meth:`WanTokenizer.resolve`). Raises
         InvalidRequestError for a bad value, ValueError for what this pipeline's parallel run does not
-        combine with (a step cache)."""
+        combine with (a step cache), or a step cache on a VACE checkpoint."""
         resolved = self.tokenizer.resolve(request)
-        self.executor.check_parallel(Approximations(resolved.residual_threshold, resolved.cfg_truncation))
+        approximations = Approximations(resolved.residual_threshold, resolved.cfg_truncation)
+        self.executor.check_parallel(approximations)
+        self.executor.check_step_cache(approximations)
         return resolved
 
     def generate_batch(
