@@ -430,6 +430,28 @@ def test_two_expert_single_files_with_a_vace_module_each(experts_folder, tmp_pat
         )
 
 
+def test_convert_both_ways_keeps_the_vace_blocks(experts_folder, tmp_path) -> None:
+    """``wanpipe convert``: to the diffusers layout (read back by diffusers' ``WanVACEPipeline``) and to the
+    original layout (``VaceWanModel`` configs, read back by wanpipe), the same weights."""
+    from wanpipe.weights.components import open_checkpoint
+    from wanpipe.weights.convert import write_diffusers, write_original
+
+    arch, weights = open_checkpoint(experts_folder)
+    expected = {"transformer": weights.transformer(), "transformer_2": weights.transformer_2()}
+    out = write_diffusers(arch, weights, tmp_path / "diffusers")
+    ref = tiny_vace.load_vace_reference(out)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "WanVACEPipeline"
+    for name in expected:
+        _assert_same_weights(prepare_transformer_state(getattr(ref, name).state_dict()), expected[name])
+    back = write_original(arch, weights, tmp_path / "original")
+    config = json.loads((back / "high_noise_model" / "config.json").read_text())
+    assert config["_class_name"] == "VaceWanModel" and config["vace_layers"] == [0, 2]
+    arch2, weights2 = open_checkpoint(back)
+    assert arch2.variant.name == "wan2.2-vace-fun-a14b" and arch2.transformer.vace_layers == (0, 2)
+    _assert_same_weights(dict(weights2.transformer()), expected["transformer"])
+    _assert_same_weights(dict(weights2.transformer_2()), expected["transformer_2"])
+
+
 def test_vace_layers_from_a_config_or_evenly_spaced() -> None:
     shapes = {
         k: torch.empty(v.shape, device="meta")

@@ -5,14 +5,14 @@ checkpoints are renamed at load by the key table of ``weights/transformer_keys.p
 
 The model is run one stage at a time so an executor can compile, offload or stream blocks::
 
-    x = model.embed(latents, timestep, text_embeds, image_embeds)
-    hidden = run_blocks(model.blocks, x.hidden, x)
+    x = model.embed(latents, timestep, text_embeds, image_embeds)   # VACE: + control latents and scales
+    hidden = run_blocks(model.block_sequence(vace=x.control is not None), x.hidden, x)
     out = model.head(hidden, x.temb, x.grid)
 
 :func:`run_blocks` is the one place the blocks are called (through :func:`call_block`): the plain
 forward below, the compiled one (``call=torch.compile(call_block)``), the streamed one (``blocks`` an
 iterator of device-resident copies) and the sequence-parallel one (``self_attention`` over the ranks)
-all go through it.
+all go through it. A VACE model's sequence holds its VACE blocks too, each just before the main block its hint goes to.
 """
 
 from __future__ import annotations
