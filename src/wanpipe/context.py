@@ -58,6 +58,13 @@ class WanRequest:
     # Opt-in approximations (wanpipe.runtime): None = the runtime options' default (off unless set).
     residual_threshold: float | None = None  # step cache: skip the DiT while its input changes less
     cfg_truncation: float | None = None  # stop guidance after this fraction of the steps
+    # Samplers and schedules (docs/fast-sampling.md). sampler: "unipc" | "euler" | "lcm" | "dmd", None =
+    # what the checkpoint's scheduler config names. sigmas: one per step in (0, 1], strictly decreasing,
+    # the trailing 0 implied, not shifted again. timesteps: the same on the 0-1000 scale (sigma = t / 1000).
+    # Give at most one of sigmas / timesteps; its length is the step count.
+    sampler: str | None = None
+    sigmas: list[float] | None = None
+    timesteps: list[float] | None = None
 
 
 @dataclass(frozen=True)

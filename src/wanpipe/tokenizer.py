@@ -26,7 +26,7 @@ from wanpipe.config import WanArchConfig
 from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestError, WanContext, WanRequest
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
-from wanpipe.schedulers import make_schedule
+from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, make_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,27 @@ def _optional_fraction(value: Any, name: str, upper: float) -> float | None:
     if not 0.0 <= value <= upper:
         raise InvalidRequestError(f"{name} must be in [0, {upper:g}], got {value}", name)
     return value
+
+
+def _step_list(value: Any, name: str, upper: float) -> list[float] | None:
+    """None, or a request's ``sigmas`` / ``timesteps``: a non-empty list of numbers in (0, upper],
+    strictly decreasing, returned as a list of floats."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 1:
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not value:
+        raise InvalidRequestError(
+            f"{name} must be a non-empty list of numbers (one per step), got {value!r}", name
+        )
+    values = [_float(v, name) for v in value]
+    for v in values:
+        if not 0.0 < v <= upper:
+            raise InvalidRequestError(f"{name} must each be in (0, {upper:g}], got {v:g}", name)
+    for a, b in zip(values, values[1:]):
+        if b >= a:
+            raise InvalidRequestError(f"{name} must be strictly decreasing, got {a:g} then {b:g}", name)
+    return values
 
 
 class WanTokenizer:
@@ -110,13 +131,25 @@ class WanTokenizer:
             raise InvalidRequestError(
                 f"num_frames must be {stride}k+1 (1, 5, 9, ..., 81), got {num_frames}", "num_frames"
             )
-        steps = _int(
-            defaults.num_inference_steps
-            if request.num_inference_steps is None
-            else request.num_inference_steps,
-            "num_inference_steps",
-            1,
-        )
+        sampler, sigmas, timesteps = self._sampling(request)
+        given = sigmas if sigmas is not None else timesteps
+        if request.num_inference_steps is None and given is not None:
+            steps = len(given)
+        else:
+            steps = _int(
+                defaults.num_inference_steps
+                if request.num_inference_steps is None
+                else request.num_inference_steps,
+                "num_inference_steps",
+                1,
+            )
+        if given is not None and len(given) != steps:
+            name = "sigmas" if sigmas is not None else "timesteps"
+            raise InvalidRequestError(
+                f"{name} must have one value per step: num_inference_steps={steps}, got {len(given)} values "
+                "(leave num_inference_steps out to take the list's length)",
+                name,
+            )
         guidance = _float(
             defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "guidance_scale",
@@ -155,8 +188,26 @@ class WanTokenizer:
             strength=strength,
             residual_threshold=_optional_fraction(request.residual_threshold, "residual_threshold", 1e9),
             cfg_truncation=_optional_fraction(request.cfg_truncation, "cfg_truncation", 1.0),
+            sampler=sampler,
+            sigmas=sigmas,
+            timesteps=timesteps,
             **media,
         )
+
+    def _sampling(self, request: WanRequest) -> tuple[str, list[float] | None, list[float] | None]:
+        """The request's sampler (the checkpoint's when none is given) and its own sigmas or timesteps."""
+        sampler = self.arch.scheduler.kind if request.sampler is None else request.sampler
+        if sampler not in SAMPLERS:
+            raise InvalidRequestError(
+                f"sampler must be one of {', '.join(SAMPLERS)}, got {request.sampler!r}", "sampler"
+            )
+        sigmas = _step_list(request.sigmas, "sigmas", 1.0)
+        timesteps = _step_list(request.timesteps, "timesteps", TIMESTEP_SCALE)
+        if sigmas is not None and timesteps is not None:
+            raise InvalidRequestError(
+                "give either sigmas or timesteps (timesteps = 1000 * sigmas), not both", "timesteps"
+            )
+        return sampler, sigmas, timesteps
 
     def batch_key(self, request: WanRequest) -> tuple:
         """What requests must share to run as one executor batch, from a :meth:`resolve`'d request:
@@ -173,6 +224,9 @@ class WanTokenizer:
             request.video is not None,
             request.residual_threshold,
             request.cfg_truncation,
+            request.sampler,
+            None if request.sigmas is None else tuple(request.sigmas),
+            None if request.timesteps is None else tuple(request.timesteps),
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:

@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 SchedulerKind = Literal["unipc", "euler"]
+SAMPLERS: tuple[str, ...] = ("unipc", "euler", "lcm", "dmd")
+"""The samplers a request may name (``WanRequest.sampler``)."""
+TIMESTEP_SCALE = 1000.0
+"""A request's ``timesteps`` are on this scale: sigma = t / 1000 (1000 allowed)."""
 SigmaGrid = Literal["diffusers", "original"]
 SIGMA_GRIDS: tuple[str, ...] = ("diffusers", "original")
 
