@@ -474,3 +474,125 @@ def test_step_noise_is_per_row_in_a_batch(wan_pipe) -> None:
     assert euler.noise_state is None
     with pytest.raises(ValueError, match="must share"):
         wan_pipe.executor.prepare_inputs([lcm, dmd])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interfaces: Python, CLI, server
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_sampler_names_agree_everywhere() -> None:
+    from wanpipe.arguments import SAMPLER_NAMES
+    from wanpipe.serving import parsing
+
+    assert SAMPLER_NAMES == SAMPLERS == parsing.SAMPLERS
+
+
+def test_cli_takes_sampler_and_lists(tiny_ckpt, tmp_path, capsys) -> None:
+    from wanpipe.cli import build_parser, main
+
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--prompt",
+            "a",
+            "--sampler",
+            "dmd",
+            "--sigmas",
+            "0.9, 0.6,0.3",
+            "--timesteps",
+            "1000,750",
+        ]
+    )
+    assert (args.sampler, args.sigmas, args.timesteps) == ("dmd", [0.9, 0.6, 0.3], [1000.0, 750.0])
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "a cat", "--height", "32", "--width", "32"]
+    argv += ["--num-frames", "5", "--sampler", "dmd", "--timesteps", "1000,750,500", "--output", str(out)]
+    assert main([*argv, "--no-progress", "--seed", "4"]) == 0, capsys.readouterr().err
+    assert out.is_file() and out.stat().st_size > 0
+
+
+SERVE_LIMITS_STEPS = 8
+SMALL_JOB = {"prompt": "a cat", "size": "32x32", "num_frames": 5}
+
+
+@pytest.fixture(scope="module")
+def http(wan_pipe, tmp_path_factory):
+    import httpx
+
+    from tests.serving_helpers import ThreadServer
+    from wanpipe.serving.app import create_app
+    from wanpipe.serving.manager import JobManager
+    from wanpipe.serving.parsing import ServeLimits
+    from wanpipe.serving.store import JobStore
+
+    store = JobStore(tmp_path_factory.mktemp("serve-samplers") / "out")
+    limits = ServeLimits(
+        max_queue=10, max_batch=4, max_pixels=64 * 64, max_frames=17, max_steps=SERVE_LIMITS_STEPS
+    )
+    manager = JobManager(store, lambda: wan_pipe, model_name="wan-tiny", limits=limits)
+    with ThreadServer(create_app(manager)) as srv:
+        assert manager.wait_ready(60)
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            yield client
+
+
+VIDEO_SCHEDULE_ERRORS = [
+    # (extra body fields, param, code)
+    (dict(sampler="ddim"), "sampler", "invalid_value"),
+    (dict(sampler=3), "sampler", "invalid_value"),
+    (dict(sigmas=[0.5, 0.9]), "sigmas", "invalid_value"),  # not decreasing
+    (dict(sigmas=[1.5, 0.5]), "sigmas", "invalid_value"),  # out of range
+    (dict(sigmas="0.9,abc"), "sigmas", "invalid_value"),
+    (dict(sigmas=[]), "sigmas", "invalid_value"),
+    (dict(sigmas=[True]), "sigmas", "invalid_value"),
+    (dict(sigmas={"a": 1}), "sigmas", "invalid_value"),
+    (dict(sigmas=[0.9, 0.5], num_inference_steps=3), "sigmas", "invalid_value"),
+    (dict(timesteps=[1200, 500]), "timesteps", "invalid_value"),
+    (dict(timesteps="0,"), "timesteps", "invalid_value"),
+    (dict(sigmas=[0.9], timesteps=[900]), "timesteps", "invalid_value"),
+    (dict(timesteps=list(range(1000, 0, -100))), "num_inference_steps", "limit_exceeded"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), VIDEO_SCHEDULE_ERRORS)
+def test_bad_schedule_http_requests(http, extra, param, code) -> None:
+    from tests.serving_helpers import assert_error
+
+    assert_error(http.post("/v1/videos", json={**SMALL_JOB, **extra}), 400, param, code)
+    if param in extra and isinstance(extra[param], list | str) and code == "invalid_value":
+        renamed = {"steps" if k == "num_inference_steps" else k: v for k, v in extra.items()}
+        video = {"height": 32, "width": 32, "num_frames": 5, **renamed}
+        body = {"input": "a cat", "provider_options": {"video": video}}
+        assert_error(http.post("/v1/responses", json=body), 400, f"provider_options.video.{param}", code)
+
+
+def test_schedule_http_requests_run_and_are_reported(http) -> None:
+    """JSON lists, form text lists: the job runs with them and reports them (and the step count)."""
+    from tests.serving_helpers import assert_error, wait_until
+    from wanpipe.serving.parsing import JobSpec
+
+    response = http.post("/v1/videos", json={**SMALL_JOB, "sampler": "dmd", "timesteps": [1000, 750, 500]})
+    assert response.status_code == 200, response.text
+    params = response.json()["parameters"]
+    assert (params["sampler"], params["timesteps"], params["sigmas"]) == ("dmd", [1000, 750, 500], None)
+    assert params["num_inference_steps"] == 3
+    form = {"prompt": "a cat", "size": "32x32", "num_frames": "5", "sampler": "lcm", "sigmas": "0.9, 0.5"}
+    formed = http.post("/v1/videos", data=form)
+    assert formed.status_code == 200, formed.text
+    assert formed.json()["parameters"]["sigmas"] == [0.9, 0.5]
+    assert_error(http.post("/v1/videos", data={**form, "sigmas": "0.9;0.5"}), 400, "sigmas", "invalid_value")
+    plain = http.post("/v1/videos", json={**SMALL_JOB, "num_inference_steps": 2}).json()["parameters"]
+    assert plain["sampler"] == "unipc" and plain["sigmas"] is None  # the checkpoint's, resolved
+    for video_id in (response.json()["id"], formed.json()["id"]):
+
+        def done(video_id=video_id):
+            body = http.get(f"/v1/videos/{video_id}").json()
+            return body if body["status"] in ("completed", "failed") else None
+
+        assert wait_until(done, 60, "the video")["status"] == "completed"
+    spec = JobSpec(prompt="a", sampler="dmd", sigmas=(0.9, 0.5))
+    assert JobSpec.from_json(spec.to_json()) == spec  # the job store's round trip
+    options = {"height": 32, "width": 32, "num_frames": 5, "sampler": "euler", "sigmas": [0.9, 0.5]}
+    answer = http.post("/v1/responses", json={"input": "a cat", "provider_options": {"video": options}})
+    assert answer.status_code == 200, answer.text
