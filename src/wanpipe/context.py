@@ -58,6 +58,13 @@ class WanRequest:
     # Opt-in approximations (wanpipe.runtime): None = the runtime options' default (off unless set).
     residual_threshold: float | None = None  # step cache: skip the DiT while its input changes less
     cfg_truncation: float | None = None  # stop guidance after this fraction of the steps
+    # Samplers and schedules (docs/fast-sampling.md). sampler: "unipc" | "euler" | "lcm" | "dmd", None =
+    # what the checkpoint's scheduler config names. sigmas: one per step in (0, 1], strictly decreasing,
+    # the trailing 0 implied, not shifted again. timesteps: the same on the 0-1000 scale (sigma = t / 1000).
+    # Give at most one of sigmas / timesteps; its length is the step count.
+    sampler: str | None = None
+    sigmas: list[float] | None = None
+    timesteps: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,8 @@ class WanContext:
 
     Shapes: tokens/mask (L,), negative_tokens/negative_mask (L,) or None when no classifier-free
     guidance is done, latents (C, f, h, w) the initial noise; ``schedule`` holds timesteps (N,), sigmas
-    (N+1,) and step_coefficients (N, K) (also readable under MAX's flat names).
+    (N+1,) and step_coefficients (N, K) (also readable under MAX's flat names) and its sampler
+    (``schedule.kind``); noise_state (S,) uint8 or None: where the step noise of LCM / DMD starts.
     """
 
     request_id: str
@@ -124,6 +132,9 @@ class WanContext:
     conditioning: ConditioningInputs = field(default_factory=ConditioningInputs)
     approximations: Approximations = field(default_factory=Approximations)
     status: GenerationStatus = GenerationStatus.ACTIVE
+    # LCM / DMD: the request's seeded CPU generator's state (uint8) after the initial noise, from which
+    # each step's fresh noise is drawn (wanpipe.schedulers.StepNoise); None for the other samplers.
+    noise_state: np.ndarray | None = None
 
     @property
     def timesteps(self) -> np.ndarray:

@@ -26,16 +26,17 @@ from wanpipe.config import WanArchConfig
 from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestError, WanContext, WanRequest
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
-from wanpipe.schedulers import make_schedule
+from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, generator_state, make_schedule, seeded_generator
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 
 
-def draw_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The initial noise exactly as diffusers draws it for ``generator=torch.Generator("cpu").manual_seed(seed)``."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+def draw_noise(seed: int, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The initial noise exactly as diffusers draws it for ``generator=torch.Generator("cpu").manual_seed(seed)``
+    (``generator``: that generator, to go on drawing from it after the initial noise)."""
+    generator = seeded_generator(seed) if generator is None else generator
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
@@ -61,6 +62,27 @@ def _optional_fraction(value: Any, name: str, upper: float) -> float | None:
     if not 0.0 <= value <= upper:
         raise InvalidRequestError(f"{name} must be in [0, {upper:g}], got {value}", name)
     return value
+
+
+def _step_list(value: Any, name: str, upper: float) -> list[float] | None:
+    """None, or a request's ``sigmas`` / ``timesteps``: a non-empty list of numbers in (0, upper],
+    strictly decreasing, returned as a list of floats."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 1:
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not value:
+        raise InvalidRequestError(
+            f"{name} must be a non-empty list of numbers (one per step), got {value!r}", name
+        )
+    values = [_float(v, name) for v in value]
+    for v in values:
+        if not 0.0 < v <= upper:
+            raise InvalidRequestError(f"{name} must each be in (0, {upper:g}], got {v:g}", name)
+    for a, b in zip(values, values[1:]):
+        if b >= a:
+            raise InvalidRequestError(f"{name} must be strictly decreasing, got {a:g} then {b:g}", name)
+    return values
 
 
 class WanTokenizer:
@@ -110,13 +132,25 @@ class WanTokenizer:
             raise InvalidRequestError(
                 f"num_frames must be {stride}k+1 (1, 5, 9, ..., 81), got {num_frames}", "num_frames"
             )
-        steps = _int(
-            defaults.num_inference_steps
-            if request.num_inference_steps is None
-            else request.num_inference_steps,
-            "num_inference_steps",
-            1,
-        )
+        sampler, sigmas, timesteps = self._sampling(request)
+        given = sigmas if sigmas is not None else timesteps
+        if request.num_inference_steps is None and given is not None:
+            steps = len(given)
+        else:
+            steps = _int(
+                defaults.num_inference_steps
+                if request.num_inference_steps is None
+                else request.num_inference_steps,
+                "num_inference_steps",
+                1,
+            )
+        if given is not None and len(given) != steps:
+            name = "sigmas" if sigmas is not None else "timesteps"
+            raise InvalidRequestError(
+                f"{name} must have one value per step: num_inference_steps={steps}, got {len(given)} values "
+                "(leave num_inference_steps out to take the list's length)",
+                name,
+            )
         guidance = _float(
             defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "guidance_scale",
@@ -155,8 +189,26 @@ class WanTokenizer:
             strength=strength,
             residual_threshold=_optional_fraction(request.residual_threshold, "residual_threshold", 1e9),
             cfg_truncation=_optional_fraction(request.cfg_truncation, "cfg_truncation", 1.0),
+            sampler=sampler,
+            sigmas=sigmas,
+            timesteps=timesteps,
             **media,
         )
+
+    def _sampling(self, request: WanRequest) -> tuple[str, list[float] | None, list[float] | None]:
+        """The request's sampler (the checkpoint's when none is given) and its own sigmas or timesteps."""
+        sampler = self.arch.scheduler.kind if request.sampler is None else request.sampler
+        if sampler not in SAMPLERS:
+            raise InvalidRequestError(
+                f"sampler must be one of {', '.join(SAMPLERS)}, got {request.sampler!r}", "sampler"
+            )
+        sigmas = _step_list(request.sigmas, "sigmas", 1.0)
+        timesteps = _step_list(request.timesteps, "timesteps", TIMESTEP_SCALE)
+        if sigmas is not None and timesteps is not None:
+            raise InvalidRequestError(
+                "give either sigmas or timesteps (timesteps = 1000 * sigmas), not both", "timesteps"
+            )
+        return sampler, sigmas, timesteps
 
     def batch_key(self, request: WanRequest) -> tuple:
         """What requests must share to run as one executor batch, from a :meth:`resolve`'d request:
@@ -173,6 +225,9 @@ class WanTokenizer:
             request.video is not None,
             request.residual_threshold,
             request.cfg_truncation,
+            request.sampler,
+            None if request.sigmas is None else tuple(request.sigmas),
+            None if request.timesteps is None else tuple(request.timesteps),
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:
@@ -280,7 +335,9 @@ class WanTokenizer:
         assert r.height is not None and r.width is not None and r.num_frames is not None
         assert r.num_inference_steps is not None and r.guidance_scale is not None and r.seed is not None
         shape = self.latent_shape(r.num_frames, r.height, r.width)
-        latents = draw_noise(r.seed, (1, *shape))[0].numpy() if r.latents is None else r.latents
+        # One noise stream per request: the initial latents, then (LCM, DMD) each step's fresh noise.
+        generator = seeded_generator(r.seed)
+        latents = draw_noise(r.seed, (1, *shape), generator)[0].numpy() if r.latents is None else r.latents
 
         do_cfg = r.guidance_scale > 1.0
         prompts = [r.prompt] + ([r.negative_prompt or arch.defaults.negative_prompt] if do_cfg else [])
@@ -292,8 +349,17 @@ class WanTokenizer:
             )
         steps = r.num_inference_steps
         # Video-to-video starts partly noised: the schedule's tail, as the reference derives it.
+        # A request's own sigmas / timesteps are the full schedule: strength keeps its tail alike.
         start_step = 0 if r.strength is None else steps - min(int(steps * r.strength), steps)
-        schedule = make_schedule(arch.scheduler, steps, flow_shift=r.flow_shift, start_step=start_step)
+        schedule = make_schedule(
+            arch.scheduler,
+            steps,
+            flow_shift=r.flow_shift,
+            start_step=start_step,
+            sampler=r.sampler,
+            sigmas=r.sigmas,
+            timesteps=r.timesteps,
+        )
         return WanContext(
             request_id=r.request_id,
             tokens=tokens.ids[0],
@@ -315,6 +381,7 @@ class WanTokenizer:
             boundary_timestep=arch.boundary_timestep if arch.has_second_expert else None,
             conditioning=self._conditioning(r),
             approximations=Approximations(r.residual_threshold, r.cfg_truncation),
+            noise_state=generator_state(generator) if schedule.stochastic else None,
         )
 
     def _conditioning(self, r: WanRequest) -> ConditioningInputs:

@@ -163,6 +163,9 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             negative_prompt=s.negative_prompt,
             image=s.has_image,
             last_image=s.has_last_image,
+            sampler=s.sampler,
+            sigmas=None if s.sigmas is None else list(s.sigmas),
+            timesteps=None if s.timesteps is None else list(s.timesteps),
         ),
         batch_size=job.batch_size,
     )

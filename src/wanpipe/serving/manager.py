@@ -195,6 +195,7 @@ class JobManager:
             flow_shift=resolved.flow_shift,
             seed=resolved.seed,
             fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
+            sampler=resolved.sampler,
         )
         job = Job(
             id=new_job_id(),
@@ -232,6 +233,9 @@ class JobManager:
         width = d.width if spec.width is None else spec.width
         frames = d.num_frames if spec.num_frames is None else spec.num_frames
         steps = d.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
+        given = spec.sigmas if spec.sigmas is not None else spec.timesteps
+        if given is not None:  # a schedule's list is one value per step
+            steps = max(steps, len(given)) if spec.num_inference_steps is not None else len(given)
         if height * width > lim.max_pixels:
             raise LimitExceededError(
                 f"size {width}x{height} is {width * height} pixels; this server allows at most "
@@ -569,4 +573,7 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         seed=spec.seed,
         image=image,
         last_image=last_image,
+        sampler=spec.sampler,
+        sigmas=None if spec.sigmas is None else list(spec.sigmas),
+        timesteps=None if spec.timesteps is None else list(spec.timesteps),
     )
