@@ -387,6 +387,7 @@ class WanPipeline:
         residual_threshold: float | None = None,
         cfg_truncation: float | None = None,
         progress: bool = True,
+        preset: str | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -395,7 +396,8 @@ class WanPipeline:
         ``last_image``) condition image-to-video checkpoints; ``video`` with ``strength`` re-noises a
         video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
         and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache) and
-        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``).
+        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``). ``preset`` names a
+        published few-step setting (``wanpipe.presets``) that fills the values left ``None``.
         """
         request = WanRequest(
             prompt=prompt,
@@ -415,6 +417,7 @@ class WanPipeline:
             strength=strength,
             residual_threshold=residual_threshold,
             cfg_truncation=cfg_truncation,
+            preset=preset,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 

@@ -28,6 +28,7 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         "guidance_scale_2": {"invalid_value"},  # a one-expert checkpoint (or over 100 as text)
         "input_reference": IMAGE,
         "last_image": IMAGE,
+        "preset": {"invalid_value"},  # a preset for another kind of checkpoint
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
@@ -39,6 +40,7 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         VIDEO_OPTIONS + "guidance_scale": {"invalid_value"},
         VIDEO_OPTIONS + "guidance_scale_2": {"invalid_value"},
         VIDEO_OPTIONS + "flow_shift": {"invalid_value"},
+        VIDEO_OPTIONS + "preset": {"invalid_value"},
     },
     "GET /v1/videos": {"after": {"not_found"}},  # an id that does not exist
 }

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
 from wanpipe.media import Video
+from wanpipe.presets import PRESETS
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import JobSpec, NewJob, ServeLimits
 from wanpipe.serving.step_gate import StepGate
@@ -232,6 +233,8 @@ class JobManager:
         width = d.width if spec.width is None else spec.width
         frames = d.num_frames if spec.num_frames is None else spec.num_frames
         steps = d.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
+        if spec.num_inference_steps is None and spec.preset in PRESETS:
+            steps = PRESETS[spec.preset].num_inference_steps
         if height * width > lim.max_pixels:
             raise LimitExceededError(
                 f"size {width}x{height} is {width * height} pixels; this server allows at most "
@@ -569,4 +572,5 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         seed=spec.seed,
         image=image,
         last_image=last_image,
+        preset=spec.preset,
     )

@@ -5,7 +5,7 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
 * OpenAI Videos (``POST /v1/videos``, what ``openai.OpenAI().videos.create`` sends): multipart form or
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
-  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``).
+  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``preset``).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from wanpipe.presets import PRESETS
 from wanpipe.serving.errors import invalid, shown
 from wanpipe.serving.uploads import DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS_FACTOR, decode_data_url, parse_image
 
@@ -83,6 +84,7 @@ class JobSpec:
     seed: int | None = None
     has_image: bool = False
     has_last_image: bool = False
+    preset: str | None = None  # a few-step preset (wanpipe.presets); the resolved spec holds its values
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +199,13 @@ def parse_fps(value: Any, name: str) -> float:
     return fps
 
 
+def parse_preset(value: Any, name: str = "preset") -> str:
+    """A known preset's name (``wanpipe.presets.PRESETS``); whether it fits the model, the engine checks."""
+    if not isinstance(value, str) or value not in PRESETS:
+        raise invalid(f"{name} must be one of {', '.join(PRESETS)}, got {shown(value)}", name)
+    return value
+
+
 def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` -> (width, height)."""
     match = re.fullmatch(SIZE_TEXT, value) if isinstance(value, str) else None
@@ -242,6 +251,7 @@ VIDEO_CREATE_FIELDS = (
     "flow_shift",
     "seed",
     "last_image",
+    "preset",
 )
 
 # How the engine's parameter names read in each API (for the "param" of an error body).
@@ -260,6 +270,7 @@ RESPONSES_PARAM_NAMES = {
     "negative_prompt": "provider_options.video.negative_prompt",
     "flow_shift": "provider_options.video.flow_shift",
     "fps": "provider_options.video.frames_per_second",
+    "preset": "provider_options.video.preset",
 }
 
 
@@ -343,6 +354,7 @@ def parse_video_create(
         seed=opt("seed", parse_int, 0),
         has_image=image is not None,
         has_last_image=last_image is not None,
+        preset=opt("preset", parse_preset),
     )
     return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES)
 
@@ -361,6 +373,7 @@ VIDEO_OPTION_FIELDS = (
     "flow_shift",
     "frames_per_second",
     "response_format",
+    "preset",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -457,6 +470,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         seed=seed,
         has_image=len(images) >= 1,
         has_last_image=len(images) == 2,
+        preset=opt("preset", parse_preset),
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None
