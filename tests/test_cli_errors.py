@@ -96,7 +96,12 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
         r"invalid choice: 'both' \(choose from 'resident', 'swap'\)",
     ),
     (GENERATE, "--preset", ["--preset", "turbo"], r"unknown preset 'turbo'; the presets are: lightx2v-4step"),
-    (GENERATE, "--preset", ["--preset", "fastwan"], r"--preset 'fastwan' is for Wan 2\.2 TI2V-5B checkpoints"),
+    (
+        GENERATE,
+        "--preset",
+        ["--preset", "fastwan"],
+        r"--preset 'fastwan' is for Wan 2\.2 TI2V-5B checkpoints",
+    ),
     (GENERATE, "--preset", ["--preset", "lightning-a14b"], r"Wan 2\.2 T2V-A14B or .*use lightx2v-4step"),
     (GENERATE, "--flow-shift", ["--flow-shift", "0"], r"a number above 0"),
     (GENERATE, "--flow-shift", ["--flow-shift", "-3"], r"above 0"),

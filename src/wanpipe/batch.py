@@ -20,7 +20,8 @@ class WanExecutorInputs:
     batch; guidance_scale, guidance_scale_2 (B,) float32; do_cfg (B,) bool; boundary_timestep: the
     expert switch or None; condition_pixels (B, K, 3, H, W) in [-1, 1] (first / last frame) or None;
     clip_pixels (B, K, 3, S, S) or None; video_pixels (B, 3, F, H, W) in [-1, 1] or None;
-    ``approximations``: the batch's opt-in approximations.
+    ``approximations``: the batch's opt-in approximations; noise_states: per row the uint8 state of its
+    seeded generator for the step noise of LCM / DMD (host data, not moved), None for other samplers.
     """
 
     tokens: torch.Tensor
@@ -38,6 +39,7 @@ class WanExecutorInputs:
     clip_pixels: torch.Tensor | None = None
     video_pixels: torch.Tensor | None = None
     approximations: Approximations = field(default_factory=Approximations)
+    noise_states: tuple[np.ndarray, ...] | None = None
 
     def to(self, device: torch.device | str) -> WanExecutorInputs:
         """The tensors moved to ``device`` (the schedule stays host data)."""
@@ -94,4 +96,7 @@ def collate(contexts: list[WanContext]) -> WanExecutorInputs:
         clip_pixels=optional([c.clip_pixels for c in cond]),
         video_pixels=optional([c.video_pixels for c in cond]),
         approximations=first.approximations,
+        noise_states=tuple(c.noise_state for c in contexts)  # type: ignore[misc]
+        if first.schedule.stochastic
+        else None,
     )

@@ -110,7 +110,8 @@ class WanContext:
 
     Shapes: tokens/mask (L,), negative_tokens/negative_mask (L,) or None when no classifier-free
     guidance is done, latents (C, f, h, w) the initial noise; ``schedule`` holds timesteps (N,), sigmas
-    (N+1,) and step_coefficients (N, K) (also readable under MAX's flat names).
+    (N+1,) and step_coefficients (N, K) (also readable under MAX's flat names) and its sampler
+    (``schedule.kind``); noise_state (S,) uint8 or None: where the step noise of LCM / DMD starts.
     """
 
     request_id: str
@@ -134,6 +135,9 @@ class WanContext:
     conditioning: ConditioningInputs = field(default_factory=ConditioningInputs)
     approximations: Approximations = field(default_factory=Approximations)
     status: GenerationStatus = GenerationStatus.ACTIVE
+    # LCM / DMD: the request's seeded CPU generator's state (uint8) after the initial noise, from which
+    # each step's fresh noise is drawn (wanpipe.schedulers.StepNoise); None for the other samplers.
+    noise_state: np.ndarray | None = None
 
     @property
     def timesteps(self) -> np.ndarray:

@@ -42,6 +42,7 @@ from wanpipe.runtime.offload import BlockStreamer, ModelOffload, pin_module
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import StepCache, make_step_cache, teacache_coefficients, teacache_variant
+from wanpipe.schedulers import StepNoise
 from wanpipe.stages.conditioning import ConditionEncoders, Conditioning, prepare_conditioning
 from wanpipe.stages.decode import decode
 from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepPlan, denoise, guided_steps
@@ -314,6 +315,9 @@ class WanExecutor:
                 callback=callback,
                 should_cancel=should_cancel,
                 cancelled_rows=cancelled_rows,
+                noise=None
+                if inputs.noise_states is None
+                else StepNoise.from_states(inputs.noise_states, device),
             )
         report.compile_s = self.runner.compile_s
         self.last_cache_stats = None if cache is None else cache.stats

@@ -7,7 +7,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
@@ -387,6 +387,9 @@ class WanPipeline:
         residual_threshold: float | None = None,
         cfg_truncation: float | None = None,
         progress: bool = True,
+        sampler: str | None = None,
+        sigmas: Sequence[float] | None = None,
+        timesteps: Sequence[float] | None = None,
         preset: str | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
@@ -396,8 +399,11 @@ class WanPipeline:
         ``last_image``) condition image-to-video checkpoints; ``video`` with ``strength`` re-noises a
         video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
         and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache) and
-        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``). ``preset`` names a
-        published few-step setting (``wanpipe.presets``) that fills the values left ``None``.
+        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``). ``sampler`` ("unipc",
+        "euler", "lcm", "dmd"; default: the checkpoint's scheduler) and a schedule of its own,
+        ``sigmas`` (one per step in (0, 1], strictly decreasing) or ``timesteps`` (the same on the
+        0-1000 scale), used as given, not shifted again: see docs/fast-sampling.md. ``preset`` names
+        a published few-step setting (``wanpipe.presets``) that fills the values left ``None``.
         """
         request = WanRequest(
             prompt=prompt,
@@ -417,6 +423,9 @@ class WanPipeline:
             strength=strength,
             residual_threshold=residual_threshold,
             cfg_truncation=cfg_truncation,
+            sampler=sampler,
+            sigmas=sigmas,  # type: ignore[arg-type]  # resolve turns a sequence or 1-D array into a list
+            timesteps=timesteps,  # type: ignore[arg-type]
             preset=preset,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]

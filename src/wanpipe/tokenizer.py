@@ -27,16 +27,17 @@ from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestEr
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.presets import apply_preset
-from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, make_schedule
+from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, generator_state, make_schedule, seeded_generator
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 
 
-def draw_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The initial noise exactly as diffusers draws it for ``generator=torch.Generator("cpu").manual_seed(seed)``."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+def draw_noise(seed: int, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The initial noise exactly as diffusers draws it for ``generator=torch.Generator("cpu").manual_seed(seed)``
+    (``generator``: that generator, to go on drawing from it after the initial noise)."""
+    generator = seeded_generator(seed) if generator is None else generator
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
@@ -337,7 +338,9 @@ class WanTokenizer:
         assert r.height is not None and r.width is not None and r.num_frames is not None
         assert r.num_inference_steps is not None and r.guidance_scale is not None and r.seed is not None
         shape = self.latent_shape(r.num_frames, r.height, r.width)
-        latents = draw_noise(r.seed, (1, *shape))[0].numpy() if r.latents is None else r.latents
+        # One noise stream per request: the initial latents, then (LCM, DMD) each step's fresh noise.
+        generator = seeded_generator(r.seed)
+        latents = draw_noise(r.seed, (1, *shape), generator)[0].numpy() if r.latents is None else r.latents
 
         do_cfg = r.guidance_scale > 1.0
         prompts = [r.prompt] + ([r.negative_prompt or arch.defaults.negative_prompt] if do_cfg else [])
@@ -349,8 +352,17 @@ class WanTokenizer:
             )
         steps = r.num_inference_steps
         # Video-to-video starts partly noised: the schedule's tail, as the reference derives it.
+        # A request's own sigmas / timesteps are the full schedule: strength keeps its tail alike.
         start_step = 0 if r.strength is None else steps - min(int(steps * r.strength), steps)
-        schedule = make_schedule(arch.scheduler, steps, flow_shift=r.flow_shift, start_step=start_step)
+        schedule = make_schedule(
+            arch.scheduler,
+            steps,
+            flow_shift=r.flow_shift,
+            start_step=start_step,
+            sampler=r.sampler,
+            sigmas=r.sigmas,
+            timesteps=r.timesteps,
+        )
         return WanContext(
             request_id=r.request_id,
             tokens=tokens.ids[0],
@@ -372,6 +384,7 @@ class WanTokenizer:
             boundary_timestep=arch.boundary_timestep if arch.has_second_expert else None,
             conditioning=self._conditioning(r),
             approximations=Approximations(r.residual_threshold, r.cfg_truncation),
+            noise_state=generator_state(generator) if schedule.stochastic else None,
         )
 
     def _conditioning(self, r: WanRequest) -> ConditioningInputs:

@@ -1,4 +1,4 @@
-"""What both samplers share: the Schedule, the SolverState, the flow shift and the noising formula."""
+"""What the samplers share: the Schedule, the SolverState, the flow shift and the noising formula."""
 
 from __future__ import annotations
 
@@ -55,12 +55,17 @@ class Schedule:
     """One request's sampling schedule: everything the denoising loop needs, computed up front.
 
     timesteps: (N,) float32, the values the DiT is conditioned on, exactly diffusers'
-        ``scheduler.timesteps`` (UniPC: integers, diffusers truncates sigma*T to int64; Euler: sigma*T).
+        ``scheduler.timesteps`` (UniPC: integers, diffusers truncates sigma*T to int64; Euler: sigma*T;
+        a request's own ``timesteps`` as given).
     sigmas: (N+1,) float32, the noise level before each step plus the final one.
-    step_coefficients: (N, K) float32, per step the weights of a fixed linear update, so that step i is
-        only tensor arithmetic with these numbers. The width tells the sampler (``kind``):
+    step_coefficients: (N, K) float32, per step the weights of a fixed update, so that step i is
+        only tensor arithmetic with these numbers. Their layout depends on the sampler (``sampler``,
+        inferred from the width when not given: 1 Euler, 5 + 2S UniPC):
 
         * Euler, K = 1: ``x_{i+1} = x_i + c[0] * v_i`` with c[0] = sigma_{i+1} - sigma_i.
+        * LCM and DMD, K = 3: ``d_i = x_i - c[0] * v_i`` (c[0] = sigma_i), then
+          ``x_{i+1} = c[1] * d_i + c[2] * noise_i`` (c[1] = 1 - sigma_{i+1}, c[2] = sigma_{i+1}) with
+          fresh Gaussian noise; the last step (sigma_N = 0) returns d_i and draws none.
         * UniPC of order S, K = 5 + 2S (K = 9 for the Wan configs, S = 2). With v_i the model output,
           x_i the sample passed to step i, xc_i the corrected sample, d_j the x0 predictions:
 
@@ -77,6 +82,7 @@ class Schedule:
     timesteps: np.ndarray
     sigmas: np.ndarray
     step_coefficients: np.ndarray
+    sampler: str | None = None
 
     def __post_init__(self) -> None:
         timesteps = _readonly(self.timesteps, np.float32, "timesteps", 1)
@@ -88,18 +94,41 @@ class Schedule:
                 f"inconsistent Schedule shapes: timesteps {timesteps.shape}, sigmas {sigmas.shape}, "
                 f"step_coefficients {coefficients.shape} (expected (N,), (N+1,), (N, K) with N >= 1)"
             )
-        if k != 1 and (k < 7 or k % 2 == 0 or k > 11):
+        unipc_width = 7 <= k <= 11 and k % 2 == 1
+        sampler = self.sampler
+        if sampler is None:
+            if k != 1 and not unipc_width:
+                raise ValueError(
+                    f"step_coefficients width {k} is neither Euler (1) nor UniPC (5 + 2*order, order 1..3)"
+                )
+            sampler = "euler" if k == 1 else "unipc"
+        widths = {"euler": k == 1, "unipc": unipc_width, "lcm": k == 3, "dmd": k == 3}
+        if sampler not in widths:
+            raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(widths)}")
+        if not widths[sampler]:
             raise ValueError(
-                f"step_coefficients width {k} is neither Euler (1) nor UniPC (5 + 2*order, order 1..3)"
+                f"step_coefficients width {k} does not fit sampler {sampler!r} "
+                "(euler: 1, unipc: 5 + 2*order, lcm/dmd: 3)"
             )
+        object.__setattr__(self, "sampler", sampler)
         object.__setattr__(self, "timesteps", timesteps)
         object.__setattr__(self, "sigmas", sigmas)
         object.__setattr__(self, "step_coefficients", coefficients)
 
     @property
     def kind(self) -> str:
-        """The sampler these coefficients are for: "euler" or "unipc"."""
-        return "euler" if self.step_coefficients.shape[1] == 1 else "unipc"
+        """The sampler these coefficients are for: "euler", "unipc", "lcm" or "dmd"."""
+        assert self.sampler is not None
+        return self.sampler
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether steps draw fresh noise (LCM, DMD)."""
+        return self.kind in ("lcm", "dmd")
+
+    def needs_noise(self, i: int) -> bool:
+        """Whether step i takes fresh noise: a stochastic sampler's step to a sigma above 0."""
+        return self.stochastic and bool(self.sigmas[i + 1] > 0)
 
     @property
     def num_inference_steps(self) -> int:
@@ -110,8 +139,9 @@ class Schedule:
         """UniPC's order S (1 for Euler)."""
         return max(1, (self.step_coefficients.shape[1] - 5) // 2)
 
-    def _key(self) -> tuple[bytes, bytes, bytes, tuple[int, ...]]:
+    def _key(self) -> tuple[str | None, bytes, bytes, bytes, tuple[int, ...]]:
         return (
+            self.sampler,
             self.timesteps.tobytes(),
             self.sigmas.tobytes(),
             self.step_coefficients.tobytes(),
@@ -147,6 +177,29 @@ class SolverState:
             last_sample=None if self.last_sample is None else self.last_sample[keep],
             x0_history=tuple(x[keep] for x in self.x0_history),
         )
+
+
+def renoise_coefficients(sigmas: np.ndarray) -> np.ndarray:
+    """LCM / DMD step weights (N, 3) float32 from the sigmas (N+1,) float32: per step
+    [sigma_i, 1 - sigma_{i+1}, sigma_{i+1}], each worked out in float32 as the references do."""
+    sigmas = np.asarray(sigmas, dtype=np.float32)
+    return np.stack([sigmas[:-1], np.float32(1.0) - sigmas[1:], sigmas[1:]], axis=1)
+
+
+def renoise(schedule: Schedule, i: int, model_output: Tensor, sample: Tensor, noise: Tensor | None) -> Tensor:
+    """Predict x0 from the velocity and noise it again to the next sigma, in float32:
+    ``d = x - sigma_i * v``; ``(1 - sigma_{i+1}) * d + sigma_{i+1} * noise``, or ``d`` at the last step.
+
+    model_output, sample, noise: (B, ...) alike; returns float32 (B, ...)."""
+    sigma, keep, add = coefficient_row(schedule, i)
+    x0 = sample.to(torch.float32) - sigma * model_output
+    if noise is None:
+        if schedule.needs_noise(i):
+            raise ValueError(f"step {i} of a {schedule.kind} schedule needs fresh noise (sigma_next > 0)")
+        return x0
+    if noise.shape != sample.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} != sample shape {tuple(sample.shape)}")
+    return keep * x0 + add * noise.to(torch.float32)
 
 
 def coefficient_row(schedule: Schedule, i: int) -> tuple[Tensor, ...]:

@@ -4,7 +4,9 @@ Two diffusers classes are understood, in the subset that flow-matching Wan check
 
 * ``UniPCMultistepScheduler`` with ``use_flow_sigmas=True`` and ``prediction_type="flow_prediction"``
   (the Wan 2.1 / 2.2 diffusers checkpoints; the shift is ``flow_shift``), and
-* ``FlowMatchEulerDiscreteScheduler`` without dynamic shifting (the shift is ``shift``).
+* ``FlowMatchEulerDiscreteScheduler`` without dynamic shifting (the shift is ``shift``), and
+* ``FlowMatchLCMScheduler`` without dynamic shifting or scale-wise generation (the shift is ``shift``;
+  the distilled checkpoints' few-step sampler: predict x0, re-noise to the next sigma).
 
 Keys that have no effect on these paths (beta schedule, timestep spacing, thresholding ratio, ...)
 are ignored, as are unknown keys. Settings that would change the math in a way we do not implement
@@ -19,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-SchedulerKind = Literal["unipc", "euler"]
+SchedulerKind = Literal["unipc", "euler", "lcm", "dmd"]
 SAMPLERS: tuple[str, ...] = ("unipc", "euler", "lcm", "dmd")
-"""The samplers a request may name (``WanRequest.sampler``)."""
+"""The samplers a request may name (``WanRequest.sampler``); a config's ``kind`` is one of them."""
 TIMESTEP_SCALE = 1000.0
 """A request's ``timesteps`` are on this scale: sigma = t / 1000 (1000 allowed)."""
 SigmaGrid = Literal["diffusers", "original"]
@@ -30,6 +32,7 @@ SIGMA_GRIDS: tuple[str, ...] = ("diffusers", "original")
 CLASS_KINDS: dict[str, SchedulerKind] = {
     "UniPCMultistepScheduler": "unipc",
     "FlowMatchEulerDiscreteScheduler": "euler",
+    "FlowMatchLCMScheduler": "lcm",
 }
 
 # diffusers maps these UniPC solver types to "bh2" when the scheduler is built.
@@ -41,10 +44,12 @@ MAX_SOLVER_ORDER = 3
 class SchedulerConfig:
     """Typed, validated scheduler settings.
 
-    kind: "unipc" (multistep UniPC, predictor UniP + corrector UniC) or "euler" (flow-matching Euler).
+    kind: the default sampler: "unipc" (multistep UniPC, predictor UniP + corrector UniC), "euler"
+        (flow-matching Euler), "lcm" (flow-matching LCM) or "dmd" (the denoising-step-list sampler; no
+        diffusers class names it, a request or a preset does). A request's ``sampler`` overrides it.
     num_train_timesteps: the training grid size T; timesteps are sigma * T.
     flow_shift: the default schedule shift s (sigma -> s*sigma / (1 + (s-1)*sigma)); a request may
-        override it. Read from ``flow_shift`` (UniPC) or ``shift`` (Euler).
+        override it. Read from ``flow_shift`` (UniPC) or ``shift`` (Euler, LCM).
     shift_terminal: if set, the shifted sigmas are stretched so that the last one equals it.
     solver_order, solver_type, lower_order_final, final_sigmas_type, disable_corrector: UniPC only.
     """
@@ -63,8 +68,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.sigma_grid not in SIGMA_GRIDS:
             raise ValueError(f"sigma_grid must be one of {SIGMA_GRIDS}, got {self.sigma_grid!r}")
-        if self.kind not in ("unipc", "euler"):
-            raise ValueError(f"scheduler kind must be 'unipc' or 'euler', got {self.kind!r}")
+        if self.kind not in SAMPLERS:
+            raise ValueError(f"scheduler kind must be one of {', '.join(SAMPLERS)}, got {self.kind!r}")
         if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int):
             raise ValueError(f"num_train_timesteps must be an int, got {self.num_train_timesteps!r}")
         if self.num_train_timesteps < 1:
@@ -106,6 +111,25 @@ class SchedulerConfig:
             )
         kind = CLASS_KINDS[class_name]
         shift_terminal = d.get("shift_terminal") or None  # diffusers treats 0 like None
+        if kind == "lcm":
+            _reject(
+                d,
+                class_name,
+                {
+                    "use_dynamic_shifting": "dynamic (resolution-dependent) shifting; use a fixed `shift`",
+                    "invert_sigmas": "inverted sigmas",
+                    "use_karras_sigmas": "Karras sigmas; only the shifted linear flow grid is supported",
+                    "use_exponential_sigmas": "exponential sigmas; only the shifted linear flow grid is supported",
+                    "use_beta_sigmas": "beta sigmas; only the shifted linear flow grid is supported",
+                    "scale_factors": "scale-wise generation (x0 resized between steps)",
+                },
+            )
+            return cls(
+                kind="lcm",
+                num_train_timesteps=d.get("num_train_timesteps", 1000),
+                flow_shift=d.get("shift", 1.0),
+                shift_terminal=shift_terminal,
+            )
         if kind == "euler":
             _reject(
                 d,

@@ -33,8 +33,8 @@ from wanpipe.schedulers.config import SchedulerConfig
 _FIRST_SIGMA_EPS = 1e-6
 
 
-def unipc_schedule(config: SchedulerConfig, num_inference_steps: int, flow_shift: float) -> Schedule:
-    """Sigmas, timesteps and step coefficients of UniPC for ``num_inference_steps`` steps."""
+def unipc_grid(config: SchedulerConfig, num_inference_steps: int, flow_shift: float) -> np.ndarray:
+    """The default sigmas (N,) float64 of UniPC: the shifted (and stretched) flow grid."""
     n, t_train = num_inference_steps, config.num_train_timesteps
     if config.sigma_grid == "original":
         grid = original_grid(n, t_train)
@@ -43,14 +43,35 @@ def unipc_schedule(config: SchedulerConfig, num_inference_steps: int, flow_shift
     sigmas = shift_sigmas(grid, flow_shift)
     if config.shift_terminal is not None:
         sigmas = stretch_to_terminal(sigmas, config.shift_terminal)
+    return sigmas
+
+
+def unipc_from_sigmas(
+    config: SchedulerConfig, sigmas: np.ndarray, timesteps: np.ndarray | None = None
+) -> Schedule:
+    """UniPC's schedule on the sigmas (N,) float64 as diffusers' ``set_timesteps`` treats its sigmas
+    after the shift: a first sigma within 1e-6 of 1 is nudged down by 1e-6, the timesteps are
+    sigma * T truncated to integers (unless given), the final sigma appended (0, or the last one with
+    ``final_sigmas_type="sigma_min"``), the step coefficients worked out from the float32 sigmas."""
+    sigmas = np.array(sigmas, dtype=np.float64)
     if abs(sigmas[0] - 1.0) < _FIRST_SIGMA_EPS:
         sigmas[0] -= _FIRST_SIGMA_EPS
-    # The reference stores timesteps as int64: sigma * T truncated toward zero.
-    timesteps = (sigmas * t_train).astype(np.int64).astype(np.float32)
+    if timesteps is None:  # the reference stores timesteps as int64: sigma * T truncated toward zero
+        timesteps = (sigmas * config.num_train_timesteps).astype(np.int64).astype(np.float32)
     final = 0.0 if config.final_sigmas_type == "zero" else sigmas[-1]
     sigmas32 = np.append(sigmas, final).astype(np.float32)
     coefficients = unipc_coefficients(sigmas32.astype(np.float64), config)
-    return Schedule(timesteps=timesteps, sigmas=sigmas32, step_coefficients=coefficients.astype(np.float32))
+    return Schedule(
+        timesteps=timesteps,
+        sigmas=sigmas32,
+        step_coefficients=coefficients.astype(np.float32),
+        sampler="unipc",
+    )
+
+
+def unipc_schedule(config: SchedulerConfig, num_inference_steps: int, flow_shift: float) -> Schedule:
+    """Sigmas, timesteps and step coefficients of UniPC for ``num_inference_steps`` steps."""
+    return unipc_from_sigmas(config, unipc_grid(config, num_inference_steps, flow_shift))
 
 
 def step_orders(config: SchedulerConfig, n: int) -> list[int]:

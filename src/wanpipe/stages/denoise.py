@@ -14,7 +14,7 @@ from torch import Tensor
 
 from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import StepCache
-from wanpipe.schedulers import Schedule, new_state, step
+from wanpipe.schedulers import Schedule, StepNoise, new_state, step
 from wanpipe.stages.conditioning import Conditioning
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.text import TextContext
@@ -82,9 +82,11 @@ def denoise(
     callback: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     cancelled_rows: Callable[[], Collection[int]] | None = None,
+    noise: StepNoise | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Run every step of ``plan`` from the initial ``latents`` (B, C, f, h, w) float32 -> (the denoised
-    latents (B', C, f, h, w) after ``conditioning.finish``, the batch rows they are).
+    latents (B', C, f, h, w) after ``conditioning.finish``, the batch rows they are). ``noise``: the
+    rows' generators of fresh step noise (LCM, DMD: where ``schedule.needs_noise(i)``).
 
     ``should_cancel()`` True stops the whole batch (CancelledError); ``cancelled_rows()`` names rows
     (indices as given) whose work stops at the next step: they are dropped from every per-row tensor,
@@ -110,6 +112,8 @@ def denoise(
                 )
                 if cache is not None:
                     cache.select(keep)
+                if noise is not None:
+                    noise = noise.select(keep)
             batch = len(rows)
             guided = i < guidance.steps
             model_input = conditioning.model_input(latents).to(dtype)
@@ -132,7 +136,8 @@ def denoise(
                 **conditioning.dit_kwargs(guided),
             )
             noise_pred = guidance.combine(pred, batch, which) if guided else pred
-            latents = step(schedule, state, i, noise_pred, latents)
+            fresh = noise.draw(latents.shape[1:]) if noise is not None and schedule.needs_noise(i) else None
+            latents = step(schedule, state, i, noise_pred, latents, fresh)
             if callback is not None:
                 callback(i, num_steps, float(schedule.timesteps[i]))
     finally:
