@@ -429,3 +429,69 @@ def test_http_preset_job_runs_the_preset(http, wan_pipe, monkeypatch) -> None:
     np.testing.assert_array_equal(served.timesteps, direct.timesteps)
     np.testing.assert_array_equal(served.sigmas, direct.sigmas)
     assert served.schedule.kind == direct.schedule.kind
+
+
+# -- a distill LoRA in the published key format, loaded both ways --------------------------------------
+def lightx2v_style_lora(model: torch.nn.Module, path: Path, rank: int = 4) -> Path:
+    """A random adapter in the key layout of lightx2v's Wan 2.1 distill LoRAs as diffusers'
+    ``_convert_non_diffusers_wan_lora_to_diffusers`` reads it: ``diffusion_model.`` names; every block
+    linear with ``lora_down`` / ``lora_up`` / ``alpha`` and a ``diff_b`` bias delta; the head, text and
+    time embeddings and ``time_projection.1`` with ``lora_down`` / ``lora_up`` / ``diff_b`` (no alpha);
+    the norms' ``.diff`` (zero, as diffusers' converter notes they are: it drops them)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    state: dict[str, torch.Tensor] = {}
+
+    def low_rank(layer: str, alpha: float | None) -> None:
+        out_features, in_features = model.get_submodule(layer).weight.shape
+        state[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(rank, in_features, generator=g) * 0.3
+        state[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(out_features, rank, generator=g) * 0.3
+        state[f"diffusion_model.{layer}.diff_b"] = torch.randn(out_features, generator=g) * 0.1
+        if alpha is not None:
+            state[f"diffusion_model.{layer}.alpha"] = torch.tensor(alpha)
+
+    linears = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")
+    linears += ("cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+    norms = ("self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k", "norm3")
+    for i in range(len(model.blocks)):
+        for layer in linears:
+            low_rank(f"blocks.{i}.{layer}", alpha=2.0 * rank)
+        for norm in norms:
+            state[f"diffusion_model.blocks.{i}.{norm}.diff"] = torch.zeros_like(
+                model.get_submodule(f"blocks.{i}.{norm}").weight
+            )
+    for layer in (
+        "head.head",
+        "text_embedding.0",
+        "text_embedding.2",
+        "time_embedding.0",
+        "time_embedding.2",
+    ):
+        low_rank(layer, alpha=None)
+    low_rank("time_projection.1", alpha=None)
+    save_file(state, str(path))
+    return path
+
+
+def test_a_distill_lora_loads_like_diffusers_under_the_preset(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from tests import tiny
+
+    ours = WanPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
+    ref = tiny.load_reference(tiny_ckpt)
+    lora = lightx2v_style_lora(
+        ours.executor.transformer, tmp_path / "wan2.1_t2v_lora_lightx2v_4step.safetensors"
+    )
+    base = frames(ours, **SMALL, preset="lightx2v-4step")
+    report = ours.load_lora(lora, 1.0, strict=True)
+    blocks = len(ours.executor.transformer.blocks)
+    assert not report.unmatched and len(report.layers) == blocks * (10 + 5) + 6
+    ref.load_lora_weights(str(lora))
+    with_lora = frames(ours, **SMALL, preset="lightx2v-4step")
+    theirs = reference_frames(ref, StepListEuler.lightx2v([1000, 750, 500, 250], 5.0), **SMALL)
+    diff = float(np.abs(with_lora - theirs).max())
+    print(
+        f"lightx2v-format distill LoRA + lightx2v-4step vs diffusers load_lora_weights: worst diff {diff:.3g}"
+    )
+    assert diff < FRAME_TOL
+    assert float(np.abs(with_lora - base).max()) > 1e-2  # the adapter changed the video
