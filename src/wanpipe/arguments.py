@@ -32,6 +32,9 @@ MAX_STEPS = 1000
 """The most denoising steps: the schedulers' 1000 training timesteps (UniPC's integer timesteps repeat
 beyond that)."""
 
+SAMPLER_NAMES = ("unipc", "euler", "lcm", "dmd")
+"""``--sampler`` values (``wanpipe.schedulers.SAMPLERS``; this floor imports nothing of wanpipe)."""
+
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 """``--dtype`` values (``wanpipe.pipeline.DTYPES``)."""
 
@@ -144,7 +147,39 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def number_list(maximum: float, what: str) -> Callable[[str], list[float]]:
+    """A ``type=`` for comma-separated numbers, e.g. ``0.9,0.6,0.3``: each finite and in (0, maximum],
+    strictly decreasing (a schedule's sigmas or timesteps); ``what`` says what they are."""
+    allowed = f"comma-separated numbers in (0, {_num(maximum)}], strictly decreasing ({what})"
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if not all(math.isfinite(v) and 0 < v <= maximum for v in values) or any(
+            b >= a for a, b in zip(values, values[1:])
+        ):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return values
+
+    parse.__name__ = "list"
+    return parse
+
+
 # -- text ------------------------------------------------------------------------------------------------
+
+
+def choice(values: tuple[str, ...], what: str) -> Callable[[str], str]:
+    """A ``type=`` for one of ``values`` (``what``: what they are)."""
+
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"expected a {what}: {', '.join(values)}; got {text!r}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
 
 
 def non_empty(what: str) -> Callable[[str], str]:
@@ -404,6 +439,24 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("strength", "--strength", number(above=0, maximum=1), "video-to-video: how much to re-noise (0, 1]"),
     ("flow_shift", "--flow-shift", number(above=0), "schedule shift (default: the checkpoint's)"),
     ("seed", "--seed", integer(0, MAX_SEED), "random seed (default: random, printed)"),
+    (
+        "sampler",
+        "--sampler",
+        choice(SAMPLER_NAMES, "sampler"),
+        "unipc, euler, lcm or dmd (default: the checkpoint's scheduler; docs/fast-sampling.md)",
+    ),
+    (
+        "sigmas",
+        "--sigmas",
+        number_list(1, "one sigma per step"),
+        "the schedule's own sigmas, e.g. 0.9,0.6,0.3 (used as given, not shifted; sets the step count)",
+    ),
+    (
+        "timesteps",
+        "--timesteps",
+        number_list(1000, "one timestep per step, sigma = t/1000"),
+        "the schedule's own timesteps, e.g. 1000,750,500,250 (sigma = t/1000, not shifted)",
+    ),
 )
 """``wanpipe generate``'s request flags: (``WanRequest`` field, flag, ``type=``, help); each defaults to
 None, the model's default (``--prompt`` is required)."""

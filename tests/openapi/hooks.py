@@ -28,6 +28,10 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         "guidance_scale_2": {"invalid_value"},  # a one-expert checkpoint (or over 100 as text)
         "input_reference": IMAGE,
         "last_image": IMAGE,
+        # a schedule's list: strictly decreasing, its length the step count, a number as text at most
+        # 64 characters, in range when given as text; not both lists
+        "sigmas": {"invalid_value"},
+        "timesteps": {"invalid_value"},
         "preset": {"invalid_value"},  # a preset for another kind of checkpoint
     },
     "POST /v1/responses": {
@@ -40,6 +44,8 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         VIDEO_OPTIONS + "guidance_scale": {"invalid_value"},
         VIDEO_OPTIONS + "guidance_scale_2": {"invalid_value"},
         VIDEO_OPTIONS + "flow_shift": {"invalid_value"},
+        VIDEO_OPTIONS + "sigmas": {"invalid_value"},
+        VIDEO_OPTIONS + "timesteps": {"invalid_value"},
         VIDEO_OPTIONS + "preset": {"invalid_value"},
     },
     "GET /v1/videos": {"after": {"not_found"}},  # an id that does not exist

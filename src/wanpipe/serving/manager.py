@@ -196,6 +196,11 @@ class JobManager:
             flow_shift=resolved.flow_shift,
             seed=resolved.seed,
             fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
+            sampler=resolved.sampler,
+            # the schedule's list as resolved: the request's own, or its preset's (which the worker, taking
+            # the stored spec, would not fill in again once the step count is set)
+            sigmas=None if resolved.sigmas is None else tuple(resolved.sigmas),
+            timesteps=None if resolved.timesteps is None else tuple(resolved.timesteps),
         )
         job = Job(
             id=new_job_id(),
@@ -233,7 +238,10 @@ class JobManager:
         width = d.width if spec.width is None else spec.width
         frames = d.num_frames if spec.num_frames is None else spec.num_frames
         steps = d.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
-        if spec.num_inference_steps is None and spec.preset in PRESETS:
+        given = spec.sigmas if spec.sigmas is not None else spec.timesteps
+        if given is not None:  # a schedule's list is one value per step
+            steps = max(steps, len(given)) if spec.num_inference_steps is not None else len(given)
+        elif spec.num_inference_steps is None and spec.preset in PRESETS:  # the preset's step list
             steps = PRESETS[spec.preset].num_inference_steps
         if height * width > lim.max_pixels:
             raise LimitExceededError(
@@ -572,5 +580,8 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         seed=spec.seed,
         image=image,
         last_image=last_image,
+        sampler=spec.sampler,
+        sigmas=None if spec.sigmas is None else list(spec.sigmas),
+        timesteps=None if spec.timesteps is None else list(spec.timesteps),
         preset=spec.preset,
     )

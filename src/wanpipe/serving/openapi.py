@@ -33,6 +33,7 @@ from wanpipe.serving.parsing import (
     GUIDANCE_RANGE,
     MANTISSA,
     MAX_NUMBER_TEXT,
+    SAMPLERS,
     SIZE_TEXT,
     SPACE,
     VIDEO_CREATE_FIELDS,
@@ -195,6 +196,56 @@ def _string(description: str, *, json: bool) -> dict[str, Any]:
     return _field(description, {"type": "string"}, nullable=json)
 
 
+LIST_TEXT = rf"{FLOAT_TEXT}(?:,{FLOAT_TEXT})*"  # parsing.parse_number_list's text: numbers and commas
+SCHEDULE_WORDS = (
+    "Used as given, not shifted again; one value per step (it sets num_inference_steps, or must equal "
+    "it), strictly decreasing, each number as text at most {chars} characters; give sigmas or timesteps, "
+    "not both. See docs/fast-sampling.md."
+)
+
+
+def _sampler(*, json: bool) -> dict[str, Any]:
+    values: list[Any] = list(SAMPLERS) + ([None] if json else [])
+    return {
+        "enum": values,
+        "description": "unipc, euler, lcm or dmd (the step-list sampler of distilled checkpoints). "
+        "Default: the checkpoint's scheduler.",
+    }
+
+
+def _schedule_list(what: str, maximum: float, limits: ServeLimits, *, json: bool) -> dict[str, Any]:
+    """sigmas / timesteps: a JSON array of numbers in (0, maximum], or the numbers as text with commas."""
+    text = {
+        **text_schema(LIST_TEXT, bounded=False),
+        "description": "numbers separated by commas, e.g. 0.9,0.6",
+    }
+    description = f"{what}, each in (0, {maximum:g}], at most {limits.max_steps} (--max-steps). " + (
+        SCHEDULE_WORDS.format(chars=MAX_NUMBER_TEXT)
+    )
+    if not json:
+        return _field(description, text, nullable=False)
+    array = {
+        "type": "array",
+        "items": {"type": "number", "exclusiveMinimum": 0, "maximum": maximum},
+        "minItems": 1,
+        "maxItems": limits.max_steps,
+    }
+    return _field(description, array, text, nullable=True)
+
+
+def _schedule_fields(limits: ServeLimits, *, json: bool) -> dict[str, Any]:
+    return {
+        "sampler": _sampler(json=json),
+        "sigmas": _schedule_list("The schedule's own sigmas (the trailing 0 implied)", 1, limits, json=json),
+        "timesteps": _schedule_list(
+            "The schedule's own timesteps on the 0-1000 scale (sigma = t / 1000; e.g. 1000,750,500,250)",
+            1000,
+            limits,
+            json=json,
+        ),
+    }
+
+
 NON_BLANK = r"\S"  # some character that str.strip() keeps
 DATA_URL = "a base64 data URL (data:image/png;base64,...); the server fetches no http(s) URL"
 IMAGE_FILE = "an image file: PNG, JPEG, WebP, GIF or BMP, a still image whose type matches its content type"
@@ -242,6 +293,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         ),
         "input_reference": None,
         "last_image": None,
+        **_schedule_fields(limits, json=json),
         "preset": _preset(json=json),
     }
     last = "The last frame (first-last-frame checkpoints; needs input_reference too): "
@@ -326,6 +378,7 @@ def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
             "enum": ["url", "b64_json", None],
             "description": "url (default): output_video.video_url; b64_json: the mp4 in video_data.",
         },
+        **_schedule_fields(limits, json=True),
         "preset": _preset(json=True),
     }
     assert set(options) == set(VIDEO_OPTION_FIELDS)

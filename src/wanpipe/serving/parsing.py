@@ -5,7 +5,8 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
 * OpenAI Videos (``POST /v1/videos``, what ``openai.OpenAI().videos.create`` sends): multipart form or
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
-  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``preset``).
+  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``sampler``, ``sigmas``, ``timesteps``,
+  ``preset``).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -84,6 +85,16 @@ class JobSpec:
     seed: int | None = None
     has_image: bool = False
     has_last_image: bool = False
+    sampler: str | None = None  # "unipc" | "euler" | "lcm" | "dmd"; the checkpoint's by default
+    sigmas: tuple[float, ...] | None = None  # the schedule's own sigmas, used as given
+    timesteps: tuple[float, ...] | None = None  # or its own timesteps (sigma = t / 1000)
+
+    def __post_init__(self) -> None:
+        for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
     preset: str | None = None  # a few-step preset (wanpipe.presets); the resolved spec holds its values
 
     def to_json(self) -> dict[str, Any]:
@@ -199,6 +210,33 @@ def parse_fps(value: Any, name: str) -> float:
     return fps
 
 
+SAMPLERS = ("unipc", "euler", "lcm", "dmd")  # wanpipe.schedulers.SAMPLERS (tests/test_samplers.py)
+
+
+def parse_sampler(value: Any, name: str) -> str:
+    if value not in SAMPLERS:
+        raise invalid(f"{name} must be one of {', '.join(SAMPLERS)}, got {shown(value)}", name)
+    return value
+
+
+def parse_number_list(value: Any, name: str) -> tuple[float, ...]:
+    """A schedule's list: a JSON array of numbers, or text of numbers separated by commas
+    (:data:`FLOAT_TEXT` each, e.g. ``"0.9,0.6,0.3"``: a form field). Range and order are the engine's."""
+    if isinstance(value, str):
+        parts: list[Any] = value.split(",")
+    elif isinstance(value, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        parts = value
+    else:
+        raise invalid(
+            f"{name} must be a list of numbers, or numbers separated by commas, got {shown(value)}", name
+        )
+    if not parts:
+        raise invalid(f"{name} must hold at least one number (one per step)", name)
+    return tuple(parse_float(part, name) for part in parts)
+
+
 def parse_preset(value: Any, name: str = "preset") -> str:
     """A known preset's name (``wanpipe.presets.PRESETS``); whether it fits the model, the engine checks."""
     if not isinstance(value, str) or value not in PRESETS:
@@ -251,6 +289,9 @@ VIDEO_CREATE_FIELDS = (
     "flow_shift",
     "seed",
     "last_image",
+    "sampler",
+    "sigmas",
+    "timesteps",
     "preset",
 )
 
@@ -270,6 +311,9 @@ RESPONSES_PARAM_NAMES = {
     "negative_prompt": "provider_options.video.negative_prompt",
     "flow_shift": "provider_options.video.flow_shift",
     "fps": "provider_options.video.frames_per_second",
+    "sampler": "provider_options.video.sampler",
+    "sigmas": "provider_options.video.sigmas",
+    "timesteps": "provider_options.video.timesteps",
     "preset": "provider_options.video.preset",
 }
 
@@ -354,6 +398,9 @@ def parse_video_create(
         seed=opt("seed", parse_int, 0),
         has_image=image is not None,
         has_last_image=last_image is not None,
+        sampler=opt("sampler", parse_sampler),
+        sigmas=opt("sigmas", parse_number_list),
+        timesteps=opt("timesteps", parse_number_list),
         preset=opt("preset", parse_preset),
     )
     return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES)
@@ -373,6 +420,9 @@ VIDEO_OPTION_FIELDS = (
     "flow_shift",
     "frames_per_second",
     "response_format",
+    "sampler",
+    "sigmas",
+    "timesteps",
     "preset",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
@@ -470,6 +520,9 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         seed=seed,
         has_image=len(images) >= 1,
         has_last_image=len(images) == 2,
+        sampler=opt("sampler", parse_sampler),
+        sigmas=opt("sigmas", parse_number_list),
+        timesteps=opt("timesteps", parse_number_list),
         preset=opt("preset", parse_preset),
     )
     image = images[0] if images else None

@@ -45,6 +45,9 @@ class VideoParameters(BaseModel):
     negative_prompt: str | None = None
     image: bool = False
     last_image: bool = False
+    sampler: str | None = None
+    sigmas: list[float] | None = None
+    timesteps: list[float] | None = None
     preset: str | None = None
 
 
