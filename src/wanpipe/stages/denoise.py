@@ -115,6 +115,8 @@ def denoise(
                 if noise is not None:
                     noise = noise.select(keep)
             batch = len(rows)
+            # the step's fresh noise (LCM, DMD), drawn before the DiT runs: its copy overlaps the forward
+            fresh = noise.draw(latents.shape[1:]) if noise is not None and schedule.needs_noise(i) else None
             guided = i < guidance.steps
             model_input = conditioning.model_input(latents).to(dtype)
             if guided:
@@ -136,7 +138,6 @@ def denoise(
                 **conditioning.dit_kwargs(guided),
             )
             noise_pred = guidance.combine(pred, batch, which) if guided else pred
-            fresh = noise.draw(latents.shape[1:]) if noise is not None and schedule.needs_noise(i) else None
             latents = step(schedule, state, i, noise_pred, latents, fresh)
             if callback is not None:
                 callback(i, num_steps, float(schedule.timesteps[i]))
