@@ -115,6 +115,7 @@ FLOORS: dict[str, tuple[str, ...]] = {
     "wanpipe.schedulers": ("wanpipe.schedulers",),
     "wanpipe.config": ("wanpipe.models", "wanpipe.schedulers"),
     "wanpipe.context": ("wanpipe.schedulers",),
+    "wanpipe.presets": ("wanpipe.config", "wanpipe.context", "wanpipe.schedulers"),
     "wanpipe.stages": (
         "wanpipe.models",
         "wanpipe.runtime",

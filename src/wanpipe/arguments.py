@@ -466,6 +466,8 @@ REQUEST_FLAGS: dict[str, str] = {
     # the approximations, also runtime options (wanpipe.runtime.options.add_runtime_arguments)
     "residual_threshold": "--residual-threshold",
     "cfg_truncation": "--cfg-truncation",
+    # a published few-step setting (wanpipe.presets), added by the generate command (--preset list)
+    "preset": "--preset",
 }
 """``WanRequest`` fields -> the ``generate`` flags that set them: ``wanpipe generate`` builds its request
 from this table, and names the flag in the engine's error messages."""

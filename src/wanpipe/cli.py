@@ -23,6 +23,23 @@ EXIT_BAD_INPUT = a.EXIT_BAD_INPUT
 EXIT_FAILED = 1
 
 
+class _PresetAction(argparse.Action):
+    """``--preset NAME``: a known preset's name, checked while parsing (before any model is loaded);
+    ``--preset list`` prints the presets and exits 0. Whether it fits the model is checked once loaded."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from wanpipe.presets import PRESETS, format_presets
+
+        if values == "list":
+            print(format_presets())
+            parser.exit(0)
+        if values not in PRESETS:
+            raise argparse.ArgumentError(
+                self, f"unknown preset {values!r}; the presets are: {', '.join(PRESETS)} (or list)"
+            )
+        setattr(namespace, self.dest, values)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -33,6 +50,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     a.add_model_arguments(p)
     for field, flag, kind, text in a.REQUEST_ARGUMENTS:
         p.add_argument(flag, type=kind, default=None, required=field == "prompt", help=text)
+    p.add_argument(
+        "--preset",
+        action=_PresetAction,
+        default=None,
+        metavar="NAME",
+        help="a published few-step setting (steps, sampler, step list, shift, guidance) for distilled "
+        "weights; explicit flags override it; --preset list prints them",
+    )
     p.add_argument(
         "--experts",
         choices=("resident", "swap"),

@@ -65,6 +65,9 @@ class WanRequest:
     sampler: str | None = None
     sigmas: list[float] | None = None
     timesteps: list[float] | None = None
+    # A published few-step setting by name (wanpipe.presets; docs/fast-sampling.md): fills the sampling
+    # values left None, and must fit the checkpoint's kind.
+    preset: str | None = None
 
 
 @dataclass(frozen=True)

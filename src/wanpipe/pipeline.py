@@ -397,6 +397,7 @@ class WanPipeline:
         sampler: str | None = None,
         sigmas: Sequence[float] | None = None,
         timesteps: Sequence[float] | None = None,
+        preset: str | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -408,7 +409,8 @@ class WanPipeline:
         ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``). ``sampler`` ("unipc",
         "euler", "lcm", "dmd"; default: the checkpoint's scheduler) and a schedule of its own,
         ``sigmas`` (one per step in (0, 1], strictly decreasing) or ``timesteps`` (the same on the
-        0-1000 scale), used as given, not shifted again: see docs/fast-sampling.md.
+        0-1000 scale), used as given, not shifted again: see docs/fast-sampling.md. ``preset`` names
+        a published few-step setting (``wanpipe.presets``) that fills the values left ``None``.
         """
         request = WanRequest(
             prompt=prompt,
@@ -431,6 +433,7 @@ class WanPipeline:
             sampler=sampler,
             sigmas=sigmas,  # type: ignore[arg-type]  # resolve turns a sequence or 1-D array into a list
             timesteps=timesteps,  # type: ignore[arg-type]
+            preset=preset,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 

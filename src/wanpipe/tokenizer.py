@@ -26,6 +26,7 @@ from wanpipe.config import WanArchConfig
 from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestError, WanContext, WanRequest
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
+from wanpipe.presets import apply_preset
 from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, generator_state, make_schedule, seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,9 @@ class WanTokenizer:
         and a video into a uint8 (F, H, W, 3) array, its frame count settled. No tokens, no noise.
 
         Raises :class:`InvalidRequestError` naming the field. Resolving a resolved request gives it back
-        unchanged (the same values, the same seed)."""
+        unchanged (the same values, the same seed). A ``preset`` fills the values left None first
+        (:func:`wanpipe.presets.apply_preset`)."""
+        request = apply_preset(request, self.arch)
         arch, defaults = self.arch, self.arch.defaults
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise InvalidRequestError("prompt must be a non-empty string", "prompt")

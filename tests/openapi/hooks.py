@@ -32,6 +32,7 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         # 64 characters, in range when given as text; not both lists
         "sigmas": {"invalid_value"},
         "timesteps": {"invalid_value"},
+        "preset": {"invalid_value"},  # a preset for another kind of checkpoint
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
@@ -45,6 +46,7 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         VIDEO_OPTIONS + "flow_shift": {"invalid_value"},
         VIDEO_OPTIONS + "sigmas": {"invalid_value"},
         VIDEO_OPTIONS + "timesteps": {"invalid_value"},
+        VIDEO_OPTIONS + "preset": {"invalid_value"},
     },
     "GET /v1/videos": {"after": {"not_found"}},  # an id that does not exist
 }

@@ -35,6 +35,7 @@ from starlette.types import Scope
 
 from wanpipe import __version__
 from wanpipe.context import InvalidRequestError
+from wanpipe.presets import PRESETS
 from wanpipe.serving.bodies import (
     BodyLimitMiddleware,
     BodyTooLargeError,
@@ -66,6 +67,7 @@ from wanpipe.serving.schemas import (
     ModelList,
     OutputMessage,
     OutputVideo,
+    PresetCard,
     ResponseObject,
     VideoDeleted,
     VideoError,
@@ -166,6 +168,7 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             sampler=s.sampler,
             sigmas=None if s.sigmas is None else list(s.sigmas),
             timesteps=None if s.timesteps is None else list(s.timesteps),
+            preset=s.preset,
         ),
         batch_size=job.batch_size,
     )
@@ -406,6 +409,7 @@ async def list_models(request: Request) -> JSONResponse:
             "max_batch": lim.max_batch,
             "max_queue": lim.max_queue,
         },
+        presets=[PresetCard(**p.card(), fits_model=p.fits_checkpoint(arch)) for p in PRESETS.values()],
     )
     return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
 from wanpipe.media import Video
+from wanpipe.presets import PRESETS
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import JobSpec, NewJob, ServeLimits
 from wanpipe.serving.step_gate import StepGate
@@ -196,6 +197,10 @@ class JobManager:
             seed=resolved.seed,
             fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
             sampler=resolved.sampler,
+            # the schedule's list as resolved: the request's own, or its preset's (which the worker, taking
+            # the stored spec, would not fill in again once the step count is set)
+            sigmas=None if resolved.sigmas is None else tuple(resolved.sigmas),
+            timesteps=None if resolved.timesteps is None else tuple(resolved.timesteps),
         )
         job = Job(
             id=new_job_id(),
@@ -236,6 +241,8 @@ class JobManager:
         given = spec.sigmas if spec.sigmas is not None else spec.timesteps
         if given is not None:  # a schedule's list is one value per step
             steps = max(steps, len(given)) if spec.num_inference_steps is not None else len(given)
+        elif spec.num_inference_steps is None and spec.preset in PRESETS:  # the preset's step list
+            steps = PRESETS[spec.preset].num_inference_steps
         if height * width > lim.max_pixels:
             raise LimitExceededError(
                 f"size {width}x{height} is {width * height} pixels; this server allows at most "
@@ -576,4 +583,5 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         sampler=spec.sampler,
         sigmas=None if spec.sigmas is None else list(spec.sigmas),
         timesteps=None if spec.timesteps is None else list(spec.timesteps),
+        preset=spec.preset,
     )

@@ -13,7 +13,8 @@ routes read their bodies themselves (:mod:`wanpipe.serving.parsing`):
 
 What a schema cannot state is said in words, and answered 400 (or 404 for another model): sizes that
 are multiples of the checkpoint's spatial multiple within ``--max-pixels``, ``4k+1`` frames, ``seconds``
-that agree with ``num_frames``, whether the checkpoint takes an image, an image that decodes.
+that agree with ``num_frames``, whether the checkpoint takes an image, an image that decodes, a preset
+that fits the checkpoint.
 tests/test_openapi.py runs schemathesis with all its checks against a live server on this document.
 """
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.openapi.utils import get_openapi
 
+from wanpipe.presets import PRESETS
 from wanpipe.serving.parsing import (
     EXPONENT,
     FLOAT_TEXT,
@@ -179,6 +181,17 @@ def _fps(description: str, *, json: bool) -> dict[str, Any]:
     return _number(description, json=json, above=0, maximum=240)
 
 
+def _preset(*, json: bool) -> dict[str, Any]:
+    """A known preset's name; one that does not fit the served checkpoint's kind gets 400 (in words)."""
+    fits = "; ".join(f"{p.name}: {' or '.join(p.fits)}" for p in PRESETS.values())
+    description = (
+        "A published few-step setting (steps, sampler, step list, shift, guidance) that fills the values "
+        f"left out; explicit values win. Each fits some checkpoints only (another: 400): {fits}. "
+        "GET /v1/models lists them."
+    )
+    return _field(description, {"type": "string", "enum": list(PRESETS)}, nullable=json)
+
+
 def _string(description: str, *, json: bool) -> dict[str, Any]:
     return _field(description, {"type": "string"}, nullable=json)
 
@@ -281,6 +294,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         "input_reference": None,
         "last_image": None,
         **_schedule_fields(limits, json=json),
+        "preset": _preset(json=json),
     }
     last = "The last frame (first-last-frame checkpoints; needs input_reference too): "
     if json:
@@ -365,6 +379,7 @@ def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
             "description": "url (default): output_video.video_url; b64_json: the mp4 in video_data.",
         },
         **_schedule_fields(limits, json=True),
+        "preset": _preset(json=True),
     }
     assert set(options) == set(VIDEO_OPTION_FIELDS)
     return {

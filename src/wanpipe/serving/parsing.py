@@ -5,7 +5,8 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
 * OpenAI Videos (``POST /v1/videos``, what ``openai.OpenAI().videos.create`` sends): multipart form or
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
-  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``sampler``, ``sigmas``, ``timesteps``).
+  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``sampler``, ``sigmas``, ``timesteps``,
+  ``preset``).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from wanpipe.presets import PRESETS
 from wanpipe.serving.errors import invalid, shown
 from wanpipe.serving.uploads import DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS_FACTOR, decode_data_url, parse_image
 
@@ -92,6 +94,8 @@ class JobSpec:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+
+    preset: str | None = None  # a few-step preset (wanpipe.presets); the resolved spec holds its values
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,6 +237,13 @@ def parse_number_list(value: Any, name: str) -> tuple[float, ...]:
     return tuple(parse_float(part, name) for part in parts)
 
 
+def parse_preset(value: Any, name: str = "preset") -> str:
+    """A known preset's name (``wanpipe.presets.PRESETS``); whether it fits the model, the engine checks."""
+    if not isinstance(value, str) or value not in PRESETS:
+        raise invalid(f"{name} must be one of {', '.join(PRESETS)}, got {shown(value)}", name)
+    return value
+
+
 def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     """``"WIDTHxHEIGHT"`` -> (width, height)."""
     match = re.fullmatch(SIZE_TEXT, value) if isinstance(value, str) else None
@@ -281,6 +292,7 @@ VIDEO_CREATE_FIELDS = (
     "sampler",
     "sigmas",
     "timesteps",
+    "preset",
 )
 
 # How the engine's parameter names read in each API (for the "param" of an error body).
@@ -302,6 +314,7 @@ RESPONSES_PARAM_NAMES = {
     "sampler": "provider_options.video.sampler",
     "sigmas": "provider_options.video.sigmas",
     "timesteps": "provider_options.video.timesteps",
+    "preset": "provider_options.video.preset",
 }
 
 
@@ -388,6 +401,7 @@ def parse_video_create(
         sampler=opt("sampler", parse_sampler),
         sigmas=opt("sigmas", parse_number_list),
         timesteps=opt("timesteps", parse_number_list),
+        preset=opt("preset", parse_preset),
     )
     return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES)
 
@@ -409,6 +423,7 @@ VIDEO_OPTION_FIELDS = (
     "sampler",
     "sigmas",
     "timesteps",
+    "preset",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -508,6 +523,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         sampler=opt("sampler", parse_sampler),
         sigmas=opt("sigmas", parse_number_list),
         timesteps=opt("timesteps", parse_number_list),
+        preset=opt("preset", parse_preset),
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None

@@ -48,6 +48,7 @@ class VideoParameters(BaseModel):
     sampler: str | None = None
     sigmas: list[float] | None = None
     timesteps: list[float] | None = None
+    preset: str | None = None
 
 
 class VideoObject(BaseModel):
@@ -115,6 +116,24 @@ class ResponseObject(BaseModel):
     video_id: str
 
 
+class PresetCard(BaseModel):
+    """A few-step preset (``wanpipe.presets``): the checkpoint kinds it fits, whether the served model is
+    one of them, the values it sets, the weights it is meant for and the sources of its figures."""
+
+    name: str
+    summary: str
+    fits: list[str]
+    fits_model: bool
+    num_inference_steps: int
+    sampler: str
+    timesteps: list[float]
+    flow_shift: float | None = None
+    guidance_scale: float
+    guidance_scale_2: float | None = None
+    weights: list[str]
+    sources: list[str]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -123,6 +142,7 @@ class ModelCard(BaseModel):
     task: str
     defaults: dict[str, Any]
     limits: dict[str, Any]
+    presets: list[PresetCard] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):
