@@ -162,6 +162,11 @@ class WanArchConfig:
         return self.takes_image and (dit.image_dim is None or dit.pos_embed_seq_len is not None)
 
     @property
+    def accepts_vace(self) -> bool:
+        """A VACE checkpoint (interim: the vace-model branch defines it)."""
+        return self.transformer.vace_layers is not None
+
+    @property
     def in_channels_condition(self) -> int:
         """Channels of the mask + condition latents concatenated to the noise (0 without)."""
         return self.transformer.in_channels - self.transformer.out_channels

@@ -60,6 +60,8 @@ class TransformerConfig:
     added_kv_proj_dim: int | None = None
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
+    vace_layers: tuple[int, ...] | None = None  # interim (the vace-model branch defines these)
+    vace_in_channels: int | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> TransformerConfig:
@@ -73,6 +75,8 @@ class TransformerConfig:
         if len(patch) != 3 or any(not isinstance(p, int) or p < 1 for p in patch):
             raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size!r}")
         object.__setattr__(self, "patch_size", patch)
+        if self.vace_layers is not None:
+            object.__setattr__(self, "vace_layers", tuple(self.vace_layers))
         if self.out_channels is None:
             object.__setattr__(self, "out_channels", self.in_channels)
         for name in ("num_attention_heads", "in_channels", "out_channels", "text_dim", "ffn_dim"):
