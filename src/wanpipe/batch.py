@@ -20,7 +20,9 @@ class WanExecutorInputs:
     batch; guidance_scale, guidance_scale_2 (B,) float32; do_cfg (B,) bool; boundary_timestep: the
     expert switch or None; condition_pixels (B, K, 3, H, W) in [-1, 1] (first / last frame) or None;
     clip_pixels (B, K, 3, S, S) or None; video_pixels (B, 3, F, H, W) in [-1, 1] or None;
-    ``approximations``: the batch's opt-in approximations.
+    ``approximations``: the batch's opt-in approximations. VACE (each None elsewhere, and the first
+    three when not given): control_pixels (B, 3, F, H, W) in [-1, 1]; control_mask (B, 1, F, H, W) in
+    [0, 1], 1 = generate; reference_pixels (B, R, 3, H, W) in [-1, 1]; conditioning_scale (B, N) float32.
     """
 
     tokens: torch.Tensor
@@ -38,6 +40,10 @@ class WanExecutorInputs:
     clip_pixels: torch.Tensor | None = None
     video_pixels: torch.Tensor | None = None
     approximations: Approximations = field(default_factory=Approximations)
+    control_pixels: torch.Tensor | None = None
+    control_mask: torch.Tensor | None = None
+    reference_pixels: torch.Tensor | None = None
+    conditioning_scale: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> WanExecutorInputs:
         """The tensors moved to ``device`` (the schedule stays host data)."""
@@ -94,4 +100,8 @@ def collate(contexts: list[WanContext]) -> WanExecutorInputs:
         clip_pixels=optional([c.clip_pixels for c in cond]),
         video_pixels=optional([c.video_pixels for c in cond]),
         approximations=first.approximations,
+        control_pixels=optional([c.control_pixels for c in cond]),
+        control_mask=optional([c.control_mask for c in cond]),
+        reference_pixels=optional([c.reference_pixels for c in cond]),
+        conditioning_scale=optional([c.conditioning_scale for c in cond]),
     )

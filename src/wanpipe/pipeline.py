@@ -387,6 +387,9 @@ class WanPipeline:
         residual_threshold: float | None = None,
         cfg_truncation: float | None = None,
         progress: bool = True,
+        mask: Any = None,
+        reference_images: Any = None,
+        conditioning_scale: float | list[float] | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -396,6 +399,11 @@ class WanPipeline:
         video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
         and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache) and
         ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``).
+
+        VACE checkpoints (``docs/vace.md``): ``video`` is the control or source video, ``mask`` marks
+        what to generate (white) and what to keep (black), one image or one per frame;
+        ``reference_images`` one image or a list (subjects, faces, objects); ``conditioning_scale`` one
+        number or one per VACE layer (default 1.0).
         """
         request = WanRequest(
             prompt=prompt,
@@ -415,6 +423,9 @@ class WanPipeline:
             strength=strength,
             residual_threshold=residual_threshold,
             cfg_truncation=cfg_truncation,
+            mask=mask,
+            reference_images=reference_images,
+            conditioning_scale=conditioning_scale,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 

@@ -27,6 +27,7 @@ from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestEr
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.schedulers import make_schedule
+from wanpipe.vace_request import refuse_vace, resolve_vace, vace_conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +136,16 @@ class WanTokenizer:
                 f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {request.output_format!r}",
                 "output_format",
             )
-        media = self._media(request, num_frames)
-        strength = self._strength(request, steps)
+        if arch.accepts_vace:  # video is the control video there (wanpipe.vace_request)
+            media, strength = resolve_vace(request, arch, num_frames, height, width), None
+        else:
+            refuse_vace(request, arch)
+            media, strength = self._media(request, num_frames), self._strength(request, steps)
+        references = len(media.get("reference_images") or ())
         latents = (
             None
             if request.latents is None
-            else self._latents(request.latents, media["num_frames"], height, width)
+            else self._latents(request.latents, media["num_frames"], height, width, references)
         )
         return replace(
             request,
@@ -173,6 +178,8 @@ class WanTokenizer:
             request.video is not None,
             request.residual_threshold,
             request.cfg_truncation,
+            request.mask is not None,
+            len(request.reference_images or ()),
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:
@@ -279,7 +286,7 @@ class WanTokenizer:
         arch = self.arch
         assert r.height is not None and r.width is not None and r.num_frames is not None
         assert r.num_inference_steps is not None and r.guidance_scale is not None and r.seed is not None
-        shape = self.latent_shape(r.num_frames, r.height, r.width)
+        shape = self.latent_shape(r.num_frames, r.height, r.width, len(r.reference_images or ()))
         latents = draw_noise(r.seed, (1, *shape))[0].numpy() if r.latents is None else r.latents
 
         do_cfg = r.guidance_scale > 1.0
@@ -326,23 +333,30 @@ class WanTokenizer:
             condition = np.stack([_to_pixels(im, r.height, r.width) for im in images])
             if arch.image_processor is not None and arch.transformer.image_dim is not None:
                 clip = clip_preprocess(images, arch.image_processor).numpy()
+        if arch.accepts_vace:
+            return ConditioningInputs(**vace_conditioning(r, arch.vae.spatial_stride))
         if r.video is not None:
             video = np.stack([_to_pixels(f, r.height, r.width) for f in r.video], axis=1)
         return ConditioningInputs(condition, clip, video, r.strength)
 
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(C, f, h, w): the latents of a video of this size."""
+    def latent_shape(
+        self, num_frames: int, height: int, width: int, reference_frames: int = 0
+    ) -> tuple[int, int, int, int]:
+        """(C, f, h, w): the latents of a video of this size (VACE: one more frame per reference image,
+        put first)."""
         arch = self.arch
         return (
             arch.transformer.out_channels,
-            (num_frames - 1) // arch.temporal_stride + 1,
+            (num_frames - 1) // arch.temporal_stride + 1 + reference_frames,
             height // arch.vae.spatial_stride,
             width // arch.vae.spatial_stride,
         )
 
-    def _latents(self, given: Any, num_frames: int, height: int, width: int) -> np.ndarray:
+    def _latents(
+        self, given: Any, num_frames: int, height: int, width: int, reference_frames: int = 0
+    ) -> np.ndarray:
         """Given initial latents (C, f, h, w) or (1, C, f, h, w) -> checked float32 (C, f, h, w)."""
-        shape = self.latent_shape(num_frames, height, width)
+        shape = self.latent_shape(num_frames, height, width, reference_frames)
         array = given.detach().cpu().float().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
         if array.ndim == len(shape) + 1 and array.shape[0] == 1:
             array = array[0]

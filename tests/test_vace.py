@@ -1,0 +1,212 @@
+"""VACE's request side: validation (each error names its field), the preprocessing of video, mask and
+reference images, and the control tensor against diffusers' own ``WanVACEPipeline.preprocess_conditions``
+/ ``prepare_video_latents`` / ``prepare_masks`` on the same tiny VAE."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests import tiny
+from wanpipe.batch import collate
+from wanpipe.context import InvalidRequestError, WanRequest
+from wanpipe.stages.conditioning import VaceControl, conditioning_class
+from wanpipe.tokenizer import WanTokenizer
+
+VACE_LAYERS = (0, 1)
+HEIGHT, WIDTH, FRAMES = 32, 48, 5
+
+
+def _rng_image(rng: np.random.Generator, height: int, width: int, mode: str = "RGB") -> Image.Image:
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def _soft_mask(height: int, width: int, frame: int) -> Image.Image:
+    """Black (keep) on the left, white (generate) on the right, a grey ramp between, moving per frame."""
+    x = np.linspace(-2.0, 2.0, width)[None, :] + 0.3 * frame - 0.4
+    values = np.clip(0.5 + x, 0.0, 1.0) * 255
+    return Image.fromarray(np.repeat(values, height, axis=0).round().astype(np.uint8), "L")
+
+
+@pytest.fixture(scope="module")
+def vace_tokenizer(wan_pipe) -> WanTokenizer:
+    """The tiny checkpoint's tokenizer with a VACE DiT config (the request side needs no VACE weights)."""
+    arch = wan_pipe.arch
+    dit = replace(arch.transformer, vace_layers=VACE_LAYERS, vace_in_channels=96)
+    return WanTokenizer(replace(arch, transformer=dit), wan_pipe.tokenizer.text_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def vace_encoders(wan_pipe):
+    return replace(wan_pipe.executor.encoders, vace_layers=VACE_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def diffusers_vace(reference_pipe):
+    """diffusers' WanVACEPipeline around the reference's VAE (its transformer is only asked its patch)."""
+    from diffusers import WanVACEPipeline, WanVACETransformer3DModel
+
+    dit = WanVACETransformer3DModel(**tiny.TRANSFORMER_KW, vace_layers=list(VACE_LAYERS), vace_in_channels=96)
+    return WanVACEPipeline(
+        tokenizer=reference_pipe.tokenizer,
+        text_encoder=reference_pipe.text_encoder,
+        vae=reference_pipe.vae,
+        scheduler=reference_pipe.scheduler,
+        transformer=dit.eval(),
+    )
+
+
+def _request(**kw) -> WanRequest:
+    base = dict(prompt="a cat", height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=2, seed=3)
+    return WanRequest(**{**base, **kw})
+
+
+def _inputs(rng: np.random.Generator, case: str, scale: int = 1):
+    """(video, mask, reference images) of a case, as PIL images (what both pipelines take)."""
+    video = mask = refs = None
+    if "video" in case:
+        video = [_rng_image(rng, HEIGHT * scale, WIDTH * scale) for _ in range(FRAMES)]
+    if "mask" in case:
+        mask = [_soft_mask(HEIGHT * scale, WIDTH * scale, i) for i in range(FRAMES)]
+    if "refs" in case:
+        refs = [_rng_image(rng, 20, 30), _rng_image(rng, 37, 21)]
+    return video, mask, refs
+
+
+CASES = [("refs", 1), ("video", 1), ("video+mask", 1), ("video+mask+refs", 1), ("video+mask", 2), ("none", 1)]
+
+
+@pytest.mark.parametrize(("case", "scale"), CASES, ids=[f"{c}-x{s}" for c, s in CASES])
+def test_control_matches_diffusers(case, scale, vace_tokenizer, vace_encoders, diffusers_vace) -> None:
+    """The preprocessed pixels and the (1, 96, R + f, h, w) control equal diffusers' on the same VAE."""
+    video, mask, refs = _inputs(np.random.default_rng(7), case, scale)
+    ctx = vace_tokenizer.make_context(_request(video=video, mask=mask, reference_images=refs))
+    cond = ctx.conditioning
+    inputs = collate([ctx])
+    assert conditioning_class(inputs, False, vace=True) is VaceControl
+    ours, latents = VaceControl.prepare(inputs, vace_encoders)
+    assert isinstance(ours, VaceControl)
+
+    ref = diffusers_vace
+    with torch.no_grad():
+        video_t, mask_t, refs_t = ref.preprocess_conditions(
+            video, mask, refs, 1, HEIGHT, WIDTH, FRAMES, torch.float32, "cpu"
+        )
+        control = torch.cat(
+            [
+                ref.prepare_video_latents(video_t, mask_t, refs_t, None, "cpu"),
+                ref.prepare_masks(mask_t, refs_t, None),
+            ],
+            dim=1,
+        )
+    count = len(refs or [])
+    assert cond.conditioning_scale.tolist() == [1.0, 1.0]
+    if video is None:
+        assert cond.control_pixels is None and cond.control_mask is None
+    else:
+        assert np.abs(cond.control_pixels - video_t[0].numpy()).max() < 1e-6
+    if mask is not None:
+        assert np.abs(cond.control_mask - mask_t[0, :1].numpy()).max() < 1e-6
+    if refs is None:
+        assert cond.reference_pixels is None
+    else:
+        assert np.abs(cond.reference_pixels - torch.stack(refs_t[0]).numpy()).max() < 1e-6
+    assert ours.control.shape == control.shape == (1, 96, count + 2, HEIGHT // 8, WIDTH // 8)
+    assert latents.shape == (1, 16, count + 2, HEIGHT // 8, WIDTH // 8)
+    diff = (ours.control - control).abs().max().item()
+    print(f"VACE control {case} x{scale}: max abs diff vs diffusers {diff:.2e}")
+    assert diff < 1e-3
+    assert torch.equal(ours.finish(latents), latents[:, :, count:])
+
+
+def test_vace_conditioning_rows_and_select(vace_tokenizer, vace_encoders) -> None:
+    """Two rows with their own video and scale: guided steps see the rows twice (cond, then uncond);
+    select keeps a row's control and scale, and the guided copy is made again for the rows left."""
+    rng = np.random.default_rng(1)
+    contexts = []
+    for scale in (0.5, [1.0, 2.0]):
+        video, mask, refs = _inputs(rng, "video+mask+refs")
+        request = _request(video=video, mask=mask, reference_images=refs, conditioning_scale=scale)
+        contexts.append(vace_tokenizer.make_context(request))
+    inputs = collate(contexts)
+    vace, _ = VaceControl.prepare(inputs, vace_encoders)
+    assert torch.equal(vace.scale, torch.tensor([[0.5, 0.5], [1.0, 2.0]]))
+    plain = vace.dit_kwargs(False)
+    assert plain["control_hidden_states"] is vace.control
+    guided = vace.dit_kwargs(True)
+    assert guided["control_hidden_states"].shape[0] == 4
+    assert torch.equal(guided["control_hidden_states"][2:], vace.control)
+    assert vace.dit_kwargs(True)["control_hidden_states"] is guided["control_hidden_states"]  # made once
+    one = vace.select([1])
+    assert torch.equal(one.control, vace.control[1:]) and torch.equal(one.scale, vace.scale[1:])
+    again = one.dit_kwargs(True)
+    assert torch.equal(again["control_hidden_states_scale"], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+    assert not torch.equal(vace.control[0], vace.control[1])  # each row its own video
+
+
+# -- validation ------------------------------------------------------------------------------------------
+
+
+def _refused(tokenizer: WanTokenizer, request: WanRequest, param: str) -> str:
+    with pytest.raises(InvalidRequestError) as info:
+        tokenizer.resolve(request)
+    assert info.value.param == param, str(info.value)
+    return str(info.value)
+
+
+def test_vace_inputs_refused_on_a_plain_checkpoint(wan_pipe) -> None:
+    image = np.zeros((32, 48, 3), np.uint8)
+    for name, value in (("mask", image), ("reference_images", [image]), ("conditioning_scale", 0.5)):
+        message = _refused(wan_pipe.tokenizer, _request(**{name: value}), name)
+        assert "VACE" in message
+
+
+def test_vace_request_errors_name_their_field(vace_tokenizer) -> None:
+    rng = np.random.default_rng(2)
+    video, mask, _ = _inputs(rng, "video+mask")
+    t = vace_tokenizer
+    assert "mask needs video" in _refused(t, _request(mask=mask), "mask")
+    assert "4 frames and the video 5" in _refused(t, _request(video=video, mask=mask[:4]), "mask")
+    small_mask = [m.resize((24, 16)) for m in mask]
+    assert "give the mask at the video's size" in _refused(t, _request(video=video, mask=small_mask), "mask")
+    assert "2 VACE layers" in _refused(t, _request(conditioning_scale=[1.0, 2.0, 3.0]), "conditioning_scale")
+    _refused(t, _request(conditioning_scale=float("nan")), "conditioning_scale")
+    _refused(t, _request(conditioning_scale="strong"), "conditioning_scale")
+    small = [f.resize((32, 32)) for f in video]
+    assert "smaller than the output 48x32" in _refused(t, _request(video=small), "video")
+    assert "fewer than num_frames=9" in _refused(t, _request(video=video, num_frames=9), "video")
+    _refused(t, _request(image=video[0]), "image")
+    _refused(t, _request(video=video, strength=0.5), "strength")
+    _refused(t, _request(reference_images=["/no/such/image.png"]), "reference_images")
+    _refused(t, _request(video=[np.zeros((32, 48, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)]), "video")
+
+
+def test_vace_resolve_fills_in_and_is_stable(vace_tokenizer) -> None:
+    """num_frames comes from the video (4k+1 frames, the rest cut); one mask image stands for every
+    frame; reference images stay as given; resolving again changes nothing; the batch key tells apart
+    requests with another number of reference images or without a mask."""
+    rng = np.random.default_rng(3)
+    video = [np.asarray(_rng_image(rng, 64, 96)) for _ in range(7)]
+    mask = np.asarray(_soft_mask(64, 96, 0))
+    refs = np.asarray(_rng_image(rng, 20, 30))
+    request = WanRequest(prompt="a cat", video=video, mask=mask, reference_images=refs, conditioning_scale=2)
+    r = vace_tokenizer.resolve(replace(request, height=HEIGHT, width=WIDTH))
+    assert r.num_frames == 5 and r.video.shape == (5, HEIGHT, WIDTH, 3) and r.mask.shape == (1, HEIGHT, WIDTH)
+    assert len(r.reference_images) == 1 and r.reference_images[0].shape == (20, 30, 3)
+    assert r.conditioning_scale == [2.0, 2.0] and r.strength is None
+    again = vace_tokenizer.resolve(r)
+    for name in ("num_frames", "seed", "conditioning_scale", "height", "width"):
+        assert getattr(again, name) == getattr(r, name)
+    assert np.array_equal(again.video, r.video) and np.array_equal(again.mask, r.mask)
+    ctx = vace_tokenizer.make_context(r)
+    assert ctx.latents.shape == (16, 3, HEIGHT // 8, WIDTH // 8)  # one reference frame first
+    assert ctx.conditioning.control_mask.shape == (1, 5, HEIGHT, WIDTH)
+    key = vace_tokenizer.batch_key
+    assert key(r) != key(replace(r, reference_images=None))
+    assert key(r) != key(replace(r, mask=None))
+    assert key(r) == key(replace(r, conditioning_scale=[0.5, 1.0]))
