@@ -210,3 +210,24 @@ def test_vace_resolve_fills_in_and_is_stable(vace_tokenizer) -> None:
     assert key(r) != key(replace(r, reference_images=None))
     assert key(r) != key(replace(r, mask=None))
     assert key(r) == key(replace(r, conditioning_scale=[0.5, 1.0]))
+
+
+def test_cli_vace_flags() -> None:
+    """--control-video sets video (--video still does), --reference-image repeats, --conditioning-scale
+    takes X or X,Y,...; the request is built from them field by field."""
+    from wanpipe.arguments import REQUEST_FLAGS
+    from wanpipe.cli import build_parser
+
+    parser = build_parser()
+    argv = ["generate", "--prompt", "a", "--control-video", __file__, "--mask", __file__]
+    argv += ["--reference-image", __file__, "--reference-image", __file__, "--conditioning-scale", "0.5, 1"]
+    args = parser.parse_args(argv)
+    params = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in REQUEST_FLAGS.items()}
+    assert params["video"] == params["mask"] == __file__
+    assert params["reference_images"] == [__file__, __file__]
+    assert params["conditioning_scale"] == [0.5, 1.0]
+    assert (
+        parser.parse_args(["generate", "--prompt", "a", "--conditioning-scale", "2"]).conditioning_scale
+        == 2.0
+    )
+    assert parser.parse_args(["generate", "--prompt", "a", "--video", __file__]).video == __file__
