@@ -28,6 +28,11 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         "guidance_scale_2": {"invalid_value"},  # a one-expert checkpoint (or over 100 as text)
         "input_reference": IMAGE,
         "last_image": IMAGE,
+        # VACE's fields: refused on a checkpoint without VACE blocks (and not a video / an image)
+        "video": {"invalid_video", "invalid_value", "unsupported_url"},
+        "mask": {"invalid_video", *IMAGE},
+        "reference_image": IMAGE,
+        "conditioning_scale": {"invalid_value"},
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint

@@ -163,6 +163,10 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             negative_prompt=s.negative_prompt,
             image=s.has_image,
             last_image=s.has_last_image,
+            video=s.has_video,
+            mask=s.has_mask,
+            reference_images=s.reference_images,
+            conditioning_scale=s.conditioning_scale,
         ),
         batch_size=job.batch_size,
     )
@@ -214,6 +218,8 @@ async def create_video(request: Request) -> JSONResponse:
             default_fps=arch.defaults.fps,
             temporal_stride=arch.temporal_stride,
             max_image_pixels=manager.limits.max_image_pixels,
+            max_frames=manager.limits.max_frames,
+            max_video_pixels=manager.limits.max_video_pixels,
         )
     except (APIError, BodyTooLargeError):
         manager.metrics.count("rejected", "invalid")

@@ -22,7 +22,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -180,10 +180,17 @@ class JobManager:
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
         self._check_limits(pipe, new.spec)
+        if new.video is not None and not pipe.arch.accepts_vace:
+            raise InvalidRequestError(
+                f"video is the control video of VACE checkpoints; this server's {pipe.arch.variant.name} "
+                "checkpoint has no VACE blocks",
+                "video",
+            )
         # The engine validates the rest (an image on a text-to-video model, ...) and fills in every
         # default, the seed drawn: the stored spec makes the same video after a restart. No tokens, no
         # noise here: the worker makes the contexts, once.
-        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image))
+        vace = {"video": new.video, "mask": new.mask, "reference_images": list(new.reference_images) or None}
+        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image, vace))
         spec = replace(
             new.spec,
             height=resolved.height,
@@ -195,6 +202,7 @@ class JobManager:
             flow_shift=resolved.flow_shift,
             seed=resolved.seed,
             fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
+            conditioning_scale=resolved.conditioning_scale,
         )
         job = Job(
             id=new_job_id(),
@@ -205,7 +213,15 @@ class JobManager:
             source=source,
             created_at=time.time(),
         )
-        images = {"image": new.image, "last_image": new.last_image}
+        images = {
+            "image": new.image,
+            "last_image": new.last_image,
+            "video": resolved.video,
+            "mask": resolved.mask,
+        }
+        # VACE's inputs are kept as the engine resolved them (resized to the output size): the same video
+        for i, reference in enumerate(resolved.reference_images or ()):
+            images[f"reference_image.{i}"] = reference
         with self._submit_lock:
             queued = self.store.count(JobStatus.QUEUED)
             if queued >= self.limits.max_queue:
@@ -382,7 +398,7 @@ class JobManager:
         for job in jobs:
             try:
                 images = self.store.read_inputs(job)
-                request = _wan_request(job.spec, images.get("image"), images.get("last_image"))
+                request = _wan_request(job.spec, images.get("image"), images.get("last_image"), images)
                 runnable.append((job, request, pipe.tokenizer.make_context(request)))
             except (InvalidRequestError, OSError, ValueError) as e:
                 self._fail(job, "invalid_request", str(e), None)
@@ -555,7 +571,11 @@ class JobManager:
         self._notify(job.id)
 
 
-def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
+def _wan_request(
+    spec: JobSpec, image: Any, last_image: Any, vace: Mapping[str, Any] | None = None
+) -> WanRequest:
+    """A job's request; ``vace``: its video, mask and reference_images (VACE)."""
+    vace = vace or {}
     return WanRequest(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
@@ -569,4 +589,8 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         seed=spec.seed,
         image=image,
         last_image=last_image,
+        video=vace.get("video"),
+        mask=vace.get("mask"),
+        reference_images=vace.get("reference_images"),
+        conditioning_scale=spec.conditioning_scale,
     )

@@ -45,6 +45,10 @@ class VideoParameters(BaseModel):
     negative_prompt: str | None = None
     image: bool = False
     last_image: bool = False
+    video: bool = False  # VACE: a control video was given
+    mask: bool = False
+    reference_images: int = 0
+    conditioning_scale: float | list[float] | None = None  # VACE: one per layer
 
 
 class VideoObject(BaseModel):
