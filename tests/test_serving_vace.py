@@ -143,7 +143,16 @@ def test_vace_fields_on_a_plain_checkpoint_are_400s(t2v_server, tmp_path: Path) 
             )
             assert "VACE" in error["message"]
         error = assert_error(
-            http.post("/v1/videos", json={"prompt": "a cat", "size": "48x32", "num_frames": 5, "conditioning_scale": [1, 2]}),
+            http.post(
+                "/v1/videos",
+                json={
+                    "prompt": "a cat",
+                    "size": "48x32",
+                    "num_frames": 5,
+                    "num_inference_steps": 1,
+                    "conditioning_scale": [1, 2],
+                },
+            ),
             400,
             "conditioning_scale",
             "invalid_value",
