@@ -197,3 +197,77 @@ def test_store_keeps_vace_inputs(tmp_path: Path) -> None:
         assert list(store.inputs_dir.iterdir()) == []
     finally:
         store.close()
+
+
+def test_vace_job_survives_kill_9_with_its_uploads(tmp_path: Path) -> None:
+    """A VACE job with an uploaded control video, mask and reference image, killed (-9) mid-run, runs
+    again after a restart from the inputs kept with it, and gives the frames of a direct call."""
+    from tests.serving_helpers import Gate, ServerProcess, read_mp4, wait_until
+    from tests.tiny_vace import save_vace_checkpoint
+    from wanpipe import WanPipeline
+    from wanpipe.media import read_image, read_video
+
+    ckpt = save_vace_checkpoint(tmp_path / "vace-tiny")
+    control, mask, reference = (
+        mp4_bytes(5, 32, 48, tmp_path, seed=4),
+        png_bytes(32, 48, 5),
+        png_bytes(24, 20, 6),
+    )
+    fields = {"prompt": "a cat walks", "size": "48x32", "num_frames": "5", "num_inference_steps": "3"}
+    fields |= {"seed": "9", "conditioning_scale": "0.5,1.5"}
+    files = [
+        ("video", ("control.mp4", control, "video/mp4")),
+        ("mask", ("mask.png", mask, "image/png")),
+        ("reference_image", ("ref.png", reference, "image/png")),
+    ]
+    out = tmp_path / "jobs"
+    args = ("--model", str(ckpt), "--output-dir", str(out))
+    env = {"OMP_NUM_THREADS": "1"}
+    gate = Gate(tmp_path / "gate-1")
+    first = ServerProcess(*args, env={**env, **gate.env})
+    try:
+        first.wait_ready()
+        with httpx.Client(base_url=first.url, timeout=30) as http:
+            response = http.post("/v1/videos", data=fields, files=files)
+            assert response.status_code == 200, response.text
+            job = response.json()
+            assert (
+                job["parameters"] | {"video": True, "mask": True, "reference_images": 1} == job["parameters"]
+            )
+            assert job["parameters"]["conditioning_scale"] == [0.5, 1.5]
+            gate.hold_at(1)  # one step done, held before the second
+            assert http.get(f"/v1/videos/{job['id']}").json()["status"] == "in_progress"
+    finally:
+        first.kill()
+    stored = sorted(p.name.split(".", 1)[1] for p in (out / "inputs").iterdir())
+    assert stored == ["mask.npy", "reference_image.0.png", "video.npy"]
+
+    gate = Gate(tmp_path / "gate-2")
+    second = ServerProcess(*args, env={**env, **gate.env})
+    try:
+        second.wait_ready()
+        gate.open()
+        with httpx.Client(base_url=second.url, timeout=30) as http:
+
+            def completed():
+                body = http.get(f"/v1/videos/{job['id']}").json()
+                assert body["status"] != "failed", body
+                return body if body["status"] == "completed" else None
+
+            wait_until(completed, 120, "the VACE job to complete")
+            served, _ = read_mp4(http.get(f"/v1/videos/{job['id']}/content").content, tmp_path, "served.mp4")
+    finally:
+        second.kill()
+
+    (tmp_path / "control.mp4").write_bytes(control)
+    (tmp_path / "mask.png").write_bytes(mask)
+    (tmp_path / "ref.png").write_bytes(reference)
+    pipe = WanPipeline.from_pretrained(ckpt, device="cpu", dtype="float32")
+    direct = pipe.generate(
+        "a cat walks", height=32, width=48, num_frames=5, num_inference_steps=3, seed=9, progress=False,
+        video=read_video(tmp_path / "control.mp4")[0], mask=read_image(tmp_path / "mask.png"),
+        reference_images=[read_image(tmp_path / "ref.png")], conditioning_scale=[0.5, 1.5],
+    )  # fmt: skip
+    Video(frames=direct.frames, fps=16).save(tmp_path / "direct.mp4")  # as the server saves a job's video
+    expected, _ = read_video(tmp_path / "direct.mp4")
+    np.testing.assert_array_equal(served, expected)

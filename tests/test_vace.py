@@ -231,3 +231,146 @@ def test_cli_vace_flags() -> None:
         == 2.0
     )
     assert parser.parse_args(["generate", "--prompt", "a", "--video", __file__]).video == __file__
+
+
+# -- end to end against diffusers' WanVACEPipeline --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vace_ckpt(tmp_path_factory):
+    from tests.tiny_vace import save_vace_checkpoint
+
+    return save_vace_checkpoint(tmp_path_factory.mktemp("vace") / "vace-tiny")
+
+
+@pytest.fixture(scope="module")
+def vace_pair(vace_ckpt):
+    """(diffusers' WanVACEPipeline, wanpipe's pipeline) on the same tiny VACE checkpoint."""
+    from tests.tiny_vace import load_vace_reference
+    from wanpipe import WanPipeline
+
+    return load_vace_reference(vace_ckpt), WanPipeline.from_pretrained(
+        vace_ckpt, device="cpu", dtype="float32"
+    )
+
+
+def _compare(ref, pipe, case: str, *, ours: dict | None = None, **inputs) -> float:
+    """Generate the same request with both pipelines; the worst absolute difference of the frames."""
+    kw = dict(height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=3, guidance_scale=5.0)
+    seed = 11
+    with torch.no_grad():
+        expected = ref(
+            prompt="a cat walks on the grass",
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+            **kw,
+            **inputs,
+        ).frames[0]
+    got = pipe.generate(
+        "a cat walks on the grass", seed=seed, progress=False, **kw, **{**inputs, **(ours or {})}
+    )
+    assert got.frames.shape == expected.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    diff = float(np.abs(got.frames - expected).max())
+    print(f"VACE parity {case}: max abs diff vs diffusers {diff:.2e}")
+    assert diff < 1e-3
+    return diff
+
+
+PARITY = ["refs", "video", "video+mask", "video+mask+refs"]
+
+
+@pytest.mark.parametrize("case", PARITY)
+def test_vace_matches_diffusers(case, vace_pair) -> None:
+    video, mask, refs = _inputs(np.random.default_rng(5), case)
+    _compare(*vace_pair, case, video=video, mask=mask, reference_images=refs)
+
+
+def test_vace_per_layer_scale_and_one_mask_image_match_diffusers(vace_pair) -> None:
+    """A conditioning scale per VACE layer; one mask image for every frame here, each frame there."""
+    ref, pipe = vace_pair
+    video, _, refs = _inputs(np.random.default_rng(6), "video+refs")
+    mask = _soft_mask(HEIGHT, WIDTH, 1)
+    layers = len(pipe.arch.transformer.vace_layers)
+    scale = [0.5 + i for i in range(layers)]
+    _compare(
+        ref, pipe, "per-layer scale", video=video, mask=[mask] * FRAMES, reference_images=refs,
+        conditioning_scale=scale, ours={"mask": mask},
+    )  # fmt: skip
+    plain = pipe.generate("a cat", seed=1, video=video, height=HEIGHT, width=WIDTH, num_inference_steps=2,
+                          progress=False).frames  # fmt: skip
+    weak = pipe.generate("a cat", seed=1, video=video, height=HEIGHT, width=WIDTH, num_inference_steps=2,
+                         conditioning_scale=0.0, progress=False).frames  # fmt: skip
+    assert np.abs(plain - weak).max() > 1e-3  # the scale reaches the model
+
+
+def test_vace_two_experts_match_diffusers(tmp_path) -> None:
+    """The Wan 2.2 VACE-Fun A14B layout (two VACE experts and a boundary), which diffusers' pipeline takes."""
+    from tests.tiny_vace import load_vace_reference, save_vace_checkpoint
+    from wanpipe import WanPipeline
+
+    folder = save_vace_checkpoint(tmp_path / "vace-2", two_experts=True, boundary_ratio=0.6)
+    ref = load_vace_reference(folder)
+    pipe = WanPipeline.from_pretrained(folder, device="cpu", dtype="float32")
+    assert pipe.arch.has_second_expert and pipe.arch.accepts_vace
+    video, mask, refs = _inputs(np.random.default_rng(8), "video+mask+refs")
+    _compare(ref, pipe, "two experts", video=video, mask=mask, reference_images=refs, guidance_scale_2=3.0)
+
+
+def test_vace_batch_of_two_is_each_alone(vace_pair) -> None:
+    """Two VACE requests with their own inputs in one batch give each one's frames alone."""
+    _, pipe = vace_pair
+    rng = np.random.default_rng(9)
+    requests = []
+    for seed, scale in ((1, 1.0), (2, 0.5)):
+        video, mask, refs = _inputs(rng, "video+mask+refs")
+        requests.append(
+            _request(video=video, mask=mask, reference_images=refs, conditioning_scale=scale, seed=seed)
+        )
+    assert len({pipe.tokenizer.batch_key(pipe.tokenizer.resolve(r)) for r in requests}) == 1
+    together = pipe.generate_batch(requests, progress=False)
+    for request, video in zip(requests, together, strict=True):
+        alone = pipe.generate_batch([request], progress=False)[0]
+        assert np.abs(alone.frames - video.frames).max() < 1e-4
+
+
+def test_cli_generates_vace(vace_ckpt, tmp_path, capsys) -> None:
+    """``wanpipe generate`` with --control-video, --mask, --reference-image (twice) and a per-layer
+    --conditioning-scale writes the frames pipe.generate makes from the same files."""
+    from wanpipe.cli import main
+    from wanpipe.media import Video, read_video
+
+    rng = np.random.default_rng(10)
+    video, mask, refs = _inputs(rng, "video+mask+refs")
+    Video.from_uint8(np.stack([np.asarray(f) for f in video]), 16).save(tmp_path / "control.mp4")
+    mask[0].save(tmp_path / "mask.png")
+    for i, r in enumerate(refs):
+        r.save(tmp_path / f"ref{i}.png")
+    argv = ["generate", "--model", str(vace_ckpt), "--prompt", "a cat", "--height", "32", "--width", "48"]
+    argv += [
+        "--steps",
+        "2",
+        "--seed",
+        "4",
+        "--no-progress",
+        "--output",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
+    argv += ["--control-video", str(tmp_path / "control.mp4"), "--mask", str(tmp_path / "mask.png")]
+    argv += ["--reference-image", str(tmp_path / "ref0.png"), "--reference-image", str(tmp_path / "ref1.png")]
+    argv += ["--dtype", "float32", "--conditioning-scale", "0.5,1.5"]
+    assert main(argv) == 0, capsys.readouterr().err
+    written = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "out").glob("*.png"))])
+    from wanpipe import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(vace_ckpt, device="cpu", dtype="float32")
+    direct = pipe.generate(
+        "a cat", height=32, width=48, num_inference_steps=2, seed=4, progress=False,
+        video=read_video(tmp_path / "control.mp4")[0], mask=str(tmp_path / "mask.png"),
+        reference_images=[str(tmp_path / "ref0.png"), str(tmp_path / "ref1.png")], conditioning_scale=[0.5, 1.5],
+    )  # fmt: skip
+    assert written.shape == (5, 32, 48, 3)
+    np.testing.assert_array_equal(written, direct.to_uint8())
+    assert main([*argv[:-2], "--conditioning-scale", "1,2,3"]) == 2
+    assert "--conditioning-scale has 3 values; this checkpoint has 2 VACE layers" in capsys.readouterr().err
