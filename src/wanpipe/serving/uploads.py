@@ -181,26 +181,25 @@ def decode_data_url(url: str, param: str, *, max_pixels: int | None = None) -> n
     return decode_image(data, param, max_pixels=max_pixels, content_type=content_type)
 
 
-def data_url_bytes(url: str, param: str) -> tuple[bytes, str | None]:
-    """``data:TYPE;base64,...`` -> (the bytes, TYPE or None). Web URLs are refused."""
+def data_url_bytes(url: str, param: str, kind: str = "image") -> tuple[bytes, str | None]:
+    """``data:TYPE;base64,...`` -> (the bytes, TYPE or None). Web URLs are refused. ``kind``: what the
+    field holds, "image" or "video" (its messages and error code)."""
+    example = "data:video/mp4;base64,..." if kind == "video" else "data:image/png;base64,..."
+    code = f"invalid_{kind}"
     if re.match(r"(?i)https?://", url):
         raise invalid(
-            f"{param}: this server does not fetch URLs; send the image as a file upload or a "
-            "data URL (data:image/png;base64,...)",
+            f"{param}: this server does not fetch URLs; send the {kind} as a file upload or a "
+            f"data URL ({example})",
             param,
             "unsupported_url",
         )
     match = re.fullmatch(r"(?s)data:([\w.+/-]*)((?:;[\w.+-]+=[\w.+-]+)*);base64,(.*)", url.strip())
     if match is None:
-        raise invalid(
-            f"{param} must be an image upload or a base64 data URL (data:image/png;base64,...)",
-            param,
-            "invalid_image",
-        )
+        raise invalid(f"{param} must be an {kind} upload or a base64 data URL ({example})", param, code)
     try:
         data = base64.b64decode(re.sub(r"\s+", "", match.group(3)), validate=True)
     except (binascii.Error, ValueError):
-        raise invalid(f"{param}: the data URL is not valid base64", param, "invalid_image") from None
+        raise invalid(f"{param}: the data URL is not valid base64", param, code) from None
     return data, match.group(1) or None
 
 
@@ -242,16 +241,18 @@ def _bad_video(param: str, message: str) -> APIError:
     return invalid(f"{param}: {message}", param, "invalid_video")
 
 
-def _upload_bytes(value: Any, param: str, what: str) -> tuple[bytes, str | None, str | None]:
-    """An upload, bytes or a data URL -> (bytes, content type, file name)."""
+def _upload_bytes(value: Any, param: str, kind: str) -> tuple[bytes, str | None, str | None]:
+    """An upload, bytes or a data URL -> (bytes, content type, file name); ``kind``: "image" or "video"."""
     if isinstance(value, Upload):
         return value.data, value.content_type, value.filename
     if isinstance(value, bytes):
         return value, None, None
     if isinstance(value, str):
-        data, content_type = data_url_bytes(value, param)
+        data, content_type = data_url_bytes(value, param, kind)
         return data, content_type, None
-    raise invalid(f"{param} must be {what} upload or a base64 data URL, got {shown(value)}", param)
+    raise invalid(
+        f"{param} must be an {kind} upload or a base64 data URL, got {shown(value)}", param, f"invalid_{kind}"
+    )
 
 
 def _animated(data: bytes) -> bool:
@@ -348,7 +349,7 @@ def _pillow_frames(data: bytes, param: str, max_frames: int, max_pixels: int) ->
 def parse_video(value: Any, param: str, *, max_frames: int, max_pixels: int) -> np.ndarray:
     """A video upload (:class:`Upload` or bytes) or a data URL (``data:video/mp4;base64,...``) ->
     uint8 (F, H, W, 3)."""
-    data, content_type, filename = _upload_bytes(value, param, "a video")
+    data, content_type, filename = _upload_bytes(value, param, "video")
     return decode_video(
         data,
         param,
@@ -364,7 +365,7 @@ def parse_frames(
 ) -> np.ndarray:
     """A mask: a still image (every frame) or a video / animation (one frame per frame), uploaded or as
     a data URL -> uint8 (M, H, W, 3), M = 1 for a still image."""
-    data, content_type, filename = _upload_bytes(value, param, "an image or video")
+    data, content_type, filename = _upload_bytes(value, param, "image")
     found = sniff_format(data)
     if found in _VIDEO_FORMATS or (found in ("GIF", "WEBP") and _animated(data)):
         return decode_video(
