@@ -47,7 +47,10 @@ DIT_T2V = dict(
 )
 # Image tokens in the context, per-token timesteps and a temporal patch of 2: every input path.
 DIT_I2V = {**DIT_T2V, "patch_size": (2, 2, 2), "in_channels": 20, "image_dim": 8, "added_kv_proj_dim": 48}
-DIT_SHAPES = {"t2v": (3, 6, 10), "i2v": (4, 4, 8)}  # latent (F, H, W): 45 and 16 tokens
+# VACE: control tokens sharded like the latent tokens, hints after blocks 0 and 2, per-row scales.
+DIT_VACE = {**DIT_T2V, "num_layers": 3, "vace_layers": (0, 2), "vace_in_channels": 6}
+DIT_CONFIGS = {"t2v": DIT_T2V, "i2v": DIT_I2V, "vace": DIT_VACE}
+DIT_SHAPES = {"t2v": (3, 6, 10), "i2v": (4, 4, 8), "vace": (3, 6, 10)}  # latent (F, H, W): 45, 16, 45 tokens
 
 
 def mesh_label(mesh: Mesh) -> str:
@@ -105,7 +108,7 @@ def plan(world: int) -> list[Check]:
         if mesh[2]:
             checks.append(Check(f"cfg/{label}/even", "cfg", mesh, (4,)))
             checks.append(Check(f"cfg/{label}/odd", "cfg", mesh, (3,)))
-        for model in ("t2v", "i2v"):
+        for model in ("t2v", "i2v", "vace"):
             checks.append(Check(f"dit/{label}/{model}", "dit", mesh, (model,)))
     return checks
 
@@ -177,7 +180,7 @@ def _dit_case(model_name: str):
         from wanpipe.models.transformer import WanTransformerModel
         from wanpipe.models.transformer_layers import TransformerConfig
 
-        raw = DIT_T2V if model_name == "t2v" else DIT_I2V
+        raw = DIT_CONFIGS[model_name]
         config = TransformerConfig.from_dict(raw)
         model = WanTransformerModel(config).eval()
         _randomize(model, 0)
@@ -185,6 +188,13 @@ def _dit_case(model_name: str):
         shape = DIT_SHAPES[model_name]
         latents = torch.randn(2, config.in_channels, *shape, generator=gen)
         text = torch.randn(2, 7, config.text_dim, generator=gen)
+        if model_name == "vace":
+            control = torch.randn(2, config.vace_in_channels, *shape, generator=gen)
+            scale = torch.tensor([[1.0, 0.5], [-0.7, 1.5]])
+            inputs = (latents, torch.tensor([900.0, 900.0]), text, None, None, control, scale)
+            with torch.inference_mode():
+                _DIT_CACHE[model_name] = (model, inputs, model(*inputs))
+            return _DIT_CACHE[model_name]
         if model_name == "t2v":
             timestep, image = torch.tensor([900.0, 900.0]), None
         else:

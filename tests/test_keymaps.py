@@ -114,13 +114,17 @@ def _used(keys: set[str], rules: KeyMap) -> set[str]:
 TRANSFORMER_I2V_KW = {**tiny.TRANSFORMER_KW, "image_dim": 8, "added_kv_proj_dim": 24, "pos_embed_seq_len": 6}
 
 
+TRANSFORMER_VACE_KW = {**tiny.TRANSFORMER_KW, "num_layers": 3, "vace_layers": [0, 2], "vace_in_channels": 8}
+
+
 def test_transformer_table_both_ways() -> None:
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     runtime = set()
-    for kw in (tiny.TRANSFORMER_KW, TRANSFORMER_I2V_KW):
+    for kw in (tiny.TRANSFORMER_KW, TRANSFORMER_I2V_KW, TRANSFORMER_VACE_KW):
+        cls = WanVACETransformer3DModel if "vace_layers" in kw else WanTransformer3DModel
         ours = _meta_keys(lambda kw=kw: WanTransformerModel(TransformerConfig.from_dict(kw)))
-        theirs = _meta_keys(lambda kw=kw: WanTransformer3DModel(**kw))
+        theirs = _meta_keys(lambda kw=kw, cls=cls: cls(**kw))
         written = _apply(ours, TRANSFORMER_KEYS.to_checkpoint())
         assert set(written.values()) == theirs  # diffusers' own class names
         read = _apply(theirs, TRANSFORMER_KEYS.to_runtime())

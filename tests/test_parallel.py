@@ -127,7 +127,7 @@ def test_shards_and_rope_slices(length: int, degree: int) -> None:
 def test_parallel_forward_in_one_process_equals_forward() -> None:
     """The hooks, the shard/gather path and the head's per-token unpatchify in a world of one."""
     mesh = ParallelMesh.build(ParallelConfig())
-    for name in ("t2v", "i2v"):
+    for name in ("t2v", "i2v", "vace"):
         model, inputs, expected = workers._dit_case(name)
         with torch.inference_mode():
             out = parallel_forward(mesh, model, *inputs)

@@ -201,8 +201,8 @@ def test_every_key_maps_both_ways(cfg: dict) -> None:
         assert renamed[new].shape == ckpt[old].shape
     # every rule is exercised by the FLF2V checkpoint; unmatched keys are only the patch embedding
     used = {p for p, _ in TRANSFORMER_DIFFUSERS_KEYS for k in ckpt if re.fullmatch(p, k)}
-    if cfg is FLF2V:
-        assert used == {p for p, _ in TRANSFORMER_DIFFUSERS_KEYS}
+    if cfg is FLF2V:  # the VACE blocks' own rules: tests/test_vace_model.py
+        assert used == {p for p, _ in TRANSFORMER_DIFFUSERS_KEYS if not p.startswith("vace_")}
     assert {k for k in ckpt if k in renamed} == {"patch_embedding.weight", "patch_embedding.bias"}
     # diffusers' own ignored key is dropped; our names pass through unchanged
     extra = {**ckpt, "blocks.0.attn2.norm_added_q.weight": torch.ones(32)}

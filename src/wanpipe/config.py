@@ -39,7 +39,7 @@ class WanVariant:
     """A member of the Wan family: its name, task and defaults."""
 
     name: str
-    task: str  # "t2v", "i2v", "flf2v", "ti2v"
+    task: str  # "t2v", "i2v", "flf2v", "ti2v", "vace"
     version: str  # "2.1" or "2.2"
     defaults: SamplingDefaults
 
@@ -72,6 +72,16 @@ VARIANTS: dict[str, WanVariant] = {
             "2.2",
             SamplingDefaults(704, 1280, 121, 50, 5.0, fps=24),
         ),
+        # VACE (the original repositories' 50 steps and guide scale 5.0; 1.3B is a 480P model). Wan 2.2
+        # VACE-Fun A14B is built on T2V-A14B and takes its defaults.
+        WanVariant("wan2.1-vace-1.3b", "vace", "2.1", _T2V_480P),
+        WanVariant("wan2.1-vace-14b", "vace", "2.1", _T2V_720P),
+        WanVariant(
+            "wan2.2-vace-fun-a14b",
+            "vace",
+            "2.2",
+            replace(_T2V_720P, num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0),
+        ),
         # The built-in demo checkpoint: tiny random weights, small defaults so it runs anywhere.
         WanVariant("demo", "t2v", "2.1", SamplingDefaults(128, 128, 9, 8, 5.0)),
     )
@@ -91,6 +101,10 @@ def detect_variant(
         return VARIANTS["demo"]
     if vae.z_dim == 48:
         return VARIANTS["wan2.2-ti2v-5b"]
+    if transformer.vace_layers is not None:
+        if has_second_expert:
+            return VARIANTS["wan2.2-vace-fun-a14b"]
+        return VARIANTS["wan2.1-vace-14b" if transformer.dim >= 5120 else "wan2.1-vace-1.3b"]
     image_conditioned = transformer.in_channels != transformer.out_channels
     if has_second_expert:
         return VARIANTS["wan2.2-i2v-a14b" if image_conditioned else "wan2.2-t2v-a14b"]
@@ -163,7 +177,7 @@ class WanArchConfig:
 
     @property
     def accepts_vace(self) -> bool:
-        """A VACE checkpoint (interim: the vace-model branch defines it)."""
+        """A VACE checkpoint: its DiT has VACE blocks (control video, mask, reference images)."""
         return self.transformer.vace_layers is not None
 
     @property

@@ -159,12 +159,26 @@ class WanExecutor:
         """The (high-noise) DiT."""
         return self.experts.high
 
+    @property
+    def accepts_vace(self) -> bool:
+        """The DiT has VACE blocks (it takes control latents)."""
+        return self.transformer.config.vace_layers is not None
+
+    @staticmethod
+    def _vace_cache_message(what: str) -> str:
+        return (
+            f"the step caches (First-Block-Cache, TeaCache) do not apply to VACE checkpoints yet: "
+            f"leave {what} off"
+        )
+
     # -- construction -------------------------------------------------------------------------
     def set_runtime(self, options: RuntimeOptions, *, device: torch.device | str | None = None) -> None:
         """Run with ``options`` from now on: module placement (offload), compiled blocks, the text stage.
 
         ``device``: the compute device, when the modules were loaded elsewhere (e.g. loaded on the CPU
         and run on "cuda" with offload, so the full model never sits on the GPU)."""
+        if options.cache not in (None, "none") and self.accepts_vace:
+            raise ValueError(self._vace_cache_message(f"--cache {options.cache}"))
         if options.cache == "teacache" and options.teacache_coefficients is None:
             self._teacache_variant()  # refuse a model without published coefficients now, not mid-request
         if device is not None:
@@ -186,7 +200,7 @@ class WanExecutor:
             streamer = BlockStreamer(dev, options.offload_buffers)
             for dit in self.experts.models:
                 for name, child in dit.named_children():
-                    if name == "blocks":
+                    if name in ("blocks", "vace_blocks"):
                         child.to(storage)
                         pin_module(child)
                     else:
@@ -224,6 +238,11 @@ class WanExecutor:
         except ValueError:
             (self.placement.mesh, self.vae_halo), self.runner.mesh = before, before[0]
             raise
+
+    def check_step_cache(self, approximations: Approximations) -> None:
+        """Raise ValueError if the step cache a request asks for (its residual_threshold, or the runtime's
+        cache) does not apply to this model: VACE checkpoints take none yet."""
+        self._make_cache(approximations)
 
     def check_parallel(self, approximations: Approximations | None = None) -> None:
         """Raise ValueError if ``parallel`` is set together with something it does not combine with
@@ -369,7 +388,10 @@ class WanExecutor:
             coefficients = self.runtime.teacache_coefficients or teacache_coefficients(
                 self._teacache_variant(), latent_size or (0, 0), self.transformer.config.patch_size
             )
-        return make_step_cache(kind, threshold, coefficients)
+        cache = make_step_cache(kind, threshold, coefficients)
+        if cache is not None and self.accepts_vace:
+            raise ValueError(self._vace_cache_message("residual_threshold"))
+        return cache
 
     def _teacache_variant(self) -> str:
         return teacache_variant(

@@ -176,6 +176,8 @@ class WanPipeline:
         dtype: str | torch.dtype | None = None,
         sigma_grid: str = "original",
         num_heads: int | None = None,
+        vace: str | Path | list[str | Path] | None = None,
+        vace_2: str | Path | list[str | Path] | None = None,
         **options: Unpack[LoadOptions],
     ) -> WanPipeline:
         """Load one file per component (ComfyUI's repackaged files, the original repositories' files):
@@ -185,8 +187,11 @@ class WanPipeline:
         The variant is inferred from tensor names and shapes. ``transformer_2`` is Wan 2.2 A14B's
         low-noise expert. ``tokenizer`` is a folder or a hub id (default ``google/umt5-xxl``, fetched with
         ``huggingface_hub``). ``num_heads`` overrides the head count (default: width / 128, as in every
-        released Wan DiT). The scheduler is the original repositories' UniPC with their shift. The other
-        options are :class:`LoadOptions`, as in :meth:`from_pretrained`.
+        released Wan DiT). The scheduler is the original repositories' UniPC with their shift. ``vace``
+        (and ``vace_2`` for ``transformer_2``): a VACE module held as its own file (ComfyUI/Kijai's
+        ``Wan2_1-VACE_module_*.safetensors``: only ``vace_blocks.*`` / ``vace_patch_embedding.*``), joined to
+        the base text-to-video DiT; a whole VACE file goes in ``transformer``. The other options are
+        :class:`LoadOptions`, as in :meth:`from_pretrained`.
         """
         arch, weights = single_file_weights(
             transformer,
@@ -197,6 +202,8 @@ class WanPipeline:
             tokenizer,
             num_heads=num_heads,
             sigma_grid=sigma_grid,
+            vace=vace,
+            vace_2=vace_2,
         )
         return cls._from_components(arch, weights, device=device, dtype=dtype, **options)
 
@@ -433,9 +440,11 @@ class WanPipeline:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request
         (every default filled in, a seed drawn, images read; :meth:`WanTokenizer.resolve`). Raises
         InvalidRequestError for a bad value, ValueError for what this pipeline's parallel run does not
-        combine with (a step cache)."""
+        combine with (a step cache), or a step cache on a VACE checkpoint."""
         resolved = self.tokenizer.resolve(request)
-        self.executor.check_parallel(Approximations(resolved.residual_threshold, resolved.cfg_truncation))
+        approximations = Approximations(resolved.residual_threshold, resolved.cfg_truncation)
+        self.executor.check_parallel(approximations)
+        self.executor.check_step_cache(approximations)
         return resolved
 
     def generate_batch(

@@ -5,14 +5,14 @@ checkpoints are renamed at load by the key table of ``weights/transformer_keys.p
 
 The model is run one stage at a time so an executor can compile, offload or stream blocks::
 
-    x = model.embed(latents, timestep, text_embeds, image_embeds)
-    hidden = run_blocks(model.blocks, x.hidden, x)
+    x = model.embed(latents, timestep, text_embeds, image_embeds)   # VACE: + control latents and scales
+    hidden = run_blocks(model.block_sequence(vace=x.control is not None), x.hidden, x)
     out = model.head(hidden, x.temb, x.grid)
 
 :func:`run_blocks` is the one place the blocks are called (through :func:`call_block`): the plain
 forward below, the compiled one (``call=torch.compile(call_block)``), the streamed one (``blocks`` an
 iterator of device-resident copies) and the sequence-parallel one (``self_attention`` over the ranks)
-all go through it.
+all go through it. A VACE model's sequence holds its VACE blocks too, each just before the main block its hint goes to.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from wanpipe.models.transformer_layers import (
     ImageProjection,
     Rope,
     TransformerConfig,
+    VaceBlock,
     WanBlock,
     WanHead,
     attention,
@@ -63,15 +64,25 @@ class DiTInputs:
     context_bias: Tensor | None = None
     """(B, 1, 1, Lt) additive logit bias of the text attention in the context's dtype
     (:func:`compress_text_padding`), or None: plain attention over all Lt text tokens."""
+    control: Tensor | None = None
+    """VACE: (B, L, dim) the control tokens (``vace_patch_embedding`` of the control latents), model
+    dtype; None: no VACE blocks run."""
+    control_scale: Tensor | None = None
+    """VACE: (B, num_vace_layers) float32, each hint's scale; None without ``control``."""
 
 
 class WanTransformerModel(nn.Module):
-    """The Wan DiT (T2V, I2V, FLF2V, TI2V) built from a :class:`TransformerConfig`."""
+    """The Wan DiT (T2V, I2V, FLF2V, TI2V, VACE) built from a :class:`TransformerConfig`.
+
+    VACE models (``config.vace_layers``) add ``vace_patch_embedding`` and ``vace_blocks``: given control
+    latents, VACE block k runs on the control stream just before main block ``vace_layers[k]`` and its
+    hint, times its scale, is added to that block's output (:meth:`block_sequence`, :func:`run_blocks`).
+    """
 
     keep_in_fp32: tuple[str, ...] = (
         r"time_embedding\..+",
-        r"(blocks\.\d+|head)\.modulation",
-        r"blocks\.\d+\.norm3\..+",
+        r"((vace_)?blocks\.\d+|head)\.modulation",
+        r"(vace_)?blocks\.\d+\.norm3\..+",
         r"img_emb\.proj\.[04]\..+",
     )
     """Parameter names (``re.fullmatch``) that stay float32 when the model runs in bf16/fp16."""
@@ -91,6 +102,15 @@ class WanTransformerModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = WanHead(config)
         self.img_emb = ImageProjection(config) if config.image_dim is not None else None
+        self.vace_patch_embedding: nn.Conv3d | None = None
+        self.vace_blocks: nn.ModuleList | None = None
+        if config.vace_in_channels is not None:
+            self.vace_patch_embedding = nn.Conv3d(
+                config.vace_in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+            )
+            self.vace_blocks = nn.ModuleList(
+                VaceBlock(config, first=k == 0) for k in range(config.num_vace_layers)
+            )
         self._rope_cache: dict[tuple[int, int, int, torch.device], Rope] = {}
 
     # -- weights -------------------------------------------------------------------------------
@@ -167,12 +187,17 @@ class WanTransformerModel(nn.Module):
         text_embeds: Tensor,
         image_embeds: Tensor | None = None,
         text_bias: Tensor | None = None,
+        control_hidden_states: Tensor | None = None,
+        control_hidden_states_scale: Tensor | None = None,
     ) -> DiTInputs:
         """Patchify the latents and embed the conditions.
 
         latents (B, C_in, F, H, W); timestep (B,) or per-token (B, L) floats in [0, 1000];
         text_embeds (B, Lt, text_dim); image_embeds (B, Li, image_dim) for I2V models, else None;
         text_bias (B, Lt) float, the text attention's logit bias (:func:`compress_text_padding`) or None.
+        VACE models: control_hidden_states (B, vace_in_channels, F, H, W), the control latents (None: the
+        VACE blocks do not run); control_hidden_states_scale (num_vace_layers,) or (B, num_vace_layers),
+        each hint's scale (None: ones).
         """
         cfg = self.config
         batch, _, frames, height, width = latents.shape
@@ -213,6 +238,9 @@ class WanTransformerModel(nn.Module):
             num_image_tokens = image.shape[1]
             context = torch.cat([image, context.to(image.dtype)], dim=1)
         context_bias = None if text_bias is None else text_bias[:, None, None, :].to(context.dtype)
+        control, control_scale = self._embed_control(
+            control_hidden_states, control_hidden_states_scale, latents.shape
+        )
 
         return DiTInputs(
             hidden=hidden,
@@ -223,7 +251,50 @@ class WanTransformerModel(nn.Module):
             grid=grid,
             num_image_tokens=num_image_tokens,
             context_bias=context_bias,
+            control=control,
+            control_scale=control_scale,
         )
+
+    def _embed_control(
+        self, control: Tensor | None, scale: Tensor | None, latent_shape: torch.Size
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """control (B, vace_in_channels, F, H, W), scale (n,) | (B, n) | None -> control tokens
+        (B, L, dim) in the model dtype and scales (B, n) float32; (None, None) without control."""
+        if control is None:
+            if scale is not None:
+                raise ValueError("control_hidden_states_scale needs control_hidden_states")
+            return None, None
+        embedding = self.vace_patch_embedding
+        if embedding is None:
+            raise ValueError("this model has no VACE blocks: it takes no control_hidden_states")
+        cfg = self.config
+        batch, n = latent_shape[0], cfg.num_vace_layers
+        expected = (batch, cfg.vace_in_channels, *latent_shape[2:])
+        if tuple(control.shape) != expected:
+            # diffusers zero-pads control tokens missing at the end, which misaligns them: refused.
+            raise ValueError(
+                f"control_hidden_states must have shape {expected} (batch, vace_in_channels and the "
+                f"latents' frames, height and width), got {tuple(control.shape)}"
+            )
+        if scale is None:
+            scale = torch.ones(batch, n, device=control.device)
+        elif scale.ndim == 1 and scale.shape[0] == n:
+            scale = scale.expand(batch, n)
+        elif tuple(scale.shape) != (batch, n):
+            raise ValueError(
+                f"control_hidden_states_scale must have shape ({n},) or ({batch}, {n}) (one value per VACE "
+                f"layer), got {tuple(scale.shape)}"
+            )
+        tokens = embedding(control.to(embedding.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
+        return tokens, scale.to(device=tokens.device, dtype=torch.float32)
+
+    def block_sequence(self, vace: bool = False) -> list[nn.Module]:
+        """The blocks in the order :func:`run_blocks` runs them: the main blocks, and with ``vace`` (control
+        tokens given) each VACE block just before the main block at its layer (``config.vace_layers``)."""
+        if not vace or self.vace_blocks is None or self.config.vace_layers is None:
+            return list(self.blocks)
+        at = dict(zip(self.config.vace_layers, self.vace_blocks))
+        return [b for i, main in enumerate(self.blocks) for b in ((at[i], main) if i in at else (main,))]
 
     def forward(
         self,
@@ -232,15 +303,33 @@ class WanTransformerModel(nn.Module):
         text_embeds: Tensor,
         image_embeds: Tensor | None = None,
         text_bias: Tensor | None = None,
+        control_hidden_states: Tensor | None = None,
+        control_hidden_states_scale: Tensor | None = None,
     ) -> Tensor:
         """Predict the flow: latents (B, C_in, F, H, W), timestep (B,) or (B, L),
         text_embeds (B, Lt, text_dim), image_embeds (B, Li, image_dim) | None,
-        text_bias (B, Lt) | None (see :func:`compress_text_padding`) -> (B, C_out, F, H, W)."""
-        x = self.embed(latents, timestep, text_embeds, image_embeds, text_bias)
-        return self.head(run_blocks(self.blocks, x.hidden, x), x.temb, x.grid)
+        text_bias (B, Lt) | None (see :func:`compress_text_padding`); VACE models:
+        control_hidden_states (B, vace_in_channels, F, H, W) | None, control_hidden_states_scale
+        (num_vace_layers,) | (B, num_vace_layers) | None (ones) -> (B, C_out, F, H, W)."""
+        x = self.embed(
+            latents,
+            timestep,
+            text_embeds,
+            image_embeds,
+            text_bias,
+            control_hidden_states,
+            control_hidden_states_scale,
+        )
+        blocks = self.block_sequence(vace=x.control is not None)
+        return self.head(run_blocks(blocks, x.hidden, x), x.temb, x.grid)
 
 
-BlockCall = Callable[[nn.Module, Tensor, Tensor, Tensor, Rope, int, Tensor | None, AttentionFn], Tensor]
+BlockOutput = Tensor | tuple[Tensor, Tensor]
+"""A main block's hidden (B, L, dim), or a VACE block's (control, hint), each (B, L, dim)."""
+
+BlockCall = Callable[
+    [nn.Module, Tensor, Tensor, Tensor, Rope, int, Tensor | None, AttentionFn, Tensor | None], BlockOutput
+]
 """The signature of :func:`call_block` (and of its compiled form)."""
 
 
@@ -253,10 +342,20 @@ def call_block(
     num_image_tokens: int,
     context_bias: Tensor | None,
     self_attention: AttentionFn,
-) -> Tensor:
-    """One block, positional arguments only (what ``torch.compile`` gets): see :meth:`WanBlock.forward`."""
+    control: Tensor | None = None,
+) -> BlockOutput:
+    """One block, positional arguments only (what ``torch.compile`` gets): see :meth:`WanBlock.forward`;
+    a VACE block (:class:`VaceBlock`) also gets the control stream ``control`` and returns (control, hint)."""
+    extra = {} if control is None else {"control": control}
     return block(
-        hidden, context, modulation, rope, num_image_tokens, self_attention, context_bias=context_bias
+        hidden,
+        context,
+        modulation,
+        rope,
+        num_image_tokens,
+        self_attention,
+        context_bias=context_bias,
+        **extra,
     )
 
 
@@ -273,13 +372,48 @@ def run_blocks(
 
     ``x``: :meth:`WanTransformerModel.embed`'s output for the whole batch; ``rows`` selects the batch
     rows ``hidden`` holds (a step cache running one guidance stream alone), None for all. ``blocks``:
-    the model's blocks, a slice of them, or an iterator of device-resident copies (block offload).
-    ``call``: :func:`call_block` or its compiled form; ``self_attention``: see :meth:`SelfAttention.forward`.
+    the model's blocks, a slice of them, or an iterator of device-resident copies (block offload), in
+    :meth:`WanTransformerModel.block_sequence`'s order: with control tokens (``x.control``, VACE) a VACE
+    block's hint, times its scale, is added to the output of the main block that follows it, and the
+    sequence must hold all of the model's VACE blocks. ``call``: :func:`call_block` or its compiled form;
+    ``self_attention``: see :meth:`SelfAttention.forward`.
     """
     context, modulation, bias = x.context, x.modulation, x.context_bias
+    control, scale = x.control, x.control_scale
     if rows is not None:
         context, modulation = context[rows], modulation[rows]
         bias = None if bias is None else bias[rows]
+        if control is not None and scale is not None:
+            control, scale = control[rows], scale[rows]
+    hint: Tensor | None = None
+    hints = 0
     for block in blocks:
-        hidden = call(block, hidden, context, modulation, x.rope, x.num_image_tokens, bias, self_attention)
+        vace = isinstance(block, VaceBlock)
+        if vace and control is None:
+            raise ValueError("a VACE block needs control tokens (control_hidden_states)")
+        out = call(
+            block,
+            hidden,
+            context,
+            modulation,
+            x.rope,
+            x.num_image_tokens,
+            bias,
+            self_attention,
+            control if vace else None,
+        )
+        if isinstance(
+            out, tuple
+        ):  # a VACE block: the control stream goes on, its hint waits for a main block
+            control, hint = out
+            continue
+        hidden = out
+        if hint is not None and scale is not None:
+            hidden = hidden + hint * scale[:, hints, None, None].to(hint.dtype)
+            hint, hints = None, hints + 1
+    if x.control is not None and x.control_scale is not None and hints != x.control_scale.shape[1]:
+        raise ValueError(
+            f"run_blocks added {hints} of the {x.control_scale.shape[1]} VACE hints: run the whole "
+            "WanTransformerModel.block_sequence(vace=True)"
+        )
     return hidden

@@ -60,8 +60,11 @@ class TransformerConfig:
     added_kv_proj_dim: int | None = None
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None
-    vace_layers: tuple[int, ...] | None = None  # interim (the vace-model branch defines these)
+    vace_layers: tuple[int, ...] | None = None
+    """VACE: the main blocks after which each VACE block's hint is added (ascending, 0 first); None:
+    a plain DiT."""
     vace_in_channels: int | None = None
+    """VACE: channels of the control latents (96 in the released models); None: a plain DiT."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> TransformerConfig:
@@ -75,8 +78,6 @@ class TransformerConfig:
         if len(patch) != 3 or any(not isinstance(p, int) or p < 1 for p in patch):
             raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size!r}")
         object.__setattr__(self, "patch_size", patch)
-        if self.vace_layers is not None:
-            object.__setattr__(self, "vace_layers", tuple(self.vace_layers))
         if self.out_channels is None:
             object.__setattr__(self, "out_channels", self.in_channels)
         for name in ("num_attention_heads", "in_channels", "out_channels", "text_dim", "ffn_dim"):
@@ -110,11 +111,40 @@ class TransformerConfig:
             )
         if self.pos_embed_seq_len is not None and (self.image_dim is None or self.pos_embed_seq_len < 1):
             raise ValueError("pos_embed_seq_len needs image_dim and must be positive")
+        self._check_vace()
+
+    def _check_vace(self) -> None:
+        if (self.vace_layers is None) != (self.vace_in_channels is None):
+            raise ValueError(
+                "vace_layers and vace_in_channels come together (VACE models set both), "
+                f"got vace_layers={self.vace_layers}, vace_in_channels={self.vace_in_channels}"
+            )
+        if self.vace_layers is None or self.vace_in_channels is None:
+            return
+        layers = tuple(self.vace_layers)
+        if (
+            not layers
+            or not all(isinstance(i, int) and 0 <= i < self.num_layers for i in layers)
+            or list(layers) != sorted(set(layers))
+            or layers[0] != 0
+        ):
+            raise ValueError(
+                f"vace_layers must be distinct block indices in ascending order from 0, each below "
+                f"num_layers={self.num_layers}, got {self.vace_layers!r}"
+            )
+        object.__setattr__(self, "vace_layers", layers)
+        if self.vace_in_channels < 1:
+            raise ValueError(f"vace_in_channels must be positive, got {self.vace_in_channels}")
 
     @property
     def dim(self) -> int:
         """Model width: heads * head_dim."""
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def num_vace_layers(self) -> int:
+        """How many VACE blocks (and hints) the model has: 0 for a plain DiT."""
+        return 0 if self.vace_layers is None else len(self.vace_layers)
 
     @property
     def rope_dims(self) -> tuple[int, int, int]:
@@ -369,6 +399,39 @@ class WanBlock(nn.Module):
 
         x = torch.addcmul(c_shift, self.norm2(hidden.float()), 1 + c_scale).to(dtype)
         return torch.addcmul(hidden.float(), self.ffn(x), c_gate).to(dtype)
+
+
+class VaceBlock(WanBlock):
+    """A VACE context block (Wan2.1 ``vace_model.py``): a DiT block over the control tokens whose output,
+    projected by ``after_proj``, is the hint added to the main stream after the main block at its layer.
+    The first one (``first``) starts the control stream: ``before_proj(control) + hidden``."""
+
+    def __init__(self, cfg: TransformerConfig, first: bool) -> None:
+        super().__init__(cfg)
+        self.before_proj = nn.Linear(cfg.dim, cfg.dim) if first else None
+        self.after_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden: Tensor,
+        context: Tensor,
+        modulation: Tensor,
+        rope: Rope,
+        num_image_tokens: int = 0,
+        self_attention: AttentionFn = attention,
+        context_bias: Tensor | None = None,
+        *,
+        control: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """control (B, L, dim), the control stream (the first block: the patch-embedded control
+        tokens); hidden (B, L, dim), the main stream (read by the first block only); the other
+        arguments as in :meth:`WanBlock.forward` -> (control (B, L, dim), hint (B, L, dim))."""
+        if self.before_proj is not None:
+            control = self.before_proj(control) + hidden
+        control = super().forward(
+            control, context, modulation, rope, num_image_tokens, self_attention, context_bias
+        )
+        return control, self.after_proj(control)
 
 
 class WanHead(nn.Module):

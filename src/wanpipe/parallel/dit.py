@@ -49,7 +49,7 @@ def shard_attention(mesh: ParallelMesh, shard: SequenceShard) -> AttentionFn:
 def shard_dit_inputs(x: DiTInputs, mesh: ParallelMesh) -> tuple[DiTInputs, SequenceShard]:
     """``model.embed``'s output -> this rank's shard of it, and the shard.
 
-    hidden (B, L, dim) -> (B, Ll, dim); rope rows -> (Ll, head_dim/2); per-token modulation
+    hidden and VACE's control tokens (B, L, dim) -> (B, Ll, dim); rope rows -> (Ll, head_dim/2); per-token modulation
     (B, L, 6, dim) and temb (B, L, dim) -> their Ll rows; context and its attention bias unchanged
     (every token shard attends to the whole text). The grid becomes
     (Ll, 1, 1), so that ``model.head`` on the shard returns each token's patch, token-major:
@@ -59,6 +59,7 @@ def shard_dit_inputs(x: DiTInputs, mesh: ParallelMesh) -> tuple[DiTInputs, Seque
     local = replace(
         x,
         hidden=shard.shard(x.hidden, 1),
+        control=None if x.control is None else shard.shard(x.control, 1),
         modulation=shard.shard(x.modulation, 1) if x.modulation.ndim == 4 else x.modulation,
         temb=shard.shard(x.temb, 1) if x.temb.ndim == 3 else x.temb,
         rope=shard.shard_rope(x.rope),
@@ -92,13 +93,17 @@ def parallel_forward(
     text_embeds: Tensor,
     image_embeds: Tensor | None = None,
     text_bias: Tensor | None = None,
+    control_hidden_states: Tensor | None = None,
+    control_hidden_states_scale: Tensor | None = None,
 ) -> Tensor:
     """One DiT forward across the mesh; call it on every rank with the same inputs.
 
     latents (B, C_in, F, H, W); timestep (B,) or per-token (B, L); text_embeds (B, Lt, text_dim);
-    image_embeds (B, Li, image_dim) | None; text_bias (B, Lt) | None -> the prediction
-    (B, C_out, F, H, W) on every rank, equal to
-    ``model(latents, timestep, text_embeds, image_embeds, text_bias)`` in one process.
+    image_embeds (B, Li, image_dim) | None; text_bias (B, Lt) | None; VACE: control_hidden_states
+    (B, vace_in_channels, F, H, W) | None, control_hidden_states_scale (n,) | (B, n) | None -> the
+    prediction (B, C_out, F, H, W) on every rank, equal to ``model(latents, timestep, text_embeds,
+    image_embeds, text_bias, control_hidden_states, control_hidden_states_scale)`` in one process.
+    The control tokens are cut into the same sequence shards as the latent tokens (the hints are per token).
 
     This rank's cfg half of the batch is embedded, its token shard runs the blocks with the
     sequence-parallel self-attention (collectives over the sequence group), and the patches and the
@@ -107,12 +112,14 @@ def parallel_forward(
     batch = latents.shape[0]
     if timestep.ndim == 0:
         timestep = timestep.expand(batch)
-    latents, timestep, text_embeds, image_embeds, text_bias = (
-        split_cfg_batch(t, mesh) for t in (latents, timestep, text_embeds, image_embeds, text_bias)
-    )
-    x = model.embed(latents, timestep, text_embeds, image_embeds, text_bias)
+    control, scale = control_hidden_states, control_hidden_states_scale
+    if scale is not None and scale.ndim == 1:
+        scale = scale.expand(batch, -1)  # one row per sample, so the cfg halves split it
+    inputs = (latents, timestep, text_embeds, image_embeds, text_bias, control, scale)
+    x = model.embed(*(split_cfg_batch(t, mesh) for t in inputs))
     local, shard = shard_dit_inputs(x, mesh)
-    hidden = run_blocks(model.blocks, local.hidden, local, self_attention=shard_attention(mesh, shard))
+    blocks = model.block_sequence(vace=x.control is not None)
+    hidden = run_blocks(blocks, local.hidden, local, self_attention=shard_attention(mesh, shard))
     out = model.head(hidden, local.temb, local.grid)
     out = gather_dit_output(out, mesh, shard, x.grid, model.config.patch_size)
     return gather_cfg_batch(out, mesh, batch)

@@ -63,19 +63,19 @@ class DiTRunner:
         context: Tensor,
         image_embeds: Tensor | None,
         text_bias: Tensor | None,
+        control: Tensor | None,
+        control_scale: Tensor | None,
     ) -> None:
         """Compile for a new shape before timing steps: one discarded forward, added to ``compile_s``."""
         compiled = self.compiled
         assert compiled is not None
-        key = tuple(
-            None if t is None else (tuple(t.shape), t.dtype, t.device)
-            for t in (latents, timestep, context, image_embeds, text_bias)
-        )
+        inputs = (latents, timestep, context, image_embeds, text_bias, control, control_scale)
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in inputs)
         if key in compiled.warmed:
             return
         t0 = time.perf_counter()
-        x = dit.embed(latents, timestep, context, image_embeds, text_bias)
-        self._head(dit, self._run_blocks(list(dit.blocks), x.hidden, x), x)
+        x = dit.embed(*inputs)
+        self._head(dit, self._run_blocks(dit.block_sequence(vace=x.control is not None), x.hidden, x), x)
         if latents.device.type == "cuda":
             torch.cuda.synchronize(latents.device)
         self.compile_s += time.perf_counter() - t0
@@ -91,6 +91,8 @@ class DiTRunner:
         image_embeds: Tensor | None = None,
         *,
         text_bias: Tensor | None = None,
+        control_hidden_states: Tensor | None = None,
+        control_hidden_states_scale: Tensor | None = None,
         cache: StepCache | None = None,
         streams: Streams | None = None,
         step: int = 0,
@@ -100,15 +102,23 @@ class DiTRunner:
 
         context (B, Lt, text_dim) text embeddings, text_bias (B, Lt) their attention bias or None
         (:func:`~wanpipe.models.transformer.compress_text_padding`); image_embeds (B, Li, image_dim).
-        ``cache``/``streams``/``step``/``num_steps``: the step cache and the rows of each guidance stream."""
+        VACE: control_hidden_states (B, vace_in_channels, f, h, w) and control_hidden_states_scale
+        (num_vace_layers,) | (B, num_vace_layers) | None (see :meth:`WanTransformerModel.embed`).
+        ``cache``/``streams``/``step``/``num_steps``: the step cache and the rows of each guidance stream
+        (no step cache with control latents: ValueError)."""
+        control, control_scale = control_hidden_states, control_hidden_states_scale
+        if control is not None and cache is not None:
+            raise ValueError(f"the {cache.kind} step cache does not apply to VACE (control latents) yet")
         if self.mesh is not None:
             from wanpipe.parallel.dit import parallel_forward
 
-            return parallel_forward(self.mesh, dit, latents, timestep, context, image_embeds, text_bias)
+            return parallel_forward(
+                self.mesh, dit, latents, timestep, context, image_embeds, text_bias, control, control_scale
+            )
         if self.compiled is not None:
-            self._warm_up(dit, latents, timestep, context, image_embeds, text_bias)
-        x = dit.embed(latents, timestep, context, image_embeds, text_bias)
-        blocks = list(dit.blocks)
+            self._warm_up(dit, latents, timestep, context, image_embeds, text_bias, control, control_scale)
+        x = dit.embed(latents, timestep, context, image_embeds, text_bias, control, control_scale)
+        blocks = dit.block_sequence(vace=x.control is not None)
         streams = streams or {"cond": slice(0, latents.shape[0])}
         if isinstance(cache, FirstBlockCache) and blocks:
             hidden = self._first_block_cached(dit, x, blocks, cache, streams)

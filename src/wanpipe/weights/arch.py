@@ -22,6 +22,20 @@ def _present(entry: Any) -> bool:
     return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
+def check_experts(transformer: TransformerConfig, transformer_2: TransformerConfig | None) -> None:
+    """The two experts of Wan 2.2 A14B must have the same shape (inputs, width, VACE blocks)."""
+    if transformer_2 is None:
+        return
+    shape = [(c.in_channels, c.dim, c.vace_layers, c.vace_in_channels) for c in (transformer, transformer_2)]
+    if shape[0] != shape[1]:
+        raise CheckpointError(
+            f"the two experts differ in shape (in_channels {transformer.in_channels} vs "
+            f"{transformer_2.in_channels}, width {transformer.dim} vs {transformer_2.dim}, VACE layers "
+            f"{transformer.vace_layers} vs {transformer_2.vace_layers}, VACE in-channels "
+            f"{transformer.vace_in_channels} vs {transformer_2.vace_in_channels})"
+        )
+
+
 def read_diffusers_arch(folder: str | Path) -> WanArchConfig:
     """Read ``model_index.json`` and every component's config from a diffusers-layout folder."""
     folder = Path(folder)
@@ -62,6 +76,7 @@ def read_diffusers_arch(folder: str | Path) -> WanArchConfig:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{folder}: unusable component config: {e}") from e
+    check_experts(transformer, transformer_2)
     variant = detect_variant(
         transformer,
         vae,
@@ -102,13 +117,7 @@ def arch_from_parts(
     shapes of single files). The scheduler is the original repositories' UniPC with their shift
     (:data:`wanpipe.weights.original.ORIGINAL_SAMPLING`) on ``sigma_grid`` ("original" by default,
     to reproduce their results; "diffusers" for diffusers' grid)."""
-    if transformer_2 is not None and (
-        transformer_2.in_channels != transformer.in_channels or transformer_2.dim != transformer.dim
-    ):
-        raise CheckpointError(
-            f"the two experts differ in shape (in_channels {transformer.in_channels} vs "
-            f"{transformer_2.in_channels}, width {transformer.dim} vs {transformer_2.dim})"
-        )
+    check_experts(transformer, transformer_2)
     variant = detect_variant(transformer, vae, has_second_expert=transformer_2 is not None)
     sampling = ORIGINAL_SAMPLING.get(variant.name, {})
     scheduler = SchedulerConfig(

@@ -11,6 +11,7 @@ runtime names (wanpipe's DiT/VAE names, transformers' UMT5/CLIP names), opened l
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,37 @@ def _dit_file(paths: list[Path]) -> Mapping[str, torch.Tensor]:
     return SafetensorsIndex(paths)
 
 
-def _dit(paths: list[Path]) -> StateFn:
-    return lambda: transformer_to_runtime(strip_prefix(_dit_file(paths), "transformer"))
+VACE_MODULE_KEYS = r"vace_blocks\.\d+\..+|vace_patch_embedding\..+"
+"""The tensors of a VACE module held as its own file (Kijai's ``Wan2_1-VACE_module_*.safetensors``)."""
+
+
+def _vace_module(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """A VACE module file (prefix stripped) in runtime names; only VACE tensors are allowed in it."""
+    state = strip_prefix(_dit_file(paths), "transformer")
+    other = sorted(k for k in state if not re.fullmatch(VACE_MODULE_KEYS, k))
+    if other or not state:
+        raise CheckpointError(
+            f"vace: {paths[0]} is not a VACE module: it holds {len(other)} tensors that are not "
+            f"vace_blocks.* / vace_patch_embedding.* (first: {other[:4]}); a whole VACE model goes in transformer="
+        )
+    return prepare_transformer_state(state)  # diffusers names renamed; original names pass as they are
+
+
+def _dit(paths: list[Path], vace: list[Path] | None = None) -> StateFn:
+    """One DiT in runtime names; ``vace``: its VACE module, a file of its own (ComfyUI / Kijai)."""
+
+    def load() -> Mapping[str, torch.Tensor]:
+        state = transformer_to_runtime(strip_prefix(_dit_file(paths), "transformer"))
+        if vace is None:
+            return state
+        if any(re.fullmatch(VACE_MODULE_KEYS, k) for k in state):
+            raise CheckpointError(
+                f"vace: the transformer file {paths[0]} holds VACE blocks already; give vace= only with a "
+                "base (text-to-video) DiT"
+            )
+        return {**state, **_vace_module(vace)}
+
+    return load
 
 
 def _one_file(path: Path, component: str) -> dict[str, torch.Tensor]:
@@ -169,19 +199,31 @@ def single_file_weights(
     dit_config: Mapping[str, Any] | None = None,
     sigma_grid: str = "original",
     path: str | Path | None = None,
+    vace: str | Path | list[str | Path] | None = None,
+    vace_2: str | Path | list[str | Path] | None = None,
 ) -> tuple[WanArchConfig, ComponentWeights]:
     """Read the configs of one-file components from their tensors; ``dit_config`` (an original
-    ``config.json``) may add the head count and eps."""
+    ``config.json``) may add the head count, eps and VACE layers. ``vace`` / ``vace_2``: the VACE module
+    of ``transformer`` / ``transformer_2`` as a file of its own (only ``vace_*`` tensors), joined to a
+    base text-to-video DiT (Wan 2.2 VACE-Fun A14B: one per expert)."""
     extra = transformer_config_from_original(dit_config or {})
     heads = num_heads if num_heads is not None else extra.get("num_heads")
     eps = extra.get("eps", 1e-6)
+    vace_layers = extra.get("vace_layers")
+    if (vace is None) != (vace_2 is None) and transformer_2 is not None:
+        raise CheckpointError(
+            "vace: a two-expert DiT (transformer_2) takes one VACE module per expert: give vace and vace_2"
+        )
+    if vace_2 is not None and transformer_2 is None:
+        raise CheckpointError("vace_2 is the low-noise expert's VACE module: give transformer_2 too")
     dit_paths = _paths(transformer)
-    dit_cfg = infer_transformer_config(_dit(dit_paths)(), num_heads=heads, eps=eps)
+    dit = _dit(dit_paths, _paths(vace) if vace is not None else None)
+    dit_cfg = infer_transformer_config(dit(), num_heads=heads, eps=eps, vace_layers=vace_layers)
     dit2 = None
     dit2_cfg = None
     if transformer_2 is not None:
-        dit2 = _dit(_paths(transformer_2))
-        dit2_cfg = infer_transformer_config(dit2(), num_heads=heads, eps=eps)
+        dit2 = _dit(_paths(transformer_2), _paths(vace_2) if vace_2 is not None else None)
+        dit2_cfg = infer_transformer_config(dit2(), num_heads=heads, eps=eps, vace_layers=vace_layers)
     vae_path, te_path = Path(vae).expanduser(), Path(text_encoder).expanduser()
     vae_cfg = vae_to_runtime(_one_file(vae_path, "vae"))[1]
     te_cfg = text_encoder_to_runtime(_one_file(te_path, "text_encoder"))[1]
@@ -210,7 +252,7 @@ def single_file_weights(
     weights = ComponentWeights(
         tokenizer=tok,
         text_encoder=_text_encoder(te_path),
-        transformer=_dit(dit_paths),
+        transformer=dit,
         vae=_vae(vae_path),
         transformer_2=dit2,
         image_encoder=clip_fn,
@@ -275,7 +317,7 @@ def open_checkpoint(
     **single_files: Any,
 ) -> tuple[WanArchConfig, ComponentWeights]:
     """Any layout: a diffusers or original folder / hub id, or single files (``transformer=``, ``vae=``,
-    ``text_encoder=``, ``transformer_2=``, ``image_encoder=``, ``tokenizer=``)."""
+    ``text_encoder=``, ``transformer_2=``, ``image_encoder=``, ``tokenizer=``, ``vace=``, ``vace_2=``)."""
     from wanpipe.weights.loader import resolve_checkpoint
 
     files = {k: v for k, v in single_files.items() if v is not None}

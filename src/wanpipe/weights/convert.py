@@ -115,10 +115,18 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _dit_class(cfg) -> str:
+    return "WanVACETransformer3DModel" if cfg.vace_layers is not None else "WanTransformer3DModel"
+
+
 def _dit_config_diffusers(arch_dit) -> dict[str, Any]:
     cfg = asdict(arch_dit)
     cfg["patch_size"] = list(cfg["patch_size"])
-    return {"_class_name": "WanTransformer3DModel", **cfg}
+    if arch_dit.vace_layers is None:
+        del cfg["vace_layers"], cfg["vace_in_channels"]  # WanTransformer3DModel takes neither
+    else:
+        cfg["vace_layers"] = list(cfg["vace_layers"])
+    return {"_class_name": _dit_class(arch_dit), **cfg}
 
 
 def write_diffusers(
@@ -165,12 +173,16 @@ def write_diffusers(
     )
     image = arch.image_encoder is not None and weights.image_encoder is not None
     index: dict[str, Any] = {
-        "_class_name": "WanImageToVideoPipeline" if arch.takes_image else "WanPipeline",
+        "_class_name": "WanImageToVideoPipeline"
+        if arch.takes_image
+        else "WanVACEPipeline"
+        if arch.accepts_vace
+        else "WanPipeline",
         "_diffusers_version": "0.35.0",
         "tokenizer": ["transformers", "T5TokenizerFast"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "transformer_2": ["diffusers", "WanTransformer3DModel"] if len(experts) == 2 else [None, None],
+        "transformer": ["diffusers", _dit_class(arch.transformer)],
+        "transformer_2": ["diffusers", _dit_class(arch.transformer)] if len(experts) == 2 else [None, None],
         "vae": ["diffusers", "AutoencoderKLWan"],
         "scheduler": [
             "diffusers",
@@ -212,7 +224,15 @@ def write_diffusers(
 
 
 def original_dit_config(cfg, task: str) -> dict[str, Any]:
-    """An original ``config.json`` (``WanModel`` keyword arguments) for a DiT config."""
+    """An original ``config.json`` (``WanModel`` keyword arguments; ``VaceWanModel``'s for VACE) for a DiT
+    config."""
+    vace = {}
+    if cfg.vace_layers is not None:
+        vace = {
+            "_class_name": "VaceWanModel",
+            "vace_layers": list(cfg.vace_layers),
+            "vace_in_dim": cfg.vace_in_channels,
+        }
     return {
         "_class_name": "WanModel",
         "model_type": task,
@@ -229,6 +249,7 @@ def original_dit_config(cfg, task: str) -> dict[str, Any]:
         "cross_attn_norm": cfg.cross_attn_norm,
         "eps": cfg.eps,
         "text_len": 512,
+        **vace,
     }
 
 

@@ -33,8 +33,9 @@ SCALE_SUFFIXES: tuple[str, ...] = (".scale_weight", ".weight_scale")
 DROPPED_SUFFIXES: tuple[str, ...] = (".scale_input", ".input_scale")
 """Static input scales of some fp8 files; not used (inputs are scaled dynamically)."""
 
-DIT_FP8_LINEARS = r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.(?:[qkvo]|k_img|v_img)|ffn\.[02])"
-"""The DiT linears that may stay fp8 at run time (the blocks' attention and feed-forward weights)."""
+DIT_FP8_LINEARS = r"(?:vace_)?blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.(?:[qkvo]|k_img|v_img)|ffn\.[02])"
+"""The DiT linears that may stay fp8 at run time (the main and VACE blocks' attention and feed-forward
+weights)."""
 
 
 def is_fp8(t: Tensor) -> bool:

@@ -126,10 +126,28 @@ def transformer_to_runtime(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return prepare_transformer_state(state)
 
 
+def infer_vace_layers(num_layers: int, num_vace: int) -> tuple[int, ...]:
+    """The main blocks the VACE hints go to, when no config names them: evenly spaced from block 0, as
+    in every released VACE model (1.3B: 15 over 30 blocks, every 2nd; 14B: 8 over 40, every 5th)."""
+    if num_vace < 1 or num_layers % num_vace:
+        raise CheckpointError(
+            f"transformer: cannot tell which of the {num_layers} blocks take the hints of {num_vace} VACE "
+            "blocks (not evenly spaced): give the original config.json with its vace_layers"
+        )
+    return tuple(range(0, num_layers, num_layers // num_vace))
+
+
 def infer_transformer_config(
-    state: Mapping[str, torch.Tensor], *, num_heads: int | None = None, eps: float = 1e-6
+    state: Mapping[str, torch.Tensor],
+    *,
+    num_heads: int | None = None,
+    eps: float = 1e-6,
+    vace_layers: tuple[int, ...] | None = None,
 ) -> TransformerConfig:
-    """The DiT's config from its tensors in wanpipe names (see :func:`transformer_to_runtime`)."""
+    """The DiT's config from its tensors in wanpipe names (see :func:`transformer_to_runtime`).
+
+    VACE (``vace_blocks.N.*`` and ``vace_patch_embedding.*``): ``vace_layers`` from an original config,
+    else :func:`infer_vace_layers`."""
     c = "transformer"
     dim, in_channels, *patch = _shape(state, "patch_embedding.weight", c)
     layers = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -155,6 +173,22 @@ def infer_transformer_config(
         added_kv = dim
         if "img_emb.emb_pos" in state:
             pos_len = _shape(state, "img_emb.emb_pos", c)[1]
+    vace = {int(m.group(1)) for k in state if (m := re.match(r"vace_blocks\.(\d+)\.", k))}
+    vace_in = None
+    if vace or "vace_patch_embedding.weight" in state:
+        if sorted(vace) != list(range(len(vace))) or not vace:
+            raise CheckpointError(
+                f"{c}: VACE tensors without contiguous vace_blocks.N.* (found indices {sorted(vace)[:8]})"
+            )
+        vace_in = _shape(state, "vace_patch_embedding.weight", c)[1]
+        if vace_layers is None:
+            vace_layers = infer_vace_layers(len(layers), len(vace))
+        elif len(vace_layers) != len(vace):
+            raise CheckpointError(
+                f"{c}: the config names {len(vace_layers)} VACE layers, the file has {len(vace)} VACE blocks"
+            )
+    else:
+        vace_layers = None
     try:
         return TransformerConfig(
             patch_size=tuple(patch),
@@ -172,18 +206,23 @@ def infer_transformer_config(
             image_dim=image_dim,
             added_kv_proj_dim=added_kv,
             pos_embed_seq_len=pos_len,
+            vace_layers=vace_layers,
+            vace_in_channels=vace_in,
         )
     except ValueError as e:
         raise CheckpointError(f"{c}: the tensor shapes give an unusable config: {e}") from None
 
 
 def transformer_config_from_original(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What an original ``config.json`` (``WanModel``: dim, num_heads, in_dim...) says beyond the shapes."""
+    """What an original ``config.json`` (``WanModel``: dim, num_heads, in_dim...; ``VaceWanModel``:
+    vace_layers) says beyond the shapes."""
     out: dict[str, Any] = {}
     if "num_heads" in config:
         out["num_heads"] = int(config["num_heads"])
     if "eps" in config:
         out["eps"] = float(config["eps"])
+    if config.get("vace_layers") is not None:  # VaceWanModel
+        out["vace_layers"] = tuple(int(i) for i in config["vace_layers"])
     return out
 
 

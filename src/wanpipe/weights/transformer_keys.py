@@ -32,28 +32,32 @@ TRANSFORMER_KEYS = KeyTable(
         ("condition_embedder.image_embedder.norm2.{param}", "img_emb.proj.4.{param}"),
         ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos"),
         # Self-attention.
-        ("blocks.{n}.attn1.to_{qkv}.{param}", "blocks.{n}.self_attn.{qkv}.{param}"),
-        ("blocks.{n}.attn1.to_out.0.{param}", "blocks.{n}.self_attn.o.{param}"),
-        ("blocks.{n}.attn1.norm_{qk}.{param}", "blocks.{n}.self_attn.norm_{qk}.{param}"),
+        ("{stack}.{n}.attn1.to_{qkv}.{param}", "{stack}.{n}.self_attn.{qkv}.{param}"),
+        ("{stack}.{n}.attn1.to_out.0.{param}", "{stack}.{n}.self_attn.o.{param}"),
+        ("{stack}.{n}.attn1.norm_{qk}.{param}", "{stack}.{n}.self_attn.norm_{qk}.{param}"),
         # Cross-attention (text, plus the image key/value branch of I2V).
-        ("blocks.{n}.attn2.to_{qkv}.{param}", "blocks.{n}.cross_attn.{qkv}.{param}"),
-        ("blocks.{n}.attn2.to_out.0.{param}", "blocks.{n}.cross_attn.o.{param}"),
-        ("blocks.{n}.attn2.norm_{qk}.{param}", "blocks.{n}.cross_attn.norm_{qk}.{param}"),
-        ("blocks.{n}.attn2.add_{kv}_proj.{param}", "blocks.{n}.cross_attn.{kv}_img.{param}"),
-        ("blocks.{n}.attn2.norm_added_k.{param}", "blocks.{n}.cross_attn.norm_k_img.{param}"),
+        ("{stack}.{n}.attn2.to_{qkv}.{param}", "{stack}.{n}.cross_attn.{qkv}.{param}"),
+        ("{stack}.{n}.attn2.to_out.0.{param}", "{stack}.{n}.cross_attn.o.{param}"),
+        ("{stack}.{n}.attn2.norm_{qk}.{param}", "{stack}.{n}.cross_attn.norm_{qk}.{param}"),
+        ("{stack}.{n}.attn2.add_{kv}_proj.{param}", "{stack}.{n}.cross_attn.{kv}_img.{param}"),
+        ("{stack}.{n}.attn2.norm_added_k.{param}", "{stack}.{n}.cross_attn.norm_k_img.{param}"),
         # Block norms, feed-forward and modulation. diffusers' norm2 (the affine cross-attention norm)
         # is the original's norm3; the two affine-free norms carry no parameters.
-        ("blocks.{n}.norm2.{param}", "blocks.{n}.norm3.{param}"),
-        ("blocks.{n}.ffn.net.0.proj.{param}", "blocks.{n}.ffn.0.{param}"),
-        ("blocks.{n}.ffn.net.2.{param}", "blocks.{n}.ffn.2.{param}"),
-        ("blocks.{n}.scale_shift_table", "blocks.{n}.modulation"),
+        ("{stack}.{n}.norm2.{param}", "{stack}.{n}.norm3.{param}"),
+        ("{stack}.{n}.ffn.net.0.proj.{param}", "{stack}.{n}.ffn.0.{param}"),
+        ("{stack}.{n}.ffn.net.2.{param}", "{stack}.{n}.ffn.2.{param}"),
+        ("{stack}.{n}.scale_shift_table", "{stack}.{n}.modulation"),
+        # VACE blocks (``{stack}`` vace_blocks above): the first one's input projection, each one's output.
+        ("vace_blocks.{n}.proj_in.{param}", "vace_blocks.{n}.before_proj.{param}"),
+        ("vace_blocks.{n}.proj_out.{param}", "vace_blocks.{n}.after_proj.{param}"),
         # Output head.
         ("scale_shift_table", "head.modulation"),
         ("proj_out.{param}", "head.head.{param}"),
     ),
-    fields={"qkv": "q|k|v", "qk": "q|k", "kv": "k|v"},
+    fields={"stack": "blocks|vace_blocks", "qkv": "q|k|v", "qk": "q|k", "kv": "k|v"},
 )
-"""``(diffusers, wanpipe)`` name templates, in order; ``patch_embedding.*`` keeps its name."""
+"""``(diffusers, wanpipe)`` name templates, in order; ``{stack}`` is the main ``blocks`` or VACE's
+``vace_blocks`` (the same layers); ``patch_embedding.*`` and ``vace_patch_embedding.*`` keep their names."""
 
 TRANSFORMER_DIFFUSERS_KEYS: KeyMap = TRANSFORMER_KEYS.to_runtime()
 """diffusers names -> wanpipe names (reading)."""
@@ -61,7 +65,7 @@ TRANSFORMER_DIFFUSERS_KEYS: KeyMap = TRANSFORMER_KEYS.to_runtime()
 TRANSFORMER_TO_DIFFUSERS_KEYS: KeyMap = TRANSFORMER_KEYS.to_checkpoint()
 """wanpipe names -> diffusers names (to write checkpoints diffusers can read)."""
 
-TRANSFORMER_DIFFUSERS_IGNORED: tuple[str, ...] = (r"blocks\.\d+\.attn2\.norm_added_q\.\w+",)
+TRANSFORMER_DIFFUSERS_IGNORED: tuple[str, ...] = (r"(vace_)?blocks\.\d+\.attn2\.norm_added_q\.\w+",)
 """Checkpoint keys with no counterpart that are dropped on load (diffusers ignores them too)."""
 
 
