@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serving_helpers import ThreadServer, assert_error, png_bytes
-from wanpipe.media import Video
+from tests.serving_helpers import (
+    Gate,
+    ServerProcess,
+    ThreadServer,
+    assert_error,
+    png_bytes,
+    read_mp4,
+    wait_until,
+)
+from tests.tiny_vace import save_vace_checkpoint
+from wanpipe import WanPipeline
+from wanpipe.media import Video, read_image, read_video
 from wanpipe.serving.app import create_app
 from wanpipe.serving.errors import APIError
 from wanpipe.serving.manager import JobManager
@@ -202,10 +212,6 @@ def test_store_keeps_vace_inputs(tmp_path: Path) -> None:
 def test_vace_job_survives_kill_9_with_its_uploads(tmp_path: Path) -> None:
     """A VACE job with an uploaded control video, mask and reference image, killed (-9) mid-run, runs
     again after a restart from the inputs kept with it, and gives the frames of a direct call."""
-    from tests.serving_helpers import Gate, ServerProcess, read_mp4, wait_until
-    from tests.tiny_vace import save_vace_checkpoint
-    from wanpipe import WanPipeline
-    from wanpipe.media import read_image, read_video
 
     ckpt = save_vace_checkpoint(tmp_path / "vace-tiny")
     control, mask, reference = (
@@ -271,3 +277,43 @@ def test_vace_job_survives_kill_9_with_its_uploads(tmp_path: Path) -> None:
     Video(frames=direct.frames, fps=16).save(tmp_path / "direct.mp4")  # as the server saves a job's video
     expected, _ = read_video(tmp_path / "direct.mp4")
     np.testing.assert_array_equal(served, expected)
+
+
+def test_vace_server_takes_num_frames_from_the_video(tmp_path: Path) -> None:
+    """Without num_frames a VACE job has the control video's frame count (within --max-frames, although
+    the checkpoint's default is more); JSON data URLs work as the files do; a mask whose frame count
+    differs from the video's is a 400 naming mask."""
+
+    pipe = WanPipeline.from_pretrained(save_vace_checkpoint(tmp_path / "vace"), device="cpu", dtype="float32")
+    assert pipe.arch.defaults.num_frames > LIMITS.max_frames
+    store = JobStore(tmp_path / "out")
+    manager = JobManager(store, lambda: pipe, model_name="vace-tiny", limits=LIMITS)
+    body = {
+        "prompt": "a cat",
+        "size": "48x32",
+        "num_inference_steps": 1,
+        "video": data_url(mp4_bytes(7, 32, 48, tmp_path), "video/mp4"),
+        "mask": data_url(png_bytes(32, 48), "image/png"),
+        "reference_image": [data_url(png_bytes(16, 16, seed=1), "image/png")],
+    }
+    with (
+        ThreadServer(create_app(manager, max_body_bytes=2**22)) as srv,
+        httpx.Client(base_url=srv.url) as http,
+    ):
+        assert manager.wait_ready(60)
+        response = http.post("/v1/videos", json=body)
+        assert response.status_code == 200, response.text
+        video_id = response.json()["id"]
+        assert response.json()["parameters"]["num_frames"] == 5  # 7 frames -> 4k+1
+
+        def done():
+            job = http.get(f"/v1/videos/{video_id}").json()
+            return job if job["status"] in ("completed", "failed") else None
+
+        assert wait_until(done, 120, "the job")["status"] == "completed"
+        mask_video = data_url(mp4_bytes(3, 32, 48, tmp_path, seed=2), "video/mp4")
+        assert_error(http.post("/v1/videos", json={**body, "mask": mask_video}), 400, "mask", "invalid_value")
+        small = data_url(mp4_bytes(5, 16, 16, tmp_path, seed=3), "video/mp4")
+        assert_error(http.post("/v1/videos", json={**body, "video": small}), 400, "video", "invalid_value")
+        scale = {**body, "conditioning_scale": [1, 2, 3]}
+        assert_error(http.post("/v1/videos", json=scale), 400, "conditioning_scale", "invalid_value")

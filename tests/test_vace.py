@@ -12,8 +12,13 @@ import torch
 from PIL import Image
 
 from tests import tiny
+from tests.tiny_vace import load_vace_reference, save_vace_checkpoint
+from wanpipe import WanPipeline
+from wanpipe.arguments import REQUEST_FLAGS
 from wanpipe.batch import collate
+from wanpipe.cli import build_parser, main
 from wanpipe.context import InvalidRequestError, WanRequest
+from wanpipe.media import Video, read_video
 from wanpipe.stages.conditioning import VaceControl, conditioning_class
 from wanpipe.tokenizer import WanTokenizer
 
@@ -215,9 +220,6 @@ def test_vace_resolve_fills_in_and_is_stable(vace_tokenizer) -> None:
 def test_cli_vace_flags() -> None:
     """--control-video sets video (--video still does), --reference-image repeats, --conditioning-scale
     takes X or X,Y,...; the request is built from them field by field."""
-    from wanpipe.arguments import REQUEST_FLAGS
-    from wanpipe.cli import build_parser
-
     parser = build_parser()
     argv = ["generate", "--prompt", "a", "--control-video", __file__, "--mask", __file__]
     argv += ["--reference-image", __file__, "--reference-image", __file__, "--conditioning-scale", "0.5, 1"]
@@ -238,17 +240,12 @@ def test_cli_vace_flags() -> None:
 
 @pytest.fixture(scope="module")
 def vace_ckpt(tmp_path_factory):
-    from tests.tiny_vace import save_vace_checkpoint
-
     return save_vace_checkpoint(tmp_path_factory.mktemp("vace") / "vace-tiny")
 
 
 @pytest.fixture(scope="module")
 def vace_pair(vace_ckpt):
     """(diffusers' WanVACEPipeline, wanpipe's pipeline) on the same tiny VACE checkpoint."""
-    from tests.tiny_vace import load_vace_reference
-    from wanpipe import WanPipeline
-
     return load_vace_reference(vace_ckpt), WanPipeline.from_pretrained(
         vace_ckpt, device="cpu", dtype="float32"
     )
@@ -305,9 +302,6 @@ def test_vace_per_layer_scale_and_one_mask_image_match_diffusers(vace_pair) -> N
 
 def test_vace_two_experts_match_diffusers(tmp_path) -> None:
     """The Wan 2.2 VACE-Fun A14B layout (two VACE experts and a boundary), which diffusers' pipeline takes."""
-    from tests.tiny_vace import load_vace_reference, save_vace_checkpoint
-    from wanpipe import WanPipeline
-
     folder = save_vace_checkpoint(tmp_path / "vace-2", two_experts=True, boundary_ratio=0.6)
     ref = load_vace_reference(folder)
     pipe = WanPipeline.from_pretrained(folder, device="cpu", dtype="float32")
@@ -336,9 +330,6 @@ def test_vace_batch_of_two_is_each_alone(vace_pair) -> None:
 def test_cli_generates_vace(vace_ckpt, tmp_path, capsys) -> None:
     """``wanpipe generate`` with --control-video, --mask, --reference-image (twice) and a per-layer
     --conditioning-scale writes the frames pipe.generate makes from the same files."""
-    from wanpipe.cli import main
-    from wanpipe.media import Video, read_video
-
     rng = np.random.default_rng(10)
     video, mask, refs = _inputs(rng, "video+mask+refs")
     Video.from_uint8(np.stack([np.asarray(f) for f in video]), 16).save(tmp_path / "control.mp4")
@@ -362,8 +353,6 @@ def test_cli_generates_vace(vace_ckpt, tmp_path, capsys) -> None:
     argv += ["--dtype", "float32", "--conditioning-scale", "0.5,1.5"]
     assert main(argv) == 0, capsys.readouterr().err
     written = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "out").glob("*.png"))])
-    from wanpipe import WanPipeline
-
     pipe = WanPipeline.from_pretrained(vace_ckpt, device="cpu", dtype="float32")
     direct = pipe.generate(
         "a cat", height=32, width=48, num_inference_steps=2, seed=4, progress=False,

@@ -179,7 +179,7 @@ class JobManager:
         if pipe is None or not self._ready.is_set():
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
-        self._check_limits(pipe, new.spec)
+        self._check_limits(pipe, new.spec, None if new.video is None else len(new.video))
         if new.video is not None and not pipe.arch.accepts_vace:
             raise InvalidRequestError(
                 f"video is the control video of VACE checkpoints; this server's {pipe.arch.variant.name} "
@@ -242,11 +242,13 @@ class JobManager:
         per_batch = self.metrics.mean_batch_seconds() or 10.0
         return int(min(3600, max(1, math.ceil(max(queued, 1) / self.limits.max_batch) * per_batch)))
 
-    def _check_limits(self, pipe: WanPipeline, spec: JobSpec) -> None:
+    def _check_limits(self, pipe: WanPipeline, spec: JobSpec, video_frames: int | None = None) -> None:
+        """``video_frames``: a VACE control video's frames (its length is num_frames' default)."""
         d, lim = pipe.arch.defaults, self.limits
         height = d.height if spec.height is None else spec.height
         width = d.width if spec.width is None else spec.width
-        frames = d.num_frames if spec.num_frames is None else spec.num_frames
+        frames = d.num_frames if video_frames is None else video_frames
+        frames = frames if spec.num_frames is None else spec.num_frames
         steps = d.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
         if height * width > lim.max_pixels:
             raise LimitExceededError(
