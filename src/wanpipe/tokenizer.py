@@ -84,7 +84,9 @@ class WanTokenizer:
     def resolve(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` and fill in every default: a request with every size, step count,
         guidance, shift and seed set (a seed drawn when none is given), images read into uint8 arrays
-        and a video into a uint8 (F, H, W, 3) array, its frame count settled. No tokens, no noise.
+        and a video into a uint8 (F, H, W, 3) array, its frame count settled (VACE checkpoints: video,
+        mask, reference_images and conditioning_scale by :func:`~wanpipe.vace_request.resolve_vace`).
+        No tokens, no noise.
 
         Raises :class:`InvalidRequestError` naming the field. Resolving a resolved request gives it back
         unchanged (the same values, the same seed)."""
