@@ -89,6 +89,19 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--strength", ["--strength", "1.5"], r"at most 1"),
     (GENERATE, "--strength", ["--strength", "nan"], r"above 0"),
     (GENERATE, "--strength", ["--strength", "0.5"], r"--strength is for video-to-video: pass --video too"),
+    (GENERATE, "--control-video", ["--control-video", "{missing}.mp4"], r"no such video file"),
+    (GENERATE, "--mask", ["--mask", "{missing}.png"], r"no such mask file"),
+    (GENERATE, "--mask", ["--mask", "{png}"], r"--mask is for VACE checkpoints"),
+    (GENERATE, "--reference-image", ["--reference-image", "{missing}.png"], r"no such image file"),
+    (
+        GENERATE,
+        "--reference-image",
+        ["--reference-image", "{png}", "--reference-image", "{png}"],
+        r"--reference-image is for VACE checkpoints",
+    ),
+    (GENERATE, "--conditioning-scale", ["--conditioning-scale", "strong"], r"a finite number X, or X,Y"),
+    (GENERATE, "--conditioning-scale", ["--conditioning-scale", "1,nan"], r"finite number"),
+    (GENERATE, "--conditioning-scale", ["--conditioning-scale", "0.5"], r"--conditioning-scale is for VACE"),
     (
         GENERATE,
         "--experts",
@@ -451,4 +464,8 @@ def test_request_errors_name_the_flag() -> None:
         "--image: this checkpoint is image-to-video: pass --image"
     )
     assert said("the video has 1 frames, fewer than num_frames=5", "video").endswith("--num-frames=5")
+    assert said("mask needs video too: x", "mask") == "--mask needs --video too: x"
+    assert said("reference_images: cannot read the image (x)", "reference_images") == (
+        "--reference-image: cannot read the image (x)"
+    )
     assert said("something else", None) == "something else"

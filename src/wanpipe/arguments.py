@@ -402,6 +402,23 @@ def device(text: str) -> str:
 
 # -- the request's flags ---------------------------------------------------------------------------------
 
+
+def scales(text: str) -> float | list[float]:
+    """``--conditioning-scale``: ``X`` (every VACE layer) or ``X,Y,...`` (one per VACE layer)."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part.strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number X, or X,Y,... one per VACE layer, got {text!r}"
+            )
+        values.append(value)
+    return values[0] if len(values) == 1 else values
+
+
 _PIXELS = integer(1, what="pixels; a multiple of 16, of 32 for Wan 2.2 TI2V-5B")
 
 REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
@@ -435,7 +452,12 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         existing_file("image"),
         "last frame (first-last-frame: FLF2V, Wan 2.2 I2V-A14B)",
     ),
-    ("video", "--video", existing_file("video"), "input video for video-to-video"),
+    (
+        "video",
+        "--video",
+        existing_file("video"),
+        "input video for video-to-video; on VACE checkpoints the control / source video",
+    ),
     ("strength", "--strength", number(above=0, maximum=1), "video-to-video: how much to re-noise (0, 1]"),
     ("flow_shift", "--flow-shift", number(above=0), "schedule shift (default: the checkpoint's)"),
     ("seed", "--seed", integer(0, MAX_SEED), "random seed (default: random, printed)"),
@@ -457,9 +479,33 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         number_list(1000, "one timestep per step, sigma = t/1000"),
         "the schedule's own timesteps, e.g. 1000,750,500,250 (sigma = t/1000, not shifted)",
     ),
+    (
+        "mask",
+        "--mask",
+        existing_file("mask"),
+        "VACE: an image (every frame) or a video, white = generate, black = keep (docs/vace.md)",
+    ),
+    (
+        "reference_images",
+        "--reference-image",
+        existing_file("image"),
+        "VACE: a reference image (a subject, face or object to show); repeatable",
+    ),
+    (
+        "conditioning_scale",
+        "--conditioning-scale",
+        scales,
+        "VACE: the control's strength, X or X,Y,... one per VACE layer (default 1)",
+    ),
 )
 """``wanpipe generate``'s request flags: (``WanRequest`` field, flag, ``type=``, help); each defaults to
 None, the model's default (``--prompt`` is required)."""
+
+REQUEST_ALIASES: dict[str, tuple[str, ...]] = {"video": ("--control-video",)}
+"""More flags for a request field (the first flag of ``REQUEST_ARGUMENTS`` names it in messages)."""
+
+REQUEST_REPEATED = ("reference_images",)
+"""Request fields whose flag may be given several times (a list)."""
 
 REQUEST_FLAGS: dict[str, str] = {
     **{field: flag for field, flag, _, _ in REQUEST_ARGUMENTS},

@@ -22,6 +22,9 @@ class WanExecutorInputs:
     clip_pixels (B, K, 3, S, S) or None; video_pixels (B, 3, F, H, W) in [-1, 1] or None;
     ``approximations``: the batch's opt-in approximations; noise_states: per row the uint8 state of its
     seeded generator for the step noise of LCM / DMD (host data, not moved), None for other samplers.
+    VACE (each None elsewhere, and the first three when not given): control_pixels (B, 3, F, H, W) in
+    [-1, 1]; control_mask (B, 1, F, H, W) in [0, 1], 1 = generate; reference_pixels (B, R, 3, H, W) in
+    [-1, 1]; conditioning_scale (B, N) float32.
     """
 
     tokens: torch.Tensor
@@ -40,6 +43,10 @@ class WanExecutorInputs:
     video_pixels: torch.Tensor | None = None
     approximations: Approximations = field(default_factory=Approximations)
     noise_states: tuple[np.ndarray, ...] | None = None
+    control_pixels: torch.Tensor | None = None
+    control_mask: torch.Tensor | None = None
+    reference_pixels: torch.Tensor | None = None
+    conditioning_scale: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> WanExecutorInputs:
         """The tensors moved to ``device`` (the schedule stays host data)."""
@@ -99,4 +106,8 @@ def collate(contexts: list[WanContext]) -> WanExecutorInputs:
         noise_states=tuple(c.noise_state for c in contexts)  # type: ignore[misc]
         if first.schedule.stochastic
         else None,
+        control_pixels=optional([c.control_pixels for c in cond]),
+        control_mask=optional([c.control_mask for c in cond]),
+        reference_pixels=optional([c.reference_pixels for c in cond]),
+        conditioning_scale=optional([c.conditioning_scale for c in cond]),
     )

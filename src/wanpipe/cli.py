@@ -49,7 +49,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     a.add_model_arguments(p)
     for field, flag, kind, text in a.REQUEST_ARGUMENTS:
-        p.add_argument(flag, type=kind, default=None, required=field == "prompt", help=text)
+        p.add_argument(
+            flag,
+            *a.REQUEST_ALIASES.get(field, ()),
+            type=kind,
+            default=None,
+            required=field == "prompt",
+            help=text,
+            action="append" if field in a.REQUEST_REPEATED else "store",
+        )
     p.add_argument(
         "--preset",
         action=_PresetAction,

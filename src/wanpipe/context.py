@@ -68,6 +68,10 @@ class WanRequest:
     # A published few-step setting by name (wanpipe.presets; docs/fast-sampling.md): fills the sampling
     # values left None, and must fit the checkpoint's kind.
     preset: str | None = None
+    # VACE checkpoints (docs/vace.md); there ``video`` is the control / source video.
+    mask: Any = None  # white = generate, black = keep: one image (every frame) or frames like video
+    reference_images: Any = None  # one image or a list (paths, PIL images, arrays): subjects to show
+    conditioning_scale: float | list[float] | None = None  # the control's strength, one or per VACE layer
 
 
 @dataclass(frozen=True)
@@ -77,19 +81,37 @@ class ConditioningInputs:
     condition_pixels (K, 3, H, W) float32 in [-1, 1]: the first (and last) frame at the output size;
     clip_pixels (K, 3, S, S) float32: the same images as CLIP sees them (Wan 2.1 I2V / FLF2V);
     video_pixels (3, F, H, W) float32 in [-1, 1]: the video-to-video input; strength: how much of it
-    is re-noised."""
+    is re-noised.
+
+    VACE (None: not a VACE checkpoint, or not given): control_pixels (3, F, H, W) float32 in [-1, 1]
+    the control / source video at the output size (None: no video, zeros); control_mask (1, F, H, W)
+    float32 in [0, 1], 1 = generate (None: all ones); reference_pixels (R, 3, H, W) float32 in [-1, 1],
+    each reference image fitted on a white canvas of the output size, in the order given;
+    conditioning_scale (N,) float32, one per VACE layer (set on every VACE request)."""
 
     condition_pixels: np.ndarray | None = None
     clip_pixels: np.ndarray | None = None
     video_pixels: np.ndarray | None = None
     strength: float | None = None
+    control_pixels: np.ndarray | None = None
+    control_mask: np.ndarray | None = None
+    reference_pixels: np.ndarray | None = None
+    conditioning_scale: np.ndarray | None = None
 
     @property
     def shapes(self) -> tuple:
         """What a batch must share: the shapes of the arrays given."""
         return tuple(
             None if a is None else a.shape
-            for a in (self.condition_pixels, self.clip_pixels, self.video_pixels)
+            for a in (
+                self.condition_pixels,
+                self.clip_pixels,
+                self.video_pixels,
+                self.control_pixels,
+                self.control_mask,
+                self.reference_pixels,
+                self.conditioning_scale,
+            )
         )
 
 

@@ -134,6 +134,7 @@ class WanExecutor:
             vae_dtype,
             expand_timesteps,
             self.transformer.config.patch_size,
+            self.transformer.config.vace_layers,
         )
         self.vae_halo: int | None = None
         self.last_cache_stats = None

@@ -398,6 +398,9 @@ class WanPipeline:
         sigmas: Sequence[float] | None = None,
         timesteps: Sequence[float] | None = None,
         preset: str | None = None,
+        mask: Any = None,
+        reference_images: Any = None,
+        conditioning_scale: float | list[float] | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -411,6 +414,12 @@ class WanPipeline:
         ``sigmas`` (one per step in (0, 1], strictly decreasing) or ``timesteps`` (the same on the
         0-1000 scale), used as given, not shifted again: see docs/fast-sampling.md. ``preset`` names
         a published few-step setting (``wanpipe.presets``) that fills the values left ``None``.
+        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``).
+
+        VACE checkpoints (``docs/vace.md``): ``video`` is the control or source video, ``mask`` marks
+        what to generate (white) and what to keep (black), one image or one per frame;
+        ``reference_images`` one image or a list (subjects, faces, objects); ``conditioning_scale`` one
+        number or one per VACE layer (default 1.0).
         """
         request = WanRequest(
             prompt=prompt,
@@ -434,6 +443,9 @@ class WanPipeline:
             sigmas=sigmas,  # type: ignore[arg-type]  # resolve turns a sequence or 1-D array into a list
             timesteps=timesteps,  # type: ignore[arg-type]
             preset=preset,
+            mask=mask,
+            reference_images=reference_images,
+            conditioning_scale=conditioning_scale,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 

@@ -28,6 +28,7 @@ from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.presets import apply_preset
 from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, generator_state, make_schedule, seeded_generator
+from wanpipe.vace_request import refuse_vace, resolve_vace, vace_conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ class WanTokenizer:
     def resolve(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` and fill in every default: a request with every size, step count,
         guidance, shift and seed set (a seed drawn when none is given), images read into uint8 arrays
-        and a video into a uint8 (F, H, W, 3) array, its frame count settled. No tokens, no noise.
+        and a video into a uint8 (F, H, W, 3) array, its frame count settled (VACE checkpoints: video,
+        mask, reference_images and conditioning_scale by :func:`~wanpipe.vace_request.resolve_vace`).
+        No tokens, no noise.
 
         Raises :class:`InvalidRequestError` naming the field. Resolving a resolved request gives it back
         unchanged (the same values, the same seed). A ``preset`` fills the values left None first
@@ -172,12 +175,16 @@ class WanTokenizer:
                 f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {request.output_format!r}",
                 "output_format",
             )
-        media = self._media(request, num_frames)
-        strength = self._strength(request, steps)
+        if arch.accepts_vace:  # video is the control video there (wanpipe.vace_request)
+            media, strength = resolve_vace(request, arch, num_frames, height, width), None
+        else:
+            refuse_vace(request, arch)
+            media, strength = self._media(request, num_frames), self._strength(request, steps)
+        references = len(media.get("reference_images") or ())
         latents = (
             None
             if request.latents is None
-            else self._latents(request.latents, media["num_frames"], height, width)
+            else self._latents(request.latents, media["num_frames"], height, width, references)
         )
         return replace(
             request,
@@ -231,6 +238,8 @@ class WanTokenizer:
             request.sampler,
             None if request.sigmas is None else tuple(request.sigmas),
             None if request.timesteps is None else tuple(request.timesteps),
+            request.mask is not None,
+            len(request.reference_images or ()),
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:
@@ -337,7 +346,7 @@ class WanTokenizer:
         arch = self.arch
         assert r.height is not None and r.width is not None and r.num_frames is not None
         assert r.num_inference_steps is not None and r.guidance_scale is not None and r.seed is not None
-        shape = self.latent_shape(r.num_frames, r.height, r.width)
+        shape = self.latent_shape(r.num_frames, r.height, r.width, len(r.reference_images or ()))
         # One noise stream per request: the initial latents, then (LCM, DMD) each step's fresh noise.
         generator = seeded_generator(r.seed)
         latents = draw_noise(r.seed, (1, *shape), generator)[0].numpy() if r.latents is None else r.latents
@@ -396,23 +405,30 @@ class WanTokenizer:
             condition = np.stack([_to_pixels(im, r.height, r.width) for im in images])
             if arch.image_processor is not None and arch.transformer.image_dim is not None:
                 clip = clip_preprocess(images, arch.image_processor).numpy()
+        if arch.accepts_vace:
+            return ConditioningInputs(**vace_conditioning(r, arch.vae.spatial_stride))
         if r.video is not None:
             video = np.stack([_to_pixels(f, r.height, r.width) for f in r.video], axis=1)
         return ConditioningInputs(condition, clip, video, r.strength)
 
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(C, f, h, w): the latents of a video of this size."""
+    def latent_shape(
+        self, num_frames: int, height: int, width: int, reference_frames: int = 0
+    ) -> tuple[int, int, int, int]:
+        """(C, f, h, w): the latents of a video of this size (VACE: one more frame per reference image,
+        put first)."""
         arch = self.arch
         return (
             arch.transformer.out_channels,
-            (num_frames - 1) // arch.temporal_stride + 1,
+            (num_frames - 1) // arch.temporal_stride + 1 + reference_frames,
             height // arch.vae.spatial_stride,
             width // arch.vae.spatial_stride,
         )
 
-    def _latents(self, given: Any, num_frames: int, height: int, width: int) -> np.ndarray:
+    def _latents(
+        self, given: Any, num_frames: int, height: int, width: int, reference_frames: int = 0
+    ) -> np.ndarray:
         """Given initial latents (C, f, h, w) or (1, C, f, h, w) -> checked float32 (C, f, h, w)."""
-        shape = self.latent_shape(num_frames, height, width)
+        shape = self.latent_shape(num_frames, height, width, reference_frames)
         array = given.detach().cpu().float().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
         if array.ndim == len(shape) + 1 and array.shape[0] == 1:
             array = array[0]

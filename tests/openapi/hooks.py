@@ -33,6 +33,11 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         "sigmas": {"invalid_value"},
         "timesteps": {"invalid_value"},
         "preset": {"invalid_value"},  # a preset for another kind of checkpoint
+        # VACE's fields: refused on a checkpoint without VACE blocks (and not a video / an image)
+        "video": {"invalid_video", "invalid_value", "unsupported_url"},
+        "mask": {"invalid_video", *IMAGE},
+        "reference_image": IMAGE,
+        "conditioning_scale": {"invalid_value"},
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint

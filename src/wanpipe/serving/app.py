@@ -169,6 +169,10 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             sigmas=None if s.sigmas is None else list(s.sigmas),
             timesteps=None if s.timesteps is None else list(s.timesteps),
             preset=s.preset,
+            video=s.has_video,
+            mask=s.has_mask,
+            reference_images=s.reference_images,
+            conditioning_scale=s.conditioning_scale,
         ),
         batch_size=job.batch_size,
     )
@@ -220,6 +224,8 @@ async def create_video(request: Request) -> JSONResponse:
             default_fps=arch.defaults.fps,
             temporal_stride=arch.temporal_stride,
             max_image_pixels=manager.limits.max_image_pixels,
+            max_frames=manager.limits.max_frames,
+            max_video_pixels=manager.limits.max_video_pixels,
         )
     except (APIError, BodyTooLargeError):
         manager.metrics.count("rejected", "invalid")

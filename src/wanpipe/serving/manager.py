@@ -22,7 +22,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -180,11 +180,18 @@ class JobManager:
         if pipe is None or not self._ready.is_set():
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
-        self._check_limits(pipe, new.spec)
+        self._check_limits(pipe, new.spec, None if new.video is None else len(new.video))
+        if new.video is not None and not pipe.arch.accepts_vace:
+            raise InvalidRequestError(
+                f"video is the control video of VACE checkpoints; this server's {pipe.arch.variant.name} "
+                "checkpoint has no VACE blocks",
+                "video",
+            )
         # The engine validates the rest (an image on a text-to-video model, ...) and fills in every
         # default, the seed drawn: the stored spec makes the same video after a restart. No tokens, no
         # noise here: the worker makes the contexts, once.
-        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image))
+        vace = {"video": new.video, "mask": new.mask, "reference_images": list(new.reference_images) or None}
+        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image, vace))
         spec = replace(
             new.spec,
             height=resolved.height,
@@ -201,6 +208,7 @@ class JobManager:
             # the stored spec, would not fill in again once the step count is set)
             sigmas=None if resolved.sigmas is None else tuple(resolved.sigmas),
             timesteps=None if resolved.timesteps is None else tuple(resolved.timesteps),
+            conditioning_scale=resolved.conditioning_scale,
         )
         job = Job(
             id=new_job_id(),
@@ -211,7 +219,15 @@ class JobManager:
             source=source,
             created_at=time.time(),
         )
-        images = {"image": new.image, "last_image": new.last_image}
+        images = {
+            "image": new.image,
+            "last_image": new.last_image,
+            "video": resolved.video,
+            "mask": resolved.mask,
+        }
+        # VACE's inputs are kept as the engine resolved them (resized to the output size): the same video
+        for i, reference in enumerate(resolved.reference_images or ()):
+            images[f"reference_image.{i}"] = reference
         with self._submit_lock:
             queued = self.store.count(JobStatus.QUEUED)
             if queued >= self.limits.max_queue:
@@ -232,11 +248,13 @@ class JobManager:
         per_batch = self.metrics.mean_batch_seconds() or 10.0
         return int(min(3600, max(1, math.ceil(max(queued, 1) / self.limits.max_batch) * per_batch)))
 
-    def _check_limits(self, pipe: WanPipeline, spec: JobSpec) -> None:
+    def _check_limits(self, pipe: WanPipeline, spec: JobSpec, video_frames: int | None = None) -> None:
+        """``video_frames``: a VACE control video's frames (its length is num_frames' default)."""
         d, lim = pipe.arch.defaults, self.limits
         height = d.height if spec.height is None else spec.height
         width = d.width if spec.width is None else spec.width
-        frames = d.num_frames if spec.num_frames is None else spec.num_frames
+        frames = d.num_frames if video_frames is None else video_frames
+        frames = frames if spec.num_frames is None else spec.num_frames
         steps = d.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
         given = spec.sigmas if spec.sigmas is not None else spec.timesteps
         if given is not None:  # a schedule's list is one value per step
@@ -393,7 +411,7 @@ class JobManager:
         for job in jobs:
             try:
                 images = self.store.read_inputs(job)
-                request = _wan_request(job.spec, images.get("image"), images.get("last_image"))
+                request = _wan_request(job.spec, images.get("image"), images.get("last_image"), images)
                 runnable.append((job, request, pipe.tokenizer.make_context(request)))
             except (InvalidRequestError, OSError, ValueError) as e:
                 self._fail(job, "invalid_request", str(e), None)
@@ -566,7 +584,11 @@ class JobManager:
         self._notify(job.id)
 
 
-def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
+def _wan_request(
+    spec: JobSpec, image: Any, last_image: Any, vace: Mapping[str, Any] | None = None
+) -> WanRequest:
+    """A job's request; ``vace``: its video, mask and reference_images (VACE)."""
+    vace = vace or {}
     return WanRequest(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
@@ -584,4 +606,8 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         sigmas=None if spec.sigmas is None else list(spec.sigmas),
         timesteps=None if spec.timesteps is None else list(spec.timesteps),
         preset=spec.preset,
+        video=vace.get("video"),
+        mask=vace.get("mask"),
+        reference_images=vace.get("reference_images"),
+        conditioning_scale=spec.conditioning_scale,
     )

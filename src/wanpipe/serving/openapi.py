@@ -33,6 +33,7 @@ from wanpipe.serving.parsing import (
     GUIDANCE_RANGE,
     MANTISSA,
     MAX_NUMBER_TEXT,
+    MAX_REFERENCE_IMAGES,
     SAMPLERS,
     SIZE_TEXT,
     SPACE,
@@ -317,6 +318,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
                 "type": "string",
                 "description": f"{name} as {DATA_URL} (one of {name} and {name}[image_url])",
             }
+    properties.update(_vace_properties(form))
     assert set(properties) - {"input_reference[image_url]", "last_image[image_url]"} == set(
         VIDEO_CREATE_FIELDS
     )
@@ -327,6 +329,62 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         "additionalProperties": False,
     }
     return schema
+
+
+VIDEO_DATA_URL = "a base64 data URL (data:video/mp4;base64,...)"
+VIDEO_FILE = "a video file: MP4, MOV, WebM/Matroska, AVI, or an animated GIF or WebP"
+
+
+def _vace_properties(form: str | None) -> dict[str, Any]:
+    """VACE's fields (a checkpoint without VACE blocks refuses each of them; docs/vace.md)."""
+    multipart = form == "multipart"
+    upload = {"type": "string", "format": "binary"} if multipart else {"type": "string"}
+    video = "VACE checkpoints: the control or source video, at least as large as the output (resized to it): "
+    mask = (
+        "VACE checkpoints, with video: white = generate, black = keep; one image for every frame, or a "
+        "video of one mask frame per video frame, at the video's size: "
+    )
+    reference = (
+        f"VACE checkpoints: a reference image (a subject, face or object), at most {MAX_REFERENCE_IMAGES}"
+    )
+    scale = "VACE checkpoints: the control's strength, one number or one per VACE layer. Default 1."
+    both = f"{IMAGE_FILE}, or {VIDEO_FILE}"
+    if form is None:
+        image = {"type": "string", "description": DATA_URL}
+        image_url = {
+            "type": "object",
+            "properties": {"image_url": image},
+            "required": ["image_url"],
+            "additionalProperties": False,
+        }
+        numbers = {"type": "array", "items": {"type": "number"}, "minItems": 1}
+        return {
+            "video": _field(video + VIDEO_DATA_URL, {"type": "string"}, nullable=True),
+            "mask": _field(mask + f"{DATA_URL}, or {VIDEO_DATA_URL}", {"type": "string"}, nullable=True),
+            "reference_image": _field(
+                reference + f" (a list for several): {DATA_URL}",
+                image,
+                image_url,
+                {"type": "array", "items": {"anyOf": [image, image_url]}, "maxItems": MAX_REFERENCE_IMAGES},
+                nullable=True,
+            ),
+            "conditioning_scale": _field(
+                scale, {"type": "number"}, text_schema(FLOAT_ANY), numbers, nullable=True
+            ),
+        }
+    listed = rf"{FLOAT_ANY}(?:,{FLOAT_ANY})*"
+    return {
+        "video": {**upload, "description": video + (VIDEO_FILE if multipart else VIDEO_DATA_URL)},
+        "mask": {**upload, "description": mask + (both if multipart else f"{DATA_URL}, or {VIDEO_DATA_URL}")},
+        "reference_image": {
+            "type": "array",
+            "items": upload,
+            "maxItems": MAX_REFERENCE_IMAGES,
+            "description": reference
+            + f" (the field repeated for several): {IMAGE_FILE if multipart else DATA_URL}",
+        },
+        "conditioning_scale": {**text_schema(listed, bounded=False), "description": scale + " X or X,Y,..."},
+    }
 
 
 def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
@@ -487,7 +545,14 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             name: {
                 "contentType": "image/png, image/jpeg, image/webp, image/gif, image/bmp, application/octet-stream"
             }
-            for name in ("input_reference", "last_image")
+            for name in ("input_reference", "last_image", "reference_image")
+        }
+        videos_body["multipart/form-data"]["encoding"]["video"] = {
+            "contentType": "video/mp4, video/quicktime, video/webm, video/x-matroska, video/x-msvideo, "
+            "image/gif, image/webp, application/octet-stream"
+        }
+        videos_body["multipart/form-data"]["encoding"]["mask"] = {
+            "contentType": "image/*, video/*, application/octet-stream"
         }
     responses_body = {"application/json": {"schema": responses_create_schema(limits)}}
     examples = _examples(manager.pipe.arch, limits) if manager.ready else None

@@ -6,7 +6,9 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
   ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``sampler``, ``sigmas``, ``timesteps``,
-  ``preset``).
+  ``preset``), and VACE's ``video`` (the control video), ``mask`` (an image or a video), ``reference_image``
+  (repeatable; in JSON one or a list) and ``conditioning_scale`` (a number or one per VACE layer; in a form
+  ``X`` or ``X,Y,...``).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -32,7 +34,15 @@ import numpy as np
 
 from wanpipe.presets import PRESETS
 from wanpipe.serving.errors import invalid, shown
-from wanpipe.serving.uploads import DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS_FACTOR, decode_data_url, parse_image
+from wanpipe.serving.uploads import (
+    DEFAULT_MAX_PIXELS,
+    MAX_IMAGE_PIXELS_FACTOR,
+    MAX_VIDEO_PIXELS_FACTOR,
+    decode_data_url,
+    parse_frames,
+    parse_image,
+    parse_video,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # What a server accepts
@@ -58,6 +68,11 @@ class ServeLimits:
         """The largest uploaded image decoded: ``MAX_IMAGE_PIXELS_FACTOR`` x ``max_pixels`` (the image is
         resized to the video's size, so a larger one costs memory and nothing more)."""
         return MAX_IMAGE_PIXELS_FACTOR * self.max_pixels
+
+    @property
+    def max_video_pixels(self) -> int:
+        """The largest frame of an uploaded video decoded: ``MAX_VIDEO_PIXELS_FACTOR`` x ``max_pixels``."""
+        return MAX_VIDEO_PIXELS_FACTOR * self.max_pixels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,14 +103,18 @@ class JobSpec:
     sampler: str | None = None  # "unipc" | "euler" | "lcm" | "dmd"; the checkpoint's by default
     sigmas: tuple[float, ...] | None = None  # the schedule's own sigmas, used as given
     timesteps: tuple[float, ...] | None = None  # or its own timesteps (sigma = t / 1000)
+    preset: str | None = None  # a few-step preset (wanpipe.presets); the resolved spec holds its values
+    # VACE: the uploads kept with the job (store.py), and the resolved scale of each VACE layer
+    has_video: bool = False
+    has_mask: bool = False
+    reference_images: int = 0
+    conditioning_scale: float | list[float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
-
-    preset: str | None = None  # a few-step preset (wanpipe.presets); the resolved spec holds its values
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +135,9 @@ class NewJob:
     last_image: np.ndarray | None = None
     model: str | None = None
     param_names: Mapping[str, str] | None = None
+    video: np.ndarray | None = None  # uint8 (F, H, W, 3): VACE's control video
+    mask: np.ndarray | None = None  # uint8 (M, H, W, 3): one image (M = 1) or one per video frame
+    reference_images: tuple[np.ndarray, ...] = ()  # uint8 (H, W, 3) each
 
     def api_param(self, name: str | None) -> str | None:
         if name is None or self.param_names is None:
@@ -293,10 +315,22 @@ VIDEO_CREATE_FIELDS = (
     "sigmas",
     "timesteps",
     "preset",
+    "video",
+    "mask",
+    "reference_image",
+    "conditioning_scale",
 )
+REPEATED_FORM_FIELDS = ("reference_image",)
+"""Form fields that may be given several times (a list)."""
+MAX_REFERENCE_IMAGES = 8
 
 # How the engine's parameter names read in each API (for the "param" of an error body).
-VIDEOS_PARAM_NAMES = {"height": "size", "width": "size", "image": "input_reference"}
+VIDEOS_PARAM_NAMES = {
+    "height": "size",
+    "width": "size",
+    "image": "input_reference",
+    "reference_images": "reference_image",
+}
 RESPONSES_PARAM_NAMES = {
     "prompt": "input",
     "image": "input",
@@ -330,6 +364,8 @@ def unflatten_form_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
             if not isinstance(nested, dict) or inner in nested:
                 raise invalid(f"{key} is given more than once", outer)
             nested[inner] = value
+        elif key in REPEATED_FORM_FIELDS:
+            out.setdefault(key, []).append(value)
         elif key in out:
             raise invalid(f"{key} is given more than once", key)
         else:
@@ -343,6 +379,8 @@ def parse_video_create(
     default_fps: float,
     temporal_stride: int = 4,
     max_image_pixels: int | None = None,
+    max_frames: int = ServeLimits.max_frames,
+    max_video_pixels: int | None = None,
 ) -> NewJob:
     """The fields of ``POST /v1/videos`` (JSON values, or form strings / :class:`Upload` files) -> NewJob."""
     unknown = sorted(set(body) - set(VIDEO_CREATE_FIELDS))
@@ -384,6 +422,7 @@ def parse_video_create(
         for name in ("input_reference", "last_image")
     }
     image, last_image = images["input_reference"], images["last_image"]
+    vace = _parse_vace(body, max_frames, max_image_pixels, max_video_pixels)
     spec = JobSpec(
         prompt=prompt,
         negative_prompt=opt("negative_prompt", parse_str),
@@ -402,8 +441,65 @@ def parse_video_create(
         sigmas=opt("sigmas", parse_number_list),
         timesteps=opt("timesteps", parse_number_list),
         preset=opt("preset", parse_preset),
+        has_video=vace["video"] is not None,
+        has_mask=vace["mask"] is not None,
+        reference_images=len(vace["reference_images"]),
+        conditioning_scale=vace["conditioning_scale"],
     )
-    return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES)
+    return NewJob(
+        spec,
+        image,
+        last_image,
+        model,
+        VIDEOS_PARAM_NAMES,
+        video=vace["video"],
+        mask=vace["mask"],
+        reference_images=vace["reference_images"],
+    )
+
+
+def parse_scales(value: Any, name: str) -> float | list[float]:
+    """A number or a list of numbers (JSON); in a form ``X`` or ``X,Y,...``."""
+    if isinstance(value, str) and "," in value:
+        value = value.split(",")
+    if isinstance(value, list):
+        if not value:
+            raise invalid(f"{name} must be a number or a non-empty list of numbers", name)
+        return [parse_float(v, name) for v in value]
+    return parse_float(value, name)
+
+
+def _parse_vace(
+    body: Mapping[str, Any], max_frames: int, max_image_pixels: int | None, max_video_pixels: int | None
+) -> dict[str, Any]:
+    """VACE's fields -> NewJob's video, mask, reference_images and conditioning_scale (checked against
+    the checkpoint by the engine)."""
+    video_pixels = max_video_pixels or MAX_VIDEO_PIXELS_FACTOR * DEFAULT_MAX_PIXELS
+    image_pixels = max_image_pixels or MAX_IMAGE_PIXELS_FACTOR * DEFAULT_MAX_PIXELS
+    out: dict[str, Any] = {"video": None, "mask": None}
+    if body.get("video") is not None:
+        out["video"] = parse_video(body["video"], "video", max_frames=max_frames, max_pixels=video_pixels)
+    if body.get("mask") is not None:
+        out["mask"] = parse_frames(
+            body["mask"],
+            "mask",
+            max_frames=max_frames,
+            max_pixels=video_pixels,
+            max_image_pixels=image_pixels,
+        )
+    refs = body.get("reference_image")
+    refs = [] if refs is None else refs if isinstance(refs, list) else [refs]
+    if len(refs) > MAX_REFERENCE_IMAGES:
+        raise invalid(
+            f"reference_image: {len(refs)} images; this server takes at most {MAX_REFERENCE_IMAGES}",
+            "reference_image",
+        )
+    out["reference_images"] = tuple(
+        parse_image(r, "reference_image", max_pixels=max_image_pixels) for r in refs
+    )
+    scale = body.get("conditioning_scale")
+    out["conditioning_scale"] = None if scale is None else parse_scales(scale, "conditioning_scale")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

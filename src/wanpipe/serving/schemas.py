@@ -49,6 +49,10 @@ class VideoParameters(BaseModel):
     sigmas: list[float] | None = None
     timesteps: list[float] | None = None
     preset: str | None = None
+    video: bool = False  # VACE: a control video was given
+    mask: bool = False
+    reference_images: int = 0
+    conditioning_scale: float | list[float] | None = None  # VACE: one per layer
 
 
 class VideoObject(BaseModel):

@@ -3,7 +3,8 @@
 :class:`JobStore` keeps every job in ``jobs.sqlite3`` in the output directory (WAL journal,
 ``synchronous=FULL``: a committed state change survives ``kill -9``). A finished video is written to
 ``videos/<id>.mp4`` (and its first frame to ``videos/<id>.jpg``) atomically, *before* the row says
-``completed``; uploaded images are kept as ``inputs/<id>.<name>.png`` before the row is inserted. So a
+``completed``; uploaded images are kept as ``inputs/<id>.<name>.png`` (VACE's video and mask, resized
+to the output size, as ``inputs/<id>.<name>.npy``) before the row is inserted. So a
 row never points at a missing or half-written file. The store holds an exclusive lock on the directory:
 two servers never run the same jobs. A database SQLite cannot read whole on start is refused
 (:class:`StoreUnreadableError`) and left as it is.
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,6 +40,7 @@ from wanpipe.serving.parsing import JobSpec
 SCHEMA_VERSION = 1
 MAX_ATTEMPTS = 3  # a job running during this many crashes is failed, not run again
 IMAGE_NAMES = ("image", "last_image")
+ARRAY_NAMES = ("video", "mask")  # VACE's inputs, kept as uint8 arrays (.npy)
 
 
 class JobStatus(enum.StrEnum):
@@ -202,24 +205,39 @@ class JobStore:
     def input_path(self, job_id: str, name: str) -> Path:
         return self.inputs_dir / f"{job_id}.{name}.png"
 
-    def read_inputs(self, job: Job) -> dict[str, np.ndarray]:
-        names = [
-            n for n, present in zip(IMAGE_NAMES, (job.spec.has_image, job.spec.has_last_image)) if present
-        ]
-        return {name: read_image(self.input_path(job.id, name)) for name in names}
+    def array_path(self, job_id: str, name: str) -> Path:
+        return self.inputs_dir / f"{job_id}.{name}.npy"
+
+    def read_inputs(self, job: Job) -> dict[str, Any]:
+        """A job's uploads: its images (uint8 (H, W, 3)); VACE's video, mask (uint8 arrays) and
+        reference_images (a list of images)."""
+        s = job.spec
+        names = [n for n, present in zip(IMAGE_NAMES, (s.has_image, s.has_last_image)) if present]
+        inputs: dict[str, Any] = {name: read_image(self.input_path(job.id, name)) for name in names}
+        for name, present in zip(ARRAY_NAMES, (s.has_video, s.has_mask)):
+            if present:
+                inputs[name] = np.load(self.array_path(job.id, name), allow_pickle=False)
+        if s.reference_images:
+            inputs["reference_images"] = [
+                read_image(self.input_path(job.id, f"reference_image.{i}")) for i in range(s.reference_images)
+            ]
+        return inputs
 
     def remove_files(self, job_id: str) -> None:
         paths = [self.video_path(job_id), self.thumbnail_path(job_id)]
-        paths += [self.input_path(job_id, name) for name in IMAGE_NAMES]
+        paths += [p for p in self.inputs_dir.glob(f"{job_id}.*") if p.name.split(".", 1)[0] == job_id]
         for path in paths:
             path.unlink(missing_ok=True)
 
     @staticmethod
-    def _write_png(array: np.ndarray, dest: Path) -> None:
+    def _write_input(array: np.ndarray, dest: Path) -> None:
         tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
         try:
             with open(tmp, "wb") as f:
-                Image.fromarray(array).save(f, format="PNG")
+                if dest.suffix == ".npy":
+                    np.save(f, array, allow_pickle=False)
+                else:
+                    Image.fromarray(array).save(f, format="PNG")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
@@ -252,8 +270,8 @@ class JobStore:
         written = []
         try:
             for name, array in (images or {}).items():
-                path = self.input_path(job.id, name)
-                self._write_png(array, path)
+                path = self.array_path(job.id, name) if name in ARRAY_NAMES else self.input_path(job.id, name)
+                self._write_input(array, path)
                 written.append(path)
             with self._transaction() as db:
                 cursor = db.execute(

@@ -14,7 +14,10 @@ Modes (:func:`conditioning_class` picks one from the inputs and the model):
 - :class:`ImageConcat` (Wan 2.1 I2V, FLF2V, Wan 2.2 I2V-A14B): 4 mask channels + the VAE latents of
   the image(s) followed by zero frames, concatenated to the latents; Wan 2.1's CLIP image tokens;
 - :class:`CleanFirstFrame` (TI2V-5B, ``expand_timesteps``): per-token timesteps, and with an image
-  its first latent frame kept clean (timestep 0 on its tokens).
+  its first latent frame kept clean (timestep 0 on its tokens);
+- :class:`VaceControl` (VACE checkpoints, whatever the inputs): the control (the kept and generated
+  parts of the video, VAE-encoded, and the mask) given to the VACE blocks at every step; one latent frame
+  per reference image put first, and dropped at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from wanpipe.batch import WanExecutorInputs
@@ -44,6 +48,7 @@ class ConditionEncoders:
     vae_dtype: torch.dtype
     expand_timesteps: bool
     patch_size: tuple[int, int, int]
+    vace_layers: tuple[int, ...] | None = None  # a VACE DiT's layers that take hints (None: not VACE)
 
     def encode_video(self, video: Tensor) -> Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, f, h, w) float32 (posterior mode)."""
@@ -209,8 +214,89 @@ class CleanFirstFrame(Conditioning):
         return (1 - self.mask) * self.condition + self.mask * latents
 
 
-def conditioning_class(inputs: WanExecutorInputs, expand_timesteps: bool) -> type[Conditioning]:
-    """The mode of a batch, from its inputs and the model (``expand_timesteps``: TI2V)."""
+class VaceControl(Conditioning):
+    """VACE: the control (B, 2 z + s*s, R + f, h, w) that the VACE blocks read at every step, made once:
+    the VAE latents of the video's kept part (where the mask is <= 0.5) and of its generated part
+    (> 0.5), the mask folded from s x s pixels to s*s channels per latent pixel (nearest frame); before
+    them one latent frame per reference image, the last image first (its latents, zeros, a zero mask).
+    The latents carry those R frames too, and :meth:`finish` drops them. ``scale`` (B, N): the
+    conditioning scale of each VACE layer. Without a video the video is zeros, without a mask all ones."""
+
+    def __init__(self, control: Tensor, scale: Tensor, references: int) -> None:
+        super().__init__()
+        self.control = control
+        self.scale = scale
+        self.references = references
+        self._guided: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def prepare(cls, inputs: WanExecutorInputs, encoders: ConditionEncoders) -> tuple[Conditioning, Tensor]:
+        latents = _noise(inputs, encoders)
+        batch, _, _, h, w = latents.shape
+        stride = encoders.vae.config.spatial_stride
+        shape = (batch, 3, inputs.num_frames, h * stride, w * stride)
+        video, mask = inputs.control_pixels, inputs.control_mask
+        if video is None:
+            inactive = reactive = encoders.encode_video(torch.zeros(shape))
+        elif mask is None:
+            inactive, reactive = encoders.encode_video(torch.zeros(shape)), encoders.encode_video(video)
+        else:
+            keep = (mask > 0.5).to(video.dtype)
+            inactive = encoders.encode_video(video * (1 - keep))
+            reactive = encoders.encode_video(video * keep)
+        control = torch.cat([inactive, reactive], dim=1)
+        del inactive, reactive
+        f = control.shape[2]
+        if mask is None:
+            folded = control.new_ones(batch, stride * stride, f, h, w)
+        else:
+            frames = mask.shape[2]
+            folded = mask[:, 0].reshape(batch, frames, h, stride, w, stride).permute(0, 3, 5, 1, 2, 4)
+            folded = folded.reshape(batch, stride * stride, frames, h, w).to(control.device)
+            folded = F.interpolate(folded, size=(f, h, w), mode="nearest-exact")
+        refs = inputs.reference_pixels
+        count = 0 if refs is None else refs.shape[1]
+        if refs is not None:
+            encoded = [encoders.encode_video(refs[:, i].unsqueeze(2)) for i in reversed(range(count))]
+            first = torch.cat([torch.cat([z, torch.zeros_like(z)], dim=1) for z in encoded], dim=2)
+            control = torch.cat([first, control], dim=2)
+            folded = torch.cat([folded.new_zeros(batch, stride * stride, count, h, w), folded], dim=2)
+        place = encoders.placement
+        control = torch.cat([control, folded], dim=1).to(place.dtype)
+        scale = inputs.conditioning_scale
+        if scale is None:
+            scale = torch.ones(batch, len(encoders.vace_layers or ()))
+        return cls(control, scale.to(place.device, place.dtype), count), latents
+
+    def dit_kwargs(self, guided: bool) -> dict[str, Any]:
+        control, scale = self.control, self.scale
+        if guided:
+            if self._guided is None:
+                self._guided = (torch.cat([control, control]), torch.cat([scale, scale]))
+            control, scale = self._guided
+        return {
+            **super().dit_kwargs(guided),
+            "control_hidden_states": control,
+            "control_hidden_states_scale": scale,
+        }
+
+    def finish(self, latents: Tensor) -> Tensor:
+        return latents[:, :, self.references :]
+
+    def select(self, keep: Sequence[int]) -> Conditioning:
+        out = super().select(keep)
+        assert isinstance(out, VaceControl)
+        out._guided = None
+        return out
+
+
+def conditioning_class(
+    inputs: WanExecutorInputs, expand_timesteps: bool, vace: bool = False
+) -> type[Conditioning]:
+    """The mode of a batch, from its inputs and the model (``expand_timesteps``: TI2V; ``vace``: a
+    VACE DiT, whatever the inputs)."""
+    if vace:
+        return VaceControl
     if inputs.video_pixels is not None:
         return VideoToVideo
     if expand_timesteps:
@@ -224,4 +310,5 @@ def prepare_conditioning(
     inputs: WanExecutorInputs, encoders: ConditionEncoders
 ) -> tuple[Conditioning, Tensor]:
     """The batch's conditioning, prepared (the "condition" stage), and the initial latents."""
-    return conditioning_class(inputs, encoders.expand_timesteps).prepare(inputs, encoders)
+    mode = conditioning_class(inputs, encoders.expand_timesteps, encoders.vace_layers is not None)
+    return mode.prepare(inputs, encoders)
