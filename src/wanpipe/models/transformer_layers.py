@@ -53,6 +53,9 @@ ANIMATE_DEFAULTS: dict[str, int] = {
 defaults; the original ``WanAnimateModel`` hard-codes the same: ``Generator(size=512, style_dim=512,
 motion_dim=20)``, ``FaceEncoder(num_heads=4)`` of width 1024, a face block every 5 blocks, encode batch 8)."""
 
+ANIMATE_FIELDS: tuple[str, ...] = ("latent_channels", "motion_encoder_channel_sizes", *ANIMATE_DEFAULTS)
+"""The :class:`TransformerConfig` fields of an Animate DiT (all None for other models)."""
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -175,9 +178,7 @@ class TransformerConfig:
             raise ValueError(f"vace_in_channels must be positive, got {self.vace_in_channels}")
 
     def _check_animate(self) -> None:
-        names = [f.name for f in fields(self)]
-        animate = names[names.index("latent_channels") :]
-        if all(getattr(self, n) is None for n in animate):
+        if all(getattr(self, n) is None for n in ANIMATE_FIELDS):
             return
         for name, default in ANIMATE_DEFAULTS.items():
             if getattr(self, name) is None:
