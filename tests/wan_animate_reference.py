@@ -37,7 +37,9 @@ ROOT = "wan_animate_reference"
 def _flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """flash-attn's ``flash_attn_func`` (softmax scale 1/sqrt(head_dim)): q (B, Lq, H, D), k/v (B, Lk, H, D)
     -> (B, Lq, H, D), in the inputs' dtype."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+        1, 2
+    )
 
 
 def _context_parallel_only(*args, **kwargs):

@@ -257,10 +257,10 @@ class WanTransformerModel(nn.Module):
             )
 
         dtype = self.patch_embedding.weight.dtype
-        patches = self.patch_embedding(latents.to(dtype))
         motion = self._embed_face(
             face_pixel_values, pose_hidden_states, latents.shape, motion_encode_batch_size
         )
+        patches = self.patch_embedding(latents.to(dtype))
         if pose_hidden_states is not None and self.pose_patch_embedding is not None:
             pose = self.pose_patch_embedding(pose_hidden_states.to(dtype))
             patches = torch.cat([patches[:, :, :1], patches[:, :, 1:] + pose], dim=2)
