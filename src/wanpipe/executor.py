@@ -245,7 +245,7 @@ class WanExecutor:
 
     def check_step_cache(self, approximations: Approximations) -> None:
         """Raise ValueError if the step cache a request asks for (its residual_threshold, or the runtime's
-        cache) does not apply to this model: VACE checkpoints take none yet."""
+        cache) does not apply to this model: VACE and Animate checkpoints take none yet."""
         self._make_cache(approximations)
 
     def check_parallel(self, approximations: Approximations | None = None) -> None:

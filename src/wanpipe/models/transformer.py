@@ -450,19 +450,15 @@ def call_block(
     """One block, positional arguments only (what ``torch.compile`` gets): see :meth:`WanBlock.forward`;
     a VACE block (:class:`VaceBlock`) also gets the control stream ``control`` and returns (control, hint);
     a face adapter block (:class:`FaceBlock`) gets only ``hidden`` and the motion tokens ``motion``."""
-    if motion is not None:
-        return block(hidden, motion)
-    extra = {} if control is None else {"control": control}
-    return block(
-        hidden,
-        context,
-        modulation,
-        rope,
-        num_image_tokens,
-        self_attention,
-        context_bias=context_bias,
-        **extra,
+    args: tuple = (hidden, context, modulation, rope, num_image_tokens, self_attention)
+    extra: dict = (
+        {"context_bias": context_bias}
+        if control is None
+        else {"context_bias": context_bias, "control": control}
     )
+    if motion is not None:
+        args, extra = (hidden, motion), {}
+    return block(*args, **extra)
 
 
 def run_blocks(
