@@ -387,6 +387,8 @@ class WanPipeline:
         residual_threshold: float | None = None,
         cfg_truncation: float | None = None,
         progress: bool = True,
+        cache: str | None = None,
+        cache_options: dict[str, Any] | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -394,8 +396,10 @@ class WanPipeline:
         ``callback(step, num_steps, timestep)`` is called after every denoising step. ``image`` (and
         ``last_image``) condition image-to-video checkpoints; ``video`` with ``strength`` re-noises a
         video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
-        and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache) and
-        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``).
+        and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache),
+        ``cfg_truncation`` and ``cache`` ("first-block", "teacache", "taylorseer", "magcache", "none")
+        with its ``cache_options`` are opt-in approximations (see ``wanpipe.runtime``,
+        docs/fast-sampling.md).
         """
         request = WanRequest(
             prompt=prompt,
@@ -415,16 +419,24 @@ class WanPipeline:
             strength=strength,
             residual_threshold=residual_threshold,
             cfg_truncation=cfg_truncation,
+            cache=cache,
+            cache_options=cache_options,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 
     def check(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request
         (every default filled in, a seed drawn, images read; :meth:`WanTokenizer.resolve`). Raises
-        InvalidRequestError for a bad value, ValueError for what this pipeline's parallel run does not
-        combine with (a step cache)."""
+        InvalidRequestError for a bad value, or for what this pipeline cannot run with it (a step cache
+        on a parallel run, or without the model data it needs)."""
         resolved = self.tokenizer.resolve(request)
-        self.executor.check_parallel(Approximations(resolved.residual_threshold, resolved.cfg_truncation))
+        stride = self.arch.vae.spatial_stride
+        assert resolved.height is not None and resolved.width is not None
+        self.executor.check_approximations(
+            Approximations.of(resolved),
+            (resolved.height // stride, resolved.width // stride),
+            image=resolved.image is not None,
+        )
         return resolved
 
     def generate_batch(

@@ -28,6 +28,9 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         "guidance_scale_2": {"invalid_value"},  # a one-expert checkpoint (or over 100 as text)
         "input_reference": IMAGE,
         "last_image": IMAGE,
+        # a step cache's options are checked against the cache and the checkpoint (MagCache's ratios,
+        # TeaCache's coefficients, which the tiny checkpoint has none of)
+        "cache_options": {"invalid_value"},
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
@@ -39,6 +42,7 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         VIDEO_OPTIONS + "guidance_scale": {"invalid_value"},
         VIDEO_OPTIONS + "guidance_scale_2": {"invalid_value"},
         VIDEO_OPTIONS + "flow_shift": {"invalid_value"},
+        VIDEO_OPTIONS + "cache_options": {"invalid_value"},
     },
     "GET /v1/videos": {"after": {"not_found"}},  # an id that does not exist
 }

@@ -163,6 +163,8 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             negative_prompt=s.negative_prompt,
             image=s.has_image,
             last_image=s.has_last_image,
+            cache=s.cache,
+            cache_options=s.cache_options,
         ),
         batch_size=job.batch_size,
     )

@@ -182,8 +182,9 @@ class JobManager:
         self._check_limits(pipe, new.spec)
         # The engine validates the rest (an image on a text-to-video model, ...) and fills in every
         # default, the seed drawn: the stored spec makes the same video after a restart. No tokens, no
-        # noise here: the worker makes the contexts, once.
-        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image))
+        # noise here: the worker makes the contexts, once. (check: resolve, and what the pipeline cannot
+        # run with it, such as a step cache on a parallel run.)
+        resolved = pipe.check(_wan_request(new.spec, new.image, new.last_image))
         spec = replace(
             new.spec,
             height=resolved.height,
@@ -195,6 +196,7 @@ class JobManager:
             flow_shift=resolved.flow_shift,
             seed=resolved.seed,
             fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
+            cache=resolved.cache,
         )
         job = Job(
             id=new_job_id(),
@@ -569,4 +571,6 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         seed=spec.seed,
         image=image,
         last_image=last_image,
+        cache=spec.cache,
+        cache_options=spec.cache_options,
     )

@@ -5,9 +5,14 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
 * OpenAI Videos (``POST /v1/videos``, what ``openai.OpenAI().videos.create`` sends): multipart form or
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
-  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``).
+  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``cache``, ``cache_options``).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
+
+``cache`` names a step cache and ``cache_options`` its options (an object; in a form, ``cache_options[KEY]``
+fields or one JSON text): the engine checks them (:mod:`wanpipe.runtime.cache_options`). A server does
+not read or write files for a client: ``mag_ratios`` is given as numbers, and MagCache's calibration
+(which writes a file) is for Python and the command line.
 
 Parsing checks types and formats only; the engine's tokenizer checks what depends on the checkpoint
 (multiples of 16, 4k+1 frames, ...). Every refusal is an :class:`APIError`, which the app turns into
@@ -21,6 +26,7 @@ in :mod:`wanpipe.serving.schemas`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -83,6 +89,8 @@ class JobSpec:
     seed: int | None = None
     has_image: bool = False
     has_last_image: bool = False
+    cache: str | None = None  # the step cache (resolved name), None: the server's default (none)
+    cache_options: dict[str, Any] | None = None  # its options as the client gave them
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,6 +213,34 @@ def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def parse_cache_options(value: Any, name: str) -> dict[str, Any]:
+    """``cache_options``: an object (JSON, or ``cache_options[KEY]`` form fields) or its JSON text; no
+    file paths (``mag_ratios`` as numbers, no ``calibrate`` / ``calibration_file``). The values are
+    checked against the cache by the engine."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise invalid(f"{name} must be an object (or its JSON text), got {shown(value)}", name) from None
+    if not isinstance(value, Mapping):
+        raise invalid(f"{name} must be an object of option names and values, got {shown(value)}", name)
+    for key in ("calibrate", "calibration_file"):
+        if key in value and value[key] not in (None, False, "false", "0"):
+            raise invalid(
+                f"{name}: {key} writes a file on the server; calibrate MagCache from Python or the command "
+                "line (wanpipe generate --cache magcache --cache-option calibrate=true ...)",
+                name,
+            )
+    ratios = value.get("mag_ratios")
+    if isinstance(ratios, str) and not re.fullmatch(rf"{FLOAT_TEXT}(?:,{FLOAT_TEXT})*", ratios):
+        raise invalid(
+            f"{name}: mag_ratios must be numbers (a list, or {{cond: [...], uncond: [...]}}); the server "
+            "reads no file",
+            name,
+        )
+    return dict(value)
+
+
 def _optional(values: Mapping[str, Any], prefix: str = "") -> Callable[..., Any]:
     """``opt(name, parse, *args)``: ``values[name]`` parsed as ``prefix + name``, or None if absent or null."""
 
@@ -242,6 +278,8 @@ VIDEO_CREATE_FIELDS = (
     "flow_shift",
     "seed",
     "last_image",
+    "cache",
+    "cache_options",
 )
 
 # How the engine's parameter names read in each API (for the "param" of an error body).
@@ -260,6 +298,8 @@ RESPONSES_PARAM_NAMES = {
     "negative_prompt": "provider_options.video.negative_prompt",
     "flow_shift": "provider_options.video.flow_shift",
     "fps": "provider_options.video.frames_per_second",
+    "cache": "provider_options.video.cache",
+    "cache_options": "provider_options.video.cache_options",
 }
 
 
@@ -343,6 +383,8 @@ def parse_video_create(
         seed=opt("seed", parse_int, 0),
         has_image=image is not None,
         has_last_image=last_image is not None,
+        cache=opt("cache", parse_str),
+        cache_options=opt("cache_options", parse_cache_options),
     )
     return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES)
 
@@ -361,6 +403,8 @@ VIDEO_OPTION_FIELDS = (
     "flow_shift",
     "frames_per_second",
     "response_format",
+    "cache",
+    "cache_options",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -457,6 +501,8 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         seed=seed,
         has_image=len(images) >= 1,
         has_last_image=len(images) == 2,
+        cache=opt("cache", parse_str),
+        cache_options=opt("cache_options", parse_cache_options),
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None

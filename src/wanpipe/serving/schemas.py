@@ -45,6 +45,8 @@ class VideoParameters(BaseModel):
     negative_prompt: str | None = None
     image: bool = False
     last_image: bool = False
+    cache: str | None = None
+    cache_options: dict[str, Any] | None = None
 
 
 class VideoObject(BaseModel):
