@@ -379,6 +379,26 @@ def test_runtime_default_cache_and_request_override(wan_pipe, plain) -> None:
     assert off.timings["cache"] == "" and off.timings["computed_steps"] == KW["num_inference_steps"]
 
 
+def test_caches_are_part_of_the_batch_key(wan_pipe) -> None:
+    """Requests with another cache or other options do not share a batch; equal ones do."""
+    tok = wan_pipe.tokenizer
+    small = dict(prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=4, seed=1)
+    a = dict(small, cache="taylorseer", cache_options={"max_order": 2})
+    b = dict(
+        small, cache="taylorseer", cache_options={"max_order": "2", "cache_interval": 5}
+    )  # the same, as text
+    c = dict(small, cache="taylorseer", cache_options={"max_order": 1})
+    d = dict(small, cache="magcache", cache_options={"mag_ratios": RATIOS})
+    keys = [tok.batch_key(tok.resolve(WanRequest(**kw))) for kw in (a, b, c, d, small)]
+    assert keys[0] == keys[1] and len(set(keys)) == 4
+    contexts = [tok.make_context(WanRequest(**kw)) for kw in (a, b, c)]
+    assert contexts[0].batch_key == contexts[1].batch_key != contexts[2].batch_key
+    assert contexts[0].approximations.cache == "taylorseer"
+    assert contexts[0].approximations.cache_options["max_order"] == 2
+    with pytest.raises(ValueError, match="must share"):
+        wan_pipe.executor.prepare_inputs([contexts[0], contexts[2]])
+
+
 # -- bad input -----------------------------------------------------------------------------------------------
 BAD = [
     (

@@ -20,6 +20,7 @@ the first fraction of each expert's steps (of all steps with one model) from ski
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ Ratios = dict[str, tuple[float, ...]]
 # -- the published ratios ---------------------------------------------------------------------------
 
 
+@functools.cache
 def published_sets() -> dict[str, dict[str, Any]]:
     """The MagCache authors' Wan sets: name -> {"steps", "cond", "uncond", "from"}."""
     return json.loads(PUBLISHED_FILE.read_text())["sets"]

@@ -124,7 +124,7 @@ class RuntimeOptions:
         if self.cache in (None, "none"):
             if given:
                 raise InvalidRequestError(
-                    "cache_options needs cache (the step cache they configure)", "cache"
+                    "cache_options needs cache (the step cache they configure)", "cache_options"
                 )
             object.__setattr__(self, "cache_options", None)
             return

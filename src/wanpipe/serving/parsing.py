@@ -213,6 +213,9 @@ def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+_OFF = ("false", "0", "no", "off")
+
+
 def parse_cache_options(value: Any, name: str) -> dict[str, Any]:
     """``cache_options``: an object (JSON, or ``cache_options[KEY]`` form fields) or its JSON text; no
     file paths (``mag_ratios`` as numbers, no ``calibrate`` / ``calibration_file``). The values are
@@ -225,7 +228,9 @@ def parse_cache_options(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise invalid(f"{name} must be an object of option names and values, got {shown(value)}", name)
     for key in ("calibrate", "calibration_file"):
-        if key in value and value[key] not in (None, False, "false", "0"):
+        given = value.get(key)
+        off = given is None or given is False or (key == "calibrate" and str(given).strip().lower() in _OFF)
+        if not off:
             raise invalid(
                 f"{name}: {key} writes a file on the server; calibrate MagCache from Python or the command "
                 "line (wanpipe generate --cache magcache --cache-option calibrate=true ...)",
