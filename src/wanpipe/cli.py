@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -215,6 +216,11 @@ def _check_generate(args: argparse.Namespace) -> str | None:
     files = [f"--{k.replace('_', '-')}" for k, v in _single_files(args).items() if v is not None]
     if args.model is not None and files:
         return f"give --model or single files ({', '.join(files)}), not both"
+    from wanpipe.runtime.options import cache_arguments_problem
+
+    problem = cache_arguments_problem(args)
+    if problem is not None:
+        return problem
     import torch
 
     device = torch.device(args.device) if args.device is not None else None
@@ -358,6 +364,9 @@ def _generate(
             pipe = WanPipeline.from_pretrained(model, sigma_grid=args.sigma_grid, **options)
     except (CheckpointError, FileNotFoundError) as e:
         return _fail(_load_error(e, model), EXIT_BAD_INPUT)
+    except InvalidRequestError as e:  # the runtime's step cache (--cache, --cache-option) on this model
+        flag = "--cache-option" if e.param == "cache_options" else "--cache"
+        return _fail(f"{flag}: {str(e).removeprefix('cache_options: ')}", EXIT_BAD_INPUT)
     except (NotImplementedError, ValueError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     for spec in args.lora:
@@ -413,6 +422,10 @@ def _generate(
         + (f"; {t['skipped_steps']} steps skipped by the step cache" if t["skipped_steps"] else "")
         + (f"; attention {t['attention']}" if t["attention"] else "")
     )
+    if t.get("cache_calibration"):
+        target = (pipe.executor.runtime.cache_options or {}).get("calibration_file")
+        ratios = json.dumps(t["cache_calibration"])
+        print(f"MagCache calibration: mag_ratios written to {target}" if target else f"mag_ratios: {ratios}")
     return 0
 
 

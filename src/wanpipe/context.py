@@ -10,7 +10,9 @@ the status.
 from __future__ import annotations
 
 import enum
+import json
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,10 @@ class WanRequest:
     mask: Any = None  # white = generate, black = keep: one image (every frame) or frames like video
     reference_images: Any = None  # one image or a list (paths, PIL images, arrays): subjects to show
     conditioning_scale: float | list[float] | None = None  # the control's strength, one or per VACE layer
+    # The step cache of this request: "first-block", "teacache", "taylorseer", "magcache" or "none"
+    # (None: the runtime options' cache), and its options (docs/fast-sampling.md, "Step caches").
+    cache: str | None = None
+    cache_options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,50 @@ class Approximations:
 
     residual_threshold: float | None = None
     cfg_truncation: float | None = None
+    cache: str | None = None
+    """The request's step cache ("none": off), None: the runtime options' cache."""
+    cache_options: CacheOptions | None = None
+    """Its resolved options (every default filled in), None with ``cache`` None."""
+
+    @classmethod
+    def of(cls, request: WanRequest) -> Approximations:
+        """A (resolved) request's approximations."""
+        options = request.cache_options
+        return cls(
+            request.residual_threshold,
+            request.cfg_truncation,
+            request.cache,
+            None if options is None else CacheOptions(options),
+        )
+
+
+class CacheOptions(Mapping[str, Any]):
+    """A step cache's options, read-only and hashable (they are part of a batch key): JSON values
+    (numbers, booleans, strings, lists and objects of them). Equal when their JSON text is equal."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+        self._text = json.dumps(self._values, sort_keys=True)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(self._text)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CacheOptions):
+            return self._text == other._text
+        return isinstance(other, Mapping) and self._values == dict(other)
+
+    def __repr__(self) -> str:
+        return f"CacheOptions({self._text})"
 
 
 @dataclass

@@ -30,18 +30,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from wanpipe.batch import WanExecutorInputs, collate
-from wanpipe.context import Approximations, WanContext
+from wanpipe.context import Approximations, InvalidRequestError, WanContext
 from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.attention import AttentionBackendError, attention_backend, sdpa_choice
+from wanpipe.runtime.cache_options import build_step_cache, complete_cache_options
 from wanpipe.runtime.compile import CompiledDiT
+from wanpipe.runtime.magcache import MagCache
 from wanpipe.runtime.memory import configure_host_memory, trim_host_memory
 from wanpipe.runtime.offload import BlockStreamer, ModelOffload, pin_module
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
-from wanpipe.runtime.step_cache import StepCache, make_step_cache, teacache_coefficients, teacache_variant
+from wanpipe.runtime.step_cache import StepCache, teacache_coefficients, teacache_variant
 from wanpipe.schedulers import StepNoise
 from wanpipe.stages.conditioning import ConditionEncoders, Conditioning, prepare_conditioning
 from wanpipe.stages.decode import decode
@@ -77,6 +79,11 @@ class Timings:
     guided_steps: int = 0  # steps run with classifier-free guidance (cfg_truncation)
     # the SDPA kernels of the DiT's self- and cross-attention, e.g. "self: flash, cross: flash"
     attention: str = ""
+    computed_steps: int = 0  # steps whose conditional DiT blocks ran (all of them without a step cache)
+    skipped_uncond_steps: int = 0  # step cache: steps whose unconditional (guidance) blocks were skipped
+    cache: str = ""  # the step cache that ran ("" for none)
+    # MagCache calibration: the per-step magnitude ratios recorded, {"cond": [...], "uncond": [...]}
+    cache_calibration: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -173,7 +180,7 @@ class WanExecutor:
     def _vace_cache_message(self, what: str) -> str:
         kind = "Animate" if self.accepts_animate else "VACE"
         return (
-            f"the step caches (First-Block-Cache, TeaCache) do not apply to {kind} checkpoints yet: "
+            f"the step caches (first-block, teacache, taylorseer, magcache) do not apply to {kind} checkpoints yet: "
             f"leave {what} off"
         )
 
@@ -187,6 +194,8 @@ class WanExecutor:
             raise ValueError(self._vace_cache_message(f"--cache {options.cache}"))
         if options.cache == "teacache" and options.teacache_coefficients is None:
             self._teacache_variant()  # refuse a model without published coefficients now, not mid-request
+        if options.cache == "magcache":  # the same for MagCache's ratios
+            self._complete("magcache", options.cache_options or {}, (0, 0), image=False)
         if device is not None:
             self.placement.device = torch.device(device)
         dev = self.device
@@ -268,10 +277,23 @@ class WanExecutor:
             if on
         ]
         if clash:
-            raise ValueError(
+            message = (
                 f"sequence/CFG parallelism (--ulysses/--ring/--cfg-parallel) does not combine with "
                 f"{', '.join(clash)} yet: leave {'them' if len(clash) > 1 else 'it'} off"
             )
+            if cache is not None and approximations is not None:  # the request's (or its default's) cache
+                named = approximations.cache is None and approximations.residual_threshold
+                raise InvalidRequestError(message, "residual_threshold" if named else "cache")
+            raise ValueError(message)
+
+    def check_approximations(
+        self, approximations: Approximations, latent_size: tuple[int, int] | None = None, image: bool = False
+    ) -> None:
+        """Raise InvalidRequestError for a request's approximations this executor cannot run: a step
+        cache without the model data it needs (TeaCache's coefficients, MagCache's ratios), or any
+        step cache on a parallel run."""
+        self._make_cache(approximations, latent_size, image)
+        self.check_parallel(approximations)
 
     # -- batching -----------------------------------------------------------------------------
     def prepare_inputs(self, contexts: list[WanContext]) -> WanExecutorInputs:
@@ -323,7 +345,8 @@ class WanExecutor:
             experts=Experts.plan(schedule.timesteps, inputs.boundary_timestep),
         )
         h, w = inputs.latents.shape[3:]
-        cache = self._make_cache(inputs.approximations, latent_size=(h, w))
+        image = inputs.condition_pixels is not None
+        cache = self._make_cache(inputs.approximations, latent_size=(h, w), image=image)
         report.guided_steps = guidance.steps
         report.attention = self._attention_report(latents, text)
         self.runner.compile_s = 0.0
@@ -347,8 +370,14 @@ class WanExecutor:
             )
         report.compile_s = self.runner.compile_s
         self.last_cache_stats = None if cache is None else cache.stats
+        report.computed_steps = len(plan.experts)
         if cache is not None:
+            report.cache = cache.kind
             report.skipped_steps = cache.stats.skipped_steps
+            report.skipped_uncond_steps = cache.stats.skipped_uncond_steps
+            report.computed_steps -= cache.stats.skipped_steps
+            if isinstance(cache, MagCache) and cache.calibration is not None:
+                report.cache_calibration = {k: list(v) for k, v in cache.calibration.items()}
         return latents, rows
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -383,25 +412,61 @@ class WanExecutor:
         return f"self: {own}, cross: {cross}"
 
     def _make_cache(
-        self, approximations: Approximations, latent_size: tuple[int, int] | None = None
+        self,
+        approximations: Approximations,
+        latent_size: tuple[int, int] | None = None,
+        image: bool = False,
     ) -> StepCache | None:
-        """The step cache for a batch: the runtime's kind with the request's (or runtime's) threshold;
-        a request threshold > 0 alone turns on First-Block-Cache. None (off) when the threshold is 0.
-        ``latent_size`` (h, w) picks TeaCache's published coefficients (I2V: 480P or 720P)."""
+        """The step cache for a batch: the request's ``cache`` with its resolved options; else the
+        runtime's cache, with the request's ``residual_threshold`` (or the runtime's) for the caches
+        that have a threshold; else First-Block-Cache when the request gives a threshold > 0 alone.
+        ``latent_size`` (h, w) and ``image`` pick published coefficients and ratios (I2V 480P or 720P,
+        TI2V-5B with or without an image). InvalidRequestError when the model has none to pick."""
+        kind, options = self._cache_choice(approximations)
+        if kind is None:
+            return None
+        if self.accepts_vace or self.accepts_animate:
+            named = approximations.cache is None and approximations.residual_threshold
+            what = "residual_threshold" if named else "cache"
+            raise InvalidRequestError(self._vace_cache_message(what), what)
+        size = latent_size or (0, 0)
+        if kind == "teacache" and options.get("coefficients") is None:
+            try:
+                options["coefficients"] = self.runtime.teacache_coefficients or teacache_coefficients(
+                    self._teacache_variant(), size, self.transformer.config.patch_size
+                )
+            except ValueError as e:
+                param = "cache" if approximations.cache is None else "cache_options"
+                raise InvalidRequestError(str(e), param) from None
+        return build_step_cache(kind, self._complete(kind, options, size, image))
+
+    def _cache_choice(self, approximations: Approximations) -> tuple[str | None, dict]:
+        """(the cache's name or None, its options) for a batch, before the model's defaults."""
         requested = approximations.residual_threshold
-        threshold = requested if requested is not None else self.runtime.residual_threshold
-        kind = self.runtime.cache
-        if kind is None and requested:
-            kind = "first-block"
-        coefficients = None
-        if kind == "teacache":
-            coefficients = self.runtime.teacache_coefficients or teacache_coefficients(
-                self._teacache_variant(), latent_size or (0, 0), self.transformer.config.patch_size
-            )
-        cache = make_step_cache(kind, threshold, coefficients)
-        if cache is not None and (self.accepts_vace or self.accepts_animate):
-            raise ValueError(self._vace_cache_message("residual_threshold"))
-        return cache
+        if approximations.cache is not None:
+            if approximations.cache == "none":
+                return None, {}
+            return approximations.cache, dict(approximations.cache_options or {})
+        kind = self.runtime.cache if self.runtime.cache != "none" else None
+        if kind is None:
+            return ("first-block", {"threshold": requested}) if requested else (None, {})
+        options = dict(self.runtime.cache_options or {})
+        if kind in ("first-block", "teacache"):
+            options["threshold"] = requested if requested is not None else self.runtime.residual_threshold
+        elif requested is not None and "threshold" in options:
+            options["threshold"] = requested
+        return kind, options
+
+    def _complete(self, kind: str, options: dict, latent_size: tuple[int, int], image: bool) -> dict:
+        return complete_cache_options(
+            kind,
+            options,
+            dit=self.transformer.config,
+            two_experts=self.experts.two,
+            per_token_timesteps=self.expand_timesteps,
+            image=image,
+            latent_size=latent_size,
+        )
 
     def _teacache_variant(self) -> str:
         return teacache_variant(

@@ -401,6 +401,8 @@ class WanPipeline:
         mask: Any = None,
         reference_images: Any = None,
         conditioning_scale: float | list[float] | None = None,
+        cache: str | None = None,
+        cache_options: dict[str, Any] | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -408,13 +410,14 @@ class WanPipeline:
         ``callback(step, num_steps, timestep)`` is called after every denoising step. ``image`` (and
         ``last_image``) condition image-to-video checkpoints; ``video`` with ``strength`` re-noises a
         video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
-        and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache) and
-        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``). ``sampler`` ("unipc",
-        "euler", "lcm", "dmd"; default: the checkpoint's scheduler) and a schedule of its own,
-        ``sigmas`` (one per step in (0, 1], strictly decreasing) or ``timesteps`` (the same on the
-        0-1000 scale), used as given, not shifted again: see docs/fast-sampling.md. ``preset`` names
-        a published few-step setting (``wanpipe.presets``) that fills the values left ``None``.
-        ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``).
+        and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache),
+        ``cfg_truncation`` and ``cache`` ("first-block", "teacache", "taylorseer", "magcache", "none")
+        with its ``cache_options`` are opt-in approximations (see ``wanpipe.runtime``,
+        docs/fast-sampling.md). ``sampler`` ("unipc", "euler", "lcm", "dmd"; default: the checkpoint's
+        scheduler) and a schedule of its own, ``sigmas`` (one per step in (0, 1], strictly decreasing)
+        or ``timesteps`` (the same on the 0-1000 scale), used as given, not shifted again: see
+        docs/fast-sampling.md. ``preset`` names a published few-step setting (``wanpipe.presets``) that
+        fills the values left ``None``.
 
         VACE checkpoints (``docs/vace.md``): ``video`` is the control or source video, ``mask`` marks
         what to generate (white) and what to keep (black), one image or one per frame;
@@ -446,18 +449,24 @@ class WanPipeline:
             mask=mask,
             reference_images=reference_images,
             conditioning_scale=conditioning_scale,
+            cache=cache,
+            cache_options=cache_options,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 
     def check(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request
         (every default filled in, a seed drawn, images read; :meth:`WanTokenizer.resolve`). Raises
-        InvalidRequestError for a bad value, ValueError for what this pipeline's parallel run does not
-        combine with (a step cache), or a step cache on a VACE checkpoint."""
+        InvalidRequestError for a bad value, or for what this pipeline cannot run with it (a step cache
+        on a parallel run, on a VACE or Animate checkpoint, or without the model data it needs)."""
         resolved = self.tokenizer.resolve(request)
-        approximations = Approximations(resolved.residual_threshold, resolved.cfg_truncation)
-        self.executor.check_parallel(approximations)
-        self.executor.check_step_cache(approximations)
+        stride = self.arch.vae.spatial_stride
+        assert resolved.height is not None and resolved.width is not None
+        self.executor.check_approximations(
+            Approximations.of(resolved),
+            (resolved.height // stride, resolved.width // stride),
+            image=resolved.image is not None,
+        )
         return resolved
 
     def generate_batch(

@@ -202,6 +202,7 @@ class WanTokenizer:
             sampler=sampler,
             sigmas=sigmas,
             timesteps=timesteps,
+            **self._cache(request, height, width, media),
             **media,
         )
 
@@ -219,6 +220,45 @@ class WanTokenizer:
                 "give either sigmas or timesteps (timesteps = 1000 * sigmas), not both", "timesteps"
             )
         return sampler, sigmas, timesteps
+
+    def _cache(self, request: WanRequest, height: int, width: int, media: dict[str, Any]) -> dict[str, Any]:
+        """The request's step cache and its options, checked, every default (and the model's
+        published MagCache ratios) filled in: {"cache", "cache_options"}; None and None for the
+        runtime options' cache."""
+        from wanpipe.runtime.cache_options import cache_name, complete_cache_options, resolve_cache_options
+
+        name = cache_name(request.cache)
+        given = request.cache_options
+        if name in (None, "none"):
+            if given:
+                raise InvalidRequestError(
+                    "cache_options needs cache (the step cache they configure): one of first-block, "
+                    "teacache, taylorseer, magcache",
+                    "cache_options",
+                )
+            return {"cache": name, "cache_options": None}
+        threshold = request.residual_threshold
+        if threshold is not None:
+            if name == "taylorseer":
+                raise InvalidRequestError(
+                    "residual_threshold: TaylorSeer has no threshold (its options are cache_interval, "
+                    "disable_cache_before_step, disable_cache_after_step, max_order)",
+                    "residual_threshold",
+                )
+            if given is None or "threshold" not in given:
+                given = {**(given or {}), "threshold": threshold}
+        options = resolve_cache_options(name, given)
+        arch, stride = self.arch, self.arch.vae.spatial_stride
+        options = complete_cache_options(
+            name,
+            options,
+            dit=arch.transformer,
+            two_experts=arch.has_second_expert,
+            per_token_timesteps=arch.expand_timesteps,
+            image="image" in media,
+            latent_size=(height // stride, width // stride),
+        )
+        return {"cache": name, "cache_options": options}
 
     def batch_key(self, request: WanRequest) -> tuple:
         """What requests must share to run as one executor batch, from a :meth:`resolve`'d request:
@@ -240,6 +280,8 @@ class WanTokenizer:
             None if request.timesteps is None else tuple(request.timesteps),
             request.mask is not None,
             len(request.reference_images or ()),
+            request.cache,
+            None if request.cache_options is None else json.dumps(request.cache_options, sort_keys=True),
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:
@@ -392,7 +434,7 @@ class WanTokenizer:
             guidance_scale_2=r.guidance_scale_2,
             boundary_timestep=arch.boundary_timestep if arch.has_second_expert else None,
             conditioning=self._conditioning(r),
-            approximations=Approximations(r.residual_threshold, r.cfg_truncation),
+            approximations=Approximations.of(r),
             noise_state=generator_state(generator) if schedule.stochastic else None,
         )
 

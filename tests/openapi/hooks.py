@@ -38,6 +38,9 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         "mask": {"invalid_video", *IMAGE},
         "reference_image": IMAGE,
         "conditioning_scale": {"invalid_value"},
+        # a step cache's options are checked against the cache and the checkpoint (MagCache's ratios,
+        # TeaCache's coefficients, which the tiny checkpoint has none of)
+        "cache_options": {"invalid_value"},
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
@@ -52,6 +55,7 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         VIDEO_OPTIONS + "sigmas": {"invalid_value"},
         VIDEO_OPTIONS + "timesteps": {"invalid_value"},
         VIDEO_OPTIONS + "preset": {"invalid_value"},
+        VIDEO_OPTIONS + "cache_options": {"invalid_value"},
     },
     "GET /v1/videos": {"after": {"not_found"}},  # an id that does not exist
 }

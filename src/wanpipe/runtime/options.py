@@ -1,7 +1,8 @@
 """Runtime options: how a loaded pipeline runs (speed and memory), not what it computes.
 
 Exact by default: every option below gives the same frames as the plain path except the opt-in
-approximations (``cache`` with a ``residual_threshold`` > 0, ``cfg_truncation`` < 1, ``vae_tile``).
+approximations (``cache``: First-Block-Cache or TeaCache with a ``residual_threshold`` > 0, TaylorSeer,
+MagCache; ``cfg_truncation`` < 1, ``vae_tile``).
 ``compress_text`` (on by default) is exact in arithmetic and differs by float rounding only.
 
 Wiring (for ``cli.py`` / ``pipeline.py``)::
@@ -11,22 +12,25 @@ Wiring (for ``cli.py`` / ``pipeline.py``)::
     pipe = WanPipeline.from_pretrained(..., runtime=options_from_args(args))
     pipe.set_runtime(other_options)                   # later, on a loaded pipeline
 
-Per request, ``WanRequest.residual_threshold`` / ``cfg_truncation`` override the defaults here.
+Per request, ``WanRequest.residual_threshold`` / ``cfg_truncation`` / ``cache`` + ``cache_options``
+override the defaults here.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
 from wanpipe import arguments as a
+from wanpipe.context import CacheOptions, InvalidRequestError
 
 OFFLOAD_MODES = ("none", "model", "block")
-CACHE_MODES = ("none", "first-block", "teacache")
+CACHE_MODES = ("none", "first-block", "teacache", "taylorseer", "magcache")
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,9 @@ class RuntimeOptions:
     """"model": each component on the device only while it runs; "block": DiT blocks streamed."""
     offload_buffers: int = 2
     """block offload: how many DiT blocks are resident on the device at once."""
-    cache: Literal["none", "first-block", "teacache"] | None = None
-    """Step skipping (an approximation): off unless a residual_threshold > 0 is given too."""
+    cache: Literal["none", "first-block", "teacache", "taylorseer", "magcache"] | None = None
+    """Step skipping (an approximation) for requests that name none: First-Block-Cache and TeaCache are
+    off unless a residual_threshold > 0 is given too; TaylorSeer and MagCache take ``cache_options``."""
     residual_threshold: float = 0.0
     """The step cache's threshold (0: never skip); a request's own value wins."""
     teacache_coefficients: tuple[float, ...] | None = None
@@ -70,12 +75,17 @@ class RuntimeOptions:
     """Cross-attend to each prompt's tokens plus one stand-in for its zero padding (logit + log n)
     instead of all 512 text tokens: the same attention up to float rounding, ~30% fewer DiT FLOPs on
     small videos. False: the literal 512-token computation."""
+    cache_options: Mapping[str, Any] | None = None
+    """The options of ``cache`` (:data:`~wanpipe.runtime.cache_options.CACHE_OPTIONS`; text values
+    allowed), resolved with every default filled in. First-Block-Cache's and TeaCache's ``threshold``
+    and ``coefficients`` set ``residual_threshold`` and ``teacache_coefficients``."""
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
         if self.cache not in (None, *CACHE_MODES):
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        self._resolve_cache_options()
         if self.teacache_coefficients is not None:
             if not self.teacache_coefficients or not all(
                 isinstance(c, int | float) and math.isfinite(c) for c in self.teacache_coefficients
@@ -107,6 +117,27 @@ class RuntimeOptions:
         if self.offload_buffers < 1:
             raise ValueError(f"offload_buffers must be >= 1, got {self.offload_buffers}")
 
+    def _resolve_cache_options(self) -> None:
+        from wanpipe.runtime.cache_options import resolve_cache_options
+
+        given = self.cache_options
+        if self.cache in (None, "none"):
+            if given:
+                raise InvalidRequestError(
+                    "cache_options needs cache (the step cache they configure)", "cache_options"
+                )
+            object.__setattr__(self, "cache_options", None)
+            return
+        resolved = resolve_cache_options(self.cache, given)
+        if self.cache in ("first-block", "teacache"):
+            given = dict(given or {})
+            if "threshold" in given:
+                object.__setattr__(self, "residual_threshold", resolved["threshold"])
+            if given.get("coefficients") is not None:
+                object.__setattr__(self, "teacache_coefficients", resolved["coefficients"])
+            resolved = {}
+        object.__setattr__(self, "cache_options", CacheOptions(resolved))
+
     def with_(self, **changes: Any) -> RuntimeOptions:
         return replace(self, **changes)
 
@@ -128,13 +159,23 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache",
         choices=CACHE_MODES,
         default="none",
-        help="skip DiT steps whose input barely changes (approximate; needs --residual-threshold > 0)",
+        help="skip or predict DiT steps (approximate): first-block, teacache, taylorseer (Modular MAX's), "
+        "magcache; see docs/fast-sampling.md",
+    )
+    g.add_argument(
+        "--cache-option",
+        action="append",
+        type=_key_value,
+        default=None,
+        metavar="KEY=VALUE",
+        help="an option of --cache, repeatable: e.g. cache_interval=4, max_order=2 (taylorseer); "
+        "threshold=0.1, mag_ratios=FILE, calibrate=true, calibration_file=FILE (magcache)",
     )
     g.add_argument(
         "--residual-threshold",
         type=a.number(0),
         default=None,
-        help="step cache threshold (first-block: ~0.05-0.1; teacache: 0.05-0.2; 0 never skips)",
+        help="step cache threshold (first-block: ~0.05-0.1; teacache: 0.05-0.2; magcache: ~0.06; 0 never skips)",
     )
     g.add_argument(
         "--teacache-coefficients",
@@ -199,10 +240,41 @@ def _coefficients(text: str) -> tuple[float, ...]:
     return values
 
 
+def _key_value(text: str) -> str:
+    """``--cache-option KEY=VALUE``: checked for the ``=`` here, the value against the cache later."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. max_order=2), got {text!r}")
+    return text
+
+
+def cache_arguments_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``--cache`` / ``--cache-option`` / ``--residual-threshold`` together, in one
+    line naming the flag (before any model is loaded); None when nothing is."""
+    cache = getattr(args, "cache", "none") or "none"
+    items = getattr(args, "cache_option", None)
+    if items and cache == "none":
+        return "--cache-option needs --cache (the step cache it configures)"
+    if cache == "taylorseer" and getattr(args, "residual_threshold", None) is not None:
+        return "--residual-threshold: TaylorSeer has no threshold; its options are --cache-option cache_interval=N ..."
+    if cache == "none":
+        return None
+    from wanpipe.runtime.cache_options import option_pairs, resolve_cache_options
+
+    try:
+        resolve_cache_options(cache, option_pairs(items))
+    except InvalidRequestError as e:
+        return f"--cache-option: {str(e).removeprefix('cache_options: ')}"
+    return None
+
+
 def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
+    from wanpipe.runtime.cache_options import option_pairs
+
     cache = getattr(args, "cache", "none")
     threshold = getattr(args, "residual_threshold", None)
-    if cache not in (None, "none") and threshold is None:
+    cache_options = option_pairs(getattr(args, "cache_option", None))
+    if cache in ("first-block", "teacache") and threshold is None and "threshold" not in cache_options:
         threshold = 0.05 if cache == "first-block" else 0.08
     return RuntimeOptions(
         compile=bool(getattr(args, "compile", False)),
@@ -218,6 +290,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         attention_backend=getattr(args, "attention_backend", "auto") or "auto",
         text_cache_size=32 if getattr(args, "text_cache_size", None) is None else args.text_cache_size,
         host_memory=getattr(args, "host_memory", "cache") or "cache",
+        cache_options=cache_options or None,
     )
 
 

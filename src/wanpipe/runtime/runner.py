@@ -14,8 +14,10 @@ from torch import Tensor, nn
 
 from wanpipe.models.transformer import DiTInputs, WanTransformerModel, call_block, run_blocks
 from wanpipe.runtime.compile import CompiledDiT
+from wanpipe.runtime.magcache import MagCache
 from wanpipe.runtime.offload import BlockStreamer
 from wanpipe.runtime.step_cache import FirstBlockCache, StepCache, TeaCache, rows_of
+from wanpipe.runtime.taylorseer import TaylorSeerCache
 
 if TYPE_CHECKING:
     from wanpipe.parallel.mesh import ParallelMesh
@@ -102,6 +104,7 @@ class DiTRunner:
         streams: Streams | None = None,
         step: int = 0,
         num_steps: int = 1,
+        expert: str = "high",
     ) -> Tensor:
         """latents (B, C_in, f, h, w) -> prediction (B, C_out, f, h, w).
 
@@ -111,9 +114,10 @@ class DiTRunner:
         (num_vace_layers,) | (B, num_vace_layers) | None (see :meth:`WanTransformerModel.embed`).
         Animate: pose_hidden_states (B, latent_channels, f - 1, h, w), face_pixel_values (B, 3, T, S, S),
         motion_encode_batch_size (see :meth:`WanTransformerModel.embed`).
-        ``cache``/``streams``/``step``/``num_steps``: the step cache and the rows of each guidance stream
-        (no step cache with control latents or Animate inputs, no parallel mesh with Animate inputs:
-        ValueError)."""
+        ``cache``/``streams``/``step``/``num_steps``: the step cache, the rows of each guidance stream,
+        the step of the schedule; ``expert``: which expert ``dit`` is (a cache keeps nothing across them).
+        No step cache with control latents or Animate inputs, no parallel mesh with Animate inputs:
+        ValueError."""
         control, control_scale = control_hidden_states, control_hidden_states_scale
         animate = (pose_hidden_states, face_pixel_values, motion_encode_batch_size)
         if control is not None and cache is not None:
@@ -133,32 +137,53 @@ class DiTRunner:
             self._warm_up(
                 dit, latents, timestep, context, image_embeds, text_bias, control, control_scale, animate
             )
+        streams = streams or {"cond": slice(0, latents.shape[0])}
+        if cache is not None:
+            cache.bind((expert, dit))
+            cache.stats.step = step
+        if isinstance(cache, TaylorSeerCache):
+            return self._taylorseer(
+                dit, (latents, timestep, context, image_embeds, text_bias), cache, streams
+            )
         x = dit.embed(latents, timestep, context, image_embeds, text_bias, control, control_scale, *animate)
         blocks = dit.block_sequence(vace=x.control is not None, animate=x.motion is not None)
-        streams = streams or {"cond": slice(0, latents.shape[0])}
         if isinstance(cache, FirstBlockCache) and blocks:
-            hidden = self._first_block_cached(dit, x, blocks, cache, streams)
+            hidden = self._first_block_cached(x, blocks, cache, streams)
         elif isinstance(cache, TeaCache):
-            hidden = self._teacache(dit, x, blocks, cache, streams, step, num_steps)
+            hidden = self._teacache(x, blocks, cache, streams, step, num_steps)
+        elif isinstance(cache, MagCache):
+            hidden = self._magcache(x, blocks, cache, streams, step)
         else:
             hidden = self._run_blocks(blocks, x.hidden, x)
         return self._head(dit, hidden, x)
 
+    def _partial(
+        self, x: DiTInputs, blocks: list[nn.Module], h: Tensor, streams: Streams, compute: list[str]
+    ) -> dict[str, Tensor]:
+        """Run ``blocks`` on the rows of the ``compute`` streams only: -> each one's output rows."""
+        compute = sorted(compute, key=lambda s: streams[s].start)
+        rows = rows_of(streams, compute)
+        out = self._run_blocks(blocks, h[rows], x, rows)
+        parts, offset = {}, 0
+        for s in compute:
+            n = streams[s].stop - streams[s].start
+            parts[s] = out[offset : offset + n]
+            offset += n
+        return parts
+
     def _first_block_cached(
         self,
-        dit: WanTransformerModel,
         x: DiTInputs,
         blocks: list[nn.Module],
         cache: FirstBlockCache,
         streams: Streams,
     ) -> Tensor:
-        cache.bind(dit)
         cache.stats.steps += 1
         h0 = x.hidden
         h1 = self._run_blocks(blocks[:1], h0, x)
         r1 = h1 - h0
         skip = [s for s, rows in streams.items() if cache.can_skip(s, r1[rows])]
-        compute = sorted((s for s in streams if s not in skip), key=lambda s: streams[s].start)
+        compute = [s for s in streams if s not in skip]
         if not skip:
             hidden = self._run_blocks(blocks[1:], h1, x)
             for s, rows in streams.items():
@@ -166,14 +191,8 @@ class DiTRunner:
             return hidden
         hidden = torch.empty_like(h1)
         if compute:
-            rows = rows_of(streams, compute)
-            rest = self._run_blocks(blocks[1:], h1[rows], x, rows)
-            offset = 0
-            for s in compute:
+            for s, part in self._partial(x, blocks[1:], h1, streams, compute).items():
                 sl = streams[s]
-                n = sl.stop - sl.start
-                part = rest[offset : offset + n]
-                offset += n
                 hidden[sl] = part
                 cache.store(s, r1[sl], part - h1[sl])
         for s in skip:
@@ -184,7 +203,6 @@ class DiTRunner:
 
     def _teacache(
         self,
-        dit: WanTransformerModel,
         x: DiTInputs,
         blocks: list[nn.Module],
         cache: TeaCache,
@@ -192,7 +210,6 @@ class DiTRunner:
         step: int,
         num_steps: int,
     ) -> Tensor:
-        cache.bind(dit)
         cache.stats.steps += 1
         indicator = x.temb[streams["cond"]]
         compute = cache.should_compute(indicator, step, num_steps)
@@ -206,3 +223,48 @@ class DiTRunner:
         for s, rows in streams.items():
             cache.residuals[s] = hidden[rows] - x.hidden[rows]
         return hidden
+
+    def _magcache(
+        self, x: DiTInputs, blocks: list[nn.Module], cache: MagCache, streams: Streams, step: int
+    ) -> Tensor:
+        """Each stream runs its blocks or adds its last computed residual to its input (MagCache)."""
+        cache.stats.steps += 1
+        compute = [s for s in streams if cache.should_compute(s, step)]
+        h = x.hidden
+        if len(compute) == len(streams):
+            hidden = self._run_blocks(blocks, h, x)
+            for s, rows in streams.items():
+                cache.store(s, step, hidden[rows] - h[rows])
+            return hidden
+        hidden = torch.empty_like(h)
+        if compute:
+            for s, part in self._partial(x, blocks, h, streams, compute).items():
+                hidden[streams[s]] = part
+                cache.store(s, step, part - h[streams[s]])
+        for s, rows in streams.items():
+            if s not in compute:
+                hidden[rows] = h[rows] + cache.residuals[s]
+        return hidden
+
+    def _taylorseer(
+        self,
+        dit: WanTransformerModel,
+        inputs: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None],
+        cache: TaylorSeerCache,
+        streams: Streams,
+    ) -> Tensor:
+        """Each stream runs the whole DiT or takes its Taylor prediction (TaylorSeer); when no stream
+        runs, nothing of the DiT does. ``inputs``: latents, timestep, context, image_embeds, text_bias."""
+        cache.stats.steps += 1
+        compute = {s: cache.should_compute(s) for s in streams}
+        ordered = sorted(streams, key=lambda s: streams[s].start)
+        if not any(compute.values()):
+            return torch.cat([cache.predict(s) for s in ordered])
+        x = dit.embed(*inputs)
+        out = self._head(dit, self._run_blocks(list(dit.blocks), x.hidden, x), x)
+        for s in ordered:  # the streams agree unless guidance stopped early (then one runs alone)
+            if compute[s]:
+                cache.update(s, out[streams[s]])
+            else:
+                out[streams[s]] = cache.predict(s)
+        return out

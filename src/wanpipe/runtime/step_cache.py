@@ -1,7 +1,16 @@
-"""Opt-in step skipping for the DiT: First-Block-Cache and TeaCache (approximations, off by default).
+"""Opt-in step skipping for the DiT (approximations, off by default): the base :class:`StepCache`,
+First-Block-Cache and TeaCache here; TaylorSeer (:mod:`~wanpipe.runtime.taylorseer`) and MagCache
+(:mod:`~wanpipe.runtime.magcache`) beside them; one way to name and configure any of them
+(:mod:`~wanpipe.runtime.cache_options`).
 
-Both reuse a cached *residual* (what the blocks added to the hidden state at the last fully computed
-step) instead of running the blocks, when an indicator says the step's input barely changed:
+Every cache keeps its state per guidance stream ("cond", "uncond") and per expert: when Wan 2.2's
+other expert takes over (:meth:`StepCache.bind`), every residual, indicator and Taylor factor is
+dropped, so nothing computed by one expert is reused by the other. A row cancelled mid-batch is cut
+from every per-row tensor (:meth:`StepCache.select`).
+
+First-Block-Cache and TeaCache reuse a cached *residual* (what the blocks added to the hidden state at
+the last fully computed step) instead of running the blocks, when an indicator says the step's input
+barely changed:
 
 - :class:`FirstBlockCache`: run the first block; if its residual changed less than ``threshold``
   (mean absolute change over mean absolute value) since the last full step, skip the other blocks and
@@ -81,19 +90,36 @@ def _relative_l1(new: Tensor, old: Tensor) -> float:
 
 @dataclass
 class CacheStats:
-    """How many (stream, step) DiT runs were skipped, of how many."""
+    """How many (stream, step) DiT runs were skipped, of how many steps."""
 
     skipped: dict[str, int] = field(default_factory=dict)
     steps: int = 0
+    skipped_at: dict[str, list[int]] = field(default_factory=dict)
+    """The steps (of the schedule) each stream skipped, in order."""
+    step: int = 0
+    """The step being run (set by the runner)."""
 
     @property
     def skipped_steps(self) -> int:
         """Steps where the conditional stream skipped its blocks."""
         return self.skipped.get("cond", 0)
 
+    @property
+    def computed_steps(self) -> int:
+        """Steps where the conditional stream ran its blocks."""
+        return self.steps - self.skipped_steps
+
+    @property
+    def skipped_uncond_steps(self) -> int:
+        """Steps where the unconditional stream (guidance) skipped its blocks."""
+        return self.skipped.get("uncond", 0)
+
 
 class StepCache:
-    """Base: per-stream cached residuals, reset when the model (the expert) changes."""
+    """Base: per-stream cached residuals, reset when the model (the expert) changes.
+
+    The denoising loop calls :meth:`start` with the expert of every step before the first, the runner
+    :meth:`bind` at every forward, and the loop :meth:`finish` after the last step."""
 
     kind = "none"
 
@@ -105,9 +131,16 @@ class StepCache:
         self.residuals: dict[str, Tensor] = {}
         self.owner: object = None
 
+    def start(self, experts: list[str]) -> None:
+        """Before the first step: which expert runs each step (Wan 2.2: "high"..., then "low"...)."""
+
+    def finish(self) -> None:
+        """After the last step (MagCache's calibration writes its ratios here)."""
+
     def bind(self, owner: object) -> None:
-        """Forget cached residuals when another model (Wan 2.2's other expert) takes over."""
-        if owner is not self.owner:
+        """Forget every cached tensor and indicator when another model takes over: ``owner`` is the
+        expert's name and module (Wan 2.2's two experts may be one set of modules, weights swapped)."""
+        if owner is not self.owner and owner != self.owner:
             self.owner = owner
             self.residuals.clear()
             self._reset_indicator()
@@ -126,6 +159,7 @@ class StepCache:
 
     def _count(self, stream: str) -> None:
         self.stats.skipped[stream] = self.stats.skipped.get(stream, 0) + 1
+        self.stats.skipped_at.setdefault(stream, []).append(self.stats.step)
 
 
 class FirstBlockCache(StepCache):

@@ -173,6 +173,8 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             mask=s.has_mask,
             reference_images=s.reference_images,
             conditioning_scale=s.conditioning_scale,
+            cache=s.cache,
+            cache_options=s.cache_options,
         ),
         batch_size=job.batch_size,
     )

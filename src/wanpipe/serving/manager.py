@@ -189,9 +189,10 @@ class JobManager:
             )
         # The engine validates the rest (an image on a text-to-video model, ...) and fills in every
         # default, the seed drawn: the stored spec makes the same video after a restart. No tokens, no
-        # noise here: the worker makes the contexts, once.
+        # noise here: the worker makes the contexts, once. (check: resolve, and what the pipeline cannot
+        # run with it, such as a step cache on a parallel run.)
         vace = {"video": new.video, "mask": new.mask, "reference_images": list(new.reference_images) or None}
-        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image, vace))
+        resolved = pipe.check(_wan_request(new.spec, new.image, new.last_image, vace))
         spec = replace(
             new.spec,
             height=resolved.height,
@@ -209,6 +210,7 @@ class JobManager:
             sigmas=None if resolved.sigmas is None else tuple(resolved.sigmas),
             timesteps=None if resolved.timesteps is None else tuple(resolved.timesteps),
             conditioning_scale=resolved.conditioning_scale,
+            cache=resolved.cache,
         )
         job = Job(
             id=new_job_id(),
@@ -610,4 +612,6 @@ def _wan_request(
         mask=vace.get("mask"),
         reference_images=vace.get("reference_images"),
         conditioning_scale=spec.conditioning_scale,
+        cache=spec.cache,
+        cache_options=spec.cache_options,
     )

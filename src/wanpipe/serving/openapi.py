@@ -248,6 +248,36 @@ def _schedule_fields(limits: ServeLimits, *, json: bool) -> dict[str, Any]:
 
 
 NON_BLANK = r"\S"  # some character that str.strip() keeps
+CACHES = ["first-block", "teacache", "taylorseer", "magcache", "none"]
+CACHE_FORM_KEY = r"^cache_options\[[A-Za-z_][A-Za-z0-9_]*\]$"
+
+
+def _cache(*, json: bool) -> dict[str, Any]:
+    return _field(
+        "Step cache (an approximation): first-block, teacache, taylorseer (Modular MAX's), magcache, or none. "
+        "Default: none.",
+        {"type": "string", "enum": CACHES},
+        nullable=json,
+    )
+
+
+def _cache_options(*, json: bool) -> dict[str, Any]:
+    description = (
+        "The options of cache, as in diffusers (taylorseer: cache_interval, disable_cache_before_step, "
+        "disable_cache_after_step, max_order, use_lite_mode; magcache: threshold, max_skip_steps, "
+        "retention_ratio, mag_ratios as numbers; first-block, teacache: threshold, coefficients), checked "
+        "against the cache and the checkpoint (400 with param cache_options); no calibrate or files here. "
+        + (
+            "An object, or its JSON text."
+            if json
+            else "JSON text, or one cache_options[KEY] field per option."
+        )
+    )
+    if not json:
+        return {"type": "string", "description": description}
+    return _field(description, {"type": "object"}, {"type": "string"}, nullable=True)
+
+
 DATA_URL = "a base64 data URL (data:image/png;base64,...); the server fetches no http(s) URL"
 IMAGE_FILE = "an image file: PNG, JPEG, WebP, GIF or BMP, a still image whose type matches its content type"
 
@@ -296,6 +326,8 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         "last_image": None,
         **_schedule_fields(limits, json=json),
         "preset": _preset(json=json),
+        "cache": _cache(json=json),
+        "cache_options": _cache_options(json=json),
     }
     last = "The last frame (first-last-frame checkpoints; needs input_reference too): "
     if json:
@@ -328,6 +360,10 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         "required": ["prompt"],
         "additionalProperties": False,
     }
+    if not json:
+        schema["patternProperties"] = {
+            CACHE_FORM_KEY: {"type": "string", "description": "One option of cache (see cache_options)."}
+        }
     return schema
 
 
@@ -438,6 +474,8 @@ def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
         },
         **_schedule_fields(limits, json=True),
         "preset": _preset(json=True),
+        "cache": _cache(json=True),
+        "cache_options": _cache_options(json=True),
     }
     assert set(options) == set(VIDEO_OPTION_FIELDS)
     return {

@@ -6,11 +6,16 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
   ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``sampler``, ``sigmas``, ``timesteps``,
-  ``preset``), and VACE's ``video`` (the control video), ``mask`` (an image or a video), ``reference_image``
-  (repeatable; in JSON one or a list) and ``conditioning_scale`` (a number or one per VACE layer; in a form
-  ``X`` or ``X,Y,...``).
+  ``preset``, ``cache``, ``cache_options``), and VACE's ``video`` (the control video), ``mask`` (an image
+  or a video), ``reference_image`` (repeatable; in JSON one or a list) and ``conditioning_scale`` (a number
+  or one per VACE layer; in a form ``X`` or ``X,Y,...``).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
+
+``cache`` names a step cache and ``cache_options`` its options (an object; in a form, ``cache_options[KEY]``
+fields or one JSON text): the engine checks them (:mod:`wanpipe.runtime.cache_options`). A server does
+not read or write files for a client: ``mag_ratios`` is given as numbers, and MagCache's calibration
+(which writes a file) is for Python and the command line.
 
 Parsing checks types and formats only; the engine's tokenizer checks what depends on the checkpoint
 (multiples of 16, 4k+1 frames, ...). Every refusal is an :class:`APIError`, which the app turns into
@@ -24,6 +29,7 @@ in :mod:`wanpipe.serving.schemas`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -109,6 +115,8 @@ class JobSpec:
     has_mask: bool = False
     reference_images: int = 0
     conditioning_scale: float | list[float] | None = None
+    cache: str | None = None  # the step cache (resolved name), None: the server's default (none)
+    cache_options: dict[str, Any] | None = None  # its options as the client gave them
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -274,6 +282,39 @@ def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+_OFF = ("false", "0", "no", "off")
+
+
+def parse_cache_options(value: Any, name: str) -> dict[str, Any]:
+    """``cache_options``: an object (JSON, or ``cache_options[KEY]`` form fields) or its JSON text; no
+    file paths (``mag_ratios`` as numbers, no ``calibrate`` / ``calibration_file``). The values are
+    checked against the cache by the engine."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise invalid(f"{name} must be an object (or its JSON text), got {shown(value)}", name) from None
+    if not isinstance(value, Mapping):
+        raise invalid(f"{name} must be an object of option names and values, got {shown(value)}", name)
+    for key in ("calibrate", "calibration_file"):
+        given = value.get(key)
+        off = given is None or given is False or (key == "calibrate" and str(given).strip().lower() in _OFF)
+        if not off:
+            raise invalid(
+                f"{name}: {key} writes a file on the server; calibrate MagCache from Python or the command "
+                "line (wanpipe generate --cache magcache --cache-option calibrate=true ...)",
+                name,
+            )
+    ratios = value.get("mag_ratios")
+    if isinstance(ratios, str) and not re.fullmatch(rf"{FLOAT_TEXT}(?:,{FLOAT_TEXT})*", ratios):
+        raise invalid(
+            f"{name}: mag_ratios must be numbers (a list, or {{cond: [...], uncond: [...]}}); the server "
+            "reads no file",
+            name,
+        )
+    return dict(value)
+
+
 def _optional(values: Mapping[str, Any], prefix: str = "") -> Callable[..., Any]:
     """``opt(name, parse, *args)``: ``values[name]`` parsed as ``prefix + name``, or None if absent or null."""
 
@@ -319,6 +360,8 @@ VIDEO_CREATE_FIELDS = (
     "mask",
     "reference_image",
     "conditioning_scale",
+    "cache",
+    "cache_options",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -349,6 +392,8 @@ RESPONSES_PARAM_NAMES = {
     "sigmas": "provider_options.video.sigmas",
     "timesteps": "provider_options.video.timesteps",
     "preset": "provider_options.video.preset",
+    "cache": "provider_options.video.cache",
+    "cache_options": "provider_options.video.cache_options",
 }
 
 
@@ -445,6 +490,8 @@ def parse_video_create(
         has_mask=vace["mask"] is not None,
         reference_images=len(vace["reference_images"]),
         conditioning_scale=vace["conditioning_scale"],
+        cache=opt("cache", parse_str),
+        cache_options=opt("cache_options", parse_cache_options),
     )
     return NewJob(
         spec,
@@ -520,6 +567,8 @@ VIDEO_OPTION_FIELDS = (
     "sigmas",
     "timesteps",
     "preset",
+    "cache",
+    "cache_options",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -620,6 +669,8 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         sigmas=opt("sigmas", parse_number_list),
         timesteps=opt("timesteps", parse_number_list),
         preset=opt("preset", parse_preset),
+        cache=opt("cache", parse_str),
+        cache_options=opt("cache_options", parse_cache_options),
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None

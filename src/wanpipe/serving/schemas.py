@@ -53,6 +53,8 @@ class VideoParameters(BaseModel):
     mask: bool = False
     reference_images: int = 0
     conditioning_scale: float | list[float] | None = None  # VACE: one per layer
+    cache: str | None = None
+    cache_options: dict[str, Any] | None = None
 
 
 class VideoObject(BaseModel):

@@ -95,6 +95,8 @@ def denoise(
     schedule = plan.schedule
     num_steps = schedule.num_inference_steps
     state = new_state()
+    if cache is not None:
+        cache.start(plan.experts)
     try:
         for i, which in enumerate(plan.experts):
             if should_cancel is not None and should_cancel():
@@ -135,6 +137,7 @@ def denoise(
                 streams=streams,
                 step=i,
                 num_steps=num_steps,
+                expert=which,
                 **conditioning.dit_kwargs(guided),
             )
             noise_pred = guidance.combine(pred, batch, which) if guided else pred
@@ -143,4 +146,6 @@ def denoise(
                 callback(i, num_steps, float(schedule.timesteps[i]))
     finally:
         experts.release()
+    if cache is not None:
+        cache.finish()
     return conditioning.finish(latents), rows
