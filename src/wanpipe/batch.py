@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -20,7 +20,10 @@ class WanExecutorInputs:
     batch; guidance_scale, guidance_scale_2 (B,) float32; do_cfg (B,) bool; boundary_timestep: the
     expert switch or None; condition_pixels (B, K, 3, H, W) in [-1, 1] (first / last frame) or None;
     clip_pixels (B, K, 3, S, S) or None; video_pixels (B, 3, F, H, W) in [-1, 1] or None;
-    ``approximations``: the batch's opt-in approximations.
+    ``approximations``: the batch's opt-in approximations. Animate (None elsewhere; see
+    :class:`~wanpipe.context.ConditioningInputs`): pose_frames (B, T', H, W, 3), face_frames
+    (B, T', M, M, 3), background_frames (B, T', H, W, 3), mask_frames (B, T', H, W) uint8;
+    segment_noise (B, N - 1, C, f, h, w) float32; segment_frame_length, prev_segment_conditioning_frames.
     """
 
     tokens: torch.Tensor
@@ -38,6 +41,28 @@ class WanExecutorInputs:
     clip_pixels: torch.Tensor | None = None
     video_pixels: torch.Tensor | None = None
     approximations: Approximations = field(default_factory=Approximations)
+    pose_frames: torch.Tensor | None = None
+    face_frames: torch.Tensor | None = None
+    background_frames: torch.Tensor | None = None
+    mask_frames: torch.Tensor | None = None
+    segment_noise: torch.Tensor | None = None
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
+
+    @property
+    def segments(self) -> int:
+        """How many segments the video is made in: 1, except Animate's long driving videos."""
+        return 1 if self.segment_noise is None else 1 + self.segment_noise.shape[1]
+
+    def select(self, keep: list[int]) -> WanExecutorInputs:
+        """Only the rows ``keep`` (rows cancelled while a video made in segments runs)."""
+        batch = self.latents.shape[0]
+        cut = {
+            f.name: v[keep]
+            for f in fields(self)
+            if isinstance(v := getattr(self, f.name), torch.Tensor) and v.ndim and v.shape[0] == batch
+        }
+        return replace(self, **cut)
 
     def to(self, device: torch.device | str) -> WanExecutorInputs:
         """The tensors moved to ``device`` (the schedule stays host data)."""
@@ -94,4 +119,11 @@ def collate(contexts: list[WanContext]) -> WanExecutorInputs:
         clip_pixels=optional([c.clip_pixels for c in cond]),
         video_pixels=optional([c.video_pixels for c in cond]),
         approximations=first.approximations,
+        pose_frames=optional([c.pose_frames for c in cond]),
+        face_frames=optional([c.face_frames for c in cond]),
+        background_frames=optional([c.background_frames for c in cond]),
+        mask_frames=optional([c.mask_frames for c in cond]),
+        segment_noise=optional([c.segment_noise for c in cond]),
+        segment_frame_length=cond[0].segment_frame_length,
+        prev_segment_conditioning_frames=cond[0].prev_segment_conditioning_frames,
     )

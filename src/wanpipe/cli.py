@@ -34,6 +34,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     for field, flag, kind, text in a.REQUEST_ARGUMENTS:
         p.add_argument(flag, type=kind, default=None, required=field == "prompt", help=text)
     p.add_argument(
+        "--preprocessed",
+        type=a.existing_folder("preprocessed"),
+        default=None,
+        metavar="DIR",
+        help="Animate: the --save_path folder of Wan2.2's preprocessing script (src_ref.png, src_pose.mp4, "
+        "src_face.mp4; src_bg.mp4 and src_mask.mp4 select --mode replace); flags given win",
+    )
+    p.add_argument(
         "--experts",
         choices=("resident", "swap"),
         default="resident",
@@ -344,6 +352,16 @@ def _generate(
 
     # The request, field by field from the flags that set it (the table also names flags in errors).
     params = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in a.REQUEST_FLAGS.items()}
+    if args.preprocessed is not None:  # Animate: the preprocessing script's files, unless flags name others
+        from wanpipe.animate_request import preprocessed_inputs
+
+        try:
+            found = preprocessed_inputs(args.preprocessed)
+        except FileNotFoundError as e:
+            return _fail(f"--preprocessed: {e}", EXIT_BAD_INPUT)
+        if params["mode"] == "animate":  # the folder's background and mask are for replace mode
+            found = {k: v for k, v in found.items() if k not in ("background_video", "mask_video", "mode")}
+        params.update({k: v for k, v in found.items() if params[k] is None})
     try:
         resolved = pipe.check(WanRequest(**params))
     except (InvalidRequestError, ValueError) as e:

@@ -181,6 +181,11 @@ class WanArchConfig:
         return self.transformer.vace_layers is not None
 
     @property
+    def accepts_animate(self) -> bool:
+        """A Wan2.2-Animate checkpoint (character image, pose and face videos; task "animate")."""
+        return self.variant.task == "animate"
+
+    @property
     def in_channels_condition(self) -> int:
         """Channels of the mask + condition latents concatenated to the noise (0 without)."""
         return self.transformer.in_channels - self.transformer.out_channels

@@ -58,6 +58,15 @@ class WanRequest:
     # Opt-in approximations (wanpipe.runtime): None = the runtime options' default (off unless set).
     residual_threshold: float | None = None  # step cache: skip the DiT while its input changes less
     cfg_truncation: float | None = None  # stop guidance after this fraction of the steps
+    # Wan2.2-Animate (docs/animate.md); there ``image`` is the character. Videos are paths, lists of
+    # frames or (F, H, W, 3) uint8 arrays, as the original repository's preprocessing writes them.
+    pose_video: Any = None  # the driving video's skeleton frames (src_pose.mp4)
+    face_video: Any = None  # the driving face, cropped, one frame per pose frame (src_face.mp4)
+    background_video: Any = None  # replace mode: the driving video without its person (src_bg.mp4)
+    mask_video: Any = None  # replace mode: white where the character goes (src_mask.mp4)
+    mode: str | None = None  # "animate" (default) or "replace"
+    segment_frame_length: int | None = None  # frames per generated segment, 4k+1 (default 77)
+    prev_segment_conditioning_frames: int | None = None  # frames each segment continues from: 1 or 5
 
 
 @dataclass(frozen=True)
@@ -67,19 +76,57 @@ class ConditioningInputs:
     condition_pixels (K, 3, H, W) float32 in [-1, 1]: the first (and last) frame at the output size;
     clip_pixels (K, 3, S, S) float32: the same images as CLIP sees them (Wan 2.1 I2V / FLF2V);
     video_pixels (3, F, H, W) float32 in [-1, 1]: the video-to-video input; strength: how much of it
-    is re-noised."""
+    is re-noised.
+
+    Wan2.2-Animate (None elsewhere): condition_pixels (1, 3, H, W) is the character fitted on a black
+    canvas, clip_pixels (1, 3, S, S) its CLIP view; the driving videos at their final sizes as uint8,
+    reflected to T' frames (every segment's frames, T' >= the output's): pose_frames (T', H, W, 3),
+    face_frames (T', M, M, 3) (M: the motion encoder's size), background_frames (T', H, W, 3) and
+    mask_frames (T', H, W) grey levels (replace mode; None in animate mode); segment_noise
+    (N - 1, C, f, h, w) float32 the initial noise of segments 2..N (None for one segment);
+    segment_frame_length and prev_segment_conditioning_frames."""
 
     condition_pixels: np.ndarray | None = None
     clip_pixels: np.ndarray | None = None
     video_pixels: np.ndarray | None = None
     strength: float | None = None
+    pose_frames: np.ndarray | None = None
+    face_frames: np.ndarray | None = None
+    background_frames: np.ndarray | None = None
+    mask_frames: np.ndarray | None = None
+    segment_noise: np.ndarray | None = None
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
+
+    @property
+    def segments(self) -> int:
+        """How many segments the video is made in (1 except Animate's long driving videos)."""
+        return 1 if self.segment_noise is None else 1 + len(self.segment_noise)
 
     @property
     def shapes(self) -> tuple:
         """What a batch must share: the shapes of the arrays given."""
-        return tuple(
-            None if a is None else a.shape
-            for a in (self.condition_pixels, self.clip_pixels, self.video_pixels)
+        return (
+            tuple(
+                None if a is None else a.shape
+                for a in (self.condition_pixels, self.clip_pixels, self.video_pixels)
+            )
+            + self._animate_shapes
+        )
+
+    @property
+    def _animate_shapes(self) -> tuple:
+        """Animate: the driving videos' shapes, the segments and their length and overlap."""
+        arrays = (
+            self.pose_frames,
+            self.face_frames,
+            self.background_frames,
+            self.mask_frames,
+            self.segment_noise,
+        )
+        return tuple(None if a is None else a.shape for a in arrays) + (
+            self.segment_frame_length,
+            self.prev_segment_conditioning_frames,
         )
 
 

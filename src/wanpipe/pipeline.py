@@ -394,6 +394,13 @@ class WanPipeline:
         residual_threshold: float | None = None,
         cfg_truncation: float | None = None,
         progress: bool = True,
+        pose_video: Any = None,
+        face_video: Any = None,
+        background_video: Any = None,
+        mask_video: Any = None,
+        mode: str | None = None,
+        segment_frame_length: int | None = None,
+        prev_segment_conditioning_frames: int | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -403,6 +410,14 @@ class WanPipeline:
         video (video-to-video); ``guidance_scale_2`` is the low-noise expert's (Wan 2.2 A14B). Images
         and videos are paths, PIL images or uint8 arrays. ``residual_threshold`` (step cache) and
         ``cfg_truncation`` are opt-in approximations (see ``wanpipe.runtime``).
+
+        Wan2.2-Animate checkpoints (``docs/animate.md``): ``image`` is the character, ``pose_video`` and
+        ``face_video`` the preprocessed driving videos (``mode="replace"`` adds ``background_video`` and
+        ``mask_video``); the video is as long as ``pose_video``, made in segments of
+        ``segment_frame_length`` frames (default 77) that continue from the last
+        ``prev_segment_conditioning_frames`` (1 or 5) of the one before.
+        ``wanpipe.animate_request.preprocessed_inputs(folder)`` gives these from the original
+        preprocessing script's folder.
         """
         request = WanRequest(
             prompt=prompt,
@@ -422,6 +437,13 @@ class WanPipeline:
             strength=strength,
             residual_threshold=residual_threshold,
             cfg_truncation=cfg_truncation,
+            pose_video=pose_video,
+            face_video=face_video,
+            background_video=background_video,
+            mask_video=mask_video,
+            mode=mode,
+            segment_frame_length=segment_frame_length,
+            prev_segment_conditioning_frames=prev_segment_conditioning_frames,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 
@@ -473,7 +495,8 @@ class WanPipeline:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=contexts[0].num_inference_steps, desc="denoising", unit="step")
+            steps = contexts[0].num_inference_steps * contexts[0].conditioning.segments
+            bar = tqdm(total=steps, desc="denoising", unit="step")
 
         def on_step(i: int, n: int, t: float) -> None:
             if bar is not None:
