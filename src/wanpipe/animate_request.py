@@ -27,7 +27,7 @@ What diffusers does, and where wanpipe differs:
 - the size defaults to the pose video's (the preprocessing script's ``resolution_area``), diffusers'
   to 1280x720. Pose, background and mask videos are resized to the output size and the face video to
   the motion encoder's (Lanczos), the mask read as grey levels (white = the character), the character
-  fitted inside the output size (bilinear, aspect kept) on a black canvas.
+  fitted inside the output size (Lanczos, aspect kept) on a black canvas.
 """
 
 from __future__ import annotations
@@ -284,9 +284,10 @@ def animate_conditioning(r: WanRequest, face: int) -> dict[str, Any]:
 
 
 def fit_character(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (h, w, 3) -> float32 (3, height, width) in [-1, 1]: scaled to fit inside (PIL bilinear,
-    aspect kept), centred on a black canvas (diffusers' ``WanAnimateImageProcessor``, resize_mode
-    "fill" with fill colour 0; the original's ``padding_resize``)."""
+    """uint8 (h, w, 3) -> float32 (3, height, width) in [-1, 1]: scaled to fit inside (aspect kept),
+    centred on a black canvas, as diffusers' ``WanAnimateImageProcessor`` (resize_mode "fill", fill
+    colour 0) does: with PIL Lanczos, the base processor's default that its registered config ends up
+    with (the original's ``padding_resize`` uses OpenCV's bilinear)."""
     pil = Image.fromarray(image)
     if width / height < pil.width / pil.height:
         new_w, new_h = width, pil.height * width // pil.width
@@ -294,7 +295,7 @@ def fit_character(image: np.ndarray, height: int, width: int) -> np.ndarray:
         new_w, new_h = pil.width * height // pil.height, height
     canvas = Image.new("RGB", (width, height), color=0)
     canvas.paste(
-        pil.resize((new_w, new_h), resample=Image.Resampling.BILINEAR),
+        pil.resize((new_w, new_h), resample=Image.Resampling.LANCZOS),
         box=(width // 2 - new_w // 2, height // 2 - new_h // 2),
     )
     pixels = np.asarray(canvas).astype(np.float32) / 255.0
