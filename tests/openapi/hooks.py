@@ -28,6 +28,12 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         "guidance_scale_2": {"invalid_value"},  # a one-expert checkpoint (or over 100 as text)
         "input_reference": IMAGE,
         "last_image": IMAGE,
+        # Animate's fields: refused on other checkpoints (and a video that is not one)
+        **dict.fromkeys(
+            ("pose_video", "face_video", "background_video", "mask_video"),
+            {"invalid_video", "invalid_value", "unsupported_url"},
+        ),
+        **dict.fromkeys(("mode", "segment_frame_length", "prev_segment_conditioning_frames"), {"invalid_value"}),
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint

@@ -163,6 +163,13 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             negative_prompt=s.negative_prompt,
             image=s.has_image,
             last_image=s.has_last_image,
+            pose_video=s.has_pose_video,
+            face_video=s.has_face_video,
+            background_video=s.has_background_video,
+            mask_video=s.has_mask_video,
+            mode=s.mode,
+            segment_frame_length=s.segment_frame_length,
+            prev_segment_conditioning_frames=s.prev_segment_conditioning_frames,
         ),
         batch_size=job.batch_size,
     )
@@ -214,6 +221,8 @@ async def create_video(request: Request) -> JSONResponse:
             default_fps=arch.defaults.fps,
             temporal_stride=arch.temporal_stride,
             max_image_pixels=manager.limits.max_image_pixels,
+            max_frames=manager.limits.max_frames,
+            max_video_pixels=manager.limits.max_video_pixels,
         )
     except (APIError, BodyTooLargeError):
         manager.metrics.count("rejected", "invalid")

@@ -22,7 +22,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -179,11 +179,13 @@ class JobManager:
         if pipe is None or not self._ready.is_set():
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
-        self._check_limits(pipe, new.spec)
+        if not new.animate_videos:  # Animate: size and length come from the pose video, checked below
+            self._check_limits(pipe, new.spec)
         # The engine validates the rest (an image on a text-to-video model, ...) and fills in every
         # default, the seed drawn: the stored spec makes the same video after a restart. No tokens, no
         # noise here: the worker makes the contexts, once.
-        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image))
+        animate = dict(new.animate_videos or {})
+        resolved = pipe.tokenizer.resolve(_wan_request(new.spec, new.image, new.last_image, animate))
         spec = replace(
             new.spec,
             height=resolved.height,
@@ -195,7 +197,12 @@ class JobManager:
             flow_shift=resolved.flow_shift,
             seed=resolved.seed,
             fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
+            mode=resolved.mode,
+            segment_frame_length=resolved.segment_frame_length,
+            prev_segment_conditioning_frames=resolved.prev_segment_conditioning_frames,
         )
+        if animate:
+            self._check_limits(pipe, spec)
         job = Job(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -206,6 +213,8 @@ class JobManager:
             created_at=time.time(),
         )
         images = {"image": new.image, "last_image": new.last_image}
+        # Animate's videos are kept as the engine resolved them (resized): the same video after a restart
+        images.update({name: getattr(resolved, name) for name in animate})
         with self._submit_lock:
             queued = self.store.count(JobStatus.QUEUED)
             if queued >= self.limits.max_queue:
@@ -382,7 +391,7 @@ class JobManager:
         for job in jobs:
             try:
                 images = self.store.read_inputs(job)
-                request = _wan_request(job.spec, images.get("image"), images.get("last_image"))
+                request = _wan_request(job.spec, images.get("image"), images.get("last_image"), images)
                 runnable.append((job, request, pipe.tokenizer.make_context(request)))
             except (InvalidRequestError, OSError, ValueError) as e:
                 self._fail(job, "invalid_request", str(e), None)
@@ -555,7 +564,11 @@ class JobManager:
         self._notify(job.id)
 
 
-def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
+def _wan_request(
+    spec: JobSpec, image: Any, last_image: Any, animate: Mapping[str, Any] | None = None
+) -> WanRequest:
+    """A job's request; ``animate``: its driving videos by field name (Animate)."""
+    animate = animate or {}
     return WanRequest(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
@@ -569,4 +582,11 @@ def _wan_request(spec: JobSpec, image: Any, last_image: Any) -> WanRequest:
         seed=spec.seed,
         image=image,
         last_image=last_image,
+        pose_video=animate.get("pose_video"),
+        face_video=animate.get("face_video"),
+        background_video=animate.get("background_video"),
+        mask_video=animate.get("mask_video"),
+        mode=spec.mode,
+        segment_frame_length=spec.segment_frame_length,
+        prev_segment_conditioning_frames=spec.prev_segment_conditioning_frames,
     )

@@ -251,6 +251,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
                 "type": "string",
                 "description": f"{name} as {DATA_URL} (one of {name} and {name}[image_url])",
             }
+    properties.update(_animate_properties(form, json=json))
     assert set(properties) - {"input_reference[image_url]", "last_image[image_url]"} == set(
         VIDEO_CREATE_FIELDS
     )
@@ -261,6 +262,36 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         "additionalProperties": False,
     }
     return schema
+
+
+ANIMATE_VIDEO = "a video file: MP4, MOV, WebM/Matroska, AVI, or an animated GIF or WebP"
+
+
+def _animate_properties(form: str | None, *, json: bool) -> dict[str, Any]:
+    """Wan2.2-Animate's fields (other checkpoints refuse each; docs/animate.md). input_reference is the
+    character there; the videos are the original preprocessing script's, with one frame per pose frame."""
+    video = ANIMATE_VIDEO if form == "multipart" else "a base64 data URL (data:video/mp4;base64,...)"
+    upload = {"type": "string", "format": "binary"} if form == "multipart" else {"type": "string"}
+    what = {
+        "pose_video": "Animate: the driving pose video (src_pose.mp4); the output is as long",
+        "face_video": "Animate: the driving face video (src_face.mp4), one frame per pose frame",
+        "background_video": 'Animate, mode "replace": the driving video without its person (src_bg.mp4)',
+        "mask_video": 'Animate, mode "replace": white where the character goes (src_mask.mp4)',
+    }
+    out = {name: _field(f"{text}: {video}", upload, nullable=json) for name, text in what.items()}
+    mode = {"type": "string", "enum": ["animate", "replace"]}
+    out["mode"] = _field(
+        "Animate: animate (default) the character, or replace the person", mode, nullable=json
+    )
+    out["segment_frame_length"] = _integer(
+        5, None, "Animate: frames per segment, 4k+1. Default 77.", json=json
+    )
+    out["prev_segment_conditioning_frames"] = _field(
+        "Animate: frames each segment continues from, 1 (default) or 5",
+        {"type": "integer", "enum": [1, 5]} if json else text_schema(r" *[15] *", bounded=False),
+        nullable=json,
+    )
+    return out
 
 
 def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
@@ -421,6 +452,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             }
             for name in ("input_reference", "last_image")
         }
+        for name in ("pose_video", "face_video", "background_video", "mask_video"):
+            videos_body["multipart/form-data"]["encoding"][name] = {
+                "contentType": "video/*, image/gif, image/webp"
+            }
     responses_body = {"application/json": {"schema": responses_create_schema(limits)}}
     examples = _examples(manager.pipe.arch, limits) if manager.ready else None
     if examples is not None:

@@ -5,7 +5,10 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
 * OpenAI Videos (``POST /v1/videos``, what ``openai.OpenAI().videos.create`` sends): multipart form or
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
-  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``).
+  ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``), and Wan2.2-Animate's
+  ``pose_video``, ``face_video``, ``background_video``, ``mask_video`` (videos: multipart files or JSON
+  data URLs), ``mode``, ``segment_frame_length`` and ``prev_segment_conditioning_frames``
+  (``input_reference`` is the character there).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -24,13 +27,20 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
 from wanpipe.serving.errors import invalid, shown
-from wanpipe.serving.uploads import DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS_FACTOR, decode_data_url, parse_image
+from wanpipe.serving.uploads import (
+    DEFAULT_MAX_PIXELS,
+    MAX_IMAGE_PIXELS_FACTOR,
+    MAX_VIDEO_PIXELS_FACTOR,
+    decode_data_url,
+    parse_image,
+    parse_video,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # What a server accepts
@@ -56,6 +66,11 @@ class ServeLimits:
         """The largest uploaded image decoded: ``MAX_IMAGE_PIXELS_FACTOR`` x ``max_pixels`` (the image is
         resized to the video's size, so a larger one costs memory and nothing more)."""
         return MAX_IMAGE_PIXELS_FACTOR * self.max_pixels
+
+    @property
+    def max_video_pixels(self) -> int:
+        """The largest frame of an uploaded video decoded: ``MAX_VIDEO_PIXELS_FACTOR`` x ``max_pixels``."""
+        return MAX_VIDEO_PIXELS_FACTOR * self.max_pixels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,6 +98,14 @@ class JobSpec:
     seed: int | None = None
     has_image: bool = False
     has_last_image: bool = False
+    # Wan2.2-Animate: the driving videos kept with the job (store.py), the mode and segments resolved
+    has_pose_video: bool = False
+    has_face_video: bool = False
+    has_background_video: bool = False
+    has_mask_video: bool = False
+    mode: str | None = None
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +126,7 @@ class NewJob:
     last_image: np.ndarray | None = None
     model: str | None = None
     param_names: Mapping[str, str] | None = None
+    animate_videos: Mapping[str, np.ndarray] | None = None  # Animate: uint8 (F, H, W, 3) by field name
 
     def api_param(self, name: str | None) -> str | None:
         if name is None or self.param_names is None:
@@ -227,6 +251,8 @@ def format_seconds(num_frames: int, fps: float) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # POST /v1/videos
 
+ANIMATE_VIDEO_FIELDS = ("pose_video", "face_video", "background_video", "mask_video")
+
 VIDEO_CREATE_FIELDS = (
     "prompt",
     "model",
@@ -242,6 +268,10 @@ VIDEO_CREATE_FIELDS = (
     "flow_shift",
     "seed",
     "last_image",
+    *ANIMATE_VIDEO_FIELDS,
+    "mode",
+    "segment_frame_length",
+    "prev_segment_conditioning_frames",
 )
 
 # How the engine's parameter names read in each API (for the "param" of an error body).
@@ -288,6 +318,8 @@ def parse_video_create(
     default_fps: float,
     temporal_stride: int = 4,
     max_image_pixels: int | None = None,
+    max_frames: int = ServeLimits.max_frames,
+    max_video_pixels: int | None = None,
 ) -> NewJob:
     """The fields of ``POST /v1/videos`` (JSON values, or form strings / :class:`Upload` files) -> NewJob."""
     unknown = sorted(set(body) - set(VIDEO_CREATE_FIELDS))
@@ -344,7 +376,27 @@ def parse_video_create(
         has_image=image is not None,
         has_last_image=last_image is not None,
     )
-    return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES)
+    videos = _parse_animate_videos(body, max_frames, max_video_pixels)
+    spec = replace(
+        spec,
+        **{f"has_{name}": name in videos for name in ANIMATE_VIDEO_FIELDS},
+        mode=opt("mode", parse_str),
+        segment_frame_length=opt("segment_frame_length", parse_int, 1),
+        prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
+    )
+    return NewJob(spec, image, last_image, model, VIDEOS_PARAM_NAMES, videos or None)
+
+
+def _parse_animate_videos(
+    body: Mapping[str, Any], max_frames: int, max_video_pixels: int | None
+) -> dict[str, np.ndarray]:
+    """Animate's driving videos given -> uint8 (F, H, W, 3) by name (checked by the engine)."""
+    pixels = max_video_pixels or MAX_VIDEO_PIXELS_FACTOR * DEFAULT_MAX_PIXELS
+    return {
+        name: parse_video(body[name], name, max_frames=max_frames, max_pixels=pixels)
+        for name in ANIMATE_VIDEO_FIELDS
+        if body.get(name) is not None
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

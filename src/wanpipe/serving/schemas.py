@@ -45,6 +45,13 @@ class VideoParameters(BaseModel):
     negative_prompt: str | None = None
     image: bool = False
     last_image: bool = False
+    pose_video: bool = False  # Animate: which driving videos were given
+    face_video: bool = False
+    background_video: bool = False
+    mask_video: bool = False
+    mode: str | None = None  # Animate: animate or replace, and the segments
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
 
 
 class VideoObject(BaseModel):

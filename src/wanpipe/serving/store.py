@@ -3,7 +3,8 @@
 :class:`JobStore` keeps every job in ``jobs.sqlite3`` in the output directory (WAL journal,
 ``synchronous=FULL``: a committed state change survives ``kill -9``). A finished video is written to
 ``videos/<id>.mp4`` (and its first frame to ``videos/<id>.jpg``) atomically, *before* the row says
-``completed``; uploaded images are kept as ``inputs/<id>.<name>.png`` before the row is inserted. So a
+``completed``; uploaded images are kept as ``inputs/<id>.<name>.png`` (Animate's driving videos,
+resized as the engine resolved them, as ``inputs/<id>.<name>.npy``) before the row is inserted. So a
 row never points at a missing or half-written file. The store holds an exclusive lock on the directory:
 two servers never run the same jobs. A database SQLite cannot read whole on start is refused
 (:class:`StoreUnreadableError`) and left as it is.
@@ -38,6 +39,7 @@ from wanpipe.serving.parsing import JobSpec
 SCHEMA_VERSION = 1
 MAX_ATTEMPTS = 3  # a job running during this many crashes is failed, not run again
 IMAGE_NAMES = ("image", "last_image")
+ANIMATE_ARRAY_NAMES = ("pose_video", "face_video", "background_video", "mask_video")  # uint8 .npy
 
 
 class JobStatus(enum.StrEnum):
@@ -202,15 +204,23 @@ class JobStore:
     def input_path(self, job_id: str, name: str) -> Path:
         return self.inputs_dir / f"{job_id}.{name}.png"
 
+    def array_path(self, job_id: str, name: str) -> Path:
+        return self.inputs_dir / f"{job_id}.{name}.npy"
+
     def read_inputs(self, job: Job) -> dict[str, np.ndarray]:
-        names = [
-            n for n, present in zip(IMAGE_NAMES, (job.spec.has_image, job.spec.has_last_image)) if present
-        ]
-        return {name: read_image(self.input_path(job.id, name)) for name in names}
+        """A job's uploads: its images (uint8 (H, W, 3)) and Animate's driving videos (uint8 arrays)."""
+        s = job.spec
+        names = [n for n, present in zip(IMAGE_NAMES, (s.has_image, s.has_last_image)) if present]
+        inputs = {name: read_image(self.input_path(job.id, name)) for name in names}
+        for name in ANIMATE_ARRAY_NAMES:
+            if getattr(s, f"has_{name}"):
+                inputs[name] = np.load(self.array_path(job.id, name), allow_pickle=False)
+        return inputs
 
     def remove_files(self, job_id: str) -> None:
         paths = [self.video_path(job_id), self.thumbnail_path(job_id)]
         paths += [self.input_path(job_id, name) for name in IMAGE_NAMES]
+        paths += [self.array_path(job_id, name) for name in ANIMATE_ARRAY_NAMES]
         for path in paths:
             path.unlink(missing_ok=True)
 
@@ -219,7 +229,10 @@ class JobStore:
         tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
         try:
             with open(tmp, "wb") as f:
-                Image.fromarray(array).save(f, format="PNG")
+                if dest.suffix == ".npy":
+                    np.save(f, array, allow_pickle=False)
+                else:
+                    Image.fromarray(array).save(f, format="PNG")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
@@ -252,7 +265,8 @@ class JobStore:
         written = []
         try:
             for name, array in (images or {}).items():
-                path = self.input_path(job.id, name)
+                named = self.array_path if name in ANIMATE_ARRAY_NAMES else self.input_path
+                path = named(job.id, name)
                 self._write_png(array, path)
                 written.append(path)
             with self._transaction() as db:
