@@ -333,3 +333,128 @@ def test_preprocessed_folder(tmp_path) -> None:
         Video.from_uint8(rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), 30).save(tmp_path / name)
     found = preprocessed_inputs(tmp_path)
     assert found["mode"] == "replace" and found["mask_video"].endswith("src_mask.mp4")
+
+
+# -- end to end against diffusers' WanAnimatePipeline (the animate-model branch's tiny checkpoint) --------
+
+
+@pytest.fixture(scope="module")
+def animate_ckpt(tmp_path_factory):
+    from tests.tiny_animate import save_animate_checkpoint
+
+    return save_animate_checkpoint(tmp_path_factory.mktemp("animate") / "wan-animate-tiny")
+
+
+@pytest.fixture(scope="module")
+def animate_pipes(animate_ckpt):
+    from tests.tiny_animate import load_animate_reference
+    from wanpipe import WanPipeline
+
+    ours = WanPipeline.from_pretrained(animate_ckpt, device="cpu", dtype="float32")
+    return ours, load_animate_reference(animate_ckpt)
+
+
+def _e2e_inputs(frames: int, mode: str, seed: int) -> dict:
+    from tests.tiny_animate import FACE_SIZE
+
+    rng = np.random.default_rng(seed)
+    out = {
+        "image": Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)),
+        "pose_video": _frames(rng, frames, HEIGHT, WIDTH),
+        "face_video": _frames(rng, frames, FACE_SIZE, FACE_SIZE),
+    }
+    if mode == "replace":
+        out["background_video"] = _frames(rng, frames, HEIGHT, WIDTH)
+        out["mask_video"] = _masks(frames, HEIGHT, WIDTH)
+    return out
+
+
+E2E_CASES = [
+    # (name, mode, pose frames, segment length, overlap, guidance)
+    ("animate, one segment, guidance 1", "animate", 5, 5, 1, 1.0),
+    ("animate, two segments, guidance 1", "animate", 7, 5, 1, 1.0),
+    ("replace, two segments, guidance 1", "replace", 7, 5, 1, 1.0),
+    ("animate, two segments, guidance 2.5", "animate", 8, 5, 1, 2.5),
+    ("replace, one segment, guidance 3", "replace", 5, 5, 1, 3.0),
+    ("animate, overlap 5, two segments", "animate", 15, 13, 5, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", E2E_CASES, ids=lambda c: c[0])
+def test_animate_matches_diffusers(animate_pipes, case) -> None:
+    """The whole video (every segment decoded, concatenated and cut) against WanAnimatePipeline on the
+    same tiny weights, inputs and seed: fp32, CPU, max abs diff 1e-3."""
+    ours, reference = animate_pipes
+    name, mode, frames, segment, prev, guidance = case
+    inputs = _e2e_inputs(frames, mode, seed=frames)
+    common = dict(height=HEIGHT, width=WIDTH, num_inference_steps=2, guidance_scale=guidance)
+    common.update(segment_frame_length=segment, prev_segment_conditioning_frames=prev, mode=mode)
+    prompt, negative = "a cat walks on the grass", "blurred details"
+    with torch.no_grad():
+        expected = reference(
+            prompt=prompt,
+            negative_prompt=negative,
+            generator=torch.Generator("cpu").manual_seed(7),
+            output_type="np",
+            **inputs,
+            **common,
+        ).frames[0]
+    video = ours.generate(prompt, negative_prompt=negative, seed=7, progress=False, **inputs, **common)
+    assert video.frames.shape == expected.shape == (frames, HEIGHT, WIDTH, 3)
+    worst = float(np.abs(video.frames - expected).max())
+    print(f"{name}: worst abs diff {worst:.2e}")
+    assert worst < 1e-3
+
+
+def test_animate_batch_of_two(animate_pipes) -> None:
+    """Two Animate requests of one shape run as one batch and give each one's own video."""
+    ours, _ = animate_pipes
+    requests = [
+        WanRequest(
+            prompt="a cat",
+            seed=s,
+            num_inference_steps=2,
+            segment_frame_length=5,
+            **_e2e_inputs(7, "animate", s),
+        )
+        for s in (1, 2)
+    ]
+    batch = ours.generate_batch(requests, progress=False)
+    alone = ours.generate_batch([requests[1]], progress=False)[0]
+    assert float(np.abs(batch[1].frames - alone.frames).max()) < 1e-4
+    assert float(np.abs(batch[0].frames - batch[1].frames).max()) > 1e-3
+
+
+def test_cli_preprocessed_folder_generates(animate_pipes, animate_ckpt, tmp_path) -> None:
+    """``wanpipe generate --preprocessed DIR`` reads the preprocessing script's files and writes the
+    frames pipe.generate makes from the same files."""
+    from wanpipe.cli import main
+    from wanpipe.media import Video
+
+    ours, _ = animate_pipes
+    inputs = _e2e_inputs(7, "replace", seed=3)
+    prep = tmp_path / "prep"
+    prep.mkdir()
+    inputs["image"].save(prep / "src_ref.png")
+    for name, file in (
+        ("pose_video", "src_pose"),
+        ("face_video", "src_face"),
+        ("background_video", "src_bg"),
+    ):
+        Video.from_uint8(np.stack([np.asarray(f) for f in inputs[name]]), 30).save(prep / f"{file}.mp4")
+    Video.from_uint8(np.stack([np.asarray(f) for f in inputs["mask_video"]]), 30).save(prep / "src_mask.mp4")
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(animate_ckpt), "--prompt", "a cat", "--preprocessed", str(prep)]
+    argv += ["--steps", "2", "--segment-frame-length", "5", "--seed", "4", "--output", str(out)]
+    assert main([*argv, "--no-progress", "--device", "cpu", "--dtype", "float32"]) == 0
+    written = np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))])
+    expected = ours.generate(
+        "a cat",
+        seed=4,
+        num_inference_steps=2,
+        segment_frame_length=5,
+        progress=False,
+        **preprocessed_inputs(prep),
+    )
+    assert written.shape == (7, HEIGHT, WIDTH, 3)  # the pose video's size
+    assert np.abs(written.astype(np.float32) / 255 - expected.frames).max() < 2 / 255 + 1e-6

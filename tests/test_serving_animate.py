@@ -117,3 +117,56 @@ def test_job_spec_json_round_trip() -> None:
     spec = JobSpec(prompt="a", has_pose_video=True, mode="animate", segment_frame_length=77)
     assert JobSpec.from_json(spec.to_json()) == spec
     assert replace(spec, mode=None) != spec
+
+
+def test_an_animate_job_with_its_uploads_survives_kill_9(tmp_path) -> None:
+    """A replace-mode job with its four uploads (and the character) is killed mid-run; the restarted
+    server runs it again from the stored inputs and makes the video an uninterrupted job made."""
+    from tests.serving_helpers import Gate, ServerProcess, png_bytes, wait_until
+    from tests.tiny_animate import FACE_SIZE, save_animate_checkpoint
+
+    ckpt = save_animate_checkpoint(tmp_path / "animate-ckpt")
+    uploads = {
+        "input_reference": ("character.png", png_bytes(40, 36, 1), "image/png"),
+        "pose_video": ("src_pose.mp4", mp4_bytes(tmp_path, 7, 32, 48, 1), "video/mp4"),
+        "face_video": ("src_face.mp4", mp4_bytes(tmp_path, 7, FACE_SIZE, FACE_SIZE, 2), "video/mp4"),
+        "background_video": ("src_bg.mp4", mp4_bytes(tmp_path, 7, 32, 48, 3), "video/mp4"),
+        "mask_video": ("src_mask.mp4", mp4_bytes(tmp_path, 7, 32, 48, 4), "video/mp4"),
+    }
+    form = {"prompt": "a cat", "mode": "replace", "num_inference_steps": "2", "seed": "5"}
+    form["segment_frame_length"] = "5"  # two segments of two steps: four steps per job
+    args = ("--model", str(ckpt), "--output-dir", str(tmp_path / "jobs"))
+    env = {"OMP_NUM_THREADS": "1"}
+
+    def wait_completed(http: httpx.Client, video_id: str) -> dict:
+        def check():
+            body = http.get(f"/v1/videos/{video_id}").json()
+            assert body["status"] != "failed", body
+            return body if body["status"] == "completed" else None
+
+        return wait_until(check, 300, f"{video_id} to complete", interval=0.1)
+
+    gate = Gate(tmp_path / "gate-1")
+    first = ServerProcess(*args, env={**env, **gate.env})
+    try:
+        first.wait_ready()
+        with httpx.Client(base_url=first.url, timeout=60) as http:
+            gate.allow(4)
+            whole = http.post("/v1/videos", data=form, files=uploads).json()
+            done = wait_completed(http, whole["id"])
+            assert done["parameters"]["mode"] == "replace" and done["parameters"]["mask_video"]
+            whole_mp4 = http.get(f"/v1/videos/{whole['id']}/content").content
+            killed = http.post("/v1/videos", data=form, files=uploads).json()
+            gate.hold_at(4 + 3)  # into its second segment
+    finally:
+        first.kill()
+    gate = Gate(tmp_path / "gate-2")
+    second = ServerProcess(*args, env={**env, **gate.env})
+    try:
+        second.wait_ready()
+        with httpx.Client(base_url=second.url, timeout=60) as http:
+            gate.open()
+            wait_completed(http, killed["id"])
+            assert http.get(f"/v1/videos/{killed['id']}/content").content == whole_mp4
+    finally:
+        second.terminate()

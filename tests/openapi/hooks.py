@@ -33,7 +33,9 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
             ("pose_video", "face_video", "background_video", "mask_video"),
             {"invalid_video", "invalid_value", "unsupported_url"},
         ),
-        **dict.fromkeys(("mode", "segment_frame_length", "prev_segment_conditioning_frames"), {"invalid_value"}),
+        **dict.fromkeys(
+            ("mode", "segment_frame_length", "prev_segment_conditioning_frames"), {"invalid_value"}
+        ),
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
