@@ -39,7 +39,7 @@ class WanVariant:
     """A member of the Wan family: its name, task and defaults."""
 
     name: str
-    task: str  # "t2v", "i2v", "flf2v", "ti2v", "vace"
+    task: str  # "t2v", "i2v", "flf2v", "ti2v", "vace", "animate"
     version: str  # "2.1" or "2.2"
     defaults: SamplingDefaults
 
@@ -82,6 +82,15 @@ VARIANTS: dict[str, WanVariant] = {
             "2.2",
             replace(_T2V_720P, num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0),
         ),
+        # Wan2.2-Animate-14B: a driving video's pose and face frames animate a character image. diffusers'
+        # WanAnimatePipeline defaults (720 x 1280, segments of 77 frames, 20 steps, guidance 1.0) and the
+        # original repository's wan/configs/wan_animate_14B.py (the same, 30 fps).
+        WanVariant(
+            "wan2.2-animate-14b",
+            "animate",
+            "2.2",
+            replace(_T2V_720P, num_frames=77, num_inference_steps=20, guidance_scale=1.0, fps=30),
+        ),
         # The built-in demo checkpoint: tiny random weights, small defaults so it runs anywhere.
         WanVariant("demo", "t2v", "2.1", SamplingDefaults(128, 128, 9, 8, 5.0)),
     )
@@ -99,6 +108,8 @@ def detect_variant(
     task comes from the structure, the size from the DiT width)."""
     if demo:
         return VARIANTS["demo"]
+    if transformer.is_animate:
+        return VARIANTS["wan2.2-animate-14b"]
     if vae.z_dim == 48:
         return VARIANTS["wan2.2-ti2v-5b"]
     if transformer.vace_layers is not None:
@@ -182,8 +193,9 @@ class WanArchConfig:
 
     @property
     def accepts_animate(self) -> bool:
-        """A Wan2.2-Animate checkpoint (character image, pose and face videos; task "animate")."""
-        return self.variant.task == "animate"
+        """A Wan2.2-Animate checkpoint: its DiT takes pose latents and face frames (``variant.task`` is
+        "animate"; the character image goes through the CLIP image encoder and the VAE)."""
+        return self.transformer.is_animate
 
     @property
     def in_channels_condition(self) -> int:

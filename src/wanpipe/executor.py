@@ -163,10 +163,15 @@ class WanExecutor:
         """The DiT has VACE blocks (it takes control latents)."""
         return self.transformer.config.vace_layers is not None
 
-    @staticmethod
-    def _vace_cache_message(what: str) -> str:
+    @property
+    def accepts_animate(self) -> bool:
+        """The DiT is a Wan2.2-Animate one (it takes pose latents and face frames)."""
+        return self.transformer.config.is_animate
+
+    def _vace_cache_message(self, what: str) -> str:
+        kind = "Animate" if self.accepts_animate else "VACE"
         return (
-            f"the step caches (First-Block-Cache, TeaCache) do not apply to VACE checkpoints yet: "
+            f"the step caches (First-Block-Cache, TeaCache) do not apply to {kind} checkpoints yet: "
             f"leave {what} off"
         )
 
@@ -176,7 +181,7 @@ class WanExecutor:
 
         ``device``: the compute device, when the modules were loaded elsewhere (e.g. loaded on the CPU
         and run on "cuda" with offload, so the full model never sits on the GPU)."""
-        if options.cache not in (None, "none") and self.accepts_vace:
+        if options.cache not in (None, "none") and (self.accepts_vace or self.accepts_animate):
             raise ValueError(self._vace_cache_message(f"--cache {options.cache}"))
         if options.cache == "teacache" and options.teacache_coefficients is None:
             self._teacache_variant()  # refuse a model without published coefficients now, not mid-request
@@ -199,7 +204,7 @@ class WanExecutor:
             streamer = BlockStreamer(dev, options.offload_buffers)
             for dit in self.experts.models:
                 for name, child in dit.named_children():
-                    if name in ("blocks", "vace_blocks"):
+                    if name in ("blocks", "vace_blocks", "face_adapter"):
                         child.to(storage)
                         pin_module(child)
                     else:
@@ -240,7 +245,7 @@ class WanExecutor:
 
     def check_step_cache(self, approximations: Approximations) -> None:
         """Raise ValueError if the step cache a request asks for (its residual_threshold, or the runtime's
-        cache) does not apply to this model: VACE checkpoints take none yet."""
+        cache) does not apply to this model: VACE and Animate checkpoints take none yet."""
         self._make_cache(approximations)
 
     def check_parallel(self, approximations: Approximations | None = None) -> None:
@@ -256,6 +261,7 @@ class WanExecutor:
                 ("--compile", self.runner.compiled is not None),
                 ("--offload block", self.runner.streamer is not None),
                 ("a step cache (--cache / residual_threshold)", cache is not None),
+                ("an Animate checkpoint", self.accepts_animate),
             )
             if on
         ]
@@ -388,7 +394,7 @@ class WanExecutor:
                 self._teacache_variant(), latent_size or (0, 0), self.transformer.config.patch_size
             )
         cache = make_step_cache(kind, threshold, coefficients)
-        if cache is not None and self.accepts_vace:
+        if cache is not None and (self.accepts_vace or self.accepts_animate):
             raise ValueError(self._vace_cache_message("residual_threshold"))
         return cache
 

@@ -6,13 +6,15 @@ checkpoints are renamed at load by the key table of ``weights/transformer_keys.p
 The model is run one stage at a time so an executor can compile, offload or stream blocks::
 
     x = model.embed(latents, timestep, text_embeds, image_embeds)   # VACE: + control latents and scales
-    hidden = run_blocks(model.block_sequence(vace=x.control is not None), x.hidden, x)
+    hidden = run_blocks(model.block_sequence(vace=x.control is not None), x.hidden, x)   # Animate: animate=
     out = model.head(hidden, x.temb, x.grid)
 
 :func:`run_blocks` is the one place the blocks are called (through :func:`call_block`): the plain
 forward below, the compiled one (``call=torch.compile(call_block)``), the streamed one (``blocks`` an
 iterator of device-resident copies) and the sequence-parallel one (``self_attention`` over the ranks)
 all go through it. A VACE model's sequence holds its VACE blocks too, each just before the main block its hint goes to.
+An Animate model's (``animate=True``: face video given) holds its face adapter blocks, each just after
+the main block it follows (0, 5, 10, ...; :mod:`wanpipe.models.animate`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from wanpipe.models.animate import FaceBlock, FaceEncoder, MotionEncoder
 from wanpipe.models.transformer_layers import (
     AttentionFn,
     ImageProjection,
@@ -69,14 +72,24 @@ class DiTInputs:
     dtype; None: no VACE blocks run."""
     control_scale: Tensor | None = None
     """VACE: (B, num_vace_layers) float32, each hint's scale; None without ``control``."""
+    motion: Tensor | None = None
+    """Animate: (B, f, heads + 1, dim) the face motion tokens of each latent frame (the first frame's are
+    zeros), model dtype; None: no face adapter blocks run."""
+    num_face_blocks: int = 0
+    """Animate: how many face adapter blocks :func:`run_blocks` must run (0 without ``motion``)."""
 
 
 class WanTransformerModel(nn.Module):
-    """The Wan DiT (T2V, I2V, FLF2V, TI2V, VACE) built from a :class:`TransformerConfig`.
+    """The Wan DiT (T2V, I2V, FLF2V, TI2V, VACE, Animate) built from a :class:`TransformerConfig`.
 
     VACE models (``config.vace_layers``) add ``vace_patch_embedding`` and ``vace_blocks``: given control
     latents, VACE block k runs on the control stream just before main block ``vace_layers[k]`` and its
     hint, times its scale, is added to that block's output (:meth:`block_sequence`, :func:`run_blocks`).
+
+    Animate models (``config.is_animate``) add ``pose_patch_embedding`` (the pose latents' tokens are added
+    to those of every latent frame but the first, the reference), ``motion_encoder`` and ``face_encoder``
+    (face video -> motion tokens per latent frame) and ``face_adapter`` blocks run after every
+    ``inject_face_latents_blocks``-th main block.
     """
 
     keep_in_fp32: tuple[str, ...] = (
@@ -84,6 +97,7 @@ class WanTransformerModel(nn.Module):
         r"((vace_)?blocks\.\d+|head)\.modulation",
         r"(vace_)?blocks\.\d+\.norm3\..+",
         r"img_emb\.proj\.[04]\..+",
+        r"motion_encoder\.motion_synthesis_weight",
     )
     """Parameter names (``re.fullmatch``) that stay float32 when the model runs in bf16/fp16."""
 
@@ -111,6 +125,18 @@ class WanTransformerModel(nn.Module):
             self.vace_blocks = nn.ModuleList(
                 VaceBlock(config, first=k == 0) for k in range(config.num_vace_layers)
             )
+        self.pose_patch_embedding: nn.Conv3d | None = None
+        self.motion_encoder: MotionEncoder | None = None
+        self.face_encoder: FaceEncoder | None = None
+        self.face_adapter: nn.ModuleList | None = None
+        if config.is_animate:
+            assert config.latent_channels is not None
+            self.pose_patch_embedding = nn.Conv3d(
+                config.latent_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+            )
+            self.motion_encoder = MotionEncoder(config)
+            self.face_encoder = FaceEncoder(config)
+            self.face_adapter = nn.ModuleList(FaceBlock(config) for _ in range(config.num_face_blocks))
         self._rope_cache: dict[tuple[int, int, int, torch.device], Rope] = {}
 
     # -- weights -------------------------------------------------------------------------------
@@ -189,6 +215,9 @@ class WanTransformerModel(nn.Module):
         text_bias: Tensor | None = None,
         control_hidden_states: Tensor | None = None,
         control_hidden_states_scale: Tensor | None = None,
+        pose_hidden_states: Tensor | None = None,
+        face_pixel_values: Tensor | None = None,
+        motion_encode_batch_size: int | None = None,
     ) -> DiTInputs:
         """Patchify the latents and embed the conditions.
 
@@ -197,7 +226,11 @@ class WanTransformerModel(nn.Module):
         text_bias (B, Lt) float, the text attention's logit bias (:func:`compress_text_padding`) or None.
         VACE models: control_hidden_states (B, vace_in_channels, F, H, W), the control latents (None: the
         VACE blocks do not run); control_hidden_states_scale (num_vace_layers,) or (B, num_vace_layers),
-        each hint's scale (None: ones).
+        each hint's scale (None: ones). Animate models (both required): pose_hidden_states
+        (B, latent_channels, F - 1, H, W), the pose latents of every latent frame but the first;
+        face_pixel_values (B, 3, T, S, S) in [-1, 1], S = ``motion_encoder_size``, with
+        ceil(ceil(T / 2) / 2) = F - 1; motion_encode_batch_size: face frames per motion-encoder call (memory
+        only; None: the config's).
         """
         cfg = self.config
         batch, _, frames, height, width = latents.shape
@@ -224,7 +257,14 @@ class WanTransformerModel(nn.Module):
             )
 
         dtype = self.patch_embedding.weight.dtype
-        hidden = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        motion = self._embed_face(
+            face_pixel_values, pose_hidden_states, latents.shape, motion_encode_batch_size
+        )
+        patches = self.patch_embedding(latents.to(dtype))
+        if pose_hidden_states is not None and self.pose_patch_embedding is not None:
+            pose = self.pose_patch_embedding(pose_hidden_states.to(dtype))
+            patches = torch.cat([patches[:, :, :1], patches[:, :, 1:] + pose], dim=2)
+        hidden = patches.flatten(2).transpose(1, 2).contiguous()
 
         time_dtype = self.time_embedding[0].weight.dtype
         temb = self.time_embedding(timestep_sinusoid(timestep, cfg.freq_dim).to(time_dtype)).float()
@@ -253,7 +293,52 @@ class WanTransformerModel(nn.Module):
             context_bias=context_bias,
             control=control,
             control_scale=control_scale,
+            motion=motion,
+            num_face_blocks=0 if motion is None else cfg.num_face_blocks,
         )
+
+    def _embed_face(
+        self, face: Tensor | None, pose: Tensor | None, latent_shape: torch.Size, batch_size: int | None
+    ) -> Tensor | None:
+        """Animate: face (B, 3, T, S, S), pose (B, C_lat, F - 1, H, W) checked against the latents (B, C_in,
+        F, H, W) -> the motion tokens (B, F, heads + 1, dim), model dtype; None for other models."""
+        cfg = self.config
+        if self.motion_encoder is None or self.face_encoder is None:
+            if face is not None or pose is not None:
+                raise ValueError(
+                    "this model is not an Animate model: it takes no pose_hidden_states / face_pixel_values"
+                )
+            return None
+        if face is None or pose is None:
+            raise ValueError("this Animate model needs pose_hidden_states and face_pixel_values")
+        batch, _, frames, height, width = latent_shape
+        expected = (batch, cfg.latent_channels, frames - 1, height, width)
+        if tuple(pose.shape) != expected:
+            raise ValueError(
+                f"pose_hidden_states must have shape {expected} (batch, latent_channels, the latents' frames "
+                f"but the first (the reference), height and width), got {tuple(pose.shape)}"
+            )
+        size = cfg.motion_encoder_size
+        if face.ndim != 5 or face.shape[0] != batch or face.shape[1] != 3 or face.shape[3:] != (size, size):
+            raise ValueError(
+                f"face_pixel_values must have shape ({batch}, 3, T, {size}, {size}) (batch, RGB, face "
+                f"frames, motion_encoder_size squared), got {tuple(face.shape)}"
+            )
+        num_face = face.shape[2]
+        encoded = ((num_face + 1) // 2 + 1) // 2  # ceil(ceil(T / 2) / 2): the face encoder's stride-2 convs
+        if encoded != frames - 1:
+            raise ValueError(
+                f"face_pixel_values has {num_face} frames, which the face encoder makes {encoded} latent "
+                f"frames; the latents have {frames} (the reference frame, then {frames - 1}: give "
+                f"{max(1, 4 * (frames - 1) - 3)} to {4 * (frames - 1)} face frames)"
+            )
+        step = batch_size or cfg.motion_encoder_batch_size or 8
+        if step < 1:
+            raise ValueError(f"motion_encode_batch_size must be positive, got {step}")
+        faces = face.transpose(1, 2).flatten(0, 1)  # (B * T, 3, S, S), frame-major per sample
+        vectors = torch.cat([self.motion_encoder(chunk) for chunk in faces.split(step)])
+        motion = self.face_encoder(vectors.unflatten(0, (batch, num_face)))
+        return torch.cat([torch.zeros_like(motion[:, :1]), motion], dim=1)
 
     def _embed_control(
         self, control: Tensor | None, scale: Tensor | None, latent_shape: torch.Size
@@ -288,9 +373,17 @@ class WanTransformerModel(nn.Module):
         tokens = embedding(control.to(embedding.weight.dtype)).flatten(2).transpose(1, 2).contiguous()
         return tokens, scale.to(device=tokens.device, dtype=torch.float32)
 
-    def block_sequence(self, vace: bool = False) -> list[nn.Module]:
+    def block_sequence(self, vace: bool = False, animate: bool = False) -> list[nn.Module]:
         """The blocks in the order :func:`run_blocks` runs them: the main blocks, and with ``vace`` (control
-        tokens given) each VACE block just before the main block at its layer (``config.vace_layers``)."""
+        tokens given) each VACE block just before the main block at its layer (``config.vace_layers``);
+        with ``animate`` (motion tokens given) face adapter block k just after main block
+        ``k * inject_face_latents_blocks``."""
+        every = self.config.inject_face_latents_blocks
+        if animate and self.face_adapter is not None and every is not None:
+            faces = dict(zip(range(0, len(self.blocks), every), self.face_adapter))
+            return [
+                b for i, main in enumerate(self.blocks) for b in ((main, faces[i]) if i in faces else (main,))
+            ]
         if not vace or self.vace_blocks is None or self.config.vace_layers is None:
             return list(self.blocks)
         at = dict(zip(self.config.vace_layers, self.vace_blocks))
@@ -305,12 +398,17 @@ class WanTransformerModel(nn.Module):
         text_bias: Tensor | None = None,
         control_hidden_states: Tensor | None = None,
         control_hidden_states_scale: Tensor | None = None,
+        pose_hidden_states: Tensor | None = None,
+        face_pixel_values: Tensor | None = None,
+        motion_encode_batch_size: int | None = None,
     ) -> Tensor:
         """Predict the flow: latents (B, C_in, F, H, W), timestep (B,) or (B, L),
         text_embeds (B, Lt, text_dim), image_embeds (B, Li, image_dim) | None,
         text_bias (B, Lt) | None (see :func:`compress_text_padding`); VACE models:
         control_hidden_states (B, vace_in_channels, F, H, W) | None, control_hidden_states_scale
-        (num_vace_layers,) | (B, num_vace_layers) | None (ones) -> (B, C_out, F, H, W)."""
+        (num_vace_layers,) | (B, num_vace_layers) | None (ones); Animate models: pose_hidden_states
+        (B, latent_channels, F - 1, H, W), face_pixel_values (B, 3, T, S, S), motion_encode_batch_size
+        (see :meth:`embed`) -> (B, C_out, F, H, W)."""
         x = self.embed(
             latents,
             timestep,
@@ -319,8 +417,11 @@ class WanTransformerModel(nn.Module):
             text_bias,
             control_hidden_states,
             control_hidden_states_scale,
+            pose_hidden_states,
+            face_pixel_values,
+            motion_encode_batch_size,
         )
-        blocks = self.block_sequence(vace=x.control is not None)
+        blocks = self.block_sequence(vace=x.control is not None, animate=x.motion is not None)
         return self.head(run_blocks(blocks, x.hidden, x), x.temb, x.grid)
 
 
@@ -328,7 +429,8 @@ BlockOutput = Tensor | tuple[Tensor, Tensor]
 """A main block's hidden (B, L, dim), or a VACE block's (control, hint), each (B, L, dim)."""
 
 BlockCall = Callable[
-    [nn.Module, Tensor, Tensor, Tensor, Rope, int, Tensor | None, AttentionFn, Tensor | None], BlockOutput
+    [nn.Module, Tensor, Tensor, Tensor, Rope, int, Tensor | None, AttentionFn, Tensor | None, Tensor | None],
+    BlockOutput,
 ]
 """The signature of :func:`call_block` (and of its compiled form)."""
 
@@ -343,20 +445,20 @@ def call_block(
     context_bias: Tensor | None,
     self_attention: AttentionFn,
     control: Tensor | None = None,
+    motion: Tensor | None = None,
 ) -> BlockOutput:
     """One block, positional arguments only (what ``torch.compile`` gets): see :meth:`WanBlock.forward`;
-    a VACE block (:class:`VaceBlock`) also gets the control stream ``control`` and returns (control, hint)."""
-    extra = {} if control is None else {"control": control}
-    return block(
-        hidden,
-        context,
-        modulation,
-        rope,
-        num_image_tokens,
-        self_attention,
-        context_bias=context_bias,
-        **extra,
+    a VACE block (:class:`VaceBlock`) also gets the control stream ``control`` and returns (control, hint);
+    a face adapter block (:class:`FaceBlock`) gets only ``hidden`` and the motion tokens ``motion``."""
+    args: tuple = (hidden, context, modulation, rope, num_image_tokens, self_attention)
+    extra: dict = (
+        {"context_bias": context_bias}
+        if control is None
+        else {"context_bias": context_bias, "control": control}
     )
+    if motion is not None:
+        args, extra = (hidden, motion), {}
+    return block(*args, **extra)
 
 
 def run_blocks(
@@ -375,19 +477,39 @@ def run_blocks(
     the model's blocks, a slice of them, or an iterator of device-resident copies (block offload), in
     :meth:`WanTransformerModel.block_sequence`'s order: with control tokens (``x.control``, VACE) a VACE
     block's hint, times its scale, is added to the output of the main block that follows it, and the
-    sequence must hold all of the model's VACE blocks. ``call``: :func:`call_block` or its compiled form;
+    sequence must hold all of the model's VACE blocks; with motion tokens (``x.motion``, Animate) a face
+    adapter block adds its output to the main stream, and the sequence must hold them all. ``call``: :func:`call_block` or its compiled form;
     ``self_attention``: see :meth:`SelfAttention.forward`.
     """
     context, modulation, bias = x.context, x.modulation, x.context_bias
-    control, scale = x.control, x.control_scale
+    control, scale, motion = x.control, x.control_scale, x.motion
     if rows is not None:
         context, modulation = context[rows], modulation[rows]
         bias = None if bias is None else bias[rows]
         if control is not None and scale is not None:
             control, scale = control[rows], scale[rows]
+        motion = None if motion is None else motion[rows]
     hint: Tensor | None = None
-    hints = 0
+    hints = faces = 0
     for block in blocks:
+        if isinstance(block, FaceBlock):
+            if motion is None:
+                raise ValueError("a face adapter block needs motion tokens (face_pixel_values)")
+            out = call(
+                block,
+                hidden,
+                context,
+                modulation,
+                x.rope,
+                x.num_image_tokens,
+                bias,
+                self_attention,
+                None,
+                motion,
+            )
+            assert isinstance(out, Tensor)
+            hidden, faces = out, faces + 1
+            continue
         vace = isinstance(block, VaceBlock)
         if vace and control is None:
             raise ValueError("a VACE block needs control tokens (control_hidden_states)")
@@ -415,5 +537,10 @@ def run_blocks(
         raise ValueError(
             f"run_blocks added {hints} of the {x.control_scale.shape[1]} VACE hints: run the whole "
             "WanTransformerModel.block_sequence(vace=True)"
+        )
+    if faces != x.num_face_blocks:
+        raise ValueError(
+            f"run_blocks ran {faces} of the {x.num_face_blocks} face adapter blocks: run the whole "
+            "WanTransformerModel.block_sequence(animate=True)"
         )
     return hidden

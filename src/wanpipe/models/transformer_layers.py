@@ -39,6 +39,23 @@ TIME_MAX_PERIOD = 10000.0
 # Config
 # --------------------------------------------------------------------------------------------
 
+ANIMATE_DEFAULTS: dict[str, int] = {
+    "motion_encoder_size": 512,
+    "motion_style_dim": 512,
+    "motion_dim": 20,
+    "motion_encoder_dim": 512,
+    "face_encoder_hidden_dim": 1024,
+    "face_encoder_num_heads": 4,
+    "inject_face_latents_blocks": 5,
+    "motion_encoder_batch_size": 8,
+}
+"""The Animate fields' values in the released Wan2.2-Animate-14B (diffusers' ``WanAnimateTransformer3DModel``
+defaults; the original ``WanAnimateModel`` hard-codes the same: ``Generator(size=512, style_dim=512,
+motion_dim=20)``, ``FaceEncoder(num_heads=4)`` of width 1024, a face block every 5 blocks, encode batch 8)."""
+
+ANIMATE_FIELDS: tuple[str, ...] = ("latent_channels", "motion_encoder_channel_sizes", *ANIMATE_DEFAULTS)
+"""The :class:`TransformerConfig` fields of an Animate DiT (all None for other models)."""
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -65,6 +82,29 @@ class TransformerConfig:
     a plain DiT."""
     vace_in_channels: int | None = None
     """VACE: channels of the control latents (96 in the released models); None: a plain DiT."""
+    # Wan2.2-Animate (diffusers' ``WanAnimateTransformer3DModel`` keys; all None: not an Animate DiT; set
+    # one and the others take diffusers' defaults, those of the released model).
+    latent_channels: int | None = None
+    """Animate: channels of the pose latents (``pose_patch_embedding``); default (in_channels - 4) / 2."""
+    motion_encoder_channel_sizes: tuple[tuple[int, int], ...] | None = None
+    """Animate: the motion encoder's channels per feature-map size, as (size, channels) pairs (a
+    ``{"size": channels}`` mapping is accepted); None: the original table (``models.animate``)."""
+    motion_encoder_size: int | None = None
+    """Animate: face frames are motion_encoder_size x motion_encoder_size pixels (512)."""
+    motion_style_dim: int | None = None
+    """Animate: the motion encoder's appearance feature width (512)."""
+    motion_dim: int | None = None
+    """Animate: how many motion directions (20)."""
+    motion_encoder_dim: int | None = None
+    """Animate: the motion vector's width (512)."""
+    face_encoder_hidden_dim: int | None = None
+    """Animate: the face encoder's width per head (1024)."""
+    face_encoder_num_heads: int | None = None
+    """Animate: motion tokens per latent frame, before the padding token (4)."""
+    inject_face_latents_blocks: int | None = None
+    """Animate: a face adapter block runs after main blocks 0, n, 2n, ... (n = 5); None: not Animate."""
+    motion_encoder_batch_size: int | None = None
+    """Animate: face frames per motion-encoder call by default (8): memory only, not numerics."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> TransformerConfig:
@@ -112,6 +152,7 @@ class TransformerConfig:
         if self.pos_embed_seq_len is not None and (self.image_dim is None or self.pos_embed_seq_len < 1):
             raise ValueError("pos_embed_seq_len needs image_dim and must be positive")
         self._check_vace()
+        self._check_animate()
 
     def _check_vace(self) -> None:
         if (self.vace_layers is None) != (self.vace_in_channels is None):
@@ -135,6 +176,58 @@ class TransformerConfig:
         object.__setattr__(self, "vace_layers", layers)
         if self.vace_in_channels < 1:
             raise ValueError(f"vace_in_channels must be positive, got {self.vace_in_channels}")
+
+    def _check_animate(self) -> None:
+        if all(getattr(self, n) is None for n in ANIMATE_FIELDS):
+            return
+        for name, default in ANIMATE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.latent_channels is None:
+            object.__setattr__(self, "latent_channels", (self.in_channels - 4) // 2)
+        if self.in_channels != 2 * self.latent_channels + 4:
+            raise ValueError(
+                "an Animate DiT takes the noise, the reference/previous-segment latents and their 4 mask "
+                f"channels: in_channels must be 2 * latent_channels + 4, got in_channels={self.in_channels}, "
+                f"latent_channels={self.latent_channels}"
+            )
+        if self.vace_layers is not None:
+            raise ValueError("a DiT is either a VACE or an Animate model, not both")
+        if self.patch_size[0] != 1:
+            raise ValueError(f"an Animate DiT needs a temporal patch size of 1, got {self.patch_size}")
+        if self.num_layers % self.inject_face_latents_blocks:  # type: ignore[operator]
+            raise ValueError(
+                f"num_layers ({self.num_layers}) must be a multiple of inject_face_latents_blocks "
+                f"({self.inject_face_latents_blocks}): a face adapter block follows blocks 0, n, 2n, ..."
+            )
+        sizes = self.motion_encoder_channel_sizes
+        if sizes is not None:
+            items = sizes.items() if isinstance(sizes, Mapping) else sizes
+            table = tuple(sorted((int(k), int(v)) for k, v in items))
+            object.__setattr__(self, "motion_encoder_channel_sizes", table)
+        size = self.motion_encoder_size
+        assert size is not None and self.inject_face_latents_blocks is not None
+        if size < 8 or size & (size - 1):
+            raise ValueError(f"motion_encoder_size must be a power of two >= 8, got {size}")
+        needed = {2**i for i in range(2, int(math.log2(size)) + 1)}
+        if self.motion_encoder_channel_sizes is not None:
+            missing = sorted(needed - {k for k, _ in self.motion_encoder_channel_sizes})
+            if missing:
+                raise ValueError(f"motion_encoder_channel_sizes has no channels for sizes {missing}")
+        for name in [*ANIMATE_DEFAULTS, "latent_channels"]:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def is_animate(self) -> bool:
+        """A Wan2.2-Animate DiT (pose patch embedding, motion and face encoders, face adapter)."""
+        return self.inject_face_latents_blocks is not None
+
+    @property
+    def num_face_blocks(self) -> int:
+        """Animate: how many face adapter blocks (one per ``inject_face_latents_blocks`` main blocks)."""
+        n = self.inject_face_latents_blocks
+        return 0 if n is None else self.num_layers // n
 
     @property
     def dim(self) -> int:

@@ -65,17 +65,19 @@ class DiTRunner:
         text_bias: Tensor | None,
         control: Tensor | None,
         control_scale: Tensor | None,
+        animate: tuple[Tensor | None, Tensor | None, int | None] = (None, None, None),
     ) -> None:
         """Compile for a new shape before timing steps: one discarded forward, added to ``compile_s``."""
         compiled = self.compiled
         assert compiled is not None
-        inputs = (latents, timestep, context, image_embeds, text_bias, control, control_scale)
+        inputs = (latents, timestep, context, image_embeds, text_bias, control, control_scale, *animate[:2])
         key = tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in inputs)
         if key in compiled.warmed:
             return
         t0 = time.perf_counter()
-        x = dit.embed(*inputs)
-        self._head(dit, self._run_blocks(dit.block_sequence(vace=x.control is not None), x.hidden, x), x)
+        x = dit.embed(*inputs, animate[2])
+        blocks = dit.block_sequence(vace=x.control is not None, animate=x.motion is not None)
+        self._head(dit, self._run_blocks(blocks, x.hidden, x), x)
         if latents.device.type == "cuda":
             torch.cuda.synchronize(latents.device)
         self.compile_s += time.perf_counter() - t0
@@ -93,6 +95,9 @@ class DiTRunner:
         text_bias: Tensor | None = None,
         control_hidden_states: Tensor | None = None,
         control_hidden_states_scale: Tensor | None = None,
+        pose_hidden_states: Tensor | None = None,
+        face_pixel_values: Tensor | None = None,
+        motion_encode_batch_size: int | None = None,
         cache: StepCache | None = None,
         streams: Streams | None = None,
         step: int = 0,
@@ -104,11 +109,20 @@ class DiTRunner:
         (:func:`~wanpipe.models.transformer.compress_text_padding`); image_embeds (B, Li, image_dim).
         VACE: control_hidden_states (B, vace_in_channels, f, h, w) and control_hidden_states_scale
         (num_vace_layers,) | (B, num_vace_layers) | None (see :meth:`WanTransformerModel.embed`).
+        Animate: pose_hidden_states (B, latent_channels, f - 1, h, w), face_pixel_values (B, 3, T, S, S),
+        motion_encode_batch_size (see :meth:`WanTransformerModel.embed`).
         ``cache``/``streams``/``step``/``num_steps``: the step cache and the rows of each guidance stream
-        (no step cache with control latents: ValueError)."""
+        (no step cache with control latents or Animate inputs, no parallel mesh with Animate inputs:
+        ValueError)."""
         control, control_scale = control_hidden_states, control_hidden_states_scale
+        animate = (pose_hidden_states, face_pixel_values, motion_encode_batch_size)
         if control is not None and cache is not None:
             raise ValueError(f"the {cache.kind} step cache does not apply to VACE (control latents) yet")
+        if face_pixel_values is not None or pose_hidden_states is not None:
+            if cache is not None:
+                raise ValueError(f"the {cache.kind} step cache does not apply to Animate (face video) yet")
+            if self.mesh is not None:
+                raise ValueError("sequence/CFG parallelism does not apply to Animate (face video) yet")
         if self.mesh is not None:
             from wanpipe.parallel.dit import parallel_forward
 
@@ -116,9 +130,11 @@ class DiTRunner:
                 self.mesh, dit, latents, timestep, context, image_embeds, text_bias, control, control_scale
             )
         if self.compiled is not None:
-            self._warm_up(dit, latents, timestep, context, image_embeds, text_bias, control, control_scale)
-        x = dit.embed(latents, timestep, context, image_embeds, text_bias, control, control_scale)
-        blocks = dit.block_sequence(vace=x.control is not None)
+            self._warm_up(
+                dit, latents, timestep, context, image_embeds, text_bias, control, control_scale, animate
+            )
+        x = dit.embed(latents, timestep, context, image_embeds, text_bias, control, control_scale, *animate)
+        blocks = dit.block_sequence(vace=x.control is not None, animate=x.motion is not None)
         streams = streams or {"cond": slice(0, latents.shape[0])}
         if isinstance(cache, FirstBlockCache) and blocks:
             hidden = self._first_block_cached(dit, x, blocks, cache, streams)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from wanpipe.config import WanArchConfig
+from wanpipe.models.transformer_layers import ANIMATE_FIELDS
 from wanpipe.weights.components import ComponentWeights
 from wanpipe.weights.fp8 import is_fp8, prepare_fp8_state
 from wanpipe.weights.keymap import remap_state_dict
@@ -116,6 +117,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def _dit_class(cfg) -> str:
+    if cfg.is_animate:
+        return "WanAnimateTransformer3DModel"
     return "WanVACETransformer3DModel" if cfg.vace_layers is not None else "WanTransformer3DModel"
 
 
@@ -126,6 +129,11 @@ def _dit_config_diffusers(arch_dit) -> dict[str, Any]:
         del cfg["vace_layers"], cfg["vace_in_channels"]  # WanTransformer3DModel takes neither
     else:
         cfg["vace_layers"] = list(cfg["vace_layers"])
+    if not arch_dit.is_animate:
+        for key in ANIMATE_FIELDS:  # WanTransformer3DModel takes none of them
+            del cfg[key]
+    elif arch_dit.motion_encoder_channel_sizes is not None:
+        cfg["motion_encoder_channel_sizes"] = {str(k): v for k, v in arch_dit.motion_encoder_channel_sizes}
     return {"_class_name": _dit_class(arch_dit), **cfg}
 
 
@@ -173,7 +181,9 @@ def write_diffusers(
     )
     image = arch.image_encoder is not None and weights.image_encoder is not None
     index: dict[str, Any] = {
-        "_class_name": "WanImageToVideoPipeline"
+        "_class_name": "WanAnimatePipeline"
+        if arch.accepts_animate
+        else "WanImageToVideoPipeline"
         if arch.takes_image
         else "WanVACEPipeline"
         if arch.accepts_vace
@@ -191,7 +201,7 @@ def write_diffusers(
         "boundary_ratio": arch.boundary_ratio,
         "expand_timesteps": arch.expand_timesteps,
     }
-    if arch.takes_image:
+    if arch.takes_image or arch.accepts_animate:
         index["image_encoder"] = ["transformers", "CLIPVisionModel"] if image else [None, None]
         index["image_processor"] = ["transformers", "CLIPImageProcessor"] if image else [None, None]
     if image:

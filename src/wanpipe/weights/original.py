@@ -132,5 +132,7 @@ ORIGINAL_SAMPLING: dict[str, dict[str, float]] = {
     "wan2.1-vace-14b": {"flow_shift": 16.0},
     # Wan 2.2 VACE-Fun A14B (alibaba-pai, built on T2V-A14B): T2V-A14B's settings.
     "wan2.2-vace-fun-a14b": {"flow_shift": 12.0, "boundary_ratio": 0.875},
+    # wan/configs/wan_animate_14B.py: sample_shift 5.0.
+    "wan2.2-animate-14b": {"flow_shift": 5.0},
 }
 """Scheduler shift and expert boundary of each variant in the original repositories."""

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
+from wanpipe.models.animate import MOTION_ENCODER_CHANNELS
 from wanpipe.models.text_encoder import TextEncoderConfig
 from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import VAEConfig
+from wanpipe.weights.animate_keys import animate_original_to_runtime, is_animate_original
 from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.loader import load_pickle_weights
 from wanpipe.weights.original import T5_ORIGINAL_KEYS, vae21_original_tables
@@ -122,7 +124,7 @@ def _shape(state: Mapping[str, torch.Tensor], key: str, component: str) -> tuple
 def transformer_to_runtime(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A DiT state dict in either naming (prefixes already stripped) -> wanpipe's (= the original's)."""
     if naming_of(state, "transformer") == "original":
-        return dict(state)
+        return animate_original_to_runtime(state) if is_animate_original(state) else dict(state)
     return prepare_transformer_state(state)
 
 
@@ -189,6 +191,7 @@ def infer_transformer_config(
             )
     else:
         vace_layers = None
+    animate = infer_animate_fields(state, len(layers)) if "pose_patch_embedding.weight" in state else {}
     try:
         return TransformerConfig(
             patch_size=tuple(patch),
@@ -208,9 +211,41 @@ def infer_transformer_config(
             pos_embed_seq_len=pos_len,
             vace_layers=vace_layers,
             vace_in_channels=vace_in,
+            **animate,
         )
     except ValueError as e:
         raise CheckpointError(f"{c}: the tensor shapes give an unusable config: {e}") from None
+
+
+def infer_animate_fields(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, Any]:
+    """An Animate DiT's own config fields from its tensors in wanpipe names (the motion encoder's size
+    from its residual levels, its channels per level, the widths; the face blocks' spacing from their
+    count; the encode batch size is diffusers' default)."""
+    c = "transformer"
+    res = {int(m.group(1)) for k in state if (m := re.match(r"motion_encoder\.res_blocks\.(\d+)\.", k))}
+    faces = {int(m.group(1)) for k in state if (m := re.match(r"face_adapter\.(\d+)\.", k))}
+    if not res or sorted(res) != list(range(len(res))) or not faces or num_layers % len(faces):
+        raise CheckpointError(
+            f"{c}: Animate tensors without contiguous motion_encoder.res_blocks.N.* and face_adapter.N.* "
+            f"({len(res)} residual levels, {len(faces)} face blocks over {num_layers} blocks)"
+        )
+    size = 2 ** (len(res) + 2)
+    channels = {size: _shape(state, "motion_encoder.conv_in.weight", c)[0]}
+    for i in range(len(res)):
+        channels[size >> (i + 1)] = _shape(state, f"motion_encoder.res_blocks.{i}.conv2.weight", c)[0]
+    default = all(MOTION_ENCODER_CHANNELS.get(k) == v for k, v in channels.items())
+    hidden = _shape(state, "face_encoder.conv2.weight", c)[0]
+    return {
+        "latent_channels": _shape(state, "pose_patch_embedding.weight", c)[1],
+        "motion_encoder_channel_sizes": None if default else tuple(sorted(channels.items())),
+        "motion_encoder_size": size,
+        "motion_style_dim": _shape(state, "motion_encoder.conv_out.weight", c)[0],
+        "motion_dim": _shape(state, "motion_encoder.motion_synthesis_weight", c)[1],
+        "motion_encoder_dim": _shape(state, "motion_encoder.motion_synthesis_weight", c)[0],
+        "face_encoder_hidden_dim": hidden,
+        "face_encoder_num_heads": _shape(state, "face_encoder.conv1_local.weight", c)[0] // hidden,
+        "inject_face_latents_blocks": num_layers // len(faces),
+    }
 
 
 def transformer_config_from_original(config: Mapping[str, Any]) -> dict[str, Any]:
