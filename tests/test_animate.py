@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from wanpipe import animate_request
+from tests.tiny_animate import FACE_SIZE
 from wanpipe.animate_request import preprocessed_inputs, reflect_indices, segment_plan
 from wanpipe.batch import collate
 from wanpipe.context import InvalidRequestError, WanRequest
 from wanpipe.stages.conditioning import AnimateSegments, conditioning_class
 from wanpipe.tokenizer import WanTokenizer
 
-HEIGHT, WIDTH, FACE = 32, 48, 16
+HEIGHT, WIDTH, FACE = 32, 48, FACE_SIZE
 
 
 def _frames(rng: np.random.Generator, count: int, height: int, width: int) -> list[Image.Image]:
@@ -37,18 +37,25 @@ def _masks(count: int, height: int, width: int) -> list[Image.Image]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def small_face(monkeypatch) -> None:
-    """The tiny config has no motion encoder: its face size (512 on the real model) is made small."""
-    monkeypatch.setattr(animate_request, "DEFAULT_FACE_SIZE", FACE)
+@pytest.fixture(scope="module")
+def animate_ckpt(tmp_path_factory):
+    from tests.tiny_animate import save_animate_checkpoint
+
+    return save_animate_checkpoint(tmp_path_factory.mktemp("animate") / "wan-animate-tiny")
 
 
 @pytest.fixture(scope="module")
-def animate_tokenizer(wan_pipe) -> WanTokenizer:
-    """The tiny checkpoint's tokenizer as an Animate checkpoint's (the request side needs no weights)."""
-    arch = wan_pipe.arch
-    variant = replace(arch.variant, name="wan2.2-animate-14b", task="animate")
-    return WanTokenizer(replace(arch, variant=variant), wan_pipe.tokenizer.text_tokenizer)
+def animate_pipes(animate_ckpt):
+    from tests.tiny_animate import load_animate_reference
+    from wanpipe import WanPipeline
+
+    ours = WanPipeline.from_pretrained(animate_ckpt, device="cpu", dtype="float32")
+    return ours, load_animate_reference(animate_ckpt)
+
+
+@pytest.fixture(scope="module")
+def animate_tokenizer(animate_pipes) -> WanTokenizer:
+    return animate_pipes[0].tokenizer
 
 
 def _inputs(frames: int = 7, seed: int = 0, replace_mode: bool = False) -> dict:
@@ -191,19 +198,9 @@ def test_segments_and_reflection_as_diffusers() -> None:
 
 
 @pytest.fixture(scope="module")
-def diffusers_animate(reference_pipe):
-    """diffusers' WanAnimatePipeline around the reference's VAE (no transformer: its preprocessing only)."""
-    from diffusers import WanAnimatePipeline
-
-    return WanAnimatePipeline(
-        tokenizer=reference_pipe.tokenizer,
-        text_encoder=reference_pipe.text_encoder,
-        vae=reference_pipe.vae,
-        scheduler=reference_pipe.scheduler,
-        image_processor=None,
-        image_encoder=None,
-        transformer=None,
-    )
+def diffusers_animate(animate_pipes):
+    """diffusers' WanAnimatePipeline on the same tiny checkpoint (its preprocessing and prepare_*)."""
+    return animate_pipes[1]
 
 
 def _worst(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor) -> float:
@@ -250,7 +247,9 @@ def test_preprocessing_matches_diffusers(animate_tokenizer, diffusers_animate, m
 
 
 @pytest.mark.parametrize("mode", ["animate", "replace"])
-def test_segment_conditioning_matches_diffusers(animate_tokenizer, wan_pipe, diffusers_animate, mode) -> None:
+def test_segment_conditioning_matches_diffusers(
+    animate_tokenizer, animate_pipes, diffusers_animate, mode
+) -> None:
     """The character's latents, each segment's pose latents, face pixels and conditioning latents (the
     first from zeros / the background, the second from the last frame of the first) and each segment's
     noise, against diffusers' prepare_* on the same VAE and generator."""
@@ -259,7 +258,7 @@ def test_segment_conditioning_matches_diffusers(animate_tokenizer, wan_pipe, dif
     ctx = animate_tokenizer.make_context(_request(seed=seed, **inputs))
     batch = collate([ctx])
     assert batch.segments == 2 and conditioning_class(batch, False) is AnimateSegments
-    cond, noise = AnimateSegments.prepare(batch, wan_pipe.executor.encoders)
+    cond, noise = AnimateSegments.prepare(batch, animate_pipes[0].executor.encoders)
     assert isinstance(cond, AnimateSegments)
 
     target = segment_plan(7, 5, 1)[0]
@@ -338,25 +337,7 @@ def test_preprocessed_folder(tmp_path) -> None:
 # -- end to end against diffusers' WanAnimatePipeline (the animate-model branch's tiny checkpoint) --------
 
 
-@pytest.fixture(scope="module")
-def animate_ckpt(tmp_path_factory):
-    from tests.tiny_animate import save_animate_checkpoint
-
-    return save_animate_checkpoint(tmp_path_factory.mktemp("animate") / "wan-animate-tiny")
-
-
-@pytest.fixture(scope="module")
-def animate_pipes(animate_ckpt):
-    from tests.tiny_animate import load_animate_reference
-    from wanpipe import WanPipeline
-
-    ours = WanPipeline.from_pretrained(animate_ckpt, device="cpu", dtype="float32")
-    return ours, load_animate_reference(animate_ckpt)
-
-
 def _e2e_inputs(frames: int, mode: str, seed: int) -> dict:
-    from tests.tiny_animate import FACE_SIZE
-
     rng = np.random.default_rng(seed)
     out = {
         "image": Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)),

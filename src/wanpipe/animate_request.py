@@ -102,8 +102,8 @@ def refuse_animate(request: WanRequest, arch: WanArchConfig) -> None:
 
 
 def face_size(arch: WanArchConfig) -> int:
-    """The face video's side: the motion encoder's input size."""
-    return int(getattr(arch.transformer, "motion_encoder_size", None) or DEFAULT_FACE_SIZE)
+    """The face video's side: the motion encoder's input size (``motion_encoder_size``, 512)."""
+    return arch.transformer.motion_encoder_size or DEFAULT_FACE_SIZE
 
 
 def read_animate(request: WanRequest, arch: WanArchConfig) -> WanRequest:

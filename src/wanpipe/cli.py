@@ -17,6 +17,7 @@ from wanpipe.parallel.options import add_parallel_arguments, parallel_config, va
 if TYPE_CHECKING:
     import torch
 
+    from wanpipe.context import WanRequest
     from wanpipe.parallel.mesh import ParallelConfig
 
 EXIT_BAD_INPUT = a.EXIT_BAD_INPUT
@@ -392,13 +393,23 @@ def _generate(
     print(
         f"timings: load {load_s:.2f} s, text encode {t['text_encode_s']:.2f} s, "
         f"condition {t['condition_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
-        f"({t['denoise_s'] / resolved.num_inference_steps:.3f} s/step), "
+        f"({t['denoise_s'] / (resolved.num_inference_steps * _segments(resolved)):.3f} s/step), "
         f"decode {t['decode_s']:.2f} s, save {save_s:.2f} s"
         + (f", compile {t['compile_s']:.2f} s" if t["compile_s"] else "")
         + (f"; {t['skipped_steps']} steps skipped by the step cache" if t["skipped_steps"] else "")
         + (f"; attention {t['attention']}" if t["attention"] else "")
     )
     return 0
+
+
+def _segments(request: WanRequest) -> int:
+    """How many segments a resolved request is made in (Animate's long driving videos; else 1)."""
+    if request.segment_frame_length is None or request.prev_segment_conditioning_frames is None:
+        return 1
+    from wanpipe.animate_request import segment_plan
+
+    length, prev = request.segment_frame_length, request.prev_segment_conditioning_frames
+    return segment_plan(request.num_frames or 1, length, prev)[1]
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
