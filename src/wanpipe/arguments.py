@@ -308,6 +308,25 @@ def file_or_folder(what: str) -> Callable[[str], str]:
     return parse
 
 
+def animate_mode(text: str) -> str:
+    """A ``type=`` for Animate's ``--mode``: animate or replace."""
+    if text.strip() not in ("animate", "replace"):
+        raise argparse.ArgumentTypeError(f"expected animate or replace, got {text!r}")
+    return text.strip()
+
+
+def existing_folder(what: str) -> Callable[[str], str]:
+    """A ``type=`` for a folder that must exist; returned as given."""
+
+    def parse(text: str) -> str:
+        if not Path(text).expanduser().is_dir():
+            raise argparse.ArgumentTypeError(f"no such {what} folder: {text!r}")
+        return text
+
+    parse.__name__ = "folder"
+    return parse
+
+
 def folder_or_hub_id(what: str) -> Callable[[str], str]:
     """A ``type=`` for a local folder or a Hugging Face hub id ``owner/name`` (checked when loading)."""
 
@@ -496,6 +515,34 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         "--conditioning-scale",
         scales,
         "VACE: the control's strength, X or X,Y,... one per VACE layer (default 1)",
+    ),
+    # Wan2.2-Animate (docs/animate.md): --image is the character; --preprocessed DIR fills these in
+    ("pose_video", "--pose-video", existing_file("video"), "Animate: the driving pose video (src_pose.mp4)"),
+    ("face_video", "--face-video", existing_file("video"), "Animate: the driving face video (src_face.mp4)"),
+    (
+        "background_video",
+        "--background-video",
+        existing_file("video"),
+        "Animate, --mode replace: the driving video without its person (src_bg.mp4)",
+    ),
+    (
+        "mask_video",
+        "--mask-video",
+        existing_file("video"),
+        "Animate, --mode replace: white where the character goes (src_mask.mp4)",
+    ),
+    ("mode", "--mode", animate_mode, "Animate: animate (default) the character, or replace the person"),
+    (
+        "segment_frame_length",
+        "--segment-frame-length",
+        integer(5, what="4k+1 frames per segment, e.g. 77", valid=lambda n: n % 4 == 1),
+        "Animate: frames per generated segment, 4k+1 (default 77)",
+    ),
+    (
+        "prev_segment_conditioning_frames",
+        "--prev-segment-frames",
+        integer(1, what="1 or 5", valid=lambda n: n in (1, 5)),
+        "Animate: frames each segment continues from, 1 or 5 (default 1)",
     ),
 )
 """``wanpipe generate``'s request flags: (``WanRequest`` field, flag, ``type=``, help); each defaults to

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,10 @@ class WanExecutorInputs:
     VACE (each None elsewhere, and the first three when not given): control_pixels (B, 3, F, H, W) in
     [-1, 1]; control_mask (B, 1, F, H, W) in [0, 1], 1 = generate; reference_pixels (B, R, 3, H, W) in
     [-1, 1]; conditioning_scale (B, N) float32.
+    Animate (None elsewhere; see
+    :class:`~wanpipe.context.ConditioningInputs`): pose_frames (B, T', H, W, 3), face_frames
+    (B, T', M, M, 3), background_frames (B, T', H, W, 3), mask_frames (B, T', H, W) uint8;
+    segment_noise (B, N - 1, C, f, h, w) float32; segment_frame_length, prev_segment_conditioning_frames.
     """
 
     tokens: torch.Tensor
@@ -47,6 +51,28 @@ class WanExecutorInputs:
     control_mask: torch.Tensor | None = None
     reference_pixels: torch.Tensor | None = None
     conditioning_scale: torch.Tensor | None = None
+    pose_frames: torch.Tensor | None = None
+    face_frames: torch.Tensor | None = None
+    background_frames: torch.Tensor | None = None
+    mask_frames: torch.Tensor | None = None
+    segment_noise: torch.Tensor | None = None
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
+
+    @property
+    def segments(self) -> int:
+        """How many segments the video is made in: 1, except Animate's long driving videos."""
+        return 1 if self.segment_noise is None else 1 + self.segment_noise.shape[1]
+
+    def select(self, keep: list[int]) -> WanExecutorInputs:
+        """Only the rows ``keep`` (rows cancelled while a video made in segments runs)."""
+        batch = self.latents.shape[0]
+        cut = {
+            f.name: v[keep]
+            for f in fields(self)
+            if isinstance(v := getattr(self, f.name), torch.Tensor) and v.ndim and v.shape[0] == batch
+        }
+        return replace(self, **cut)
 
     def to(self, device: torch.device | str) -> WanExecutorInputs:
         """The tensors moved to ``device`` (the schedule stays host data)."""
@@ -110,4 +136,11 @@ def collate(contexts: list[WanContext]) -> WanExecutorInputs:
         control_mask=optional([c.control_mask for c in cond]),
         reference_pixels=optional([c.reference_pixels for c in cond]),
         conditioning_scale=optional([c.conditioning_scale for c in cond]),
+        pose_frames=optional([c.pose_frames for c in cond]),
+        face_frames=optional([c.face_frames for c in cond]),
+        background_frames=optional([c.background_frames for c in cond]),
+        mask_frames=optional([c.mask_frames for c in cond]),
+        segment_noise=optional([c.segment_noise for c in cond]),
+        segment_frame_length=cond[0].segment_frame_length,
+        prev_segment_conditioning_frames=cond[0].prev_segment_conditioning_frames,
     )

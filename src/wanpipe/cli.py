@@ -18,6 +18,7 @@ from wanpipe.parallel.options import add_parallel_arguments, parallel_config, va
 if TYPE_CHECKING:
     import torch
 
+    from wanpipe.context import WanRequest
     from wanpipe.parallel.mesh import ParallelConfig
 
 EXIT_BAD_INPUT = a.EXIT_BAD_INPUT
@@ -66,6 +67,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="a published few-step setting (steps, sampler, step list, shift, guidance) for distilled "
         "weights; explicit flags override it; --preset list prints them",
+    )
+    p.add_argument(
+        "--preprocessed",
+        type=a.existing_folder("preprocessed"),
+        default=None,
+        metavar="DIR",
+        help="Animate: the --save_path folder of Wan2.2's preprocessing script (src_ref.png, src_pose.mp4, "
+        "src_face.mp4; src_bg.mp4 and src_mask.mp4 select --mode replace); flags given win",
     )
     p.add_argument(
         "--experts",
@@ -386,6 +395,16 @@ def _generate(
 
     # The request, field by field from the flags that set it (the table also names flags in errors).
     params = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in a.REQUEST_FLAGS.items()}
+    if args.preprocessed is not None:  # Animate: the preprocessing script's files, unless flags name others
+        from wanpipe.animate_request import preprocessed_inputs
+
+        try:
+            found = preprocessed_inputs(args.preprocessed)
+        except FileNotFoundError as e:
+            return _fail(f"--preprocessed: {e}", EXIT_BAD_INPUT)
+        if params["mode"] == "animate":  # the folder's background and mask are for replace mode
+            found = {k: v for k, v in found.items() if k not in ("background_video", "mask_video", "mode")}
+        params.update({k: v for k, v in found.items() if params[k] is None})
     try:
         resolved = pipe.check(WanRequest(**params))
     except (InvalidRequestError, ValueError) as e:
@@ -416,7 +435,7 @@ def _generate(
     print(
         f"timings: load {load_s:.2f} s, text encode {t['text_encode_s']:.2f} s, "
         f"condition {t['condition_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
-        f"({t['denoise_s'] / resolved.num_inference_steps:.3f} s/step), "
+        f"({t['denoise_s'] / (resolved.num_inference_steps * _segments(resolved)):.3f} s/step), "
         f"decode {t['decode_s']:.2f} s, save {save_s:.2f} s"
         + (f", compile {t['compile_s']:.2f} s" if t["compile_s"] else "")
         + (f"; {t['skipped_steps']} steps skipped by the step cache" if t["skipped_steps"] else "")
@@ -427,6 +446,16 @@ def _generate(
         ratios = json.dumps(t["cache_calibration"])
         print(f"MagCache calibration: mag_ratios written to {target}" if target else f"mag_ratios: {ratios}")
     return 0
+
+
+def _segments(request: WanRequest) -> int:
+    """How many segments a resolved request is made in (Animate's long driving videos; else 1)."""
+    if request.segment_frame_length is None or request.prev_segment_conditioning_frames is None:
+        return 1
+    from wanpipe.animate_request import segment_plan
+
+    length, prev = request.segment_frame_length, request.prev_segment_conditioning_frames
+    return segment_plan(request.num_frames or 1, length, prev)[1]
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

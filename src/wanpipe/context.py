@@ -78,6 +78,15 @@ class WanRequest:
     # (None: the runtime options' cache), and its options (docs/fast-sampling.md, "Step caches").
     cache: str | None = None
     cache_options: dict[str, Any] | None = None
+    # Wan2.2-Animate (docs/animate.md); there ``image`` is the character. Videos are paths, lists of
+    # frames or (F, H, W, 3) uint8 arrays, as the original repository's preprocessing writes them.
+    pose_video: Any = None  # the driving video's skeleton frames (src_pose.mp4)
+    face_video: Any = None  # the driving face, cropped, one frame per pose frame (src_face.mp4)
+    background_video: Any = None  # replace mode: the driving video without its person (src_bg.mp4)
+    mask_video: Any = None  # replace mode: white where the character goes (src_mask.mp4)
+    mode: str | None = None  # "animate" (default) or "replace"
+    segment_frame_length: int | None = None  # frames per generated segment, 4k+1 (default 77)
+    prev_segment_conditioning_frames: int | None = None  # frames each segment continues from: 1 or 5
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,15 @@ class ConditioningInputs:
     the control / source video at the output size (None: no video, zeros); control_mask (1, F, H, W)
     float32 in [0, 1], 1 = generate (None: all ones); reference_pixels (R, 3, H, W) float32 in [-1, 1],
     each reference image fitted on a white canvas of the output size, in the order given;
-    conditioning_scale (N,) float32, one per VACE layer (set on every VACE request)."""
+    conditioning_scale (N,) float32, one per VACE layer (set on every VACE request).
+
+    Wan2.2-Animate (None elsewhere): condition_pixels (1, 3, H, W) is the character fitted on a black
+    canvas, clip_pixels (1, 3, S, S) its CLIP view; the driving videos at their final sizes as uint8,
+    reflected to T' frames (every segment's frames, T' >= the output's): pose_frames (T', H, W, 3),
+    face_frames (T', M, M, 3) (M: the motion encoder's size), background_frames (T', H, W, 3) and
+    mask_frames (T', H, W) grey levels (replace mode; None in animate mode); segment_noise
+    (N - 1, C, f, h, w) float32 the initial noise of segments 2..N (None for one segment);
+    segment_frame_length and prev_segment_conditioning_frames."""
 
     condition_pixels: np.ndarray | None = None
     clip_pixels: np.ndarray | None = None
@@ -103,21 +120,51 @@ class ConditioningInputs:
     control_mask: np.ndarray | None = None
     reference_pixels: np.ndarray | None = None
     conditioning_scale: np.ndarray | None = None
+    pose_frames: np.ndarray | None = None
+    face_frames: np.ndarray | None = None
+    background_frames: np.ndarray | None = None
+    mask_frames: np.ndarray | None = None
+    segment_noise: np.ndarray | None = None
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
+
+    @property
+    def segments(self) -> int:
+        """How many segments the video is made in (1 except Animate's long driving videos)."""
+        return 1 if self.segment_noise is None else 1 + len(self.segment_noise)
 
     @property
     def shapes(self) -> tuple:
         """What a batch must share: the shapes of the arrays given."""
-        return tuple(
-            None if a is None else a.shape
-            for a in (
-                self.condition_pixels,
-                self.clip_pixels,
-                self.video_pixels,
-                self.control_pixels,
-                self.control_mask,
-                self.reference_pixels,
-                self.conditioning_scale,
+        return (
+            tuple(
+                None if a is None else a.shape
+                for a in (
+                    self.condition_pixels,
+                    self.clip_pixels,
+                    self.video_pixels,
+                    self.control_pixels,
+                    self.control_mask,
+                    self.reference_pixels,
+                    self.conditioning_scale,
+                )
             )
+            + self._animate_shapes
+        )
+
+    @property
+    def _animate_shapes(self) -> tuple:
+        """Animate: the driving videos' shapes, the segments and their length and overlap."""
+        arrays = (
+            self.pose_frames,
+            self.face_frames,
+            self.background_frames,
+            self.mask_frames,
+            self.segment_noise,
+        )
+        return tuple(None if a is None else a.shape for a in arrays) + (
+            self.segment_frame_length,
+            self.prev_segment_conditioning_frames,
         )
 
 

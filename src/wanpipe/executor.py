@@ -486,7 +486,7 @@ class WanExecutor:
         yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        setattr(timings, name, time.perf_counter() - t0)
+        setattr(timings, name, getattr(timings, name) + time.perf_counter() - t0)  # segments add up
         self._trim()
 
     @torch.inference_mode()
@@ -506,13 +506,60 @@ class WanExecutor:
             text = self.encode_text(inputs)
         with self._stage(timings, "condition_s"):
             conditioning, noise = self.condition(inputs)
-        with self._stage(timings, "denoise_s"):
-            latents, rows = self.denoise(
-                inputs, text, conditioning, noise, callback, should_cancel, cancelled_rows, timings
-            )
-            del text, conditioning, noise
-        with self._stage(timings, "decode_s"):
-            frames = self.decode(latents)
-            del latents
+        frames, rows = self._segments(
+            inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows
+        )
         timings.denoise_s -= timings.compile_s  # the compile warm-up is reported apart
         return WanExecutorOutputs(frames=frames, timings=timings, rows=rows)
+
+    def _segments(
+        self,
+        inputs: WanExecutorInputs,
+        text: TextContext,
+        conditioning: Conditioning,
+        latents: torch.Tensor,
+        timings: Timings,
+        callback: StepCallback | None,
+        should_cancel: Callable[[], bool] | None,
+        cancelled_rows: Callable[[], Collection[int]] | None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """denoise -> decode, once per segment of the video (``inputs.segments``: 1, except Animate's
+        long driving videos) -> (frames (B', num_frames, H, W, 3), the rows made).
+
+        Segment k > 0 starts from ``conditioning.next_segment(k, frames of segment k - 1)``, its own
+        noise and conditioning (timed as "condition"); each segment is decoded and its new frames
+        (``conditioning.new_frames``) appended; the video is cut to ``num_frames`` (the last segment
+        may run past it, as diffusers' does). Steps are reported across segments (step k * N + i of
+        N * segments); a row cancelled in one segment is not made in the next ones."""
+        count, steps = inputs.segments, inputs.schedule.num_inference_steps
+        rows = list(range(inputs.latents.shape[0]))
+        pieces: list[torch.Tensor] = []
+        compile_s = 0.0
+        frames = latents
+        for index in range(count):
+            if index:
+                with self._stage(timings, "condition_s"):
+                    latents = conditioning.next_segment(index, frames)
+
+            def on_step(i: int, n: int, t: float, offset: int = index * steps) -> None:
+                if callback is not None:
+                    callback(offset + i, n * count, t)
+
+            def gone(made: list[int] = rows) -> list[int]:  # input rows -> this segment's positions
+                return [made.index(r) for r in (cancelled_rows() if cancelled_rows else ()) if r in made]
+
+            with self._stage(timings, "denoise_s"):
+                latents, kept = self.denoise(
+                    inputs, text, conditioning, latents, on_step, should_cancel, gone, timings
+                )
+            compile_s += timings.compile_s
+            if len(kept) < len(rows):
+                rows, pieces = [rows[k] for k in kept], [p[kept] for p in pieces]
+                conditioning, text, inputs = conditioning.select(kept), text.select(kept), inputs.select(kept)
+            with self._stage(timings, "decode_s"):
+                frames = self.decode(latents)
+                del latents
+            pieces.append(conditioning.new_frames(index, frames))
+        timings.compile_s = compile_s
+        video = pieces[0] if count == 1 else torch.cat(pieces, dim=1)
+        return video[:, : inputs.num_frames], rows

@@ -403,6 +403,13 @@ class WanPipeline:
         conditioning_scale: float | list[float] | None = None,
         cache: str | None = None,
         cache_options: dict[str, Any] | None = None,
+        pose_video: Any = None,
+        face_video: Any = None,
+        background_video: Any = None,
+        mask_video: Any = None,
+        mode: str | None = None,
+        segment_frame_length: int | None = None,
+        prev_segment_conditioning_frames: int | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -423,6 +430,14 @@ class WanPipeline:
         what to generate (white) and what to keep (black), one image or one per frame;
         ``reference_images`` one image or a list (subjects, faces, objects); ``conditioning_scale`` one
         number or one per VACE layer (default 1.0).
+
+        Wan2.2-Animate checkpoints (``docs/animate.md``): ``image`` is the character, ``pose_video`` and
+        ``face_video`` the preprocessed driving videos (``mode="replace"`` adds ``background_video`` and
+        ``mask_video``); the video is as long as ``pose_video``, made in segments of
+        ``segment_frame_length`` frames (default 77) that continue from the last
+        ``prev_segment_conditioning_frames`` (1 or 5) of the one before.
+        ``wanpipe.animate_request.preprocessed_inputs(folder)`` gives these from the original
+        preprocessing script's folder.
         """
         request = WanRequest(
             prompt=prompt,
@@ -451,6 +466,13 @@ class WanPipeline:
             conditioning_scale=conditioning_scale,
             cache=cache,
             cache_options=cache_options,
+            pose_video=pose_video,
+            face_video=face_video,
+            background_video=background_video,
+            mask_video=mask_video,
+            mode=mode,
+            segment_frame_length=segment_frame_length,
+            prev_segment_conditioning_frames=prev_segment_conditioning_frames,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 
@@ -506,7 +528,8 @@ class WanPipeline:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=contexts[0].num_inference_steps, desc="denoising", unit="step")
+            steps = contexts[0].num_inference_steps * contexts[0].conditioning.segments
+            bar = tqdm(total=steps, desc="denoising", unit="step")
 
         def on_step(i: int, n: int, t: float) -> None:
             if bar is not None:

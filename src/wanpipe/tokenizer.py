@@ -22,6 +22,16 @@ import regex
 import torch
 from PIL import Image
 
+from wanpipe.animate_request import (
+    animate_conditioning,
+    animate_latent_shape,
+    face_size,
+    read_animate,
+    refuse_animate,
+    resolve_animate,
+    segment_noise,
+    segment_plan,
+)
 from wanpipe.config import WanArchConfig
 from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestError, WanContext, WanRequest
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
@@ -116,6 +126,8 @@ class WanTokenizer:
         (:func:`wanpipe.presets.apply_preset`)."""
         request = apply_preset(request, self.arch)
         arch, defaults = self.arch, self.arch.defaults
+        if arch.accepts_animate:  # the driving videos read; the size taken from the pose video
+            request = read_animate(request, arch)
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise InvalidRequestError("prompt must be a non-empty string", "prompt")
         if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
@@ -134,7 +146,7 @@ class WanTokenizer:
         num_frames = _int(
             defaults.num_frames if request.num_frames is None else request.num_frames, "num_frames", 1
         )
-        if (num_frames - 1) % stride:
+        if (num_frames - 1) % stride and not arch.accepts_animate:  # Animate: any length, in segments
             raise InvalidRequestError(
                 f"num_frames must be {stride}k+1 (1, 5, 9, ..., 81), got {num_frames}", "num_frames"
             )
@@ -177,14 +189,23 @@ class WanTokenizer:
             )
         if arch.accepts_vace:  # video is the control video there (wanpipe.vace_request)
             media, strength = resolve_vace(request, arch, num_frames, height, width), None
+        elif arch.accepts_animate:  # image is the character there (wanpipe.animate_request)
+            media, strength = resolve_animate(request, arch, height, width), None
         else:
             refuse_vace(request, arch)
             media, strength = self._media(request, num_frames), self._strength(request, steps)
+        if not arch.accepts_animate:
+            refuse_animate(request, arch)
         references = len(media.get("reference_images") or ())
+        shape = (
+            animate_latent_shape(arch, media["segment_frame_length"], height, width)
+            if arch.accepts_animate
+            else None
+        )
         latents = (
             None
             if request.latents is None
-            else self._latents(request.latents, media["num_frames"], height, width, references)
+            else self._latents(request.latents, media["num_frames"], height, width, references, shape)
         )
         return replace(
             request,
@@ -212,6 +233,12 @@ class WanTokenizer:
         if sampler not in SAMPLERS:
             raise InvalidRequestError(
                 f"sampler must be one of {', '.join(SAMPLERS)}, got {request.sampler!r}", "sampler"
+            )
+        if sampler in ("lcm", "dmd") and self.arch.accepts_animate:
+            raise InvalidRequestError(
+                f"sampler {sampler} (fresh noise at each step) is not available on Wan2.2-Animate checkpoints "
+                "yet: use unipc or euler",
+                "sampler",
             )
         sigmas = _step_list(request.sigmas, "sigmas", 1.0)
         timesteps = _step_list(request.timesteps, "timesteps", TIMESTEP_SCALE)
@@ -282,6 +309,9 @@ class WanTokenizer:
             len(request.reference_images or ()),
             request.cache,
             None if request.cache_options is None else json.dumps(request.cache_options, sort_keys=True),
+            request.mode,
+            request.segment_frame_length,
+            request.prev_segment_conditioning_frames,
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:
@@ -388,10 +418,24 @@ class WanTokenizer:
         arch = self.arch
         assert r.height is not None and r.width is not None and r.num_frames is not None
         assert r.num_inference_steps is not None and r.guidance_scale is not None and r.seed is not None
-        shape = self.latent_shape(r.num_frames, r.height, r.width, len(r.reference_images or ()))
-        # One noise stream per request: the initial latents, then (LCM, DMD) each step's fresh noise.
-        generator = seeded_generator(r.seed)
-        latents = draw_noise(r.seed, (1, *shape), generator)[0].numpy() if r.latents is None else r.latents
+        conditioning = self._conditioning(r)
+        generator = None
+        if arch.accepts_animate:  # a draw per segment from one generator, as diffusers
+            assert r.segment_frame_length is not None and r.prev_segment_conditioning_frames is not None
+            shape = animate_latent_shape(arch, r.segment_frame_length, r.height, r.width)
+            _, segments = segment_plan(
+                r.num_frames, r.segment_frame_length, r.prev_segment_conditioning_frames
+            )
+            noise = segment_noise(r.seed, shape, segments, r.latents)
+            latents = noise[0]
+            conditioning = replace(conditioning, segment_noise=noise[1:] if segments > 1 else None)
+        else:
+            shape = self.latent_shape(r.num_frames, r.height, r.width, len(r.reference_images or ()))
+            # One noise stream per request: the initial latents, then (LCM, DMD) each step's fresh noise.
+            generator = seeded_generator(r.seed)
+            latents = (
+                draw_noise(r.seed, (1, *shape), generator)[0].numpy() if r.latents is None else r.latents
+            )
 
         do_cfg = r.guidance_scale > 1.0
         prompts = [r.prompt] + ([r.negative_prompt or arch.defaults.negative_prompt] if do_cfg else [])
@@ -433,15 +477,19 @@ class WanTokenizer:
             fps=arch.defaults.fps,
             guidance_scale_2=r.guidance_scale_2,
             boundary_timestep=arch.boundary_timestep if arch.has_second_expert else None,
-            conditioning=self._conditioning(r),
+            conditioning=conditioning,
             approximations=Approximations.of(r),
-            noise_state=generator_state(generator) if schedule.stochastic else None,
+            noise_state=generator_state(generator) if generator is not None and schedule.stochastic else None,
         )
 
     def _conditioning(self, r: WanRequest) -> ConditioningInputs:
         """A resolved request's images and video, preprocessed as the reference does."""
         arch = self.arch
         condition = clip = video = None
+        if arch.accepts_animate:
+            animate = animate_conditioning(r, face_size(arch))
+            clip = clip_preprocess([r.image], arch.image_processor).numpy() if arch.image_processor else None
+            return ConditioningInputs(clip_pixels=clip, **animate)
         if r.image is not None:
             images = [r.image] + ([r.last_image] if r.last_image is not None else [])
             condition = np.stack([_to_pixels(im, r.height, r.width) for im in images])
@@ -467,10 +515,17 @@ class WanTokenizer:
         )
 
     def _latents(
-        self, given: Any, num_frames: int, height: int, width: int, reference_frames: int = 0
+        self,
+        given: Any,
+        num_frames: int,
+        height: int,
+        width: int,
+        reference_frames: int = 0,
+        shape: tuple[int, ...] | None = None,
     ) -> np.ndarray:
-        """Given initial latents (C, f, h, w) or (1, C, f, h, w) -> checked float32 (C, f, h, w)."""
-        shape = self.latent_shape(num_frames, height, width, reference_frames)
+        """Given initial latents (C, f, h, w) or (1, C, f, h, w) -> checked float32 (C, f, h, w)
+        (``shape``: another shape than the video's, e.g. one Animate segment's)."""
+        shape = shape or self.latent_shape(num_frames, height, width, reference_frames)
         array = given.detach().cpu().float().numpy() if isinstance(given, torch.Tensor) else np.asarray(given)
         if array.ndim == len(shape) + 1 and array.shape[0] == 1:
             array = array[0]

@@ -41,6 +41,14 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         # a step cache's options are checked against the cache and the checkpoint (MagCache's ratios,
         # TeaCache's coefficients, which the tiny checkpoint has none of)
         "cache_options": {"invalid_value"},
+        # Animate's fields: refused on other checkpoints (and a video that is not one)
+        **dict.fromkeys(
+            ("pose_video", "face_video", "background_video", "mask_video"),
+            {"invalid_video", "invalid_value", "unsupported_url"},
+        ),
+        **dict.fromkeys(
+            ("mode", "segment_frame_length", "prev_segment_conditioning_frames"), {"invalid_value"}
+        ),
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint

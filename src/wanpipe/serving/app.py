@@ -175,6 +175,13 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             conditioning_scale=s.conditioning_scale,
             cache=s.cache,
             cache_options=s.cache_options,
+            pose_video=s.has_pose_video,
+            face_video=s.has_face_video,
+            background_video=s.has_background_video,
+            mask_video=s.has_mask_video,
+            mode=s.mode,
+            segment_frame_length=s.segment_frame_length,
+            prev_segment_conditioning_frames=s.prev_segment_conditioning_frames,
         ),
         batch_size=job.batch_size,
     )

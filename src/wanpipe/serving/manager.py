@@ -180,7 +180,8 @@ class JobManager:
         if pipe is None or not self._ready.is_set():
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
-        self._check_limits(pipe, new.spec, None if new.video is None else len(new.video))
+        if not new.animate_videos:  # Animate: size and length come from the pose video, checked below
+            self._check_limits(pipe, new.spec, None if new.video is None else len(new.video))
         if new.video is not None and not pipe.arch.accepts_vace:
             raise InvalidRequestError(
                 f"video is the control video of VACE checkpoints; this server's {pipe.arch.variant.name} "
@@ -192,7 +193,8 @@ class JobManager:
         # noise here: the worker makes the contexts, once. (check: resolve, and what the pipeline cannot
         # run with it, such as a step cache on a parallel run.)
         vace = {"video": new.video, "mask": new.mask, "reference_images": list(new.reference_images) or None}
-        resolved = pipe.check(_wan_request(new.spec, new.image, new.last_image, vace))
+        animate = dict(new.animate_videos or {})
+        resolved = pipe.check(_wan_request(new.spec, new.image, new.last_image, {**vace, **animate}))
         spec = replace(
             new.spec,
             height=resolved.height,
@@ -211,7 +213,12 @@ class JobManager:
             timesteps=None if resolved.timesteps is None else tuple(resolved.timesteps),
             conditioning_scale=resolved.conditioning_scale,
             cache=resolved.cache,
+            mode=resolved.mode,
+            segment_frame_length=resolved.segment_frame_length,
+            prev_segment_conditioning_frames=resolved.prev_segment_conditioning_frames,
         )
+        if animate:
+            self._check_limits(pipe, spec)
         job = Job(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -227,9 +234,11 @@ class JobManager:
             "video": resolved.video,
             "mask": resolved.mask,
         }
-        # VACE's inputs are kept as the engine resolved them (resized to the output size): the same video
+        # VACE's inputs and Animate's videos are kept as the engine resolved them (resized): the same
+        # video after a restart
         for i, reference in enumerate(resolved.reference_images or ()):
             images[f"reference_image.{i}"] = reference
+        images.update({name: getattr(resolved, name) for name in animate})
         with self._submit_lock:
             queued = self.store.count(JobStatus.QUEUED)
             if queued >= self.limits.max_queue:
@@ -587,10 +596,11 @@ class JobManager:
 
 
 def _wan_request(
-    spec: JobSpec, image: Any, last_image: Any, vace: Mapping[str, Any] | None = None
+    spec: JobSpec, image: Any, last_image: Any, inputs: Mapping[str, Any] | None = None
 ) -> WanRequest:
-    """A job's request; ``vace``: its video, mask and reference_images (VACE)."""
-    vace = vace or {}
+    """A job's request; ``inputs``: its uploaded videos by field name: VACE's video, mask and
+    reference_images, Animate's driving videos."""
+    vace = animate = inputs or {}
     return WanRequest(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
@@ -614,4 +624,11 @@ def _wan_request(
         conditioning_scale=spec.conditioning_scale,
         cache=spec.cache,
         cache_options=spec.cache_options,
+        pose_video=animate.get("pose_video"),
+        face_video=animate.get("face_video"),
+        background_video=animate.get("background_video"),
+        mask_video=animate.get("mask_video"),
+        mode=spec.mode,
+        segment_frame_length=spec.segment_frame_length,
+        prev_segment_conditioning_frames=spec.prev_segment_conditioning_frames,
     )

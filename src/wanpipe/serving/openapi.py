@@ -351,6 +351,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
                 "description": f"{name} as {DATA_URL} (one of {name} and {name}[image_url])",
             }
     properties.update(_vace_properties(form))
+    properties.update(_animate_properties(form, json=json))
     assert set(properties) - {"input_reference[image_url]", "last_image[image_url]"} == set(
         VIDEO_CREATE_FIELDS
     )
@@ -421,6 +422,33 @@ def _vace_properties(form: str | None) -> dict[str, Any]:
         },
         "conditioning_scale": {**text_schema(listed, bounded=False), "description": scale + " X or X,Y,..."},
     }
+
+
+def _animate_properties(form: str | None, *, json: bool) -> dict[str, Any]:
+    """Wan2.2-Animate's fields (other checkpoints refuse each; docs/animate.md). input_reference is the
+    character there; the videos are the original preprocessing script's, with one frame per pose frame."""
+    video = VIDEO_FILE if form == "multipart" else VIDEO_DATA_URL
+    upload = {"type": "string", "format": "binary"} if form == "multipart" else {"type": "string"}
+    what = {
+        "pose_video": "Animate: the driving pose video (src_pose.mp4); the output is as long",
+        "face_video": "Animate: the driving face video (src_face.mp4), one frame per pose frame",
+        "background_video": 'Animate, mode "replace": the driving video without its person (src_bg.mp4)',
+        "mask_video": 'Animate, mode "replace": white where the character goes (src_mask.mp4)',
+    }
+    out = {name: _field(f"{text}: {video}", upload, nullable=json) for name, text in what.items()}
+    mode = {"type": "string", "enum": ["animate", "replace"]}
+    out["mode"] = _field(
+        "Animate: animate (default) the character, or replace the person", mode, nullable=json
+    )
+    out["segment_frame_length"] = _integer(
+        5, None, "Animate: frames per segment, 4k+1. Default 77.", json=json
+    )
+    out["prev_segment_conditioning_frames"] = _field(
+        "Animate: frames each segment continues from, 1 (default) or 5",
+        {"type": "integer", "enum": [1, 5]} if json else text_schema(r" *[15] *", bounded=False),
+        nullable=json,
+    )
+    return out
 
 
 def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
@@ -592,6 +620,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         videos_body["multipart/form-data"]["encoding"]["mask"] = {
             "contentType": "image/*, video/*, application/octet-stream"
         }
+        for name in ("pose_video", "face_video", "background_video", "mask_video"):
+            videos_body["multipart/form-data"]["encoding"][name] = {
+                "contentType": "video/*, image/gif, image/webp"
+            }
     responses_body = {"application/json": {"schema": responses_create_schema(limits)}}
     examples = _examples(manager.pipe.arch, limits) if manager.ready else None
     if examples is not None:

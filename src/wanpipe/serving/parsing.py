@@ -6,9 +6,12 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
   JSON with ``prompt``, ``model``, ``size`` ("WxH"), ``seconds``, ``input_reference`` and Wan's own
   fields (``negative_prompt``, ``num_frames``, ``fps``, ``num_inference_steps``, ``guidance_scale``,
   ``guidance_scale_2``, ``flow_shift``, ``seed``, ``last_image``, ``sampler``, ``sigmas``, ``timesteps``,
-  ``preset``, ``cache``, ``cache_options``), and VACE's ``video`` (the control video), ``mask`` (an image
+  ``preset``, ``cache``, ``cache_options``), VACE's ``video`` (the control video), ``mask`` (an image
   or a video), ``reference_image`` (repeatable; in JSON one or a list) and ``conditioning_scale`` (a number
-  or one per VACE layer; in a form ``X`` or ``X,Y,...``).
+  or one per VACE layer; in a form ``X`` or ``X,Y,...``), and Wan2.2-Animate's ``pose_video``,
+  ``face_video``, ``background_video``, ``mask_video`` (videos: multipart files or JSON data URLs),
+  ``mode``, ``segment_frame_length`` and ``prev_segment_conditioning_frames`` (``input_reference`` is the
+  character there).
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -33,7 +36,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -118,6 +121,15 @@ class JobSpec:
     cache: str | None = None  # the step cache (resolved name), None: the server's default (none)
     cache_options: dict[str, Any] | None = None  # its options as the client gave them
 
+    # Wan2.2-Animate: the driving videos kept with the job (store.py), the mode and segments resolved
+    has_pose_video: bool = False
+    has_face_video: bool = False
+    has_background_video: bool = False
+    has_mask_video: bool = False
+    mode: str | None = None
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
+
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
             value = getattr(self, name)
@@ -146,6 +158,7 @@ class NewJob:
     video: np.ndarray | None = None  # uint8 (F, H, W, 3): VACE's control video
     mask: np.ndarray | None = None  # uint8 (M, H, W, 3): one image (M = 1) or one per video frame
     reference_images: tuple[np.ndarray, ...] = ()  # uint8 (H, W, 3) each
+    animate_videos: Mapping[str, np.ndarray] | None = None  # Animate: uint8 (F, H, W, 3) by field name
 
     def api_param(self, name: str | None) -> str | None:
         if name is None or self.param_names is None:
@@ -337,6 +350,8 @@ def format_seconds(num_frames: int, fps: float) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # POST /v1/videos
 
+ANIMATE_VIDEO_FIELDS = ("pose_video", "face_video", "background_video", "mask_video")
+
 VIDEO_CREATE_FIELDS = (
     "prompt",
     "model",
@@ -362,6 +377,10 @@ VIDEO_CREATE_FIELDS = (
     "conditioning_scale",
     "cache",
     "cache_options",
+    *ANIMATE_VIDEO_FIELDS,
+    "mode",
+    "segment_frame_length",
+    "prev_segment_conditioning_frames",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -493,6 +512,14 @@ def parse_video_create(
         cache=opt("cache", parse_str),
         cache_options=opt("cache_options", parse_cache_options),
     )
+    videos = _parse_animate_videos(body, max_frames, max_video_pixels)
+    spec = replace(
+        spec,
+        **{f"has_{name}": name in videos for name in ANIMATE_VIDEO_FIELDS},
+        mode=opt("mode", parse_str),
+        segment_frame_length=opt("segment_frame_length", parse_int, 1),
+        prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
+    )
     return NewJob(
         spec,
         image,
@@ -502,6 +529,7 @@ def parse_video_create(
         video=vace["video"],
         mask=vace["mask"],
         reference_images=vace["reference_images"],
+        animate_videos=videos or None,
     )
 
 
@@ -547,6 +575,18 @@ def _parse_vace(
     scale = body.get("conditioning_scale")
     out["conditioning_scale"] = None if scale is None else parse_scales(scale, "conditioning_scale")
     return out
+
+
+def _parse_animate_videos(
+    body: Mapping[str, Any], max_frames: int, max_video_pixels: int | None
+) -> dict[str, np.ndarray]:
+    """Animate's driving videos given -> uint8 (F, H, W, 3) by name (checked by the engine)."""
+    pixels = max_video_pixels or MAX_VIDEO_PIXELS_FACTOR * DEFAULT_MAX_PIXELS
+    return {
+        name: parse_video(body[name], name, max_frames=max_frames, max_pixels=pixels)
+        for name in ANIMATE_VIDEO_FIELDS
+        if body.get(name) is not None
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

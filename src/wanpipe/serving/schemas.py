@@ -55,6 +55,13 @@ class VideoParameters(BaseModel):
     conditioning_scale: float | list[float] | None = None  # VACE: one per layer
     cache: str | None = None
     cache_options: dict[str, Any] | None = None
+    pose_video: bool = False  # Animate: which driving videos were given
+    face_video: bool = False
+    background_video: bool = False
+    mask_video: bool = False
+    mode: str | None = None  # Animate: animate or replace, and the segments
+    segment_frame_length: int | None = None
+    prev_segment_conditioning_frames: int | None = None
 
 
 class VideoObject(BaseModel):

@@ -4,7 +4,8 @@
 ``synchronous=FULL``: a committed state change survives ``kill -9``). A finished video is written to
 ``videos/<id>.mp4`` (and its first frame to ``videos/<id>.jpg``) atomically, *before* the row says
 ``completed``; uploaded images are kept as ``inputs/<id>.<name>.png`` (VACE's video and mask, resized
-to the output size, as ``inputs/<id>.<name>.npy``) before the row is inserted. So a
+to the output size, and Animate's driving videos, resized as the engine resolved them, as
+``inputs/<id>.<name>.npy``) before the row is inserted. So a
 row never points at a missing or half-written file. The store holds an exclusive lock on the directory:
 two servers never run the same jobs. A database SQLite cannot read whole on start is refused
 (:class:`StoreUnreadableError`) and left as it is.
@@ -41,6 +42,7 @@ SCHEMA_VERSION = 1
 MAX_ATTEMPTS = 3  # a job running during this many crashes is failed, not run again
 IMAGE_NAMES = ("image", "last_image")
 ARRAY_NAMES = ("video", "mask")  # VACE's inputs, kept as uint8 arrays (.npy)
+ANIMATE_ARRAY_NAMES = ("pose_video", "face_video", "background_video", "mask_video")  # uint8 .npy
 
 
 class JobStatus(enum.StrEnum):
@@ -210,12 +212,15 @@ class JobStore:
 
     def read_inputs(self, job: Job) -> dict[str, Any]:
         """A job's uploads: its images (uint8 (H, W, 3)); VACE's video, mask (uint8 arrays) and
-        reference_images (a list of images)."""
+        reference_images (a list of images); Animate's driving videos (uint8 arrays)."""
         s = job.spec
         names = [n for n, present in zip(IMAGE_NAMES, (s.has_image, s.has_last_image)) if present]
         inputs: dict[str, Any] = {name: read_image(self.input_path(job.id, name)) for name in names}
         for name, present in zip(ARRAY_NAMES, (s.has_video, s.has_mask)):
             if present:
+                inputs[name] = np.load(self.array_path(job.id, name), allow_pickle=False)
+        for name in ANIMATE_ARRAY_NAMES:
+            if getattr(s, f"has_{name}"):
                 inputs[name] = np.load(self.array_path(job.id, name), allow_pickle=False)
         if s.reference_images:
             inputs["reference_images"] = [
@@ -270,7 +275,8 @@ class JobStore:
         written = []
         try:
             for name, array in (images or {}).items():
-                path = self.array_path(job.id, name) if name in ARRAY_NAMES else self.input_path(job.id, name)
+                arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
+                path = self.array_path(job.id, name) if name in arrays else self.input_path(job.id, name)
                 self._write_input(array, path)
                 written.append(path)
             with self._transaction() as db:

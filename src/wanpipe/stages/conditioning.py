@@ -18,6 +18,14 @@ Modes (:func:`conditioning_class` picks one from the inputs and the model):
 - :class:`VaceControl` (VACE checkpoints, whatever the inputs): the control (the kept and generated
   parts of the video, VAE-encoded, and the mask) given to the VACE blocks at every step; one latent frame
   per reference image put first, and dropped at the end.
+- :class:`AnimateSegments` (Wan2.2-Animate): the character's latent frame and the previous segment's
+  last frames (or the background and mask) concatenated to the latents, pose latents and face pixels
+  as DiT inputs; the video is made segment by segment (:meth:`Conditioning.next_segment`).
+
+A mode whose video is made in several segments (``inputs.segments`` > 1: Animate's long driving
+videos) is asked by the executor, after each segment is denoised and decoded, for the next segment's
+initial latents (:meth:`~Conditioning.next_segment`) and which decoded frames are new
+(:meth:`~Conditioning.new_frames`); the loop itself never knows.
 """
 
 from __future__ import annotations
@@ -107,6 +115,15 @@ class Conditioning:
     def finish(self, latents: Tensor) -> Tensor:
         """The denoised latents -> the latents to decode."""
         return latents
+
+    def next_segment(self, index: int, frames: Tensor) -> Tensor:
+        """Videos made in segments: prepare segment ``index`` >= 1 from the decoded frames of the one
+        before ((B, F, H, W, 3) in [0, 1]) -> its initial latents (B, C, f, h, w) float32."""
+        raise NotImplementedError(f"{type(self).__name__} makes its video in one segment")
+
+    def new_frames(self, index: int, frames: Tensor) -> Tensor:
+        """The decoded frames (B, F, H, W, 3) of segment ``index`` -> those it adds to the video."""
+        return frames
 
     def select(self, keep: Sequence[int]) -> Conditioning:
         """Only the batch rows ``keep`` (a row cancelled mid-batch): a copy with every per-row tensor cut."""
@@ -290,6 +307,111 @@ class VaceControl(Conditioning):
         return out
 
 
+class AnimateSegments(Conditioning):
+    """Wan2.2-Animate, one segment of S frames at a time (f = (S - 1) / 4 + 1 latent frames).
+
+    The latents (B, C, 1 + f, h, w) have the character's latent frame first. ``condition``
+    (B, 4 + z, 1 + f, h, w), concatenated to them at every step: the character's latents under an
+    all-ones mask, then the latents of the segment's conditioning video under its mask: the last P
+    decoded frames of the segment before (mask 1), then zeros (animate, mask 0) or the background
+    video (replace, mask 1 - the person mask); the first segment starts from zeros / the background,
+    with no frame marked kept. ``pose`` (B, z, f, h, w) the pose video's latents and ``face``
+    (B, 3, S, M, M) the face pixels in [-1, 1] go to the DiT (the unconditional rows of guidance see a
+    blank face, -1). :meth:`finish` drops the character's frame; :meth:`new_frames` the P frames a
+    later segment repeats."""
+
+    def __init__(self, inputs: WanExecutorInputs, encoders: ConditionEncoders, reference: Tensor) -> None:
+        super().__init__(encoders.encode_images(inputs.clip_pixels))
+        self.inputs, self.encoders = inputs, encoders
+        self.reference = reference  # (B, 4 + z, 1, h, w): all-ones mask + the character's latents
+        self.condition = self.pose = self.face = reference
+        self._guided: tuple[Tensor, Tensor] | None = None
+
+    @classmethod
+    def prepare(cls, inputs: WanExecutorInputs, encoders: ConditionEncoders) -> tuple[Conditioning, Tensor]:
+        assert inputs.condition_pixels is not None
+        character = encoders.encode_video(inputs.condition_pixels[:, :1].transpose(1, 2))
+        mask = character.new_ones(
+            character.shape[0], encoders.vae.config.temporal_stride, *character.shape[2:]
+        )
+        out = cls(inputs, encoders, torch.cat([mask, character], dim=1))
+        out._segment(0, None)
+        return out, _noise(inputs, encoders)
+
+    def next_segment(self, index: int, frames: Tensor) -> Tensor:
+        assert self.inputs.segment_noise is not None and self.inputs.prev_segment_conditioning_frames
+        previous = frames[:, -self.inputs.prev_segment_conditioning_frames :]
+        self._segment(index, previous.permute(0, 4, 1, 2, 3) * 2 - 1)
+        noise = self.inputs.segment_noise[self._rows, index - 1]
+        return noise.to(device=self.encoders.placement.device, dtype=torch.float32)
+
+    def new_frames(self, index: int, frames: Tensor) -> Tensor:
+        return frames if index == 0 else frames[:, self.inputs.prev_segment_conditioning_frames :]
+
+    _rows: list[int] | slice = slice(None)  # the input rows still made (rows cancelled mid-batch go)
+
+    def _segment(self, index: int, previous: Tensor | None) -> None:
+        """Encode segment ``index``'s pose, face and conditioning video; ``previous`` (B, 3, P, H, W)
+        in [-1, 1]: the last frames of the segment before (None for the first)."""
+        inputs, encoders, place = self.inputs, self.encoders, self.encoders.placement
+        length, prev = inputs.segment_frame_length, inputs.prev_segment_conditioning_frames
+        assert length is not None and prev is not None and inputs.pose_frames is not None
+        start = index * (length - prev)
+        span, rows = slice(start, start + length), self._rows
+
+        def pixels(frames: Tensor) -> Tensor:  # uint8 (B, S, H, W, 3) -> (B, 3, S, H, W) in [-1, 1]
+            return frames[rows, span].to(place.device).permute(0, 4, 1, 2, 3).float() / 255.0 * 2 - 1
+
+        assert inputs.face_frames is not None
+        self.pose = encoders.encode_video(pixels(inputs.pose_frames)).to(place.dtype)
+        self.face = pixels(inputs.face_frames).to(place.dtype)
+        batch, (height, width) = self.face.shape[0], inputs.pose_frames.shape[2:4]
+        h, w = self.reference.shape[3:]
+        if inputs.background_frames is not None and inputs.mask_frames is not None:  # replace
+            background = pixels(inputs.background_frames)
+            first = background[:, :, :prev] if previous is None else previous.to(background.dtype)
+            video = torch.cat([first, background[:, :, prev:]], dim=2)
+            person = inputs.mask_frames[rows, span].to(place.device).float() / 255.0
+            keep = F.interpolate(1 - person, size=(h, w), mode="nearest").unsqueeze(1)
+        else:  # animate
+            first = self.face.new_zeros(batch, 3, prev, height, width, dtype=torch.float32)
+            first = first if previous is None else previous.float()
+            video = torch.cat([first, first.new_zeros(batch, 3, length - prev, height, width)], dim=2)
+            keep = video.new_zeros(batch, 1, length, h, w)
+        latents = encoders.encode_video(video)
+        if index > 0:
+            keep[:, :, :prev] = 1
+        stride = encoders.vae.config.temporal_stride
+        keep = torch.cat([keep[:, :, :1].repeat_interleave(stride, dim=2), keep[:, :, 1:]], dim=2)
+        keep = keep.view(batch, -1, stride, h, w).transpose(1, 2)
+        self.condition = torch.cat([self.reference, torch.cat([keep, latents], dim=1)], dim=2)
+        self._guided = None
+
+    def model_input(self, latents: Tensor) -> Tensor:
+        return torch.cat([latents, self.condition], dim=1)
+
+    def dit_kwargs(self, guided: bool) -> dict[str, Any]:
+        pose, face = self.pose, self.face
+        if guided:
+            if self._guided is None:
+                self._guided = (torch.cat([pose, pose]), torch.cat([face, torch.full_like(face, -1.0)]))
+            pose, face = self._guided
+        return {**super().dit_kwargs(guided), "pose_hidden_states": pose, "face_pixel_values": face}
+
+    def finish(self, latents: Tensor) -> Tensor:
+        return latents[:, :, 1:]
+
+    def select(self, keep: Sequence[int]) -> Conditioning:
+        out = super().select(keep)
+        assert isinstance(out, AnimateSegments)
+        rows = range(self.inputs.latents.shape[0])[self._rows]
+        out._rows = [rows[k] for k in keep]
+        out._guided = None
+        return out
+
+    shared = ("inputs", "encoders")
+
+
 def conditioning_class(
     inputs: WanExecutorInputs, expand_timesteps: bool, vace: bool = False
 ) -> type[Conditioning]:
@@ -297,6 +419,8 @@ def conditioning_class(
     VACE DiT, whatever the inputs)."""
     if vace:
         return VaceControl
+    if inputs.pose_frames is not None:  # only Animate checkpoints take a pose video
+        return AnimateSegments
     if inputs.video_pixels is not None:
         return VideoToVideo
     if expand_timesteps:
