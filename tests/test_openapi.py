@@ -27,7 +27,8 @@ from wanpipe.serving import openapi
 from wanpipe.serving.app import create_app
 from wanpipe.serving.errors import APIError
 from wanpipe.serving.manager import JobManager
-from wanpipe.serving.parsing import SIZE_TEXT, ServeLimits, parse_float, parse_int, parse_size
+from wanpipe.serving.parsing import ServeLimits
+from wanpipe.serving.scalars import SIZE_TEXT, parse_float, parse_int, parse_size
 from wanpipe.serving.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent

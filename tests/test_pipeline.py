@@ -8,7 +8,7 @@ import torch
 
 from tests import tiny
 from wanpipe import WanPipeline, WanRequest
-from wanpipe.tokenizer import clean_prompt
+from wanpipe.text_tokenizer import clean_prompt
 
 FRAME_TOL = 1e-3
 

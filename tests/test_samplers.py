@@ -483,9 +483,9 @@ def test_step_noise_is_per_row_in_a_batch(wan_pipe) -> None:
 
 def test_sampler_names_agree_everywhere() -> None:
     from wanpipe.arguments import SAMPLER_NAMES
-    from wanpipe.serving import parsing
+    from wanpipe.serving import scalars
 
-    assert SAMPLER_NAMES == SAMPLERS == parsing.SAMPLERS
+    assert SAMPLER_NAMES == SAMPLERS == scalars.SAMPLERS
 
 
 def test_cli_takes_sampler_and_lists(tiny_ckpt, tmp_path, capsys) -> None:

@@ -11,13 +11,8 @@ import pytest
 
 from tests.serving_helpers import png_bytes
 from wanpipe.serving.errors import APIError
-from wanpipe.serving.parsing import (
-    JobSpec,
-    frames_for_seconds,
-    parse_responses_create,
-    parse_video_create,
-    unflatten_form_keys,
-)
+from wanpipe.serving.parsing import JobSpec, parse_responses_create, parse_video_create, unflatten_form_keys
+from wanpipe.serving.scalars import frames_for_seconds
 from wanpipe.serving.store import Job, JobStatus, JobStore, StoreLockedError, new_job_id
 
 

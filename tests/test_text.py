@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.tiny import SENTENCES
-from wanpipe.tokenizer import WanTextTokenizer, clean_prompt
+from wanpipe.text_tokenizer import WanTextTokenizer, clean_prompt
 
 
 def test_clean_prompt_matches_the_reference() -> None:

@@ -26,7 +26,8 @@ from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.stages.experts import Experts
-from wanpipe.tokenizer import WanTextTokenizer, WanTokenizer
+from wanpipe.text_tokenizer import WanTextTokenizer
+from wanpipe.tokenizer import WanTokenizer
 from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
 from wanpipe.weights.fp8 import check_fp8_mode, dit_fp8_state, use_fp8_linears
 from wanpipe.weights.image_encoder_keys import clip_key_map, materialize_clip_buffers

@@ -45,9 +45,9 @@ from wanpipe.serving.bodies import (
     too_large,
 )
 from wanpipe.serving.errors import APIError, invalid
+from wanpipe.serving.job_request import LimitExceededError
 from wanpipe.serving.manager import (
     JobManager,
-    LimitExceededError,
     NotReadyError,
     QueueFullError,
     ShuttingDownError,
@@ -55,13 +55,8 @@ from wanpipe.serving.manager import (
 )
 from wanpipe.serving.metrics import CONTENT_TYPE
 from wanpipe.serving.openapi import LIST_PARAMETERS, POLL_HEADER, VARIANT_PARAMETERS, build_openapi, errors
-from wanpipe.serving.parsing import (
-    NewJob,
-    format_seconds,
-    parse_int,
-    parse_responses_create,
-    parse_video_create,
-)
+from wanpipe.serving.parsing import NewJob, parse_responses_create, parse_video_create
+from wanpipe.serving.scalars import format_seconds, parse_int
 from wanpipe.serving.schemas import (
     ModelCard,
     ModelList,

@@ -22,16 +22,16 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
 from wanpipe.media import Video
-from wanpipe.presets import PRESETS
+from wanpipe.serving.job_request import check_limits, job_request
 from wanpipe.serving.metrics import Metrics
-from wanpipe.serving.parsing import JobSpec, NewJob, ServeLimits
+from wanpipe.serving.parsing import NewJob, ServeLimits
 from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
 
@@ -60,10 +60,6 @@ class QueueFullError(RuntimeError):
 
 class UnknownModelError(ValueError):
     """The request names a model this server does not serve."""
-
-
-class LimitExceededError(InvalidRequestError):
-    """A request larger than the server's configured limits."""
 
 
 def batch_key_digest(key: tuple) -> str:
@@ -181,7 +177,9 @@ class JobManager:
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
         if not new.animate_videos:  # Animate: size and length come from the pose video, checked below
-            self._check_limits(pipe, new.spec, None if new.video is None else len(new.video))
+            check_limits(
+                pipe.arch.defaults, self.limits, new.spec, None if new.video is None else len(new.video)
+            )
         if new.video is not None and not pipe.arch.accepts_vace:
             raise InvalidRequestError(
                 f"video is the control video of VACE checkpoints; this server's {pipe.arch.variant.name} "
@@ -194,7 +192,7 @@ class JobManager:
         # run with it, such as a step cache on a parallel run.)
         vace = {"video": new.video, "mask": new.mask, "reference_images": list(new.reference_images) or None}
         animate = dict(new.animate_videos or {})
-        resolved = pipe.check(_wan_request(new.spec, new.image, new.last_image, {**vace, **animate}))
+        resolved = pipe.check(job_request(new.spec, new.image, new.last_image, {**vace, **animate}))
         spec = replace(
             new.spec,
             height=resolved.height,
@@ -218,7 +216,7 @@ class JobManager:
             prev_segment_conditioning_frames=resolved.prev_segment_conditioning_frames,
         )
         if animate:
-            self._check_limits(pipe, spec)
+            check_limits(pipe.arch.defaults, self.limits, spec)
         job = Job(
             id=new_job_id(),
             status=JobStatus.QUEUED,
@@ -258,36 +256,6 @@ class JobManager:
         queued = self.store.count(JobStatus.QUEUED) if queued is None else queued
         per_batch = self.metrics.mean_batch_seconds() or 10.0
         return int(min(3600, max(1, math.ceil(max(queued, 1) / self.limits.max_batch) * per_batch)))
-
-    def _check_limits(self, pipe: WanPipeline, spec: JobSpec, video_frames: int | None = None) -> None:
-        """``video_frames``: a VACE control video's frames (its length is num_frames' default)."""
-        d, lim = pipe.arch.defaults, self.limits
-        height = d.height if spec.height is None else spec.height
-        width = d.width if spec.width is None else spec.width
-        frames = d.num_frames if video_frames is None else video_frames
-        frames = frames if spec.num_frames is None else spec.num_frames
-        steps = d.num_inference_steps if spec.num_inference_steps is None else spec.num_inference_steps
-        given = spec.sigmas if spec.sigmas is not None else spec.timesteps
-        if given is not None:  # a schedule's list is one value per step
-            steps = max(steps, len(given)) if spec.num_inference_steps is not None else len(given)
-        elif spec.num_inference_steps is None and spec.preset in PRESETS:  # the preset's step list
-            steps = PRESETS[spec.preset].num_inference_steps
-        if height * width > lim.max_pixels:
-            raise LimitExceededError(
-                f"size {width}x{height} is {width * height} pixels; this server allows at most "
-                f"{lim.max_pixels} (--max-pixels)",
-                "height",
-            )
-        if frames > lim.max_frames:
-            raise LimitExceededError(
-                f"num_frames {frames} is more than this server allows ({lim.max_frames}, --max-frames)",
-                "num_frames",
-            )
-        if steps > lim.max_steps:
-            raise LimitExceededError(
-                f"num_inference_steps {steps} is more than this server allows ({lim.max_steps}, --max-steps)",
-                "num_inference_steps",
-            )
 
     def progress(self, job: Job) -> int:
         if job.status == JobStatus.COMPLETED:
@@ -422,7 +390,7 @@ class JobManager:
         for job in jobs:
             try:
                 images = self.store.read_inputs(job)
-                request = _wan_request(job.spec, images.get("image"), images.get("last_image"), images)
+                request = job_request(job.spec, images.get("image"), images.get("last_image"), images)
                 runnable.append((job, request, pipe.tokenizer.make_context(request)))
             except (InvalidRequestError, OSError, ValueError) as e:
                 self._fail(job, "invalid_request", str(e), None)
@@ -593,42 +561,3 @@ class JobManager:
             run_s,
         )
         self._notify(job.id)
-
-
-def _wan_request(
-    spec: JobSpec, image: Any, last_image: Any, inputs: Mapping[str, Any] | None = None
-) -> WanRequest:
-    """A job's request; ``inputs``: its uploaded videos by field name: VACE's video, mask and
-    reference_images, Animate's driving videos."""
-    vace = animate = inputs or {}
-    return WanRequest(
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        height=spec.height,
-        width=spec.width,
-        num_frames=spec.num_frames,
-        num_inference_steps=spec.num_inference_steps,
-        guidance_scale=spec.guidance_scale,
-        guidance_scale_2=spec.guidance_scale_2,
-        flow_shift=spec.flow_shift,
-        seed=spec.seed,
-        image=image,
-        last_image=last_image,
-        sampler=spec.sampler,
-        sigmas=None if spec.sigmas is None else list(spec.sigmas),
-        timesteps=None if spec.timesteps is None else list(spec.timesteps),
-        preset=spec.preset,
-        video=vace.get("video"),
-        mask=vace.get("mask"),
-        reference_images=vace.get("reference_images"),
-        conditioning_scale=spec.conditioning_scale,
-        cache=spec.cache,
-        cache_options=spec.cache_options,
-        pose_video=animate.get("pose_video"),
-        face_video=animate.get("face_video"),
-        background_video=animate.get("background_video"),
-        mask_video=animate.get("mask_video"),
-        mode=spec.mode,
-        segment_frame_length=spec.segment_frame_length,
-        prev_segment_conditioning_frames=spec.prev_segment_conditioning_frames,
-    )
