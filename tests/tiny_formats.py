@@ -32,8 +32,9 @@ from wanpipe.weights.vae_keys import VAE_DIFFUSERS_KEYS
 DIT_KW: dict[str, Any] = dict(num_attention_heads=1, attention_head_dim=128)
 
 
-def t2v(folder: Path, seed: int = 700):
-    """A diffusers-layout Wan 2.1 T2V tiny checkpoint (UniPC, shift 3.0); returns the diffusers pipeline."""
+def t2v(folder: Path, seed: int = 700, dit_kw: dict[str, Any] | None = None):
+    """A diffusers-layout Wan 2.1 T2V tiny checkpoint (UniPC, shift 3.0); returns the diffusers pipeline.
+    ``dit_kw`` overrides the DiT's config (:data:`DIT_KW`)."""
     from diffusers import WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -47,7 +48,7 @@ def t2v(folder: Path, seed: int = 700):
         text_encoder=text_encoder,
         vae=tiny_family.vae(seed + 1),
         scheduler=tiny_family.scheduler("unipc", 3.0),
-        transformer=tiny_family.transformer(seed + 2, **DIT_KW),
+        transformer=tiny_family.transformer(seed + 2, **{**DIT_KW, **(dit_kw or {})}),
     )
     pipe.save_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)

@@ -30,6 +30,7 @@ from wanpipe.text_tokenizer import WanTextTokenizer
 from wanpipe.tokenizer import WanTokenizer
 from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
 from wanpipe.weights.fp8 import check_fp8_mode, dit_fp8_state, use_fp8_linears
+from wanpipe.weights.gguf_quants import split_gguf_state, use_gguf_linears
 from wanpipe.weights.image_encoder_keys import clip_key_map, materialize_clip_buffers
 from wanpipe.weights.loader import load_weights
 from wanpipe.weights.lora import LoraManager, LoraReport
@@ -257,15 +258,21 @@ class WanPipeline:
             )
             text_encoder = WanTextEncoder(encoder)
 
-        def dit_state(load: Callable[[], Any]) -> tuple[dict[str, torch.Tensor], set[str]]:
-            return dit_fp8_state(load(), fp8)
+        def dit_state(load: Callable[[], Any]) -> tuple[dict[str, torch.Tensor], set[str], dict[str, int]]:
+            # GGUF blocks stay as they are (their layers are GGUFLinear); fp8 applies to the rest.
+            state, gguf_layers = split_gguf_state(load())
+            raw = {k: state.pop(k) for k in [f"{layer}.weight" for layer in gguf_layers]}
+            state, fp8_layers = dit_fp8_state(state, fp8)
+            return {**state, **raw}, fp8_layers, gguf_layers
 
         def dit(name: str, config: TransformerConfig, load: Callable[[], Any]) -> WanTransformerModel:
-            state, fp8_layers = dit_state(load)
+            state, fp8_layers, gguf_layers = dit_state(load)
             with torch.device("meta"):
                 model = WanTransformerModel(config)
             if fp8_layers:
                 use_fp8_linears(model, fp8_layers, "scaled_mm" if fp8 == "scaled_mm" else "upcast")
+            if gguf_layers:
+                use_gguf_linears(model, gguf_layers)
             return load_into(
                 model,
                 state,
@@ -284,10 +291,16 @@ class WanPipeline:
                 )
             else:
                 # Fresh mappings: the resident module's tensors must not alias the states it swaps in.
-                states = {
-                    which: dit_state(load)[0]
+                loaded = {
+                    which: dit_state(load)
                     for which, load in (("high", weights.transformer), ("low", weights.transformer_2))
                 }
+                if loaded["high"][2] != loaded["low"][2]:
+                    raise CheckpointError(
+                        "experts='swap' needs both experts' GGUF layers in the same quantization types: "
+                        "use experts='resident'"
+                    )
+                states = {which: parts[0] for which, parts in loaded.items()}
                 transformer = Experts(transformer, swap_states=states)
 
         with torch.device("meta"):

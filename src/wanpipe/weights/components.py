@@ -23,6 +23,7 @@ from wanpipe.config import WanArchConfig
 from wanpipe.models.image_encoder import ImageProcessorConfig
 from wanpipe.weights.arch import arch_from_parts, read_diffusers_arch
 from wanpipe.weights.fp8 import dequantize_state
+from wanpipe.weights.gguf_quants import dit_gguf_keep, resolve_gguf_state
 from wanpipe.weights.loader import open_component_weights, read_json
 from wanpipe.weights.original import (
     ORIGINAL_EXPERT_DIRS,
@@ -134,6 +135,7 @@ def _dit(paths: list[Path], vace: list[Path] | None = None) -> StateFn:
 
     def load() -> Mapping[str, torch.Tensor]:
         state = transformer_to_runtime(strip_prefix(_dit_file(paths), "transformer"))
+        state = resolve_gguf_state(state, dit_gguf_keep)  # GGUF: the blocks' linears stay quantized
         if vace is None:
             return state
         if any(re.fullmatch(VACE_MODULE_KEYS, k) for k in state):
@@ -141,14 +143,15 @@ def _dit(paths: list[Path], vace: list[Path] | None = None) -> StateFn:
                 f"vace: the transformer file {paths[0]} holds VACE blocks already; give vace= only with a "
                 "base (text-to-video) DiT"
             )
-        return {**state, **_vace_module(vace)}
+        return {**state, **resolve_gguf_state(_vace_module(vace), dit_gguf_keep)}
 
     return load
 
 
 def _one_file(path: Path, component: str) -> dict[str, torch.Tensor]:
-    """A one-file VAE, text or image encoder: opened, its wrapper prefix stripped, fp8 dequantized."""
-    return dequantize_state(strip_prefix(open_weights_file(path, component), component))
+    """A one-file VAE, text or image encoder: opened, its wrapper prefix stripped, fp8 and GGUF
+    dequantized."""
+    return dequantize_state(resolve_gguf_state(strip_prefix(open_weights_file(path, component), component)))
 
 
 def _vae(path: Path) -> StateFn:

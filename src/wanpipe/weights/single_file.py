@@ -46,16 +46,21 @@ PREFIXES: dict[str, tuple[str, ...]] = {
 FP8_MARKERS: tuple[str, ...] = ("scaled_fp8",)
 """Keys ComfyUI adds to "scaled" fp8 files to mark them; not weights."""
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
 
 
 def open_weights_file(path: str | Path, component: str) -> Mapping[str, torch.Tensor]:
-    """A ``.safetensors`` file memory-mapped, or a ``.pth``/``.pt``/``.bin`` read with ``weights_only=True``."""
+    """A ``.safetensors`` or ``.gguf`` file memory-mapped, or a ``.pth``/``.pt``/``.bin`` read with
+    ``weights_only=True``."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{component}: {path} is not a file")
     if path.suffix == ".safetensors":
         return SafetensorsIndex([path])
+    if path.suffix == ".gguf":
+        from wanpipe.weights.gguf_file import read_gguf
+
+        return read_gguf(path)
     if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
         state = load_pickle_weights(path)
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
