@@ -190,3 +190,22 @@ def test_gguf_errors(tmp_path) -> None:
     writer.close()
     with pytest.raises(CheckpointError, match="IQ2_XXS.*not read"):
         WanPipeline.from_single_files(tmp_path / "iq.gguf", bad, bad)
+
+
+def test_gguf_dequantize_at_load_and_convert(gguf_dit, tmp_path) -> None:
+    """``wanpipe convert`` of a GGUF DiT (dequantized to float32) gives the frames of running it quantized."""
+    from wanpipe.weights.components import open_checkpoint
+    from wanpipe.weights.convert import write_diffusers
+
+    folder, path, _, comfy = gguf_dit
+    files = dict(transformer=path, vae=comfy["vae"], text_encoder=comfy["text_encoder"])
+    pipe = WanPipeline.from_single_files(
+        **files, tokenizer=folder / "tokenizer", device="cpu", dtype="float32", sigma_grid="diffusers"
+    )
+    arch, weights = open_checkpoint(**files, tokenizer=folder / "tokenizer", sigma_grid="diffusers")
+    write_diffusers(arch, weights, tmp_path / "out", dtype=torch.float32)
+    converted = WanPipeline.from_pretrained(tmp_path / "out", device="cpu", dtype="float32")
+    assert not any(isinstance(m, GGUFLinear) for m in converted.executor.transformer.modules())
+    diff = float(np.abs(frames(converted) - frames(pipe)).max())
+    print(f"GGUF DiT quantized per layer vs converted to float32: worst |frame diff| {diff:.2e}")
+    assert diff <= 1e-5, diff

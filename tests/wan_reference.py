@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import sys
 import types
@@ -126,3 +127,42 @@ def require() -> types.SimpleNamespace:
         pytest.skip(
             f"the original Wan code is not installed ({e}): pip install --no-deps {DISTRIBUTION}=={VERSION} einops"
         )
+
+
+CONFIGS_PACKAGE = "wan_reference_configs"
+"""The name the original ``wan/configs`` folder is imported under (its ``__init__.py`` runs: it only
+imports the config modules)."""
+
+
+class _EasyDict(dict):
+    """The part of ``easydict.EasyDict`` the original configs use (attribute access to items,
+    ``EasyDict(__name__=...)``, ``update``), for when easydict (not a test dependency) is missing."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+def load_configs() -> types.ModuleType:
+    """The original ``wan/configs`` package of wan22 (``WAN_CONFIGS``: t2v-A14B, i2v-A14B, ti2v-5B,
+    animate-14B, s2v-14B; each with sample_shift, sample_steps, sample_guide_scale, frame_num,
+    sample_fps, sample_neg_prompt...). Wan 2.1's configs are not in wan22."""
+    if CONFIGS_PACKAGE not in sys.modules:
+        folder = _modules_folder().parent / "configs"
+        spec = importlib.util.spec_from_file_location(
+            CONFIGS_PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        stub = types.ModuleType("easydict")
+        stub.EasyDict = _EasyDict
+        extra = {} if importlib.util.find_spec("easydict") else {"easydict": stub}
+        with mock.patch.dict(sys.modules, {CONFIGS_PACKAGE: module, **extra}):
+            spec.loader.exec_module(module)
+            loaded = {n: m for n, m in sys.modules.items() if n.startswith(CONFIGS_PACKAGE)}
+        sys.modules.update(loaded)
+    return sys.modules[CONFIGS_PACKAGE]

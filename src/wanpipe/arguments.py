@@ -442,7 +442,12 @@ _PIXELS = integer(1, what="pixels; a multiple of 16, of 32 for Wan 2.2 TI2V-5B")
 
 REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("prompt", "--prompt", non_empty("a prompt"), "what the video shows"),
-    ("negative_prompt", "--negative-prompt", str, "what to steer away from (default: empty)"),
+    (
+        "negative_prompt",
+        "--negative-prompt",
+        str,
+        "what to steer away from (default: empty; original folders: the original config's)",
+    ),
     ("height", "--height", _PIXELS, "pixels, a multiple of 16 (default: the model's)"),
     ("width", "--width", _PIXELS, "pixels, a multiple of 16 (default: the model's)"),
     (

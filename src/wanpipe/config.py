@@ -32,6 +32,9 @@ class SamplingDefaults:
     guidance_scale_2: float | None = None
     fps: int = 16
     negative_prompt: str = ""
+    flow_shift_480p: float | None = None
+    """The shift a request of at most 832 x 480 pixels gets when it gives none (None: the scheduler's at
+    every size); the original Wan 2.1 I2V script's 3.0."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class WanArchConfig:
     image_encoder: dict[str, Any] | None = None  # CLIP vision config (Wan 2.1 I2V / FLF2V)
     image_processor: ImageProcessorConfig | None = None
     components: dict[str, Any] = field(default_factory=dict)
+    sampling: SamplingDefaults | None = None
+    """The checkpoint's own request defaults (original folders: the original scripts',
+    ``wanpipe.weights.original.ORIGINAL_DEFAULTS``); None: the variant's."""
 
     def get_max_seq_len(self) -> int:
         """The text context length every prompt is padded to (512 UMT5 tokens)."""
@@ -147,7 +153,15 @@ class WanArchConfig:
 
     @property
     def defaults(self) -> SamplingDefaults:
-        return self.variant.defaults
+        return self.sampling if self.sampling is not None else self.variant.defaults
+
+    def default_flow_shift(self, height: int, width: int) -> float:
+        """The shift of a request of this size that gives none: the scheduler's, or the defaults'
+        ``flow_shift_480p`` at 480P areas (height x width <= 832 x 480)."""
+        low = self.defaults.flow_shift_480p
+        if low is not None and height * width <= 832 * 480:
+            return low
+        return self.scheduler.flow_shift
 
     @property
     def spatial_multiple(self) -> int:

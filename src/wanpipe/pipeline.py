@@ -184,7 +184,8 @@ class WanPipeline:
     ) -> WanPipeline:
         """Load one file per component (ComfyUI's repackaged files, the original repositories' files):
         diffusers or original names, with or without wrapper prefixes (``model.diffusion_model.``),
-        fp32/fp16/bf16/fp8 (scaled or not), ``.safetensors`` (or ``.pth`` read with ``weights_only``).
+        fp32/fp16/bf16/fp8 (scaled or not), ``.safetensors`` (or ``.pth`` read with ``weights_only``); the
+        transformer also as ``.gguf`` (its block linears kept quantized: :mod:`wanpipe.weights.gguf_quants`).
 
         The variant is inferred from tensor names and shapes. ``transformer_2`` is Wan 2.2 A14B's
         low-noise expert. ``tokenizer`` is a folder or a hub id (default ``google/umt5-xxl``, fetched with

@@ -172,7 +172,9 @@ class WanTokenizer:
         )
         if guidance < 0:
             raise InvalidRequestError(f"guidance_scale must be >= 0, got {guidance}", "guidance_scale")
-        flow_shift = arch.scheduler.flow_shift if request.flow_shift is None else request.flow_shift
+        flow_shift = (
+            arch.default_flow_shift(height, width) if request.flow_shift is None else request.flow_shift
+        )
         flow_shift = _float(flow_shift, "flow_shift")
         if flow_shift <= 0:
             raise InvalidRequestError(f"flow_shift must be > 0, got {flow_shift}", "flow_shift")

@@ -14,7 +14,7 @@ from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import VAEConfig
 from wanpipe.schedulers import SchedulerConfig
 from wanpipe.weights.loader import read_json
-from wanpipe.weights.original import ORIGINAL_SAMPLING
+from wanpipe.weights.original import ORIGINAL_SAMPLING, original_sampling_defaults
 from wanpipe.weights.safetensors_io import CheckpointError
 
 
@@ -112,11 +112,14 @@ def arch_from_parts(
     boundary_ratio: float | None = None,
     sigma_grid: str = "original",
     components: dict[str, Any] | None = None,
+    original_defaults: bool = False,
 ) -> WanArchConfig:
     """An arch config from component configs read elsewhere (an original ``config.json``, tensor
     shapes of single files). The scheduler is the original repositories' UniPC with their shift
     (:data:`wanpipe.weights.original.ORIGINAL_SAMPLING`) on ``sigma_grid`` ("original" by default,
-    to reproduce their results; "diffusers" for diffusers' grid)."""
+    to reproduce their results; "diffusers" for diffusers' grid). ``original_defaults``: requests get
+    the original scripts' defaults (:data:`wanpipe.weights.original.ORIGINAL_DEFAULTS`: negative
+    prompt, steps, guidance, the 480P shift), else the variant's."""
     check_experts(transformer, transformer_2)
     variant = detect_variant(transformer, vae, has_second_expert=transformer_2 is not None)
     sampling = ORIGINAL_SAMPLING.get(variant.name, {})
@@ -140,4 +143,5 @@ def arch_from_parts(
         image_encoder=image_encoder,
         image_processor=image_processor if image_encoder is not None else None,
         components=dict(components or {}),
+        sampling=original_sampling_defaults(variant) if original_defaults else None,
     )

@@ -204,6 +204,7 @@ def single_file_weights(
     path: str | Path | None = None,
     vace: str | Path | list[str | Path] | None = None,
     vace_2: str | Path | list[str | Path] | None = None,
+    original_defaults: bool = False,
 ) -> tuple[WanArchConfig, ComponentWeights]:
     """Read the configs of one-file components from their tensors; ``dit_config`` (an original
     ``config.json``) may add the head count, eps and VACE layers. ``vace`` / ``vace_2``: the VACE module
@@ -251,6 +252,7 @@ def single_file_weights(
         image_encoder=clip_cfg,
         image_processor=ImageProcessorConfig() if clip_cfg is not None else None,
         sigma_grid=sigma_grid,
+        original_defaults=original_defaults,
     )
     weights = ComponentWeights(
         tokenizer=tok,
@@ -307,6 +309,7 @@ def original_weights(folder: Path, *, sigma_grid: str = "original") -> tuple[Wan
         dit_config=dit_config,
         sigma_grid=sigma_grid,
         path=folder,
+        original_defaults=True,  # an original folder reproduces the original scripts
     )
     return arch, weights
 

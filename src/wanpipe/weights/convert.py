@@ -23,6 +23,7 @@ from wanpipe.config import WanArchConfig
 from wanpipe.models.transformer_layers import ANIMATE_FIELDS
 from wanpipe.weights.components import ComponentWeights
 from wanpipe.weights.fp8 import is_fp8, prepare_fp8_state
+from wanpipe.weights.gguf_quants import has_gguf, resolve_gguf_state
 from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.original import ORIGINAL_EXPERT_DIRS, T5_TO_ORIGINAL_KEYS, vae21_to_original_tables
 from wanpipe.weights.safetensors_io import CheckpointError
@@ -57,11 +58,14 @@ def parse_size(text: str | int) -> int:
 
 
 def _resolved(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """fp8 and GGUF tensors dequantized (to ``dtype``, default bfloat16 for them); others as they are."""
+    gguf = has_gguf(state)
+    state = resolve_gguf_state(state) if gguf else state
     fp8 = any(is_fp8(v) for v in state.values()) or any(
         k.endswith((".scale_weight", ".weight_scale")) for k in state
     )
     out = prepare_fp8_state(state)[0] if fp8 else dict(state)
-    target = dtype if dtype is not None else (torch.bfloat16 if fp8 else None)
+    target = dtype if dtype is not None else (torch.bfloat16 if fp8 or gguf else None)
     if target is not None:
         out = {k: v.to(target) if v.is_floating_point() else v for k, v in out.items()}
     return out

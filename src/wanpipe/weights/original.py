@@ -15,6 +15,10 @@ back, for writing original-layout checkpoints (``wanpipe convert``), is derived 
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
+from wanpipe.config import SamplingDefaults, WanVariant
 from wanpipe.weights.keymap import KeyMap, KeyTable
 from wanpipe.weights.vae_keys import RESAMPLE_CONV
 
@@ -136,3 +140,63 @@ ORIGINAL_SAMPLING: dict[str, dict[str, float]] = {
     "wan2.2-animate-14b": {"flow_shift": 5.0},
 }
 """Scheduler shift and expert boundary of each variant in the original repositories."""
+
+
+ORIGINAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+"""``wan/configs/shared_config.py``'s ``sample_neg_prompt`` (the same in Wan2.1 and Wan2.2): what the
+original pipelines use when the negative prompt is empty (``if n_prompt == "": n_prompt = ...``)."""
+
+ORIGINAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Wan2.1 generate.py (Wan-Video/Wan2.1 9737cba): steps 50, 40 when "i2v" is in the task name (so not
+    # flf2v); --sample_guide_scale 5.0; shift 5.0, 3.0 for i2v at --size 832*480 / 480*832 (its max
+    # area), 16 for flf2v and vace (ORIGINAL_SAMPLING); 81 frames; configs: sample_fps 16, the shared
+    # negative prompt, i2v_14B's with "镜头晃动，" before it, flf2v_14B's with "镜头切换，" before i2v's.
+    "wan2.1-t2v-1.3b": dict(num_inference_steps=50, guidance_scale=5.0, num_frames=81, fps=16),
+    "wan2.1-t2v-14b": dict(num_inference_steps=50, guidance_scale=5.0, num_frames=81, fps=16),
+    "wan2.1-i2v-14b": dict(
+        num_inference_steps=40,
+        guidance_scale=5.0,
+        num_frames=81,
+        fps=16,
+        negative_prompt="镜头晃动，" + ORIGINAL_NEGATIVE_PROMPT,
+        flow_shift_480p=3.0,
+    ),
+    "wan2.1-flf2v-14b": dict(
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        num_frames=81,
+        fps=16,
+        negative_prompt="镜头切换，镜头晃动，" + ORIGINAL_NEGATIVE_PROMPT,
+    ),
+    "wan2.1-vace-1.3b": dict(num_inference_steps=50, guidance_scale=5.0, num_frames=81, fps=16),
+    "wan2.1-vace-14b": dict(num_inference_steps=50, guidance_scale=5.0, num_frames=81, fps=16),
+    # Wan2.2 generate.py: the config's sample_steps, sample_guide_scale ((low noise, high noise) for the
+    # A14B experts), frame_num, sample_fps (wan/configs/wan_*.py); shared negative prompt.
+    "wan2.2-t2v-a14b": dict(
+        num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0, num_frames=81, fps=16
+    ),
+    "wan2.2-i2v-a14b": dict(
+        num_inference_steps=40, guidance_scale=3.5, guidance_scale_2=3.5, num_frames=81, fps=16
+    ),
+    "wan2.2-ti2v-5b": dict(num_inference_steps=50, guidance_scale=5.0, num_frames=121, fps=24),
+    "wan2.2-animate-14b": dict(num_inference_steps=20, guidance_scale=1.0, num_frames=77, fps=30),
+    # VACE-Fun A14B (alibaba-pai) on T2V-A14B: T2V-A14B's.
+    "wan2.2-vace-fun-a14b": dict(
+        num_inference_steps=40, guidance_scale=4.0, guidance_scale_2=3.0, num_frames=81, fps=16
+    ),
+}
+"""What the original scripts give a request that leaves a value out, per variant (the negative prompt is
+:data:`ORIGINAL_NEGATIVE_PROMPT` unless named; ``flow_shift_480p``: the shift at 480P areas). Original
+folders take these (:func:`original_sampling_defaults`); diffusers folders keep the variant's."""
+
+
+def original_sampling_defaults(variant: WanVariant) -> SamplingDefaults:
+    """The variant's defaults with the original scripts' values (:data:`ORIGINAL_DEFAULTS`) over them."""
+    values = ORIGINAL_DEFAULTS.get(variant.name)
+    if values is None:
+        return variant.defaults
+    return replace(variant.defaults, **{"negative_prompt": ORIGINAL_NEGATIVE_PROMPT, **values})
