@@ -32,7 +32,6 @@ from wanpipe import WanPipeline
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.transformer_layers import compress_text_padding
 from wanpipe.weights.loader import load_weights
-from wanpipe.weights.safetensors_io import CheckpointError
 from wanpipe.weights.single_file import (
     infer_transformer_config,
     open_weights_file,
@@ -329,24 +328,64 @@ def test_vae_decode_matches_the_original(originals, loaded, layout) -> None:
     assert diff <= VAE_TOL, diff
 
 
-def test_wan22_vae_file_is_refused_by_name(tmp_path) -> None:
-    """wanpipe reads Wan 2.2's VAE only in the diffusers layout: the original file must be recognised
-    as such (by the original's own names) and refused with that reason, not misread as a 2.1 VAE."""
+VAE22_KW = dict(dim=8, dec_dim=12, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def wan22_vae(tmp_path_factory):
+    """A tiny Wan 2.2 VAE built by the original code (random weights) saved as the original
+    ``Wan2.2_VAE.pth``, the original wrapper ``Wan2_2_VAE`` on it, and wanpipe's VAE loaded from the file."""
     ref = wan_reference.require()
-    vae = ref.vae22.WanVAE_(
-        dim=8,
-        dec_dim=12,
-        z_dim=48,
-        dim_mult=[1, 2, 2, 2],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )
-    path = tmp_path / "Wan2.2_VAE.pth"
+    torch.manual_seed(22)
+    vae = ref.vae22.WanVAE_(**VAE22_KW, temperal_downsample=[False, True, True]).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    path = tmp_path_factory.mktemp("vae22") / "Wan2.2_VAE.pth"
     torch.save(vae.state_dict(), path)
+    tiny = functools.partial(ref.vae22._video_vae, dec_dim=VAE22_KW["dec_dim"], num_res_blocks=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ref.vae22, "_video_vae", tiny)
+        wrapper = ref.vae22.Wan2_2_VAE(
+            z_dim=48, c_dim=8, vae_pth=str(path), dim_mult=[1, 2, 2, 2], device="cpu"
+        )
+    from wanpipe.models.vae import WanVAE
     from wanpipe.weights.single_file import vae_to_runtime
 
-    with pytest.raises(CheckpointError, match="Wan 2.2 .* VAE file is not supported"):
-        vae_to_runtime(strip_prefix(open_weights_file(path, "vae"), "vae"))
+    state, config = vae_to_runtime(strip_prefix(open_weights_file(path, "vae"), "vae"))
+    assert (config.is_residual, config.z_dim, config.dim_mult, config.decoder_base_dim) == (
+        True,
+        48,
+        (1, 2, 2, 2),
+        12,
+    )
+    with torch.device("meta"):
+        ours = WanVAE(config)
+    load_weights(ours, state, component="vae", dtype=torch.float32)
+    return wrapper, ours
+
+
+def test_wan22_vae_file_matches_the_original(wan22_vae) -> None:
+    """``Wan2.2_VAE.pth`` (the original names of ``vae2_2.py``) gives the original wrapper's latents
+    (normalized by its 48 means and stds) and pixels (denormalized, decoded, clamped)."""
+    wrapper, ours = wan22_vae
+    g = torch.Generator().manual_seed(23)
+    x = torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        want = wrapper.encode([x[0]])[0][None]
+        got = ours.normalize_latents(ours.encode_mean(x))
+    assert want.shape == (1, 48, 2, 2, 2) and float(want.std()) > 0.05
+    diff = max_diff(got, want)
+    print(f"Wan2.2_VAE.pth encode vs the original: worst diff {diff:.2e}")
+    assert diff <= VAE_TOL, diff
+    z = torch.randn(1, 48, 2, 2, 2, generator=g)
+    with torch.no_grad():
+        want = wrapper.decode([z[0]])[0][None]
+        got = ours.decode(ours.denormalize_latents(z))
+    assert want.shape == (1, 3, 5, 32, 32) and float(want.std()) > 0.1
+    diff = max_diff(got, want)
+    print(f"Wan2.2_VAE.pth decode vs the original: worst diff {diff:.2e}")
+    assert diff <= VAE_TOL, diff
 
 
 # -- UMT5 text encoder ----------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ VAE21_INNER_KEYS = KeyTable(
 )
 """Names inside residual and resample blocks: the original's ``nn.Sequential`` slots -> wanpipe's."""
 
-VAE21_OUTER_KEYS = KeyTable(
+VAE_TOP_KEYS = KeyTable(
     (
         ("conv1.{wb}", "quant_conv.{wb}"),
         ("conv2.{wb}", "post_quant_conv.{wb}"),
@@ -75,11 +75,15 @@ VAE21_OUTER_KEYS = KeyTable(
         ("{side}.middle.0.{rest}", "{side}.mid_block.resnets.0.{rest}"),
         ("{side}.middle.1.{rest}", "{side}.mid_block.attentions.0.{rest}"),
         ("{side}.middle.2.{rest}", "{side}.mid_block.resnets.1.{rest}"),
-        ("encoder.downsamples.{n}.{rest}", "encoder.down_blocks.{n}.{rest}"),
     ),
     fields={"side": "encoder|decoder"},
 )
-"""Top-level names, and the blocks of the encoder (its flat list keeps its indices)."""
+"""Top-level names of both original VAEs (``vae.py`` / ``vae2_1.py`` and ``vae2_2.py``)."""
+
+VAE21_OUTER_KEYS = VAE_TOP_KEYS + KeyTable(
+    (("encoder.downsamples.{n}.{rest}", "encoder.down_blocks.{n}.{rest}"),)
+)
+"""Top-level names, and the blocks of the Wan 2.1 encoder (its flat list keeps its indices)."""
 
 
 def vae21_decoder_keys(num_res_blocks: int, num_levels: int) -> KeyTable:
@@ -103,6 +107,47 @@ def vae21_original_tables(num_res_blocks: int, num_levels: int) -> tuple[KeyMap,
     """Original names -> wanpipe names in two passes: the block names (outer), then names inside blocks."""
     outer = VAE21_OUTER_KEYS + vae21_decoder_keys(num_res_blocks, num_levels)
     return outer.to_runtime(), VAE21_INNER_KEYS.to_runtime()
+
+
+def vae22_block_keys(num_res_blocks: int, num_levels: int) -> KeyTable:
+    """The blocks of Wan 2.2's VAE (``vae2_2.py``): level i of the encoder is
+    ``downsamples.i.downsamples.J`` (``num_res_blocks`` residual blocks, then the resample but at the last
+    level), of the decoder ``upsamples.i.upsamples.J`` (``num_res_blocks + 1`` residual blocks, then the
+    resample but at the last level); wanpipe's (= diffusers') ``down_blocks.i.resnets.J`` /
+    ``downsampler`` and ``up_blocks.i.resnets.J`` / ``upsampler``."""
+    rules: list[tuple[str, str]] = []
+    last = num_levels - 1
+    for i in range(num_levels):
+        enc, dec = f"encoder.downsamples.{i}.downsamples", f"decoder.upsamples.{i}.upsamples"
+        rules += [
+            (f"{enc}.{j}.{{rest}}", f"encoder.down_blocks.{i}.resnets.{j}.{{rest}}")
+            for j in range(num_res_blocks)
+        ]
+        if i != last:
+            rules.append(
+                (f"{enc}.{num_res_blocks}.{{rest}}", f"encoder.down_blocks.{i}.downsampler.{{rest}}")
+            )
+        rules += [
+            (f"{dec}.{j}.{{rest}}", f"decoder.up_blocks.{i}.resnets.{j}.{{rest}}")
+            for j in range(num_res_blocks + 1)
+        ]
+        if i != last:
+            rules.append(
+                (f"{dec}.{num_res_blocks + 1}.{{rest}}", f"decoder.up_blocks.{i}.upsampler.{{rest}}")
+            )
+    return KeyTable(tuple(rules))
+
+
+def vae22_original_tables(num_res_blocks: int, num_levels: int) -> tuple[KeyMap, KeyMap]:
+    """Wan 2.2 VAE, original names -> wanpipe names: (outer, inner) applied in that order."""
+    outer = VAE_TOP_KEYS + vae22_block_keys(num_res_blocks, num_levels)
+    return outer.to_runtime(), VAE21_INNER_KEYS.to_runtime()
+
+
+def vae22_to_original_tables(num_res_blocks: int, num_levels: int) -> tuple[KeyMap, KeyMap]:
+    """wanpipe names -> Wan 2.2 original names: (inner, outer) applied in that order."""
+    outer = VAE_TOP_KEYS + vae22_block_keys(num_res_blocks, num_levels)
+    return VAE21_INNER_KEYS.to_checkpoint(), outer.to_checkpoint()
 
 
 def vae21_to_original_tables(num_res_blocks: int, num_levels: int) -> tuple[KeyMap, KeyMap]:

@@ -19,11 +19,11 @@ import torch
 from wanpipe.models.animate import MOTION_ENCODER_CHANNELS
 from wanpipe.models.text_encoder import TextEncoderConfig
 from wanpipe.models.transformer_layers import TransformerConfig
-from wanpipe.models.vae import VAEConfig
+from wanpipe.models.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, VAEConfig
 from wanpipe.weights.animate_keys import animate_original_to_runtime, is_animate_original
 from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.loader import load_pickle_weights
-from wanpipe.weights.original import T5_ORIGINAL_KEYS, vae21_original_tables
+from wanpipe.weights.original import T5_ORIGINAL_KEYS, vae21_original_tables, vae22_original_tables
 from wanpipe.weights.safetensors_io import CheckpointError, SafetensorsIndex
 from wanpipe.weights.text_encoder_keys import TEXT_ENCODER_ALIASES
 from wanpipe.weights.transformer_keys import prepare_transformer_state
@@ -270,20 +270,18 @@ def transformer_config_from_original(config: Mapping[str, Any]) -> dict[str, Any
 
 
 def vae_to_runtime(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], VAEConfig]:
-    """A Wan 2.1 VAE state dict in either naming -> wanpipe names, and its config from the shapes."""
+    """A Wan 2.1 or 2.2 VAE state dict in either naming -> wanpipe names, and its config from the shapes."""
     c = "vae"
+    if any(
+        k.startswith(("encoder.down_blocks.0.resnets", "encoder.downsamples.0.downsamples")) for k in state
+    ):
+        return vae22_to_runtime(state)
     if naming_of(state, c) == "diffusers":
         runtime = prepare_vae_state(state)
         prefix = "encoder.down_blocks"
     else:
         runtime = None
         prefix = "encoder.downsamples"
-    if any(
-        k.startswith(("encoder.down_blocks.0.resnets", "encoder.downsamples.0.downsamples")) for k in state
-    ):
-        raise CheckpointError(
-            f"{c}: a Wan 2.2 (residual, 48-channel) VAE file is not supported as a single file yet"
-        )
     src = state if runtime is None else runtime
     base_dim = _shape(src, "encoder.conv1.weight" if runtime is None else "encoder.conv_in.weight", c)[0]
     z_dim = _shape(src, "conv2.weight" if runtime is None else "post_quant_conv.weight", c)[0]
@@ -315,6 +313,60 @@ def vae_to_runtime(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     if runtime is None:
         outer, inner = vae21_original_tables(config.num_res_blocks, len(config.dim_mult))
         runtime = remap_state_dict(remap_state_dict(state, outer), inner)
+    return runtime, config
+
+
+def _indices(state: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))})
+
+
+def vae22_to_runtime(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """Wan 2.2's residual VAE (TI2V-5B; the original ``Wan2.2_VAE.pth`` names of ``vae2_2.py``, or
+    diffusers' residual layout) -> wanpipe names, and its config from the shapes (the latents' mean and
+    std: the original ``Wan2_2_VAE``'s, for its 48 channels)."""
+    c = "vae"
+    if naming_of(state, c) == "diffusers":
+        runtime = prepare_vae_state(state)
+    else:
+        levels = _indices(state, "encoder.downsamples")
+        blocks = _indices(state, "encoder.downsamples.0.downsamples")
+        resnets = [j for j in blocks if f"encoder.downsamples.0.downsamples.{j}.residual.2.weight" in state]
+        outer, inner = vae22_original_tables(len(resnets), len(levels))
+        runtime = remap_state_dict(remap_state_dict(state, outer), inner)
+    levels = _indices(runtime, "encoder.down_blocks")
+    num_res = len(_indices(runtime, "encoder.down_blocks.0.resnets"))
+    base_dim, in_channels = _shape(runtime, "encoder.conv_in.weight", c)[:2]
+    dim_mult = [
+        _shape(runtime, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", c)[0] // base_dim for i in levels
+    ]
+    temporal = [f"encoder.down_blocks.{i}.downsampler.time_conv.weight" in runtime for i in levels[:-1]]
+    z_dim = _shape(runtime, "post_quant_conv.weight", c)[0]
+    out_channels, decoder_out = _shape(runtime, "decoder.conv_out.weight", c)[:2]
+    patch = int(round((in_channels / 3) ** 0.5))
+    if z_dim != len(WAN22_LATENTS_MEAN):
+        raise CheckpointError(
+            f"{c}: a Wan 2.2 VAE with {z_dim} latent channels; only the released 48-channel one has known "
+            "latent statistics (give it as a diffusers folder with its config.json)"
+        )
+    try:
+        config = VAEConfig(
+            base_dim=base_dim,
+            decoder_base_dim=decoder_out // dim_mult[0],
+            z_dim=z_dim,
+            dim_mult=tuple(dim_mult),
+            num_res_blocks=num_res,
+            temperal_downsample=tuple(temporal),
+            latents_mean=WAN22_LATENTS_MEAN,
+            latents_std=WAN22_LATENTS_STD,
+            is_residual=True,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            patch_size=patch,
+            scale_factor_temporal=2 ** sum(temporal),
+            scale_factor_spatial=2 ** (len(dim_mult) - 1) * patch,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{c}: the tensor shapes give an unusable config: {e}") from None
     return runtime, config
 
 
