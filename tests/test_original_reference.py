@@ -418,3 +418,20 @@ def test_original_config_json_is_the_originals(originals) -> None:
     config = json.loads((originals.folder / "config.json").read_text())
     assert config["_class_name"] == "WanModel"
     assert (config["num_heads"], config["eps"]) == (DIT_KW["num_heads"], DIT_KW["eps"])
+
+
+def test_wan22_vae_names_both_ways(tmp_path) -> None:
+    """The Wan 2.2 VAE's way back (``convert --to original``) gives the original module's names and
+    values, tensor for tensor."""
+    from wanpipe.weights.keymap import remap_state_dict
+    from wanpipe.weights.original import vae22_to_original_tables
+    from wanpipe.weights.single_file import vae_to_runtime
+
+    ref = wan_reference.require()
+    vae = ref.vae22.WanVAE_(**VAE22_KW, temperal_downsample=[False, True, True])
+    want = vae.state_dict()
+    runtime, config = vae_to_runtime(dict(want))
+    inner, outer = vae22_to_original_tables(config.num_res_blocks, len(config.dim_mult))
+    back = remap_state_dict(remap_state_dict(runtime, inner), outer)
+    assert set(back) == set(want)
+    assert all(torch.equal(back[k], want[k]) for k in want)

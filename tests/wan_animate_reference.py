@@ -22,8 +22,10 @@ What is substituted at import time (no file is edited):
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +96,25 @@ def require() -> types.SimpleNamespace:
     """:func:`load`, or skip where wan22 is not installed (never in CI, see :func:`tests.wan_reference.require`)."""
     wan_reference.require()
     return load()
+
+
+def load_clip() -> types.ModuleType:
+    """The original ``wan/modules/animate/clip.py`` (``XLMRobertaCLIP``, ``VisionTransformer``): the same
+    code as Wan 2.1's ``wan/modules/clip.py`` (Wan-Video/Wan2.1 9737cba; only the relative import depth
+    differs), which defines the layout of ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``.
+    torchvision (imported at its top for the preprocessing transforms, which are not used here) is a stand-in
+    module when it is not installed."""
+    name = f"{ROOT}.modules.animate.clip"
+    if name not in sys.modules:
+        load()
+        stubs = {}
+        if importlib.util.find_spec("torchvision") is None:
+            transforms = types.ModuleType("torchvision.transforms")
+            vision = types.ModuleType("torchvision")
+            vision.transforms = transforms
+            stubs = {"torchvision": vision, "torchvision.transforms": transforms}
+        with mock.patch.dict(sys.modules, stubs):
+            importlib.import_module(name)
+            loaded = {n: m for n, m in sys.modules.items() if n.startswith(ROOT)}
+        sys.modules.update(loaded)
+    return sys.modules[name]

@@ -236,8 +236,8 @@ def single_file_weights(
     if dit_cfg.image_dim is not None:
         if image_encoder is None:
             raise CheckpointError(
-                "this DiT takes CLIP image tokens (Wan 2.1 I2V/FLF2V): pass a CLIP vision file in the "
-                "transformers naming as the image encoder (the original open-clip .pth is not supported)"
+                "this DiT takes CLIP image tokens (Wan 2.1 I2V/FLF2V): pass a CLIP vision file (transformers "
+                "naming, or the original models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) as the image encoder"
             )
         clip_path = Path(image_encoder).expanduser()
         clip_cfg = clip_to_runtime(_one_file(clip_path, "image_encoder"))[1]
@@ -296,8 +296,8 @@ def original_weights(folder: Path, *, sigma_grid: str = "original") -> tuple[Wan
             f"{config_folder / 'config.json'} is not an original Wan DiT config (no 'dim'/'num_layers')"
         )
     tokenizer = _first(folder, ORIGINAL_TOKENIZER_DIRS, "the UMT5 tokenizer folder")
-    # Wan 2.1 I2V/FLF2V: a CLIP vision file in transformers names (the original open-clip .pth is not read).
-    clip = sorted(folder.glob("models_clip_*.safetensors"))
+    # Wan 2.1 I2V/FLF2V: the original open-clip .pth, or a CLIP vision file in transformers names.
+    clip = sorted(folder.glob("models_clip_*.safetensors")) + sorted(folder.glob("models_clip_*.pth"))
     image_encoder = clip[0] if clip else None
     arch, weights = single_file_weights(
         transformer=experts[0] if two else folder,

@@ -24,9 +24,15 @@ from wanpipe.models.transformer_layers import ANIMATE_FIELDS
 from wanpipe.weights.components import ComponentWeights
 from wanpipe.weights.fp8 import is_fp8, prepare_fp8_state
 from wanpipe.weights.gguf_quants import has_gguf, resolve_gguf_state
+from wanpipe.weights.image_encoder_keys import clip_runtime_to_original
 from wanpipe.weights.keymap import remap_state_dict
-from wanpipe.weights.original import ORIGINAL_EXPERT_DIRS, T5_TO_ORIGINAL_KEYS, vae21_to_original_tables
-from wanpipe.weights.safetensors_io import CheckpointError
+from wanpipe.weights.original import (
+    ORIGINAL_CLIP_FILE,
+    ORIGINAL_EXPERT_DIRS,
+    T5_TO_ORIGINAL_KEYS,
+    vae21_to_original_tables,
+    vae22_to_original_tables,
+)
 from wanpipe.weights.text_encoder_keys import TEXT_ENCODER_ALIASES
 from wanpipe.weights.transformer_keys import TRANSFORMER_TO_DIFFUSERS_KEYS
 from wanpipe.weights.vae_keys import vae_to_diffusers_keys
@@ -276,13 +282,9 @@ def write_original(
     max_shard_size: str | int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """An original Wan repository folder (``config.json`` + DiT shards, or the two expert folders;
-    ``Wan2.1_VAE.pth``; ``models_t5_umt5-xxl-enc-bf16.pth``; ``google/umt5-xxl/``)."""
-    if arch.vae.is_residual:
-        raise CheckpointError("writing the Wan 2.2 (48-channel) VAE in the original layout is not supported")
-    if arch.image_encoder is not None:
-        raise CheckpointError(
-            "writing the CLIP image encoder in the original (open-clip) layout is not supported"
-        )
+    ``Wan2.1_VAE.pth`` or ``Wan2.2_VAE.pth``; ``models_t5_umt5-xxl-enc-bf16.pth``; ``google/umt5-xxl/``;
+    Wan 2.1 I2V/FLF2V: ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` with the vision tower
+    only: the original's text tower is not held by other layouts)."""
     out = Path(out)
     shard = parse_size(max_shard_size)
     experts = [(out, arch.transformer, weights.transformer)]
@@ -294,9 +296,14 @@ def write_original(
     for folder, cfg, load in experts:
         write_sharded(_resolved(load(), dtype), folder, "diffusion_pytorch_model", shard)
         _json(folder / "config.json", original_dit_config(cfg, arch.variant.task))
-    inner, outer = vae21_to_original_tables(arch.vae.num_res_blocks, len(arch.vae.dim_mult))
+    tables = vae22_to_original_tables if arch.vae.is_residual else vae21_to_original_tables
+    inner, outer = tables(arch.vae.num_res_blocks, len(arch.vae.dim_mult))
     vae_state = remap_state_dict(remap_state_dict(_resolved(weights.vae(), dtype), inner), outer)
-    torch.save({k: v.clone() for k, v in vae_state.items()}, out / "Wan2.1_VAE.pth")
+    vae_file = "Wan2.2_VAE.pth" if arch.vae.is_residual else "Wan2.1_VAE.pth"
+    torch.save({k: v.clone() for k, v in vae_state.items()}, out / vae_file)
+    if arch.image_encoder is not None and weights.image_encoder is not None:
+        clip_state = clip_runtime_to_original(_resolved(weights.image_encoder(), dtype))
+        torch.save({k: v.clone() for k, v in clip_state.items()}, out / ORIGINAL_CLIP_FILE)
     te_state = remap_state_dict(_text_encoder_state(weights, dtype), T5_TO_ORIGINAL_KEYS)
     torch.save({k: v.clone() for k, v in te_state.items()}, out / "models_t5_umt5-xxl-enc-bf16.pth")
     _copy_tokenizer(weights.tokenizer, out / "google" / "umt5-xxl")

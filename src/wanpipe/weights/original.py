@@ -163,6 +163,8 @@ ORIGINAL_T5_FILES: tuple[str, ...] = (
     "models_t5_umt5-xxl-enc-bf16.safetensors",
 )
 ORIGINAL_VAE_FILES: tuple[str, ...] = ("Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors", "Wan2.2_VAE.pth")
+ORIGINAL_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+"""Wan 2.1 I2V / FLF2V's image encoder (open-clip XLM-RoBERTa ViT-H/14; only its vision tower is used)."""
 ORIGINAL_TOKENIZER_DIRS: tuple[str, ...] = ("google/umt5-xxl", "umt5-xxl", "tokenizer")
 ORIGINAL_EXPERT_DIRS: tuple[str, str] = ("high_noise_model", "low_noise_model")
 UMT5_XXL_TOKENIZER_ID = "google/umt5-xxl"

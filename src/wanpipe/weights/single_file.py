@@ -21,6 +21,7 @@ from wanpipe.models.text_encoder import TextEncoderConfig
 from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, VAEConfig
 from wanpipe.weights.animate_keys import animate_original_to_runtime, is_animate_original
+from wanpipe.weights.image_encoder_keys import clip_original_to_runtime, is_clip_original
 from wanpipe.weights.keymap import remap_state_dict
 from wanpipe.weights.loader import load_pickle_weights
 from wanpipe.weights.original import T5_ORIGINAL_KEYS, vae21_original_tables, vae22_original_tables
@@ -424,13 +425,16 @@ CLIP_HEAD_DIM = 80
 def clip_to_runtime(
     state: Mapping[str, torch.Tensor], *, num_heads: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A CLIP vision tower in transformers' naming (``vision_model.*`` or not) and its config."""
+    """A CLIP vision tower in transformers' naming (``vision_model.*`` or not) or the original open-clip
+    file's (``visual.*``, its text tower dropped), and its config."""
     c = "image_encoder"
+    if is_clip_original(state):
+        state = clip_original_to_runtime(state)
     runtime = {k.removeprefix("vision_model."): v for k, v in state.items()}
     if "embeddings.patch_embedding.weight" not in runtime:
         raise CheckpointError(
-            f"{c}: only CLIP vision towers in the transformers naming are read "
-            "(embeddings.patch_embedding.weight is missing; the original open-clip .pth is not supported)"
+            f"{c}: not a CLIP vision tower in the transformers naming (embeddings.patch_embedding.weight) "
+            "or the original open-clip naming (visual.patch_embedding.weight)"
         )
     hidden, _, patch, _ = _shape(runtime, "embeddings.patch_embedding.weight", c)
     positions = _shape(runtime, "embeddings.position_embedding.weight", c)[0]
