@@ -209,3 +209,24 @@ def test_gguf_dequantize_at_load_and_convert(gguf_dit, tmp_path) -> None:
     diff = float(np.abs(frames(converted) - frames(pipe)).max())
     print(f"GGUF DiT quantized per layer vs converted to float32: worst |frame diff| {diff:.2e}")
     assert diff <= 1e-5, diff
+
+
+def test_lora_on_a_gguf_dit_is_refused(gguf_dit) -> None:
+    """Merging a LoRA would add to the raw blocks as numbers: refused, naming the way out."""
+    folder, path, _, comfy = gguf_dit
+    pipe = WanPipeline.from_single_files(
+        path,
+        comfy["vae"],
+        comfy["text_encoder"],
+        tokenizer=folder / "tokenizer",
+        device="cpu",
+        dtype="float32",
+    )
+    before = pipe.executor.transformer.blocks[0].ffn[0].weight.clone()
+    lora = {
+        "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(2, 256),
+        "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.zeros(512, 2),
+    }
+    with pytest.raises(CheckpointError, match="LoRA on a GGUF-quantized DiT.*wanpipe convert"):
+        pipe.load_lora(lora)
+    assert torch.equal(pipe.executor.transformer.blocks[0].ffn[0].weight, before)
