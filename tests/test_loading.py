@@ -71,11 +71,12 @@ def test_hub_id_goes_through_snapshot_download(tmp_path: Path, tiny_ckpt: Path, 
     assert calls[0]["revision"] == "main"
     assert calls[0]["allow_patterns"] == list(HUB_ALLOW_PATTERNS)
     patterns = calls[0]["allow_patterns"]
-    # No pickles but the original layout's two named files (read with weights_only=True)
+    # No pickles but the original layout's named files (read with weights_only=True)
     assert [p for p in patterns if p.endswith((".bin", ".pth", ".pt", ".ckpt"))] == [
         "models_t5_umt5-xxl-enc-bf16.pth",
         "Wan2.1_VAE.pth",
         "Wan2.2_VAE.pth",
+        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
     ]
     assert "*/*.safetensors" in patterns and "Wan2.1_VAE.pth" in patterns and "google/umt5-xxl/*" in patterns
     # and the whole pipeline takes a hub id

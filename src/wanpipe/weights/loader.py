@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from wanpipe.weights.original import ORIGINAL_T5_FILES, ORIGINAL_TOKENIZER_DIRS, ORIGINAL_VAE_FILES
+from wanpipe.weights.original import (
+    ORIGINAL_CLIP_FILE,
+    ORIGINAL_T5_FILES,
+    ORIGINAL_TOKENIZER_DIRS,
+    ORIGINAL_VAE_FILES,
+)
 from wanpipe.weights.safetensors_io import CheckpointError, SafetensorsIndex
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ HUB_ALLOW_PATTERNS: tuple[str, ...] = (
     *ORIGINAL_T5_FILES,
     *ORIGINAL_VAE_FILES,
     "models_clip_*.safetensors",
+    ORIGINAL_CLIP_FILE,
     *(f"{folder}/*" for folder in ORIGINAL_TOKENIZER_DIRS),
 )
 
