@@ -55,7 +55,7 @@ def random_k_blocks(rows: int, cols: int, qtype, rng: np.random.Generator, std: 
     return raw
 
 
-def write_gguf(state: dict[str, torch.Tensor], path, seed: int = 0) -> dict[str, str]:
+def write_gguf(state: dict[str, torch.Tensor], path, seed: int = 0, prefix: str = "") -> dict[str, str]:
     """The DiT (original names) as GGUF: the blocks' linears cycle through every type, a few other 2-D
     weights take 32-value types (dequantized at load), 1-D and small tensors F32, the 5-D patch
     embedding F16. Returns {name: type name}."""
@@ -79,7 +79,7 @@ def write_gguf(state: dict[str, torch.Tensor], path, seed: int = 0) -> dict[str,
             raw = random_k_blocks(data.shape[0], data.shape[1], qtype, rng)
         else:
             raw = gguf.quants.quantize(data, qtype)
-        writer.add_tensor(name, raw, raw_dtype=qtype)
+        writer.add_tensor(prefix + name, raw, raw_dtype=qtype)
         written[name] = qtype.name
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -119,7 +119,7 @@ def gguf_dit(tmp_path_factory):
     path = root / "wan2.1-t2v-tiny-Q4_K_M.gguf"
     types = write_gguf(state, path)
     comfy = tiny_formats.write_comfy(folder, root / "comfy")
-    return folder, path, types, comfy
+    return folder, path, types, comfy, state
 
 
 def test_gguf_dit_matches_diffusers_gguf_loader(gguf_dit, monkeypatch) -> None:
@@ -127,7 +127,7 @@ def test_gguf_dit_matches_diffusers_gguf_loader(gguf_dit, monkeypatch) -> None:
     from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
     from diffusers import WanPipeline as DiffusersWanPipeline
 
-    folder, path, types, comfy = gguf_dit
+    folder, path, types, comfy, _ = gguf_dit
     assert {t.name for t in [*BLOCK_TYPES, *PLAIN]} <= set(types.values())
     pipe = WanPipeline.from_single_files(
         path,
@@ -197,7 +197,7 @@ def test_gguf_dequantize_at_load_and_convert(gguf_dit, tmp_path) -> None:
     from wanpipe.weights.components import open_checkpoint
     from wanpipe.weights.convert import write_diffusers
 
-    folder, path, _, comfy = gguf_dit
+    folder, path, _, comfy, _ = gguf_dit
     files = dict(transformer=path, vae=comfy["vae"], text_encoder=comfy["text_encoder"])
     pipe = WanPipeline.from_single_files(
         **files, tokenizer=folder / "tokenizer", device="cpu", dtype="float32", sigma_grid="diffusers"
@@ -213,7 +213,7 @@ def test_gguf_dequantize_at_load_and_convert(gguf_dit, tmp_path) -> None:
 
 def test_lora_on_a_gguf_dit_is_refused(gguf_dit) -> None:
     """Merging a LoRA would add to the raw blocks as numbers: refused, naming the way out."""
-    folder, path, _, comfy = gguf_dit
+    folder, path, _, comfy, _ = gguf_dit
     pipe = WanPipeline.from_single_files(
         path,
         comfy["vae"],
@@ -230,3 +230,25 @@ def test_lora_on_a_gguf_dit_is_refused(gguf_dit) -> None:
     with pytest.raises(CheckpointError, match="LoRA on a GGUF-quantized DiT.*wanpipe convert"):
         pipe.load_lora(lora)
     assert torch.equal(pipe.executor.transformer.blocks[0].ffn[0].weight, before)
+
+
+def test_gguf_with_comfy_prefix_and_experts_swap(gguf_dit, tmp_path) -> None:
+    """ComfyUI's ``model.diffusion_model.`` prefix is stripped; two GGUF experts with experts="swap" give
+    the frames of both resident (the raw blocks are swapped in place)."""
+    folder, path, _, comfy, state = gguf_dit
+    prefixed = tmp_path / "prefixed.gguf"
+    write_gguf(state, prefixed, prefix="model.diffusion_model.")
+    common = dict(tokenizer=folder / "tokenizer", device="cpu", dtype="float32", sigma_grid="diffusers")
+    plain = WanPipeline.from_single_files(path, comfy["vae"], comfy["text_encoder"], **common)
+    np.testing.assert_array_equal(
+        frames(WanPipeline.from_single_files(prefixed, comfy["vae"], comfy["text_encoder"], **common)),
+        frames(plain),
+    )
+    low = tmp_path / "low.gguf"
+    write_gguf(state, low, seed=1)  # other K blocks: another expert
+    two = dict(transformer_2=low, **common)
+    resident = WanPipeline.from_single_files(path, comfy["vae"], comfy["text_encoder"], **two)
+    swap = WanPipeline.from_single_files(path, comfy["vae"], comfy["text_encoder"], experts="swap", **two)
+    out = frames(resident)
+    assert float(np.abs(out - frames(plain)).max()) > 1e-4  # the low-noise expert ran
+    np.testing.assert_array_equal(frames(swap), out)
