@@ -38,6 +38,7 @@ from wanpipe.serving.openapi_fields import (
     fps_schema,
     guidance_schema,
     integer_schema,
+    loras_schema,
     number_schema,
     preset_schema,
     schedule_fields_schema,
@@ -165,6 +166,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         "preset": preset_schema(json=json),
         "cache": cache_schema(json=json),
         "cache_options": cache_options_schema(json=json),
+        "loras": loras_schema(json=json),
     }
     last = "The last frame (first-last-frame checkpoints; needs input_reference too): "
     if json:
@@ -260,6 +262,7 @@ def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
         "preset": preset_schema(json=True),
         "cache": cache_schema(json=True),
         "cache_options": cache_options_schema(json=True),
+        "loras": loras_schema(json=True),
     }
     assert set(options) == set(VIDEO_OPTION_FIELDS)
     return {

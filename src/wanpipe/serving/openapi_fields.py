@@ -288,3 +288,33 @@ def animate_properties(form: str | None, *, json: bool) -> dict[str, Any]:
         nullable=json,
     )
     return out
+
+
+def loras_schema(*, json: bool) -> dict[str, Any]:
+    """``loras``: the job's LoRA adapters, files of ``--lora-dir`` by name."""
+    from wanpipe.serving.scalars import MAX_LORA_SCALE, MAX_LORAS
+
+    description = (
+        "LoRA adapters merged for this job: files of the server's --lora-dir by name (GET /v1/loras lists "
+        f"them; another name: 400 with param loras), scale in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}] "
+        f"(default 1); at most {MAX_LORAS}, each name once. Jobs with the same set run in one batch. "
+        + ("A list, one object, or the list's JSON text." if json else "The list's JSON text.")
+    )
+    if not json:
+        return {"type": "string", "description": description}
+    item = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "scale": {"type": "number", "minimum": -MAX_LORA_SCALE, "maximum": MAX_LORA_SCALE},
+        },
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    return field_schema(
+        description,
+        {"type": "array", "items": item, "maxItems": MAX_LORAS},
+        item,
+        {"type": "string"},
+        nullable=True,
+    )
