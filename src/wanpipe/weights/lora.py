@@ -51,10 +51,18 @@ LORA_PARTS: KeyMap = (
     (r"(.+)\.alpha", r"alpha"),
     (r"(.+)\.diff", r"diff"),
     (r"(.+)\.diff_b", r"diff_b"),
+    (r"(.+)\.diff_m", r"diff_m"),
 )
 """``(pattern, part)``: the layer name is group 1, the part the replacement. Tried in order."""
 
 EXPERTS = ("high", "low", "both")
+
+LORA_PARAMS: dict[str, tuple[str, ...]] = {
+    "weight": ("down", "up", "diff"),
+    "bias": ("diff_b",),
+    "modulation": ("diff_m",),
+}
+"""A layer's parameters an adapter changes, and the parts of :class:`LoraUpdate` that change each."""
 
 
 @dataclass
@@ -66,6 +74,20 @@ class LoraUpdate:
     alpha: float | None = None
     diff: Tensor | None = None
     diff_b: Tensor | None = None
+    diff_m: Tensor | None = None  # a block's (or the head's) modulation table: lightx2v's ``.diff_m``
+
+    def delta(self, param: str, shape: torch.Size, layer: str) -> Tensor | None:
+        """The float32 delta of the layer's ``param`` ("weight", "bias" or "modulation"), unscaled."""
+        if param == "weight":
+            return self.weight_delta(shape, layer)
+        full = self.diff_b if param == "bias" else self.diff_m if param == "modulation" else None
+        if full is None:
+            return None
+        if full.numel() != shape.numel():
+            raise CheckpointError(
+                f"LoRA layer {layer}: the {param} delta {list(full.shape)} does not fit {list(shape)}"
+            )
+        return full.float().reshape(shape)
 
     def weight_delta(self, shape: torch.Size, layer: str) -> Tensor | None:
         """The float32 delta of the weight (unscaled by the adapter's strength)."""
@@ -173,11 +195,13 @@ def read_lora(
         )
     for layer, update in updates.items():  # check every shape before changing anything
         module = targets[layer]
-        update.weight_delta(module.weight.shape, layer)
-        if update.diff_b is not None and (
-            module.bias is None or update.diff_b.numel() != module.bias.numel()
-        ):
-            raise CheckpointError(f"LoRA layer {layer}: diff_b does not fit the layer's bias")
+        for param, given in LORA_PARAMS.items():
+            if any(getattr(update, part) is not None for part in given):
+                if not isinstance(getattr(module, param, None), Tensor):
+                    raise CheckpointError(
+                        f"LoRA layer {layer}: has a {param} delta but the layer has no {param}"
+                    )
+                update.delta(param, getattr(module, param).shape, layer)
     return ParsedLora(name, updates, unmatched, len(state))
 
 
@@ -252,11 +276,14 @@ def _resolve_layer(
 
 
 def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """The DiT's layers with a weight (linears, the patch embedding conv, affine norms)."""
+    """The DiT's layers with a weight (linears, the patch embedding conv, affine norms) or a
+    modulation table (the blocks and the head)."""
     return {
         name: m
         for name, m in model.named_modules()
-        if name and isinstance(getattr(m, "weight", None), torch.Tensor) and not isinstance(m, nn.Embedding)
+        if name
+        and not isinstance(m, nn.Embedding)
+        and any(isinstance(getattr(m, p, None), torch.Tensor) for p in ("weight", "modulation"))
     }
 
 
@@ -356,7 +383,7 @@ class LoraManager:
         swapped = set()
         for expert, layer in sorted(touched):
             module = dict(self._module(expert).named_modules())[layer]
-            for param in ("weight", "bias"):
+            for param in LORA_PARAMS:
                 if getattr(module, param, None) is None:
                     continue
                 merged = self._merged(expert, layer, module, param)
@@ -384,11 +411,7 @@ class LoraManager:
             update = adapter.updates.get(layer) if expert in adapter.experts else None
             if update is None:
                 continue
-            d = (
-                update.weight_delta(base.shape, layer)
-                if param == "weight"
-                else (update.diff_b.float().reshape(base.shape) if update.diff_b is not None else None)
-            )
+            d = update.delta(param, base.shape, layer)
             if d is not None:
                 delta = adapter.scale * d if delta is None else delta + adapter.scale * d
         if delta is None:
