@@ -229,3 +229,55 @@ def test_unmatched_keys_are_counted_and_named_in_the_warning(setup, tmp_path, ca
     assert "12 of its 14 keys match no DiT layer" in message, message
     assert "diffusion_model.blocks.0.extra0.lora_down.weight" in message and "..." in message
     assert_base(ours, base_frames, base_state)
+
+
+@pytest.fixture(scope="module")
+def a14b(tmp_path_factory):
+    """(diffusers A14B pipeline, ours, its base frames, a Wan 2.1-style adapter file). Wan 2.1 14B and
+    the Wan 2.2 A14B experts share layer names and shapes: users apply 2.1 adapters to either expert."""
+    folder = tmp_path_factory.mktemp("a14b-lora") / "ckpt"
+    ref = tiny_family.t2v_a14b(folder)
+    ours = WanPipeline.from_pretrained(folder, device="cpu", dtype="float32")
+    path = tiny_formats.write_lora(
+        tiny_formats.lora_weights(ours.executor.experts.high, 7),
+        folder.parent / "wan21.safetensors",
+        "original",
+    )
+    return ref, ours, path
+
+
+A14B_SEEN: dict[str, np.ndarray] = {}
+A14B_KW = dict(
+    prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=4.0, seed=1
+)
+
+
+@pytest.mark.parametrize("expert", ["high", "low", "both"])
+def test_wan21_lora_on_a14b_experts_matches_diffusers(a14b, expert) -> None:
+    ref, ours, path = a14b
+    scale = 0.9
+    base = ours.generate(**A14B_KW, progress=False).frames
+    ours.load_lora(path, scale, expert=expert)
+    try:
+        if expert in ("high", "both"):
+            ref.load_lora_weights(str(path), adapter_name="h")
+        if expert in ("low", "both"):
+            ref.load_lora_weights(str(path), adapter_name="l", load_into_transformer_2=True)
+        names = {"high": ["h"], "low": ["l"], "both": ["h", "l"]}[expert]
+        ref.set_adapters(names, [scale] * len(names))
+        kw = {k: v for k, v in A14B_KW.items() if k != "seed"}
+        theirs = ref(
+            generator=torch.Generator("cpu").manual_seed(A14B_KW["seed"]), output_type="np", **kw
+        ).frames[0]
+    finally:
+        ref.unload_lora_weights()
+    out = ours.generate(**A14B_KW, progress=False).frames
+    ours.unload_lora()
+    diff = float(np.abs(out - np.asarray(theirs, dtype=np.float32)).max())
+    print(f"Wan 2.1 LoRA @{expert} on A14B vs diffusers: max abs diff {diff:.3g}")
+    assert diff <= FRAME_TOL, (expert, diff)
+    assert float(np.abs(out - base).max()) > 1e-2
+    for other, frames_other in A14B_SEEN.items():  # each choice of experts makes another video
+        assert float(np.abs(out - frames_other).max()) > 1e-2, (expert, other)
+    A14B_SEEN[expert] = out
+    np.testing.assert_array_equal(ours.generate(**A14B_KW, progress=False).frames, base)
