@@ -125,5 +125,6 @@ class LoraLibrary:
     def activate(self, pipe: WanPipeline, loras: LoraSet) -> None:
         """Make ``loras`` (() for none) the per-request adapters merged into ``pipe``'s DiT: the
         previous set's layers back to their base, the new set merged. Run by the worker between batches."""
-        parsed = [(self.read(name, pipe), scale, self.expert) for name, scale in loras]
+        expert = self.expert if pipe.executor.experts.two else "both"  # one DiT: that one
+        parsed = [(self.read(name, pipe), scale, expert) for name, scale in loras]
         pipe.lora_manager.switch(GROUP, parsed)
