@@ -105,6 +105,11 @@ def test_jobs_switch_lora_sets_batch_by_set_and_restore_the_base(setup, tmp_path
         assert [c["id"] for c in listed["data"]] == ["alpha", "beta"]
         assert listed["data"][0]["size_bytes"] == (folder / "alpha.safetensors").stat().st_size
         assert listed["data"][0]["layers"] is None  # not read yet
+        document = http.get("/openapi.json").json()
+        assert "/v1/loras" in document["paths"]
+        body = document["paths"]["/v1/videos"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        item = body["properties"]["loras"]["anyOf"][1]
+        assert item["properties"]["name"]["enum"] == ["alpha", "beta"]
 
         manager.pause()  # queue all, then run: the same set batches together
         order = [("none", 1), ("a", 2), ("ab", 3), ("a", 4), ("none", 5)]
