@@ -245,3 +245,31 @@ def test_a_queued_job_keeps_its_set_across_a_restart(setup, tmp_path: Path) -> N
         assert failed.status == JobStatus.FAILED and "--lora-dir" in failed.error["message"]
     finally:
         fourth.stop()
+
+
+def test_wanpipe_serve_lora_dir(setup, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """The command line: ``--lora-dir`` serves the folder's adapters; a job with one completes and says so."""
+    from tests.serving_helpers import ServerProcess
+
+    _, _, folder, _ = setup
+    server = ServerProcess(
+        "--model",
+        str(tiny_ckpt),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--lora-dir",
+        str(folder),
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert [c["id"] for c in http.get("/v1/loras").json()["data"]] == ["alpha", "beta"]
+            body = {"prompt": "a cat", **SMALL, "seed": 3, "loras": [{"name": "beta", "scale": 0.25}]}
+            job = http.post("/v1/videos", json=body).json()
+            done = wait_done(http, job["id"])
+            assert done["parameters"]["loras"] == [{"name": "beta", "scale": 0.25}]
+            bad = http.post("/v1/videos", json={**body, "loras": [{"name": "gamma"}]})
+            assert_error(bad, 400, param="loras")
+    finally:
+        assert server.terminate() in (0, -15)

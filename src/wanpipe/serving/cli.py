@@ -87,7 +87,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument(
         "--lora-dir",
-        type=a.non_empty("a folder"),
+        type=a.existing_folder("LoRA"),
         default=None,
         help="serve the LoRA files (.safetensors) of this folder by name: a request's loras "
         '[{"name", "scale"}] merges them for its job (GET /v1/loras lists them)',
