@@ -282,6 +282,10 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (SERVE, "--ulysses", ["--ulysses", "0"], r"at least 1"),
     (SERVE, "--ring", ["--ring", "0"], r"at least 1"),
     (SERVE, "--vae-halo", ["--vae-halo", "-1"], r"at least 0"),
+    (SERVE, "--lora-dir", ["--lora-dir", "{missing}"], r"no such LoRA folder"),
+    (SERVE, "--lora-dir", ["--lora-dir", "{file}"], r"no such LoRA folder"),
+    (SERVE, "--lora-expert", ["--lora-expert", "middle"], r"invalid choice: 'middle'"),
+    (SERVE, "--lora-cache", ["--lora-cache", "0"], r"at least 1"),
     # -- convert ---------------------------------------------------------------------------------
     (["convert", "--output", "{tmp}/converted"], "model", ["{missing}"], r"argument model: no such folder"),
     (["convert", "--output", "{tmp}/converted"], "model", ["{file}"], r"argument model: .*is a file"),

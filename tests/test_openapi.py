@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.serving_helpers import ThreadServer, assert_error
-from wanpipe.serving import openapi
+from wanpipe.serving import openapi, openapi_fields
 from wanpipe.serving.app import create_app
 from wanpipe.serving.errors import APIError
 from wanpipe.serving.manager import JobManager
@@ -92,7 +92,7 @@ def test_schemathesis_finds_nothing(server, tmp_path: Path) -> None:
     assert counts and counts[1] == counts[2] and int(counts[1]) > 500, output[-4000:]
     for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):  # every phase ran
         assert re.search(rf"✅\s+{phase}", output), output[-4000:]
-    assert "Selected: 11/11" in output and "Tested: 11" in output, output[-4000:]
+    assert "Selected: 12/12" in output and "Tested: 12" in output, output[-4000:]
 
 
 # -- the patterns of numbers given as text ---------------------------------------------------------
@@ -115,11 +115,11 @@ def _above_0(value) -> None:
 
 
 PARSER_RULES = {  # pattern: the parser's rule that pattern states
-    openapi.INT_MIN_0: lambda value: parse_int(value, "x", 0),
-    openapi.INT_MIN_1: lambda value: parse_int(value, "x", 1),
-    openapi.FLOAT_ANY: lambda value: parse_float(value, "x"),
-    openapi.FLOAT_MIN_0: _at_least_0,
-    openapi.FLOAT_ABOVE_0: _above_0,
+    openapi_fields.INT_MIN_0: lambda value: parse_int(value, "x", 0),
+    openapi_fields.INT_MIN_1: lambda value: parse_int(value, "x", 1),
+    openapi_fields.FLOAT_ANY: lambda value: parse_float(value, "x"),
+    openapi_fields.FLOAT_MIN_0: _at_least_0,
+    openapi_fields.FLOAT_ABOVE_0: _above_0,
 }
 NEAR_MISSES = st.text(alphabet=" \t\n\r\x0b\x0c\x1c+-.eE0123456789_x\u0663\u00a0", max_size=70)
 
@@ -153,6 +153,7 @@ STATUSES = {
     ("get", "/v1/videos/{video_id}/content"): {"200", "400", "401", "404", "409", "500"},
     ("post", "/v1/responses"): {"200", "204", "400", "401", "404", "409", "413", "429", "500", "503"},
     ("get", "/v1/models"): {"200", "401", "500", "503"},
+    ("get", "/v1/loras"): {"200", "401", "500"},
     ("get", "/health"): {"200", "500"},
     ("get", "/ready"): {"200", "500", "503"},
     ("get", "/metrics"): {"200", "500"},

@@ -163,10 +163,21 @@ def test_serve_under_two_ranks_matches_single_process(
         assert float(np.abs(served - expected).max()) <= 1e-4  # rank 0's frames: one process's
         assert float(np.abs(computed(1, seed) - expected).max()) <= 1e-4  # the follower computed them too
         assert float(np.abs(other - expected).max()) > 1e-2  # another seed's frames differ
-        # the served mp4 is rank 0's frames, encoded as the server encodes (same machine: same bytes out)
+        # the served mp4 is rank 0's frames, H.264-encoded: it decodes as close to them as our own encode of
+        # them does (up to a few levels: a frame one rounding step away can change the encoder's choices;
+        # under load the recorded and the encoded frames of the batch with a dropped row were seen to differ
+        # at that level), and nowhere near another seed's frames.
         encoded = Video(frames=served, fps=JOB["fps"]).save(tmp_path / f"again-{seed}.mp4")
-        again = _decoded(Path(encoded).read_bytes(), tmp_path, f"again-decoded-{seed}.mp4")
-        np.testing.assert_array_equal(_decoded(mp4, tmp_path, f"served-{seed}.mp4"), again)
+        again = _decoded(Path(encoded).read_bytes(), tmp_path, f"again-decoded-{seed}.mp4").astype(int)
+        got = _decoded(mp4, tmp_path, f"served-{seed}.mp4").astype(int)
+        exact = np.round(np.clip(served, 0, 1) * 255).astype(int)
+        codec = float(
+            np.abs(again - exact).mean()
+        )  # what H.264 at crf 18 changes on these frames, on average
+        error = float(np.abs(got - exact).mean())
+        assert error <= 1.5 * codec + 1.0, (seed, error, codec)
+        far = np.round(np.clip(other, 0, 1) * 255).astype(int)
+        assert float(np.abs(got - far).mean()) > 2 * error  # another seed's frames are much further away
     store = JobStore(tmp_path / "out")
     try:
         assert store.get(long_id).status == JobStatus.QUEUED  # stopped at shutdown, runs after a restart

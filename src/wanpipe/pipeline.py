@@ -384,6 +384,12 @@ class WanPipeline:
         """Names of the merged adapters, in load order."""
         return [] if getattr(self, "_lora_manager", None) is None else self._lora_manager.names
 
+    @property
+    def lora_manager(self) -> LoraManager:
+        """The adapters merged into the DiT; a server switches its per-request set through it
+        (:meth:`LoraManager.switch`)."""
+        return self._loras()
+
     def _loras(self) -> LoraManager:
         if getattr(self, "_lora_manager", None) is None:
             self._lora_manager = LoraManager(self.executor.experts, self.dtype)

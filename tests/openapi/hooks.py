@@ -49,6 +49,8 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         **dict.fromkeys(
             ("mode", "segment_frame_length", "prev_segment_conditioning_frames"), {"invalid_value"}
         ),
+        # a LoRA the server serves (--lora-dir), each name once; a JSON text that is the list
+        "loras": {"invalid_value"},
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
@@ -64,6 +66,7 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         VIDEO_OPTIONS + "timesteps": {"invalid_value"},
         VIDEO_OPTIONS + "preset": {"invalid_value"},
         VIDEO_OPTIONS + "cache_options": {"invalid_value"},
+        VIDEO_OPTIONS + "loras": {"invalid_value"},
     },
     "GET /v1/videos": {"after": {"not_found"}},  # an id that does not exist
 }

@@ -6,7 +6,7 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when the server 
   ``order``), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (``variant=video`` mp4 or
   ``thumbnail`` JPEG), ``DELETE /v1/videos/{id}``: the OpenAI Videos API.
 * ``POST /v1/responses``: Open Responses as MAX serves it; answers when the video is done.
-* ``GET /v1/models``; ``/health`` (the process answers), ``/ready`` (the model is loaded),
+* ``GET /v1/models``, ``GET /v1/loras`` (the LoRA adapters of ``--lora-dir``); ``/health`` (the process answers), ``/ready`` (the model is loaded),
   ``/metrics`` (Prometheus text) and ``/`` (the web page).
 * ``/openapi.json`` and ``/docs``: the OpenAPI document (:mod:`wanpipe.serving.openapi` adds the request
   bodies FastAPI cannot see; each route declares its error statuses here).
@@ -58,6 +58,9 @@ from wanpipe.serving.openapi import LIST_PARAMETERS, POLL_HEADER, VARIANT_PARAME
 from wanpipe.serving.parsing import NewJob, parse_responses_create, parse_video_create
 from wanpipe.serving.scalars import format_seconds, parse_int
 from wanpipe.serving.schemas import (
+    LoraCard,
+    LoraList,
+    LoraUse,
     ModelCard,
     ModelList,
     OutputMessage,
@@ -177,6 +180,7 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             mode=s.mode,
             segment_frame_length=s.segment_frame_length,
             prev_segment_conditioning_frames=s.prev_segment_conditioning_frames,
+            loras=[LoraUse(name=n, scale=v) for n, v in s.loras],
         ),
         batch_size=job.batch_size,
     )
@@ -422,6 +426,25 @@ async def list_models(request: Request) -> JSONResponse:
         presets=[PresetCard(**p.card(), fits_model=p.fits_checkpoint(arch)) for p in PRESETS.values()],
     )
     return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+
+
+@v1.get("/loras", response_model=LoraList, responses=errors(401))
+async def list_loras(request: Request) -> JSONResponse:
+    """The LoRA adapters a request's ``loras`` may name (the files of ``--lora-dir``; none without it)."""
+    library = _manager(request).loras
+    infos = [] if library is None else await run_in_threadpool(library.list)
+    cards = [
+        LoraCard(
+            id=i.name,
+            file=i.file,
+            size_bytes=i.size_bytes,
+            experts=i.experts,
+            layers=i.layers,
+            unmatched_keys=i.unmatched_keys,
+        )
+        for i in infos
+    ]
+    return JSONResponse(LoraList(data=cards).model_dump(mode="json"))
 
 
 plain = APIRouter()

@@ -85,6 +85,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="largest request body in MiB (default: 25)",
     )
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument(
+        "--lora-dir",
+        type=a.existing_folder("LoRA"),
+        default=None,
+        help="serve the LoRA files (.safetensors) of this folder by name: a request's loras "
+        '[{"name", "scale"}] merges them for its job (GET /v1/loras lists them)',
+    )
+    p.add_argument(
+        "--lora-expert",
+        choices=("high", "low", "both"),
+        default="both",
+        help="the Wan 2.2 A14B experts the --lora-dir adapters go to (default: both)",
+    )
+    p.add_argument(
+        "--lora-cache", type=count, default=8, help="--lora-dir adapters kept read in memory (default: 8)"
+    )
     add_parallel_arguments(p)
 
 
@@ -253,6 +269,16 @@ def _serve(
         return fail(str(e), EXIT_BAD_INPUT)
     if not args.max_body_mb > 0:
         return fail(f"--max-body-mb must be positive, got {args.max_body_mb}", EXIT_BAD_INPUT)
+    loras = None
+    if getattr(args, "lora_dir", None) is not None:
+        if parallel is not None:
+            return fail("--lora-dir is not supported under torchrun yet (one process only)", EXIT_BAD_INPUT)
+        from wanpipe.serving.loras import LoraLibrary
+
+        try:
+            loras = LoraLibrary(args.lora_dir, expert=args.lora_expert, cache_size=args.lora_cache)
+        except OSError as e:
+            return fail(str(e), EXIT_BAD_INPUT)
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
@@ -280,7 +306,14 @@ def _serve(
 
         leader = BatchLeader()
     manager = JobManager(
-        store, load, model_name=name, model_aliases=aliases, limits=limits, on_fatal=on_fatal, leader=leader
+        store,
+        load,
+        model_name=name,
+        model_aliases=aliases,
+        limits=limits,
+        on_fatal=on_fatal,
+        leader=leader,
+        loras=loras,
     )
     app = create_app(manager, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
 

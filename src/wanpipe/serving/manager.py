@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from wanpipe.pipeline import WanPipeline
     from wanpipe.serving.distributed import BatchLeader
+    from wanpipe.serving.loras import LoraLibrary
 
 logger = logging.getLogger("wanpipe.serving")
 
@@ -68,6 +69,11 @@ def batch_key_digest(key: tuple) -> str:
     return hashlib.sha256(repr(key).encode()).hexdigest()[:32]
 
 
+def job_batch_key(key: tuple, loras: tuple[tuple[str, float], ...]) -> tuple:
+    """A job's batch key: the engine's (``WanTokenizer.batch_key``) and its LoRA set, when it has one."""
+    return (key, loras) if loras else key
+
+
 class JobManager:
     """The queue and the one worker thread that owns the pipeline."""
 
@@ -81,10 +87,13 @@ class JobManager:
         limits: ServeLimits | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         leader: BatchLeader | None = None,
+        loras: LoraLibrary | None = None,
     ):
         """``leader``: under torchrun, rank 0's link to the follower ranks (``wanpipe.serving.distributed``):
-        each batch, each step's cancel flag and the stop go to them; any failure stops the server."""
+        each batch, each step's cancel flag and the stop go to them; any failure stops the server.
+        ``loras``: the adapters requests may name (``--lora-dir``); None: a request's ``loras`` is refused."""
         self.store = store
+        self.loras = loras
         self._leader = leader
         self._world_broken = False
         self.fatal_error: BaseException | None = None  # under torchrun: the failure that stopped the server
@@ -176,6 +185,7 @@ class JobManager:
         if pipe is None or not self._ready.is_set():
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
+        self.check_loras(new.spec.loras)
         if not new.animate_videos:  # Animate: size and length come from the pose video, checked below
             check_limits(
                 pipe.arch.defaults, self.limits, new.spec, None if new.video is None else len(new.video)
@@ -222,7 +232,7 @@ class JobManager:
             status=JobStatus.QUEUED,
             model=self.model_name,
             spec=spec,
-            batch_key=batch_key_digest(pipe.tokenizer.batch_key(resolved)),
+            batch_key=batch_key_digest(job_batch_key(pipe.tokenizer.batch_key(resolved), spec.loras)),
             source=source,
             created_at=time.time(),
         )
@@ -250,6 +260,16 @@ class JobManager:
         self.metrics.count("submitted", source)
         self._wake.set()
         return job
+
+    def check_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """InvalidRequestError (``loras``) for adapters this server does not serve."""
+        if not loras:
+            return
+        if self.loras is None:
+            raise InvalidRequestError(
+                "loras: this server serves no LoRA adapters (start it with --lora-dir DIR)", "loras"
+            )
+        self.loras.check(loras)
 
     def retry_after(self, queued: int | None = None) -> int:
         """Seconds until the queue has room, roughly: the batches ahead times a batch's mean time."""
@@ -396,11 +416,26 @@ class JobManager:
                 self._fail(job, "invalid_request", str(e), None)
         if not runnable:
             return
-        key = runnable[0][2].batch_key
-        later = [job.id for job, _, ctx in runnable if ctx.batch_key != key]  # a stale stored key
+        key = (runnable[0][2].batch_key, runnable[0][0].spec.loras)
+        later = [job.id for job, _, ctx in runnable if (ctx.batch_key, job.spec.loras) != key]  # a stale key
         if later:
             self.store.requeue(later)
-        self._run([item for item in runnable if item[2].batch_key == key])
+        self._run([item for item in runnable if (item[2].batch_key, item[0].spec.loras) == key])
+
+    def _switch_loras(self, jobs: list[Job]) -> bool:
+        """Merge the batch's LoRA set into the DiT (the previous set's layers back to base first); a set
+        that cannot be applied (no --lora-dir after a restart, a file gone) fails the jobs: False."""
+        loras = jobs[0].spec.loras
+        try:
+            if self.loras is not None:
+                self.loras.activate(self.pipe, loras)
+            elif loras:
+                self.check_loras(loras)
+        except InvalidRequestError as e:
+            for job in jobs:
+                self._fail(job, "invalid_request", str(e), None)
+            return False
+        return True
 
     def _run(self, runnable: list[tuple[Job, WanRequest, WanContext]]) -> None:
         """Run jobs as one executor batch and save their videos. A job deleted meanwhile stops its row at
@@ -410,6 +445,8 @@ class JobManager:
         pipe = self.pipe
         assert pipe is not None
         jobs = [job for job, _, _ in runnable]
+        if not self._switch_loras(jobs):
+            return
         if self._leader is not None:
             try:  # the followers make their contexts from the same resolved requests (seeds fixed)
                 self._leader.send_batch([request for _, request, _ in runnable])

@@ -38,6 +38,7 @@ from wanpipe.serving.openapi_fields import (
     fps_schema,
     guidance_schema,
     integer_schema,
+    loras_schema,
     number_schema,
     preset_schema,
     schedule_fields_schema,
@@ -117,7 +118,9 @@ POLL_HEADER = {
 }
 
 
-def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[str, Any]:
+def video_create_schema(
+    limits: ServeLimits, form: str | None = None, lora_names: list[str] | None = None
+) -> dict[str, Any]:
     """The body of ``POST /v1/videos``: JSON (``form=None``), or ``"multipart"`` / ``"urlencoded"`` form
     fields (every value text; multipart images as files)."""
     json = form is None
@@ -165,6 +168,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
         "preset": preset_schema(json=json),
         "cache": cache_schema(json=json),
         "cache_options": cache_options_schema(json=json),
+        "loras": loras_schema(lora_names, json=json),
     }
     last = "The last frame (first-last-frame checkpoints; needs input_reference too): "
     if json:
@@ -205,7 +209,7 @@ def video_create_schema(limits: ServeLimits, form: str | None = None) -> dict[st
     return schema
 
 
-def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
+def responses_create_schema(limits: ServeLimits, lora_names: list[str] | None = None) -> dict[str, Any]:
     """The body of ``POST /v1/responses`` (Open Responses as MAX serves it)."""
     text_part = {
         "type": "object",
@@ -260,6 +264,7 @@ def responses_create_schema(limits: ServeLimits) -> dict[str, Any]:
         "preset": preset_schema(json=True),
         "cache": cache_schema(json=True),
         "cache_options": cache_options_schema(json=True),
+        "loras": loras_schema(lora_names, json=True),
     }
     assert set(options) == set(VIDEO_OPTION_FIELDS)
     return {
@@ -357,11 +362,13 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     limits: ServeLimits = manager.limits
     document = get_openapi(title=app.title, version=app.version, routes=app.routes, description=DESCRIPTION)
     paths = document["paths"]
-    json_body = video_create_schema(limits)
+    # the LoRA adapters served when the document is made (GET /v1/loras is current); None: no --lora-dir
+    lora_names = None if manager.loras is None else [info.name for info in manager.loras.list()] or None
+    json_body = video_create_schema(limits, lora_names=lora_names)
     forms = {"multipart/form-data": "multipart", "application/x-www-form-urlencoded": "urlencoded"}
     videos_body: dict[str, Any] = {"application/json": {"schema": json_body}}
     for media_type, form in forms.items():
-        videos_body[media_type] = {"schema": video_create_schema(limits, form)}
+        videos_body[media_type] = {"schema": video_create_schema(limits, form, lora_names)}
     if "multipart/form-data" in videos_body:
         videos_body["multipart/form-data"]["encoding"] = {
             name: {
@@ -380,7 +387,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             videos_body["multipart/form-data"]["encoding"][name] = {
                 "contentType": "video/*, image/gif, image/webp"
             }
-    responses_body = {"application/json": {"schema": responses_create_schema(limits)}}
+    responses_body = {"application/json": {"schema": responses_create_schema(limits, lora_names)}}
     examples = _examples(manager.pipe.arch, limits) if manager.ready else None
     if examples is not None:
         videos_body["application/json"]["example"] = examples["json"]

@@ -288,3 +288,42 @@ def animate_properties(form: str | None, *, json: bool) -> dict[str, Any]:
         nullable=json,
     )
     return out
+
+
+def loras_schema(names: list[str] | None, *, json: bool) -> dict[str, Any]:
+    """``loras``: the job's LoRA adapters, files of ``--lora-dir`` by name (``names``: those served when
+    the document was made; None: a server without ``--lora-dir``, which takes an empty list alone)."""
+    from wanpipe.serving.scalars import MAX_LORA_SCALE, MAX_LORAS
+
+    if names is None:
+        description = (
+            "LoRA adapters: this server serves none (it runs without --lora-dir): an empty list only."
+        )
+        empty_text = {"type": "string", "pattern": r"^\s*\[\s*\]\s*$"}
+        if not json:
+            return {**empty_text, "description": description}
+        return field_schema(description, {"type": "array", "maxItems": 0}, empty_text, nullable=True)
+    description = (
+        "LoRA adapters merged for this job: files of the server's --lora-dir by name (GET /v1/loras lists "
+        f"them; a name gone since: 400 with param loras), scale in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}] "
+        f"(default 1); at most {MAX_LORAS}, each name once. Jobs with the same set run in one batch. "
+        + ("A list, one object, or the list's JSON text." if json else "The list's JSON text.")
+    )
+    if not json:
+        return {"type": "string", "description": description}
+    item = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "enum": list(names)},
+            "scale": {"type": "number", "minimum": -MAX_LORA_SCALE, "maximum": MAX_LORA_SCALE},
+        },
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    return field_schema(
+        description,
+        {"type": "array", "items": item, "maxItems": MAX_LORAS},
+        item,
+        {"type": "string"},
+        nullable=True,
+    )

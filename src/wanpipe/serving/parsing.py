@@ -50,6 +50,7 @@ from wanpipe.serving.scalars import (
     parse_fps,
     parse_guidance,
     parse_int,
+    parse_loras,
     parse_number_list,
     parse_preset,
     parse_sampler,
@@ -142,12 +143,16 @@ class JobSpec:
     mode: str | None = None
     segment_frame_length: int | None = None
     prev_segment_conditioning_frames: int | None = None
+    # LoRA per request (--lora-dir): (name, scale) pairs sorted by name; () is none
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.loras, tuple) or any(not isinstance(x, tuple) for x in self.loras):
+            object.__setattr__(self, "loras", tuple((str(n), float(s)) for n, s in self.loras))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,6 +218,7 @@ VIDEO_CREATE_FIELDS = (
     "mode",
     "segment_frame_length",
     "prev_segment_conditioning_frames",
+    "loras",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -245,6 +251,7 @@ RESPONSES_PARAM_NAMES = {
     "preset": "provider_options.video.preset",
     "cache": "provider_options.video.cache",
     "cache_options": "provider_options.video.cache_options",
+    "loras": "provider_options.video.loras",
 }
 
 
@@ -351,6 +358,7 @@ def parse_video_create(
         mode=opt("mode", parse_str),
         segment_frame_length=opt("segment_frame_length", parse_int, 1),
         prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
+        loras=opt("loras", parse_loras) or (),
     )
     return NewJob(
         spec,
@@ -441,6 +449,7 @@ VIDEO_OPTION_FIELDS = (
     "preset",
     "cache",
     "cache_options",
+    "loras",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -543,6 +552,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         preset=opt("preset", parse_preset),
         cache=opt("cache", parse_str),
         cache_options=opt("cache_options", parse_cache_options),
+        loras=opt("loras", parse_loras) or (),
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None

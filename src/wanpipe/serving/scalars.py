@@ -189,3 +189,55 @@ def frames_for_seconds(seconds: float, fps: float, stride: int = 4) -> int:
 
 def format_seconds(num_frames: int, fps: float) -> str:
     return f"{(num_frames - 1) / fps:g}"
+
+
+MAX_LORAS = 8
+"""The most LoRA adapters one request may name."""
+MAX_LORA_SCALE = 10.0
+"""A request's LoRA scale is a finite number in [-MAX_LORA_SCALE, MAX_LORA_SCALE]."""
+
+
+def parse_loras(value: Any, param: str = "loras") -> tuple[tuple[str, float], ...]:
+    """``loras`` as a client sends it -> (name, scale) pairs sorted by name: a list of ``{"name": str, "scale":
+    number}`` (scale 1 when left out); in a form, the same list as JSON text. Names are checked against
+    the server's folder later (``LoraLibrary.check``)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise invalid(
+                f'{param} must be a JSON list of {{"name": ..., "scale": ...}} objects', param
+            ) from None
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list):
+        raise invalid(f'{param} must be a list of {{"name": ..., "scale": ...}} objects', param)
+    if len(value) > MAX_LORAS:
+        raise invalid(f"{param}: {len(value)} adapters; at most {MAX_LORAS} per request", param)
+    out: dict[str, float] = {}
+    for item in value:
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise invalid(
+                f'{param}: each item must be an object {{"name": str, "scale": number}}, got {shown(item)}',
+                param,
+            )
+        extra = sorted(set(item) - {"name", "scale"})
+        if extra:
+            raise invalid(f"{param}: unknown key {extra[0]!r} (accepted: name, scale)", param)
+        name = item["name"]
+        scale = item.get("scale", 1.0)
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+            or abs(scale) > MAX_LORA_SCALE
+        ):
+            raise invalid(
+                f"{param}: the scale of {name!r} must be a number in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got "
+                f"{shown(item.get('scale'))}",
+                param,
+            )
+        if name in out:
+            raise invalid(f"{param}: {name!r} is given twice", param)
+        out[name] = float(scale)
+    return tuple(sorted(out.items()))

@@ -30,6 +30,13 @@ class VideoError(BaseModel):
     message: str
 
 
+class LoraUse(BaseModel):
+    """One LoRA adapter a job applies: a file of the server's ``--lora-dir`` by name, and its scale."""
+
+    name: str
+    scale: float
+
+
 class VideoParameters(BaseModel):
     """Wan's settings of a job, every default resolved (an extension of OpenAI's Video object)."""
 
@@ -62,6 +69,7 @@ class VideoParameters(BaseModel):
     mode: str | None = None  # Animate: animate or replace, and the segments
     segment_frame_length: int | None = None
     prev_segment_conditioning_frames: int | None = None
+    loras: list[LoraUse] = Field(default_factory=list)  # the job's LoRA adapters (--lora-dir)
 
 
 class VideoObject(BaseModel):
@@ -161,3 +169,21 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoraCard(BaseModel):
+    """A LoRA adapter this server serves (a file of ``--lora-dir``); ``layers`` and ``unmatched_keys``
+    once a request has used it (the file is read then)."""
+
+    id: str
+    object: Literal["lora"] = "lora"
+    file: str
+    size_bytes: int
+    experts: str  # the Wan 2.2 A14B experts it goes to: high, low or both (one DiT: that one)
+    layers: int | None = None
+    unmatched_keys: int | None = None
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]

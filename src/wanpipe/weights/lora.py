@@ -51,10 +51,18 @@ LORA_PARTS: KeyMap = (
     (r"(.+)\.alpha", r"alpha"),
     (r"(.+)\.diff", r"diff"),
     (r"(.+)\.diff_b", r"diff_b"),
+    (r"(.+)\.diff_m", r"diff_m"),
 )
 """``(pattern, part)``: the layer name is group 1, the part the replacement. Tried in order."""
 
 EXPERTS = ("high", "low", "both")
+
+LORA_PARAMS: dict[str, tuple[str, ...]] = {
+    "weight": ("down", "up", "diff"),
+    "bias": ("diff_b",),
+    "modulation": ("diff_m",),
+}
+"""A layer's parameters an adapter changes, and the parts of :class:`LoraUpdate` that change each."""
 
 
 @dataclass
@@ -66,6 +74,20 @@ class LoraUpdate:
     alpha: float | None = None
     diff: Tensor | None = None
     diff_b: Tensor | None = None
+    diff_m: Tensor | None = None  # a block's (or the head's) modulation table: lightx2v's ``.diff_m``
+
+    def delta(self, param: str, shape: torch.Size, layer: str) -> Tensor | None:
+        """The float32 delta of the layer's ``param`` ("weight", "bias" or "modulation"), unscaled."""
+        if param == "weight":
+            return self.weight_delta(shape, layer)
+        full = self.diff_b if param == "bias" else self.diff_m if param == "modulation" else None
+        if full is None:
+            return None
+        if full.numel() != shape.numel():
+            raise CheckpointError(
+                f"LoRA layer {layer}: the {param} delta {list(full.shape)} does not fit {list(shape)}"
+            )
+        return full.float().reshape(shape)
 
     def weight_delta(self, shape: torch.Size, layer: str) -> Tensor | None:
         """The float32 delta of the weight (unscaled by the adapter's strength)."""
@@ -113,6 +135,74 @@ class _Adapter:
     scale: float
     experts: tuple[str, ...]
     report: LoraReport = field(repr=False, default=None)  # type: ignore[assignment]
+    group: str | None = None  # set by LoraManager.switch (the server's per-request adapters)
+
+
+@dataclass
+class ParsedLora:
+    """An adapter file read and grouped by layer, every shape checked, not merged: what a server keeps
+    in its cache to merge it again cheaply (the low-rank factors, not the full deltas)."""
+
+    name: str
+    updates: dict[str, LoraUpdate]
+    unmatched: list[str]
+    num_keys: int
+
+    def to(self, device: torch.device | str) -> ParsedLora:
+        """The same adapter with its tensors on ``device`` (where the merge runs)."""
+        moved = {
+            layer: LoraUpdate(
+                **{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(update).items()}
+            )
+            for layer, update in self.updates.items()
+        }
+        return ParsedLora(self.name, moved, self.unmatched, self.num_keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            v.numel() * v.element_size()
+            for update in self.updates.values()
+            for v in vars(update).values()
+            if isinstance(v, Tensor)
+        )
+
+
+def unmatched_message(name: str, unmatched: list[str], num_keys: int) -> str:
+    """The report of an adapter's keys that match no DiT layer: how many, and the first names."""
+    shown = ", ".join(unmatched[:8]) + (", ..." if len(unmatched) > 8 else "")
+    return f"LoRA {name}: {len(unmatched)} of its {num_keys} keys match no DiT layer and are ignored: {shown}"
+
+
+def read_lora(
+    source: str | Path | Mapping[str, Tensor], targets: Mapping[str, nn.Module], *, name: str | None = None
+) -> ParsedLora:
+    """Read an adapter (a file or a state dict) against the DiT's layers (:func:`lora_targets`): every
+    update's shape checked; CheckpointError when no key matches any layer."""
+    default_alpha = None
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        state = open_weights_file(path, "lora")
+        default_alpha = _metadata_alpha(path)
+        name = name or path.stem
+    else:
+        state = source
+        name = name or "lora"
+    updates, unmatched = parse_lora(state, targets, default_alpha=default_alpha)
+    if not updates:
+        raise CheckpointError(
+            f"LoRA {name}: none of its {len(state)} keys matches a DiT layer (first keys: {sorted(state)[:6]})"
+        )
+    for layer, update in updates.items():  # check every shape before changing anything
+        module = targets[layer]
+        for param, given in LORA_PARAMS.items():
+            if any(getattr(update, part) is not None for part in given):
+                if not isinstance(getattr(module, param, None), Tensor):
+                    raise CheckpointError(
+                        f"LoRA layer {layer}: has a {param} delta but the layer has no {param}"
+                    )
+                update.delta(param, getattr(module, param).shape, layer)
+    return ParsedLora(name, updates, unmatched, len(state))
 
 
 def _metadata_alpha(path: Path) -> float | None:
@@ -186,11 +276,14 @@ def _resolve_layer(
 
 
 def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """The DiT's layers with a weight (linears, the patch embedding conv, affine norms)."""
+    """The DiT's layers with a weight (linears, the patch embedding conv, affine norms) or a
+    modulation table (the blocks and the head)."""
     return {
         name: m
         for name, m in model.named_modules()
-        if name and isinstance(getattr(m, "weight", None), torch.Tensor) and not isinstance(m, nn.Embedding)
+        if name
+        and not isinstance(m, nn.Embedding)
+        and any(isinstance(getattr(m, p, None), torch.Tensor) for p in ("weight", "modulation"))
     }
 
 
@@ -205,7 +298,8 @@ class LoraManager:
 
     @property
     def names(self) -> list[str]:
-        return [a.name for a in self.adapters]
+        """The adapters loaded with :meth:`load` (not those of a :meth:`switch` group)."""
+        return [a.name for a in self.adapters if a.group is None]
 
     # -- public -----------------------------------------------------------------------------------
     def load(
@@ -217,51 +311,62 @@ class LoraManager:
         name: str | None = None,
         strict: bool = False,
     ) -> LoraReport:
+        which = self.expert_names(expert)
+        if not isinstance(source, (str, Path)):
+            name = name or f"lora{len(self.adapters)}"
+        elif name is None:
+            name = Path(source).expanduser().stem
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already loaded (pass another name=)")
+        parsed = read_lora(source, lora_targets(self.experts.high), name=name)
+        if parsed.unmatched:
+            message = unmatched_message(name, parsed.unmatched, parsed.num_keys)
+            if strict:
+                raise CheckpointError(message)
+            logger.warning(message)
+        report = LoraReport(
+            name=name, layers=sorted(parsed.updates), unmatched=parsed.unmatched, experts=which
+        )
+        self.adapters.append(_Adapter(name, parsed.updates, float(scale), which, report))
+        self._apply({(e, layer) for e in which for layer in parsed.updates})
+        return report
+
+    def expert_names(self, expert: str) -> tuple[str, ...]:
+        """ "high", "low" or "both" -> the experts an adapter goes to (one DiT: "high" alone)."""
         if expert not in EXPERTS:
             raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
         if not self.experts.two and expert == "low":
             raise ValueError("this checkpoint has one DiT: expert='low' needs a Wan 2.2 A14B checkpoint")
-        which = ("high",) if not self.experts.two else (("high", "low") if expert == "both" else (expert,))
-        default_alpha = None
-        if isinstance(source, (str, Path)):
-            path = Path(source).expanduser()
-            state = open_weights_file(path, "lora")
-            default_alpha = _metadata_alpha(path)
-            name = name or path.stem
-        else:
-            state = source
-            name = name or f"lora{len(self.adapters)}"
-        if name in self.names:
-            raise ValueError(f"an adapter named {name!r} is already loaded (pass another name=)")
-        targets = lora_targets(self.experts.high)
-        updates, unmatched = parse_lora(state, targets, default_alpha=default_alpha)
-        if not updates:
-            raise CheckpointError(
-                f"LoRA {name}: none of its {len(state)} keys matches a DiT layer (first keys: {sorted(state)[:6]})"
+        return ("high",) if not self.experts.two else (("high", "low") if expert == "both" else (expert,))
+
+    def switch(self, group: str, adapters: list[tuple[ParsedLora, float, str]]) -> None:
+        """Replace the adapters of ``group`` by ``adapters`` ((parsed, scale, expert) each, merged in this
+        order after the others), re-merging every touched layer once from its base. The same list as
+        before changes nothing; an empty list restores those layers to what they were without the
+        group (the base tensors themselves when no other adapter is loaded)."""
+        wanted = [(p.name, float(scale), self.expert_names(expert)) for p, scale, expert in adapters]
+        current = [(a.name, a.scale, a.experts) for a in self.adapters if a.group == group]
+        if wanted == current:
+            return
+        touched = {
+            (e, layer) for a in self.adapters if a.group == group for e in a.experts for layer in a.updates
+        }
+        self.adapters = [a for a in self.adapters if a.group != group]
+        for (parsed, _, _), (name, scale, which) in zip(adapters, wanted):
+            report = LoraReport(
+                name=name, layers=sorted(parsed.updates), unmatched=parsed.unmatched, experts=which
             )
-        if unmatched:
-            message = f"LoRA {name}: {len(unmatched)} keys match no DiT layer: {unmatched[:10]}"
-            if strict:
-                raise CheckpointError(message)
-            logger.warning(message)
-        for layer, update in updates.items():  # check every shape before changing anything
-            module = targets[layer]
-            update.weight_delta(module.weight.shape, layer)
-            if update.diff_b is not None and (
-                module.bias is None or update.diff_b.numel() != module.bias.numel()
-            ):
-                raise CheckpointError(f"LoRA layer {layer}: diff_b does not fit the layer's bias")
-        report = LoraReport(name=name, layers=sorted(updates), unmatched=unmatched, experts=which)
-        self.adapters.append(_Adapter(name, updates, float(scale), which, report))
-        self._apply({(e, layer) for e in which for layer in updates})
-        return report
+            self.adapters.append(_Adapter(name, parsed.updates, scale, which, report, group))
+            touched |= {(e, layer) for e in which for layer in parsed.updates}
+        self._apply(touched)
 
     def unload(self, name: str | None = None) -> None:
         if name is None:
-            touched = {(e, layer) for a in self.adapters for e in a.experts for layer in a.updates}
-            self.adapters.clear()
+            mine = [a for a in self.adapters if a.group is None]
+            touched = {(e, layer) for a in mine for e in a.experts for layer in a.updates}
+            self.adapters = [a for a in self.adapters if a.group is not None]
         else:
-            found = [a for a in self.adapters if a.name == name]
+            found = [a for a in self.adapters if a.name == name and a.group is None]
             if not found:
                 raise ValueError(f"no adapter named {name!r} is loaded (loaded: {self.names})")
             touched = {(e, layer) for e in found[0].experts for layer in found[0].updates}
@@ -278,7 +383,7 @@ class LoraManager:
         swapped = set()
         for expert, layer in sorted(touched):
             module = dict(self._module(expert).named_modules())[layer]
-            for param in ("weight", "bias"):
+            for param in LORA_PARAMS:
                 if getattr(module, param, None) is None:
                     continue
                 merged = self._merged(expert, layer, module, param)
@@ -306,11 +411,7 @@ class LoraManager:
             update = adapter.updates.get(layer) if expert in adapter.experts else None
             if update is None:
                 continue
-            d = (
-                update.weight_delta(base.shape, layer)
-                if param == "weight"
-                else (update.diff_b.float().reshape(base.shape) if update.diff_b is not None else None)
-            )
+            d = update.delta(param, base.shape, layer)
             if d is not None:
                 delta = adapter.scale * d if delta is None else delta + adapter.scale * d
         if delta is None:
