@@ -211,25 +211,45 @@ def test_gguf_dequantize_at_load_and_convert(gguf_dit, tmp_path) -> None:
     assert diff <= 1e-5, diff
 
 
-def test_lora_on_a_gguf_dit_is_refused(gguf_dit) -> None:
-    """Merging a LoRA would add to the raw blocks as numbers: refused, naming the way out."""
+def test_lora_on_a_gguf_dit_merges_in_float_and_unloads_exactly(gguf_dit, tmp_path) -> None:
+    """A LoRA on a GGUF DiT: the touched layers dequantized and merged in float give the frames of the same
+    LoRA on the DiT converted to float32; unloading puts the quantized blocks back bit for bit."""
+    from wanpipe.weights.components import open_checkpoint
+    from wanpipe.weights.convert import write_diffusers
+
     folder, path, _, comfy, _ = gguf_dit
+    files = dict(transformer=path, vae=comfy["vae"], text_encoder=comfy["text_encoder"])
     pipe = WanPipeline.from_single_files(
-        path,
-        comfy["vae"],
-        comfy["text_encoder"],
-        tokenizer=folder / "tokenizer",
-        device="cpu",
-        dtype="float32",
+        **files, tokenizer=folder / "tokenizer", device="cpu", dtype="float32", sigma_grid="diffusers"
     )
-    before = pipe.executor.transformer.blocks[0].ffn[0].weight.clone()
+    arch, weights = open_checkpoint(**files, tokenizer=folder / "tokenizer", sigma_grid="diffusers")
+    write_diffusers(arch, weights, tmp_path / "float", dtype=torch.float32)
+    converted = WanPipeline.from_pretrained(tmp_path / "float", device="cpu", dtype="float32")
+    layer = pipe.executor.transformer.blocks[0].ffn[0]
+    assert isinstance(layer, GGUFLinear) and not layer.weight.is_floating_point()
+    raw = layer.weight.detach().clone()
+    plain = frames(pipe)
+    g = torch.Generator().manual_seed(3)
     lora = {
-        "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(2, 256),
-        "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.zeros(512, 2),
+        "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(2, layer.in_features, generator=g)
+        * 0.3,
+        "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(layer.out_features, 2, generator=g)
+        * 0.3,
+        "diffusion_model.blocks.1.self_attn.q.lora_down.weight": torch.randn(
+            2, layer.in_features, generator=g
+        ),
+        "diffusion_model.blocks.1.self_attn.q.lora_up.weight": torch.randn(layer.in_features, 2, generator=g),
     }
-    with pytest.raises(CheckpointError, match="LoRA on a GGUF-quantized DiT.*wanpipe convert"):
-        pipe.load_lora(lora)
-    assert torch.equal(pipe.executor.transformer.blocks[0].ffn[0].weight, before)
+    pipe.load_lora(lora, name="a")
+    converted.load_lora(lora, name="a")
+    merged, reference = frames(pipe), frames(converted)
+    diff = float(np.abs(merged - reference).max())
+    print(f"LoRA on a GGUF DiT vs on the DiT converted to float32: worst |frame diff| {diff:.2e}")
+    assert diff <= 1e-5, diff
+    assert float(np.abs(merged - plain).max()) > 1e-3  # the LoRA changed the video
+    pipe.unload_lora()
+    assert torch.equal(layer.weight, raw) and layer.weight.dtype == torch.uint8
+    assert float(np.abs(frames(pipe) - plain).max()) == 0.0
 
 
 def test_gguf_with_comfy_prefix_and_experts_swap(gguf_dit, tmp_path) -> None:

@@ -30,7 +30,7 @@ from wanpipe.text_tokenizer import WanTextTokenizer
 from wanpipe.tokenizer import WanTokenizer
 from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
 from wanpipe.weights.fp8 import check_fp8_mode, dit_fp8_state, use_fp8_linears
-from wanpipe.weights.gguf_quants import refuse_lora_on_gguf, split_gguf_state, use_gguf_linears
+from wanpipe.weights.gguf_quants import split_gguf_state, use_gguf_linears
 from wanpipe.weights.image_encoder_keys import clip_key_map, materialize_clip_buffers
 from wanpipe.weights.loader import load_weights
 from wanpipe.weights.lora import LoraManager, LoraReport
@@ -368,11 +368,10 @@ class WanPipeline:
         ``diff``/``diff_b`` full deltas too). ``expert``: "high", "low" or "both" (Wan 2.2 A14B).
 
         Keys that match no DiT layer are reported by name (a warning; an error with ``strict``). Several
-        adapters add up; :meth:`unload_lora` restores the base weights bit for bit. Refused on a DiT whose
-        layers are GGUF-quantized (convert the file first: ``wanpipe convert``).
+        adapters add up; :meth:`unload_lora` restores the base weights bit for bit. On a GGUF DiT a
+        touched layer is dequantized and merged in float (it then runs as a plain linear; unloading puts
+        its quantized blocks back).
         """
-        for model in self.executor.experts.models:
-            refuse_lora_on_gguf(model)
         return self._loras().load(path, scale, expert, name=name, strict=strict)
 
     def unload_lora(self, name: str | None = None) -> None:

@@ -276,18 +276,6 @@ def split_gguf_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], di
     return {k: v for k, v in state.items() if not k.endswith(TYPE_SUFFIX)}, layers
 
 
-def refuse_lora_on_gguf(model: nn.Module) -> None:
-    """LoRA merging works on float (or fp8) weights; a GGUF layer's raw blocks would be added to as
-    numbers. Raise a CheckpointError naming the way out when ``model`` holds quantized GGUF layers."""
-    from wanpipe.weights.safetensors_io import CheckpointError
-
-    if any(isinstance(m, GGUFLinear) and not m.weight.is_floating_point() for m in model.modules()):
-        raise CheckpointError(
-            "LoRA on a GGUF-quantized DiT is not supported yet: convert the .gguf file to safetensors "
-            "(wanpipe convert --transformer FILE.gguf ... --to diffusers) and load that"
-        )
-
-
 def dit_gguf_keep(layer: str) -> bool:
     from wanpipe.weights.fp8 import DIT_FP8_LINEARS
 

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from wanpipe.weights.fp8 import Fp8Linear, dequantize, is_fp8
+from wanpipe.weights.gguf_quants import GGUFLinear
+from wanpipe.weights.gguf_quants import dequantize as gguf_dequantize
 from wanpipe.weights.keymap import KeyMap, remap_key
 from wanpipe.weights.safetensors_io import CheckpointError
 from wanpipe.weights.single_file import open_weights_file
@@ -201,7 +203,7 @@ def read_lora(
                     raise CheckpointError(
                         f"LoRA layer {layer}: has a {param} delta but the layer has no {param}"
                     )
-                update.delta(param, getattr(module, param).shape, layer)
+                update.delta(param, param_shape(module, param), layer)
     return ParsedLora(name, updates, unmatched, len(state))
 
 
@@ -273,6 +275,13 @@ def _resolve_layer(
     if ours in targets:
         return ours  # diffusers / peft names
     return underscored.get(layer)  # kohya / musubi
+
+
+def param_shape(module: nn.Module, param: str) -> torch.Size:
+    """The logical shape of ``module.param``: a GGUF layer's weight is (out, in), not its raw blocks'."""
+    if isinstance(module, GGUFLinear) and param == "weight":
+        return torch.Size((module.out_features, module.in_features))
+    return getattr(module, param).shape
 
 
 def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
@@ -406,18 +415,28 @@ class LoraManager:
         """The parameter merged from its base with every adapter that touches it; None: the base itself."""
         key = f"{layer}.{param}"
         base = self._base_tensor(expert, key, module, param)
+        # A GGUF layer's weight is its raw blocks (uint8): the delta has the layer's logical shape.
+        gguf = isinstance(module, GGUFLinear) and param == "weight" and not base.is_floating_point()
+        shape = param_shape(module, param) if gguf else base.shape
         delta = None
         for adapter in self.adapters:
             update = adapter.updates.get(layer) if expert in adapter.experts else None
             if update is None:
                 continue
-            d = update.delta(param, base.shape, layer)
+            d = update.delta(param, shape, layer)
             if d is not None:
                 delta = adapter.scale * d if delta is None else delta + adapter.scale * d
         if delta is None:
             return None
         target_dtype = getattr(module, param).dtype
-        if is_fp8(base):
+        if gguf:  # merged in float: the layer runs the float weight as a plain linear until unloaded
+            if self.experts.swap_states is not None:
+                raise CheckpointError(
+                    "LoRA on GGUF layers with experts='swap' is not supported: use experts='resident'"
+                )
+            full = gguf_dequantize(base, module.qtype, torch.float32).to(delta.device)
+            target_dtype = self.dtype
+        elif is_fp8(base):
             if self.experts.swap_states is not None:
                 raise CheckpointError(
                     "LoRA on fp8 layers with experts='swap' is not supported: use experts='resident' or fp8='dequantize'"
