@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from wanpipe.bench import _commit, _versions, make_cpu_checkpoint  # noqa: E402
+from wanpipe.bench import machine_record, make_cpu_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REQUEST = dict(
@@ -174,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"diffusers": diffusers, "summary": summary}, indent=2))
 
     record = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)",
-        "device": "cpu",
-        "commit": _commit(),
-        "versions": _versions(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **machine_record(),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "method": "one process, cases one after another, one warm-up each, median of --repeats; "
         "the mid-size random checkpoint of wanpipe.bench, 128x128, 17 frames, fp32",

@@ -34,43 +34,6 @@ SIZE, FRAMES = 128, 17
 VACE_LAYERS = [0, 2, 4]
 
 
-def make_vace_checkpoint(folder: Path) -> Path:
-    """The mid-size checkpoint with VACE blocks, saved with diffusers' WanVACEPipeline."""
-    import torch
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanVACEPipeline,
-        WanVACETransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from wanpipe.bench import _randomize, _tokenizer, bench_configs
-
-    torch.manual_seed(0)
-    tokenizer = _tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
-    )
-    transformer_config, vae_config = bench_configs()
-    transformer_config = {
-        k: v for k, v in transformer_config.items() if k not in ("_class_name", "_diffusers_version")
-    }
-    vae = AutoencoderKLWan.from_config(vae_config)
-    transformer = WanVACETransformer3DModel(
-        **transformer_config, vace_layers=VACE_LAYERS, vace_in_channels=96
-    )
-    _randomize(vae, 1, 0.05)
-    _randomize(transformer, 2, 0.05)
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
-    )
-    WanVACEPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
-    ).save_pretrained(folder)
-    return folder
-
-
 def inputs() -> dict[str, Any]:
     """The control video (F, H, W, 3) uint8, a mask per frame (white = generate: a centre square) and a
     reference image, deterministic."""
@@ -148,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         child(engine, folder, int(steps), args.repeats, out)
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="wanpipe-bench-vace-"))
-    vace = make_vace_checkpoint(tmp / "vace")
-    from wanpipe.bench import _commit, _versions, make_cpu_checkpoint
+    from wanpipe.bench import machine_record, make_cpu_checkpoint
 
+    vace = make_cpu_checkpoint(tmp / "vace", vace_layers=VACE_LAYERS)
     plain = make_cpu_checkpoint(tmp / "plain")
     runs = {"diffusers": vace, "wanpipe": vace, "wanpipe-plain-t2v": plain}
     results: dict[str, Any] = {}
@@ -188,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary, indent=2))
     record = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)",
-        "device": "cpu",
-        "commit": _commit(),
-        "versions": _versions(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **machine_record(),
         "load_average_after": os.getloadavg(),
         "command": "python bench/bench_vace.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "method": "each engine in its own process, one warm-up then --repeats timed runs, engines in turn",

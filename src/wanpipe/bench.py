@@ -80,10 +80,18 @@ def _randomize(module, seed: int, scale: float) -> None:
             )
 
 
-def make_cpu_checkpoint(folder: Path) -> Path:
-    """The mid-size random checkpoint, written with diffusers' own classes."""
+def make_cpu_checkpoint(folder: Path, vace_layers: list[int] | None = None) -> Path:
+    """The mid-size random checkpoint, written with diffusers' own classes; with ``vace_layers``, a VACE
+    checkpoint (``WanVACEPipeline``, VACE blocks feeding those layers, 96 control channels)."""
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+        WanVACEPipeline,
+        WanVACETransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(0)
@@ -93,16 +101,33 @@ def make_cpu_checkpoint(folder: Path) -> Path:
     )
     transformer_config, vae_config = bench_configs()
     vae = AutoencoderKLWan.from_config(vae_config)
-    transformer = WanTransformer3DModel.from_config(transformer_config)
+    if vace_layers is None:
+        transformer = WanTransformer3DModel.from_config(transformer_config)
+        pipeline = WanPipeline
+    else:
+        vace = {"vace_layers": list(vace_layers), "vace_in_channels": 96}
+        transformer = WanVACETransformer3DModel.from_config({**transformer_config, **vace})
+        pipeline = WanVACEPipeline
     _randomize(vae, 1, 0.05)
     _randomize(transformer, 2, 0.05)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
     )
-    WanPipeline(
+    pipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
     ).save_pretrained(folder)
     return folder
+
+
+def machine_record() -> dict[str, Any]:
+    """What every benchmark record starts with: the machine, the device, the commit, the versions, the date."""
+    return {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)",
+        "device": "cpu",
+        "commit": _commit(),
+        "versions": _versions(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _child(engine: str, folder: str, request: dict[str, Any], options: dict[str, Any], out: str) -> None:
@@ -312,11 +337,7 @@ def run_cpu_bench(
         )
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     record = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)",
-        "device": "cpu",
-        "commit": _commit(),
-        "versions": _versions(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **machine_record(),
         "load_average_after": load,
         "command": "python " + " ".join(sys.argv),
         "method": "both engines loaded and warmed up in their own processes, then timed in alternating turns",
