@@ -329,11 +329,20 @@ class Decoder3d(nn.Module):
         narrow low-resolution ones take the whole chunk (bigger time groups for the CPU convolutions).
         """
         frames = x.shape[2]
-        x = self.conv_in(x, cache)
-        x = self.mid_block(x, cache)
-        x = self._upper(x, cache, 0, None if cache.first_chunk else piece_frames)
+        x = self.upper(self.head(x, cache), cache, piece_frames)
         cache.seen += frames
         return x
+
+    def head(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """The low-resolution head, ``conv_in`` and the mid block (its attention sees each whole frame):
+        (B, z_dim, t, h, w) -> (B, C, t, h, w). Does not advance ``cache.seen``."""
+        return self.mid_block(self.conv_in(x, cache), cache)
+
+    def upper(self, x: Tensor, cache: CausalCache, piece_frames: int | None = 4) -> Tensor:
+        """The upsampling levels and the output head, convolutions only (no attention), so exact on
+        a spatial tile given enough halo (:mod:`wanpipe.models.vae_tiling`):
+        (B, C, t, h, w) -> (B, out_channels, T, s h, s w). Does not advance ``cache.seen``."""
+        return self._upper(x, cache, 0, None if cache.first_chunk else piece_frames)
 
     def _upper(self, x: Tensor, cache: CausalCache, start: int, piece_frames: int | None) -> Tensor:
         """``up_blocks[start:]``, then the output head, on (B, C, T, H, W), in time pieces where too long."""

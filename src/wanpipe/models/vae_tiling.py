@@ -1,0 +1,356 @@
+"""Exact tiled decoding for the Wan VAEs: memory that does not grow with the picture.
+
+The decoder is a low-resolution head (``conv_in``, then the mid block, whose attention sees each
+whole frame) followed by the upsampling levels and the output head, which are convolutions only.
+The head runs on the whole latent; the upper part runs tile by tile, each tile cut out of the head's
+output with a *halo* of extra latent pixels on every side that has a neighbour, and the halo is
+cropped off the tile's pixels. The halo is the upper part's receptive field, computed from its
+layers (:func:`decoder_halo`): a tile's cut edge is zero-padded by the first convolution where the
+full picture has real pixels, and the wrong values spread by each convolution's reach (1 pixel for
+a 3x3 kernel with padding 1) and double with each 2x upsampling. Pixels farther from the cut than
+that are exactly the full decode's (up to summation order, ~1e-6 in fp32).
+
+Time is handled by the causal cache, one per tile: every chunk of latent frames of one tile is run
+through that tile's cache, so the temporal result is the untiled one too. :func:`decode_tiled` runs
+tile by tile (all chunks of a tile, then the next tile: one tile's cache at a time, the lowest
+memory); :func:`iter_decode_tiled` runs chunk by chunk (each tile of the chunk with its own cache),
+for streaming the frames in order.
+
+The tile size comes from a memory budget (:func:`plan_tiles`, from :func:`upper_bytes_per_pixel`,
+an estimate from the layer list of the upper part's activations and caches per latent pixel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from wanpipe.models.fastconv import Scratch
+from wanpipe.models.vae import Decoder3d, WanVAE
+from wanpipe.models.vae_layers import (
+    CausalCache,
+    CausalConv3d,
+    Resample,
+    ResidualBlock,
+    UpBlock,
+    unpatchify,
+)
+
+# ----------------------------------------------------------------------------------------------
+# The halo: the upper part's receptive field, from its layers
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_reach(conv: nn.Module) -> int:
+    """How far (in pixels, along height or width) a wrong input pixel spreads through ``conv``: a
+    stride-1 kernel k with padding p reads p pixels on one side and k - 1 - p on the other."""
+    assert isinstance(conv, (nn.Conv2d, nn.Conv3d))
+    if any(s != 1 for s in conv.stride[-2:]):
+        raise ValueError(f"tiled decoding needs stride-1 convolutions, got {conv}")
+    padding = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+    return max(max(p, k - 1 - p) for k, p in zip(conv.kernel_size[-2:], padding[-2:]))
+
+
+def _spread(module: nn.Module, wrong: int) -> int:
+    """``wrong`` pixels next to a tile's cut edge at ``module``'s input -> how many at its output."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+        return wrong + _conv_reach(module)
+    if isinstance(module, nn.Identity):
+        return wrong
+    if isinstance(module, ResidualBlock):
+        main = _spread(module.conv2, _spread(module.conv1, wrong))
+        return max(main, _spread(module.conv_shortcut, wrong))
+    if isinstance(module, Resample):
+        if not module.mode.startswith("upsample"):
+            raise ValueError(f"the decoder's resamplers upsample, got {module.mode}")
+        if module.mode == "upsample3d":
+            wrong = _spread(module.time_conv, wrong)
+        return _spread(module.conv, 2 * wrong)  # nearest 2x, then the 3x3 convolution
+    if isinstance(module, UpBlock):
+        out = wrong
+        for resnet in module.resnets:
+            out = _spread(resnet, out)
+        if module.upsampler is not None:
+            out = _spread(module.upsampler, out)
+        if module.shortcut is not None:  # parameter-free, pixel-wise after the 2x spread
+            out = max(out, wrong * module.shortcut.factor_s)
+        return out
+    raise TypeError(f"no receptive field rule for {type(module).__name__}")
+
+
+def upper_scale(decoder: Decoder3d) -> int:
+    """How many output pixels of :meth:`Decoder3d.upper` one latent pixel becomes along each side."""
+    return 2 ** sum(block.upsampler is not None for block in decoder.up_blocks)
+
+
+def upper_reach(decoder: Decoder3d) -> int:
+    """Output pixels next to a tile's cut edge that differ from the full decode: the receptive field
+    of the upsampling levels and the output head (norms and SiLUs are per pixel)."""
+    wrong = 0
+    for block in decoder.up_blocks:
+        wrong = _spread(block, wrong)
+    return _spread(decoder.conv_out, wrong)
+
+
+def decoder_halo(decoder: Decoder3d) -> int:
+    """Latent pixels a tile borrows from each neighbour so that its own pixels are exact:
+    ``ceil(upper_reach / upper_scale)`` (13 for the Wan 2.1 VAE: 98 pixels / 8)."""
+    return -(-upper_reach(decoder) // upper_scale(decoder))
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: an estimate per latent pixel, and the tiles a budget allows
+# ----------------------------------------------------------------------------------------------
+
+
+def upper_bytes_per_pixel(decoder: Decoder3d, itemsize: int, piece_frames: int = 4) -> int:
+    """Bytes the upper part needs per latent pixel of its input (an estimate from the layer list).
+
+    Per level at scale s (s^2 pixels per latent pixel): the causal caches, 2 frames of every
+    3-frame temporal convolution's input, and the working set of the widest layer, about 5 tensors
+    of ``piece_frames`` frames (input, normalised copy, convolution output, shortcut and the CPU
+    convolution's transform buffers), plus an upsampler's output (twice the frames, 4x the pixels).
+    Caches add up; working sets do not (one level runs at a time).
+    """
+    caches = 0
+    work = 0
+    scale = 1
+    for block in decoder.up_blocks:
+        widest = 0
+        for m in block.modules():
+            if isinstance(m, CausalConv3d):
+                widest = max(widest, m.in_channels, m.out_channels)
+                if m.time_pad > 0:
+                    caches += m.time_pad * m.in_channels * scale**2
+        level = 5 * widest * piece_frames * scale**2
+        if block.upsampler is not None:
+            level += block.upsampler.conv.out_channels * 2 * piece_frames * (2 * scale) ** 2
+            scale *= 2
+        work = max(work, level)
+    conv_out = decoder.conv_out
+    caches += conv_out.time_pad * conv_out.in_channels * scale**2
+    work = max(work, 3 * conv_out.in_channels * piece_frames * scale**2)
+    return (caches + work) * itemsize
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile, in latent pixels: ``rows``/``cols`` its own pixels, ``region_rows``/``region_cols``
+    what it decodes (its own plus the halo, cut at the picture's edges)."""
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    region_rows: tuple[int, int]
+    region_cols: tuple[int, int]
+
+
+def split_tiles(height: int, width: int, tile: tuple[int, int], halo: int) -> list[Tile]:
+    """The tiles of a ``height`` x ``width`` latent in ``tile`` = (rows, cols) latent pixels (the last
+    row and column of tiles may be smaller), row-major, each with ``halo`` pixels borrowed per side."""
+    th, tw = tile
+    if th < 1 or tw < 1:
+        raise ValueError(f"tiles must be at least 1x1 latent pixels, got {th}x{tw}")
+    tiles = []
+    for a in range(0, height, th):
+        b = min(height, a + th)
+        for c in range(0, width, tw):
+            d = min(width, c + tw)
+            region = ((max(0, a - halo), min(height, b + halo)), (max(0, c - halo), min(width, d + halo)))
+            tiles.append(Tile((a, b), (c, d), *region))
+    return tiles
+
+
+def plan_tiles(
+    decoder: Decoder3d, height: int, width: int, budget: int, itemsize: int
+) -> tuple[int, int] | None:
+    """The tile (rows, cols) in latent pixels for a ``budget`` in bytes of the upper part's working
+    memory, or None when the whole ``height`` x ``width`` latent fits (no tiling).
+
+    The fewest tiles whose largest region (tile plus halo) fits; ties go to the least decoded area.
+    When not even the smallest tiles fit, tiles of ``halo`` x ``halo`` (where the halo stops
+    dominating the work).
+    """
+    per_pixel = upper_bytes_per_pixel(decoder, itemsize)
+    if per_pixel * height * width <= budget:
+        return None
+    halo = decoder_halo(decoder)
+    best: tuple[int, int, int, int] | None = None  # (tiles, decoded area, rows, cols)
+    for nr in range(1, height + 1):
+        rows = -(-height // nr)
+        region_rows = min(height, rows + 2 * halo if nr > 1 else rows)
+        for nc in range(1, width + 1):
+            cols = -(-width // nc)
+            region_cols = min(width, cols + 2 * halo if nc > 1 else cols)
+            if per_pixel * region_rows * region_cols > budget:
+                continue
+            key = (nr * nc, nr * nc * region_rows * region_cols, rows, cols)
+            if best is None or key < best:
+                best = key
+            break  # more columns only cost more tiles
+    if best is None:
+        side = max(1, halo)
+        return (min(height, side), min(width, side))
+    return best[2], best[3]
+
+
+MEMORY_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_memory(text: str | int) -> int:
+    """A memory size: bytes as an int, or text such as ``"2GB"``, ``"512MB"``, ``"1.5G"``, ``"2GiB"``
+    (decimal K/M/G/T, binary with ``i``) -> bytes (> 0). ValueError says what is allowed."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"a memory size must be positive, got {text}")
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    unit = s[len(number) :]
+    binary = unit.endswith("IB") or (unit.endswith("I"))
+    letter = unit[:1] if unit not in ("", "B") else ""
+    allowed = unit in ("", "B") or (letter in "KMGT" and unit[1:] in ("", "B", "I", "IB"))
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not allowed or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a memory size such as 2GB, 512MB or 1.5GiB, got {text!r}")
+    scale = 1024 ** "KMGT".index(letter) * 1024 if binary and letter else MEMORY_UNITS[letter]
+    return int(value * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunks(frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """The latent frame ranges decoded together: the first frame alone, then ``chunk_frames`` at a time."""
+    starts = [0, *range(1, frames, chunk_frames)]
+    return [(s, 1 if s == 0 else min(frames, s + chunk_frames)) for s in starts]
+
+
+def _check(vae: WanVAE, z: Tensor, chunk_frames: int) -> None:
+    vae._check_latents(z)
+    if z.shape[2] < 1:
+        raise ValueError("latents have no frames")
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+
+
+def _finish(vae: WanVAE, x: Tensor) -> Tensor:
+    x = unpatchify(x, vae.config.patch)
+    return x.clamp(-1.0, 1.0) if vae.config.clip_output else x
+
+
+def _crop(pixels: Tensor, tile: Tile, stride: int) -> Tensor:
+    """A tile's own pixels out of its decoded region (B, C, T, stride * rows, stride * cols)."""
+    (a, b), (c, d) = tile.rows, tile.cols
+    lo_r, lo_c = tile.region_rows[0], tile.region_cols[0]
+    return pixels[
+        :, :, :, stride * (a - lo_r) : stride * (b - lo_r), stride * (c - lo_c) : stride * (d - lo_c)
+    ]
+
+
+def _region(x: Tensor, tile: Tile) -> Tensor:
+    (a, b), (c, d) = tile.region_rows, tile.region_cols
+    return x[:, :, :, a:b, c:d]
+
+
+def decode_tiled(
+    vae: WanVAE,
+    z: Tensor,
+    tile: tuple[int, int],
+    chunk_frames: int = 1,
+    after_chunk: Callable[[], None] | None = None,
+) -> Tensor:
+    """Raw latents (B, z_dim, f, h, w) -> video (B, 3, 4(f - 1) + 1, s h, s w), s = spatial_stride: the
+    same frames as :meth:`WanVAE.decode`, decoded in ``tile`` = (rows, cols) latent-pixel tiles.
+
+    The head runs on every chunk of the whole latent first (its outputs, at the latent resolution,
+    are kept); then each tile runs all its chunks with its own causal cache, and its cropped pixels
+    are written into the video. ``after_chunk()`` runs after each tile's chunk.
+    """
+    _check(vae, z, chunk_frames)
+    decoder = vae.decoder
+    ranges = _chunks(z.shape[2], chunk_frames)
+    head_cache = CausalCache()
+    heads = []
+    for s, e in ranges:
+        heads.append(decoder.head(vae.post_quant_conv(z[:, :, s:e]), head_cache))
+        head_cache.seen += e - s
+    del head_cache
+    tiles = split_tiles(z.shape[3], z.shape[4], tile, decoder_halo(decoder))
+    stride = vae.config.spatial_stride
+    ts = vae.config.temporal_stride
+    b = z.shape[0]
+    video = z.new_empty(
+        b, vae.config.video_out_channels, ts * (z.shape[2] - 1) + 1, stride * z.shape[3], stride * z.shape[4]
+    )
+    scratch = Scratch()  # the CPU convolutions' work buffers, shared by the tiles
+    for t in tiles:
+        cache = CausalCache(scratch=scratch)
+        start = 0
+        for (s, e), head in zip(ranges, heads):
+            pixels = _crop(_finish(vae, decoder.upper(_region(head, t), cache)), t, stride)
+            cache.seen += e - s
+            (r0, r1), (c0, c1) = t.rows, t.cols
+            n = pixels.shape[2]
+            video[:, :, start : start + n, stride * r0 : stride * r1, stride * c0 : stride * c1] = pixels
+            start += n
+            del pixels
+            if after_chunk is not None:
+                after_chunk()
+    return video
+
+
+def iter_decode_tiled(
+    vae: WanVAE, z: Tensor, tile: tuple[int, int], chunk_frames: int = 1
+) -> Iterator[Tensor]:
+    """:meth:`WanVAE.iter_decode`, tiled: the pixel frames of raw latents (B, z_dim, f, h, w) in order,
+    (B, 3, 1, s h, s w) for the first latent frame, then (B, 3, 4c, s h, s w) per ``chunk_frames`` (c)
+    latent frames, each chunk decoded tile by tile (every tile with its own causal cache, kept from
+    chunk to chunk). Bad input raises here, not at the first ``next``."""
+    _check(vae, z, chunk_frames)
+    split_tiles(1, 1, tile, 0)  # checks the tile size
+    return _iter_decode_tiled(vae, z, tile, chunk_frames)
+
+
+def _iter_decode_tiled(vae: WanVAE, z: Tensor, tile: tuple[int, int], chunk_frames: int) -> Iterator[Tensor]:
+    decoder = vae.decoder
+    tiles = split_tiles(z.shape[3], z.shape[4], tile, decoder_halo(decoder))
+    stride = vae.config.spatial_stride
+    scratch = Scratch()
+    head_cache = CausalCache(scratch=scratch)
+    caches = [CausalCache(scratch=scratch) for _ in tiles]
+    for s, e in _chunks(z.shape[2], chunk_frames):
+        head = decoder.head(vae.post_quant_conv(z[:, :, s:e]), head_cache)
+        head_cache.seen += e - s
+        frames: Tensor | None = None
+        for t, cache in zip(tiles, caches):
+            pixels = _crop(_finish(vae, decoder.upper(_region(head, t), cache)), t, stride)
+            cache.seen += e - s
+            if frames is None:
+                frames = pixels.new_empty(*pixels.shape[:3], stride * z.shape[3], stride * z.shape[4])
+            (r0, r1), (c0, c1) = t.rows, t.cols
+            frames[:, :, :, stride * r0 : stride * r1, stride * c0 : stride * c1] = pixels
+        del head
+        assert frames is not None
+        yield frames
+
+
+__all__ = [
+    "Tile",
+    "decode_tiled",
+    "decoder_halo",
+    "iter_decode_tiled",
+    "parse_memory",
+    "plan_tiles",
+    "split_tiles",
+    "upper_bytes_per_pixel",
+    "upper_reach",
+    "upper_scale",
+]
