@@ -178,3 +178,39 @@ def test_parse_memory(text: str, expected: int) -> None:
 def test_parse_memory_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="memory size such as 2GB"):
         parse_memory(text)
+
+
+def test_runtime_option_parses_the_budget() -> None:
+    from wanpipe.runtime import RuntimeOptions
+
+    assert RuntimeOptions(vae_memory="2GB").vae_memory == 2 * 10**9
+    assert RuntimeOptions(vae_memory=4096).vae_memory == 4096
+    with pytest.raises(ValueError, match="vae_memory: expected a memory size such as 2GB"):
+        RuntimeOptions(vae_memory="lots")
+
+
+def test_generate_with_a_small_vae_budget_gives_the_same_frames(tiny_ckpt, monkeypatch) -> None:
+    """End to end: a budget far below the frame's tiles the decode, and the frames stay the same."""
+    import numpy as np
+
+    import wanpipe.stages.decode as stage
+    from wanpipe import WanPipeline, WanRequest
+    from wanpipe.runtime import RuntimeOptions
+
+    pipe = WanPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
+    request = WanRequest(prompt="a cat", height=160, width=160, num_frames=5, num_inference_steps=2, seed=1)
+    plain = pipe.generate_batch([request], progress=False)[0].frames
+    tiles: list[tuple[int, int]] = []
+
+    def spy(vae, z, tile, **kw):
+        tiles.append(tile)
+        return decode_tiled(vae, z, tile, **kw)
+
+    monkeypatch.setattr(stage, "decode_tiled", spy)
+    pipe.set_runtime(RuntimeOptions(vae_memory="1KB"))
+    tiled = pipe.generate_batch([request], progress=False)[0].frames
+    halo = decoder_halo(pipe.executor.vae.decoder)
+    assert tiles == [(halo, halo)]  # nothing fits 1 KB: the smallest tiles, 3 x 3 of them here
+    diff = float(np.abs(tiled.astype(np.float64) - plain.astype(np.float64)).max())
+    print(f"generate, vae_memory=1KB vs untiled: worst frame diff {diff:.3e}")
+    assert diff <= TILE_TOL

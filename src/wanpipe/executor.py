@@ -389,6 +389,7 @@ class WanExecutor:
             vae_dtype=self.vae_dtype,
             chunk_frames=self.runtime.vae_chunk_frames or self.vae_chunk_frames,
             halo=self.vae_halo,
+            memory=self.runtime.vae_memory,
         )
 
     def _attention_report(self, latents: torch.Tensor, text: TextContext) -> str:

@@ -180,10 +180,10 @@ def plan_tiles(
     best: tuple[int, int, int, int] | None = None  # (tiles, decoded area, rows, cols)
     for nr in range(1, height + 1):
         rows = -(-height // nr)
-        region_rows = min(height, rows + 2 * halo if nr > 1 else rows)
+        region_rows = min(height, rows + halo * min(nr - 1, 2))  # an inner tile borrows on both sides
         for nc in range(1, width + 1):
             cols = -(-width // nc)
-            region_cols = min(width, cols + 2 * halo if nc > 1 else cols)
+            region_cols = min(width, cols + halo * min(nc - 1, 2))
             if per_pixel * region_rows * region_cols > budget:
                 continue
             key = (nr * nc, nr * nc * region_rows * region_cols, rows, cols)
