@@ -328,6 +328,7 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (BENCH, "--engines", ["--engines", ""], r"comma-separated"),
     (BENCH, "--out-dir", ["--out-dir", "{file}"], r"is a file, not a folder"),
     (BENCH, "--vae-chunk-frames", ["--vae-chunk-frames", "0"], r"at least 1"),
+    (BENCH, "--vae-memory", ["--vae-memory", "many"], r"--vae-memory: expected a memory size such as 2GB"),
     (BENCH, "--cache", ["--cache", "fast"], r"invalid choice"),
     (BENCH, "--residual-threshold", ["--residual-threshold", "-1"], r"at least 0"),
     (BENCH, "--residual-threshold", ["--residual-threshold", "nan"], r"finite"),

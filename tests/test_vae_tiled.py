@@ -13,6 +13,8 @@ from wanpipe.models.vae import VAEConfig, WanVAE
 from wanpipe.models.vae_tiling import (
     decode_tiled,
     decoder_halo,
+    encode_tiled,
+    encoder_halo,
     iter_decode_tiled,
     parse_memory,
     plan_tiles,
@@ -214,3 +216,26 @@ def test_generate_with_a_small_vae_budget_gives_the_same_frames(tiny_ckpt, monke
     diff = float(np.abs(tiled.astype(np.float64) - plain.astype(np.float64)).max())
     print(f"generate, vae_memory=1KB vs untiled: worst frame diff {diff:.3e}")
     assert diff <= TILE_TOL
+
+
+def test_encoder_halo_comes_from_the_layers(wan21: WanVAE, wan22: WanVAE) -> None:
+    # The real Wan 2.1 encoder: conv_in 1, 2 convs 3 -> stride 2: 2, ... -> 9 latent pixels.
+    assert encoder_halo(WanVAE(VAEConfig()).encoder) == 9
+    assert encoder_halo(wan21.encoder) == 5 and encoder_halo(wan22.encoder) == 5
+
+
+@pytest.mark.parametrize("which", ["wan21", "wan22"])
+@pytest.mark.parametrize(("frames", "chunk_latents"), [(1, 1), (9, 2)])
+def test_tiled_encode_equals_untiled(request, which: str, frames: int, chunk_latents: int) -> None:
+    vae = request.getfixturevalue(which)
+    s = vae.config.spatial_stride
+    g = torch.Generator().manual_seed(5)
+    video = torch.rand(1, 3, frames, 15 * s, 13 * s, generator=g) * 2 - 1  # odd latent sizes
+    with torch.inference_mode():
+        full = vae.encode(video, chunk_latents=chunk_latents)
+        worst = 0.0
+        for tile in [(4, 6), (15, 3)]:
+            tiled = encode_tiled(vae, video, tile, chunk_latents=chunk_latents)
+            worst = max(worst, _maxdiff(tiled.mean, full.mean), _maxdiff(tiled.logvar, full.logvar))
+    print(f"{which} encode frames={frames} chunk={chunk_latents}: worst tiled-vs-untiled diff {worst:.3e}")
+    assert worst <= TILE_TOL

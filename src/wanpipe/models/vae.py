@@ -277,13 +277,24 @@ class Encoder3d(nn.Module):
         (T' = n).
         """
         frames = x.shape[2]
+        x = self.head(self.lower(x, cache), cache)
+        cache.seen += frames
+        return x
+
+    def lower(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """``conv_in`` and the downsampling levels, convolutions only (no attention), so exact on a
+        spatial tile given enough halo (:mod:`wanpipe.models.vae_tiling`):
+        (B, in_channels, T, H, W) -> (B, C, T', H / s, W / s). Does not advance ``cache.seen``."""
         x = self.conv_in(x, cache)
         for block in self.down_blocks:
             x = block(x, cache)
-        x = self.mid_block(x, cache)
-        x = self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
-        cache.seen += frames
         return x
+
+    def head(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """The mid block (its attention sees each whole frame) and the output head, at the latent
+        resolution: (B, C, T', h, w) -> (B, 2 * z_dim, T', h, w). Does not advance ``cache.seen``."""
+        x = self.mid_block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
 
 
 class Decoder3d(nn.Module):

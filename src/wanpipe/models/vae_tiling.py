@@ -26,16 +26,19 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from wanpipe.models.fastconv import Scratch
-from wanpipe.models.vae import Decoder3d, WanVAE
+from wanpipe.models.vae import Decoder3d, Encoder3d, LatentDistribution, WanVAE
 from wanpipe.models.vae_layers import (
     CausalCache,
     CausalConv3d,
     Resample,
     ResidualBlock,
+    ResidualDownBlock,
     UpBlock,
+    patchify,
     unpatchify,
 )
 
@@ -63,9 +66,18 @@ def _spread(module: nn.Module, wrong: int) -> int:
     if isinstance(module, ResidualBlock):
         main = _spread(module.conv2, _spread(module.conv1, wrong))
         return max(main, _spread(module.conv_shortcut, wrong))
+    if isinstance(module, Resample) and module.mode.startswith("downsample"):
+        # A 3x3 stride-2 kernel padded on the right/bottom only: output j reads inputs 2j .. 2j + 2, so
+        # c wrong pixels at the left edge make ceil(c / 2) wrong, at the right edge floor(c / 2) + 1.
+        return wrong // 2 + 1  # the time convolution after it is 1x1 in space
+    if isinstance(module, ResidualDownBlock):
+        out = wrong
+        for resnet in module.resnets:
+            out = _spread(resnet, out)
+        if module.downsampler is not None:
+            out = _spread(module.downsampler, out)
+        return max(out, -(-wrong // module.shortcut.factor_s))  # block averages, aligned
     if isinstance(module, Resample):
-        if not module.mode.startswith("upsample"):
-            raise ValueError(f"the decoder's resamplers upsample, got {module.mode}")
         if module.mode == "upsample3d":
             wrong = _spread(module.time_conv, wrong)
         return _spread(module.conv, 2 * wrong)  # nearest 2x, then the 3x3 convolution
@@ -99,6 +111,23 @@ def decoder_halo(decoder: Decoder3d) -> int:
     """Latent pixels a tile borrows from each neighbour so that its own pixels are exact:
     ``ceil(upper_reach / upper_scale)`` (13 for the Wan 2.1 VAE: 98 pixels / 8)."""
     return -(-upper_reach(decoder) // upper_scale(decoder))
+
+
+def lower_scale(encoder: Encoder3d) -> int:
+    """How many input pixels (after patchifying) of :meth:`Encoder3d.lower` make one latent pixel."""
+    return 2 ** sum(
+        isinstance(m, Resample) and m.mode.startswith("downsample") for m in encoder.down_blocks.modules()
+    )
+
+
+def encoder_halo(encoder: Encoder3d) -> int:
+    """Latent pixels (each ``spatial_stride`` video pixels) a tile borrows from each neighbour so that
+    the lower part's output on its own latent pixels is exact: the wrong latent pixels next to a cut,
+    from the layers (the cut is on the latent grid, so the stride-2 grids of every level line up)."""
+    wrong = _spread(encoder.conv_in, 0)
+    for block in encoder.down_blocks:
+        wrong = _spread(block, wrong)
+    return wrong
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,10 +371,63 @@ def _iter_decode_tiled(vae: WanVAE, z: Tensor, tile: tuple[int, int], chunk_fram
         yield frames
 
 
+def encode_tiled(
+    vae: WanVAE, video: Tensor, tile: tuple[int, int], chunk_latents: int = 1
+) -> LatentDistribution:
+    """:meth:`WanVAE.encode`, tiled: (B, 3, F, H, W) in [-1, 1] -> the same posterior over
+    (B, z_dim, (F - 1)/4 + 1, H/s, W/s), s = spatial_stride, up to float rounding.
+
+    The encoder's high-resolution part (``conv_in`` and the downsampling levels, convolutions only)
+    runs tile by tile, ``tile`` = (rows, cols) in latent pixels plus :func:`encoder_halo` latent pixels
+    per side (all chunks of a tile with its own causal cache), and its latent-resolution outputs are
+    put together; the mid block (attention over the whole frame) and the output head then run on the
+    whole latent, chunk by chunk.
+    """
+    cfg = vae.config
+    encoder = vae.encoder
+    if video.ndim != 5 or video.shape[1] != cfg.video_in_channels:
+        raise ValueError(f"video must be (B, {cfg.video_in_channels}, F, H, W), got {tuple(video.shape)}")
+    if chunk_latents < 1:
+        raise ValueError(f"chunk_latents must be >= 1, got {chunk_latents}")
+    if video.shape[3] % cfg.spatial_stride or video.shape[4] % cfg.spatial_stride:
+        raise ValueError(f"height and width must be multiples of {cfg.spatial_stride}")
+    if (video.shape[2] - 1) % cfg.temporal_stride:
+        raise ValueError(f"the number of frames must be {cfg.temporal_stride}k + 1, got {video.shape[2]}")
+    stride = cfg.spatial_stride
+    h, w = video.shape[3] // stride, video.shape[4] // stride
+    tiles = split_tiles(h, w, tile, encoder_halo(encoder))
+    frames = video.shape[2]
+    step = cfg.temporal_stride * chunk_latents
+    starts = [0, *range(1, frames, step)]
+    ranges = list(zip(starts, [*starts[1:], frames]))
+    lows: list[Tensor] = []  # per chunk: the lower part's output over the whole latent
+    scratch = Scratch()
+    for t in tiles:
+        cache = CausalCache(scratch=scratch)
+        (a, b), (c, d) = t.region_rows, t.region_cols
+        for i, (s, e) in enumerate(ranges):
+            x = patchify(video[:, :, s:e, stride * a : stride * b, stride * c : stride * d], cfg.patch)
+            y = encoder.lower(x, cache)
+            cache.seen += e - s
+            if i == len(lows):
+                lows.append(y.new_empty(*y.shape[:3], h, w))
+            (r0, r1), (c0, c1) = t.rows, t.cols
+            lows[i][:, :, :, r0:r1, c0:c1] = y[:, :, :, r0 - a : r1 - a, c0 - c : c1 - c]
+    cache = CausalCache(scratch=scratch)
+    moments = []
+    for (s, e), low in zip(ranges, lows):
+        moments.append(encoder.head(low, cache))
+        cache.seen += e - s
+    del lows
+    return LatentDistribution.from_moments(vae.quant_conv(torch.cat(moments, dim=2)))
+
+
 __all__ = [
     "Tile",
     "decode_tiled",
     "decoder_halo",
+    "encode_tiled",
+    "encoder_halo",
     "iter_decode_tiled",
     "parse_memory",
     "plan_tiles",
