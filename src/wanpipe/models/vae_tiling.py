@@ -176,15 +176,19 @@ class Tile:
     region_cols: tuple[int, int]
 
 
-def split_tiles(height: int, width: int, tile: tuple[int, int], halo: int) -> list[Tile]:
+def split_tiles(
+    height: int, width: int, tile: tuple[int, int], halo: int, band: tuple[int, int] | None = None
+) -> list[Tile]:
     """The tiles of a ``height`` x ``width`` latent in ``tile`` = (rows, cols) latent pixels (the last
-    row and column of tiles may be smaller), row-major, each with ``halo`` pixels borrowed per side."""
+    row and column of tiles may be smaller), row-major, each with ``halo`` pixels borrowed per side;
+    ``band`` = (first, end) row: only the tiles of those rows (a parallel rank's share)."""
     th, tw = tile
     if th < 1 or tw < 1:
         raise ValueError(f"tiles must be at least 1x1 latent pixels, got {th}x{tw}")
+    top, bottom = band if band is not None else (0, height)
     tiles = []
-    for a in range(0, height, th):
-        b = min(height, a + th)
+    for a in range(top, bottom, th):
+        b = min(bottom, a + th)
         for c in range(0, width, tw):
             d = min(width, c + tw)
             region = ((max(0, a - halo), min(height, b + halo)), (max(0, c - halo), min(width, d + halo)))
@@ -304,31 +308,52 @@ def decode_tiled(
     are written into the video. ``after_chunk()`` runs after each tile's chunk.
     """
     _check(vae, z, chunk_frames)
-    decoder = vae.decoder
-    ranges = _chunks(z.shape[2], chunk_frames)
-    head_cache = CausalCache()
+    heads = decode_heads(vae, z, chunk_frames)
+    tiles = split_tiles(z.shape[3], z.shape[4], tile, decoder_halo(vae.decoder))
+    return decode_tiles(vae, heads, tiles, (0, z.shape[3]), after_chunk, chunk_frames)
+
+
+def decode_heads(vae: WanVAE, z: Tensor, chunk_frames: int = 1) -> Tensor:
+    """The decoder's head over the whole of raw latents (B, z_dim, f, h, w), chunk by chunk (the first
+    latent frame alone, then ``chunk_frames``): (B, C, f, h, w), what :func:`decode_tiles` takes."""
+    cache = CausalCache()
     heads = []
-    for s, e in ranges:
-        heads.append(decoder.head(vae.post_quant_conv(z[:, :, s:e]), head_cache))
-        head_cache.seen += e - s
-    del head_cache
-    tiles = split_tiles(z.shape[3], z.shape[4], tile, decoder_halo(decoder))
+    for s, e in _chunks(z.shape[2], chunk_frames):
+        heads.append(vae.decoder.head(vae.post_quant_conv(z[:, :, s:e]), cache))
+        cache.seen += e - s
+    return torch.cat(heads, dim=2) if len(heads) > 1 else heads[0]
+
+
+def decode_tiles(
+    vae: WanVAE,
+    heads: Tensor,
+    tiles: list[Tile],
+    band: tuple[int, int],
+    after_chunk: Callable[[], None] | None = None,
+    chunk_frames: int = 1,
+) -> Tensor:
+    """The decoder's upper part over ``tiles`` of the head outputs ``heads`` (B, C, f, h, w) (from
+    :func:`decode_heads`), each tile all chunks with its own causal cache -> the pixels of latent rows
+    ``band`` = (a, b) that the tiles cover: (B, 3, 4(f - 1) + 1, s (b - a), s w)."""
+    decoder = vae.decoder
     stride = vae.config.spatial_stride
-    ts = vae.config.temporal_stride
-    b = z.shape[0]
-    video = z.new_empty(
-        b, vae.config.video_out_channels, ts * (z.shape[2] - 1) + 1, stride * z.shape[3], stride * z.shape[4]
-    )
+    b, _, f, _, w = heads.shape
+    top, bottom = band
+    frames = vae.config.temporal_stride * (f - 1) + 1
+    video = heads.new_empty(b, vae.config.video_out_channels, frames, stride * (bottom - top), stride * w)
+    ranges = _chunks(f, chunk_frames)
     scratch = Scratch()  # the CPU convolutions' work buffers, shared by the tiles
     for t in tiles:
         cache = CausalCache(scratch=scratch)
         start = 0
-        for (s, e), head in zip(ranges, heads):
-            pixels = _crop(_finish(vae, decoder.upper(_region(head, t), cache)), t, stride)
+        for s, e in ranges:
+            region = _region(heads[:, :, s:e], t)
+            pixels = _crop(_finish(vae, decoder.upper(region, cache)), t, stride)
             cache.seen += e - s
             (r0, r1), (c0, c1) = t.rows, t.cols
             n = pixels.shape[2]
-            video[:, :, start : start + n, stride * r0 : stride * r1, stride * c0 : stride * c1] = pixels
+            rows = slice(stride * (r0 - top), stride * (r1 - top))
+            video[:, :, start : start + n, rows, stride * c0 : stride * c1] = pixels
             start += n
             del pixels
             if after_chunk is not None:
@@ -424,7 +449,9 @@ def encode_tiled(
 
 __all__ = [
     "Tile",
+    "decode_heads",
     "decode_tiled",
+    "decode_tiles",
     "decoder_halo",
     "encode_tiled",
     "encoder_halo",
