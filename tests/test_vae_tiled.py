@@ -239,3 +239,43 @@ def test_tiled_encode_equals_untiled(request, which: str, frames: int, chunk_lat
             worst = max(worst, _maxdiff(tiled.mean, full.mean), _maxdiff(tiled.logvar, full.logvar))
     print(f"{which} encode frames={frames} chunk={chunk_latents}: worst tiled-vs-untiled diff {worst:.3e}")
     assert worst <= TILE_TOL
+
+
+WAN21_KW = dict(
+    base_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True], scale_factor_spatial=4
+)
+
+
+def _parallel_vae_worker(rank: int, world: int, port: int, outdir: str) -> None:
+    """One rank: the exact parallel decode of a seeded latent, against this process's own decode."""
+    import json
+    from pathlib import Path
+
+    from tests.parallel_workers import join_world
+    from wanpipe.parallel.vae import exact_parallel_decode
+
+    join_world(rank, world, port)
+    vae = _vae(0, **WAN21_KW)
+    results = {}
+    with torch.inference_mode():
+        for frames, h, w, tile_cols in [(1, 21, 9, None), (4, 20, 13, 5), (4, 1, 6, None)]:
+            z = _latents(vae, frames, h, w, seed=7)
+            parallel = exact_parallel_decode(vae, z, chunk_frames=2, tile_cols=tile_cols)
+            results[f"{frames}x{h}x{w}/{tile_cols}"] = _maxdiff(parallel, vae.decode(z, chunk_frames=2))
+    torch.distributed.destroy_process_group()
+    Path(outdir, f"{rank}.json").write_text(json.dumps(results))
+
+
+def test_exact_parallel_decode_under_gloo(tmp_path) -> None:
+    """Two gloo ranks (torchrun's environment): every rank's gathered video equals one process's."""
+    import json
+
+    from tests.parallel_workers import spawn_world
+
+    spawn_world(_parallel_vae_worker, 2, (str(tmp_path),), timeout_s=600)
+    for rank in range(2):
+        results = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert len(results) == 3
+        for case, diff in results.items():
+            print(f"rank {rank} {case}: parallel vs one process, worst diff {diff:.3e}")
+            assert diff <= TILE_TOL, case

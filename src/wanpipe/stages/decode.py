@@ -56,15 +56,19 @@ def decode(
 
     ``chunk_frames``: latent frames per decoder chunk (the same frames, more memory); ``halo``: in a
     parallel run, each rank decodes a band of rows with this many latent rows borrowed from its
-    neighbours and the bands are all-gathered (``--vae-parallel``, an approximation); None decodes
+    neighbours and the bands are all-gathered (``--vae-halo``, an approximation), or -1: exact bands
+    (``--vae-parallel``, :func:`wanpipe.parallel.vae.exact_parallel_decode`); None decodes
     the whole frame on every rank. ``memory``: the VAE budget in bytes (``--vae-memory``): tiled, exact,
     when the whole frame does not fit (:func:`vae_tile`)."""
     z = vae.denormalize_latents(latents.to(placement.device, vae_dtype))
     with placement.on_device(vae):
         if halo is not None and placement.rank0_encodes:
-            from wanpipe.parallel.vae import parallel_decode
+            from wanpipe.parallel.vae import EXACT_HALO, exact_parallel_decode, parallel_decode
 
-            video = parallel_decode(vae, z, halo, chunk_frames=chunk_frames)
+            if halo == EXACT_HALO:
+                video = exact_parallel_decode(vae, z, chunk_frames=chunk_frames)
+            else:
+                video = parallel_decode(vae, z, halo, chunk_frames=chunk_frames)
         elif (tile := vae_tile(vae, z, memory)) is not None:
             video = decode_tiled(vae, z, tile, chunk_frames=chunk_frames)
         else:
