@@ -332,8 +332,9 @@ GENERATE_KW = dict(
 )
 
 
-VAE_HALOS = (0, 4)
-"""``executor.vae_halo`` values the generate world decodes with (seed 11, ``--ulysses 2``)."""
+VAE_HALOS = (0, 4, -1)
+"""``executor.vae_halo`` values the generate world decodes with (seed 11, ``--ulysses 2``); -1: the
+exact bands (``wanpipe.parallel.vae.EXACT_HALO``)."""
 
 
 def generate_argv(ckpt: str, output: str, *extra: str) -> list[str]:

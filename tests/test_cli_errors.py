@@ -241,6 +241,8 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--text-encoder-device", ["--text-encoder-device", "foo"], r"is not a device"),
     (GENERATE, "--text-encoder-device", ["--text-encoder-device", "cuda:99"], r"CUDA"),
     (GENERATE, "--vae-chunk-frames", ["--vae-chunk-frames", "0"], r"at least 1"),
+    (GENERATE, "--vae-memory", ["--vae-memory", "2XB"], r"--vae-memory: expected a memory size such as 2GB"),
+    (GENERATE, "--vae-memory", ["--vae-memory", "0"], r"memory size"),
     (GENERATE, "--text-cache-size", ["--text-cache-size", "-1"], r"at least 0"),
     (GENERATE, "--attention-backend", ["--attention-backend", "fastest"], r"invalid choice: 'fastest'"),
     (
@@ -330,6 +332,7 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (BENCH, "--engines", ["--engines", ""], r"comma-separated"),
     (BENCH, "--out-dir", ["--out-dir", "{file}"], r"is a file, not a folder"),
     (BENCH, "--vae-chunk-frames", ["--vae-chunk-frames", "0"], r"at least 1"),
+    (BENCH, "--vae-memory", ["--vae-memory", "many"], r"--vae-memory: expected a memory size such as 2GB"),
     (BENCH, "--cache", ["--cache", "fast"], r"invalid choice"),
     (BENCH, "--residual-threshold", ["--residual-threshold", "-1"], r"at least 0"),
     (BENCH, "--residual-threshold", ["--residual-threshold", "nan"], r"finite"),

@@ -374,6 +374,12 @@ def _engines(text: str) -> str:
     return ",".join(names)
 
 
+def _memory(text: str) -> int:
+    from wanpipe.runtime.options import _memory as memory
+
+    return memory(text)
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     # The checkpoint is fixed (TRANSFORMER, VAE): 16-pixel multiples (VAE stride 8 x patch 2), 4k+1 frames.
     p.add_argument(
@@ -404,6 +410,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="where the JSON goes (default: ./bench/results)",
     )
     p.add_argument("--vae-chunk-frames", type=arguments.integer(1), default=1)
+    p.add_argument(
+        "--vae-memory",
+        type=_memory,
+        default=None,
+        metavar="SIZE",
+        help="wanpipe's VAE budget, e.g. 400MB: exact tiled decode when the frame does not fit (default: off)",
+    )
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cache", choices=("none", "first-block", "teacache"), default="none")
     p.add_argument("--residual-threshold", type=arguments.number(0), default=0.0)
@@ -425,6 +438,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         options.update(cache=args.cache, residual_threshold=args.residual_threshold)
     if args.cfg_truncation is not None:
         options["cfg_truncation"] = args.cfg_truncation
+    if args.vae_memory is not None:
+        options["vae_memory"] = args.vae_memory
     record = run_cpu_bench(
         steps=args.steps,
         frames=args.frames,

@@ -243,7 +243,7 @@ class WanExecutor:
         """Share every DiT forward across ``mesh``'s ranks (None: back to one process); ``vae_halo``:
         decode by bands of rows with that many latent rows of halo (None: the whole frame on every
         rank). Raises ValueError when the runtime options do not combine with it (:meth:`check_parallel`)."""
-        if vae_halo is not None and vae_halo < 0:
+        if vae_halo is not None and vae_halo < -1:  # -1: the exact bands (parallel.vae.EXACT_HALO)
             raise ValueError(f"--vae-halo must be >= 0 latent rows, got {vae_halo}")
         before = self.placement.mesh, self.vae_halo
         self.placement.mesh = self.runner.mesh = mesh
@@ -389,6 +389,7 @@ class WanExecutor:
             vae_dtype=self.vae_dtype,
             chunk_frames=self.runtime.vae_chunk_frames or self.vae_chunk_frames,
             halo=self.vae_halo,
+            memory=self.runtime.vae_memory,
         )
 
     def _attention_report(self, latents: torch.Tensor, text: TextContext) -> str:

@@ -294,13 +294,24 @@ class Encoder3d(nn.Module):
         (T' = n).
         """
         frames = x.shape[2]
+        x = self.head(self.lower(x, cache), cache)
+        cache.seen += frames
+        return x
+
+    def lower(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """``conv_in`` and the downsampling levels, convolutions only (no attention), so exact on a
+        spatial tile given enough halo (:mod:`wanpipe.models.vae_tiling`):
+        (B, in_channels, T, H, W) -> (B, C, T', H / s, W / s). Does not advance ``cache.seen``."""
         x = self.conv_in(x, cache)
         for block in self.down_blocks:
             x = block(x, cache)
-        x = self.mid_block(x, cache)
-        x = self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
-        cache.seen += frames
         return x
+
+    def head(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """The mid block (its attention sees each whole frame) and the output head, at the latent
+        resolution: (B, C, T', h, w) -> (B, 2 * z_dim, T', h, w). Does not advance ``cache.seen``."""
+        x = self.mid_block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True), cache)
 
 
 class Decoder3d(nn.Module):
@@ -346,11 +357,20 @@ class Decoder3d(nn.Module):
         narrow low-resolution ones take the whole chunk (bigger time groups for the CPU convolutions).
         """
         frames = x.shape[2]
-        x = self.conv_in(x, cache)
-        x = self.mid_block(x, cache)
-        x = self._upper(x, cache, 0, None if cache.first_chunk else piece_frames)
+        x = self.upper(self.head(x, cache), cache, piece_frames)
         cache.seen += frames
         return x
+
+    def head(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """The low-resolution head, ``conv_in`` and the mid block (its attention sees each whole frame):
+        (B, z_dim, t, h, w) -> (B, C, t, h, w). Does not advance ``cache.seen``."""
+        return self.mid_block(self.conv_in(x, cache), cache)
+
+    def upper(self, x: Tensor, cache: CausalCache, piece_frames: int | None = 4) -> Tensor:
+        """The upsampling levels and the output head, convolutions only (no attention), so exact on
+        a spatial tile given enough halo (:mod:`wanpipe.models.vae_tiling`):
+        (B, C, t, h, w) -> (B, out_channels, T, s h, s w). Does not advance ``cache.seen``."""
+        return self._upper(x, cache, 0, None if cache.first_chunk else piece_frames)
 
     def _upper(self, x: Tensor, cache: CausalCache, start: int, piece_frames: int | None) -> Tensor:
         """``up_blocks[start:]``, then the output head, on (B, C, T, H, W), in time pieces where too long."""

@@ -36,21 +36,26 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vae-parallel",
         action="store_true",
-        help="split the VAE decode across the ranks by bands of rows (an approximation at the band "
-        "edges: see docs/parallel.md)",
+        help="split the VAE decode across the ranks by bands of rows, exact (the mid block once, each "
+        "band with the upsampling levels' full receptive field: see docs/speed.md)",
     )
     g.add_argument(
         "--vae-halo",
         type=a.integer(0, what="latent rows"),
-        default=VAE_HALO,
+        default=None,
         metavar="ROWS",
-        help=f"with --vae-parallel: latent rows each band borrows from its neighbours (default {VAE_HALO})",
+        help=f"with --vae-parallel: the older approximate bands, each decoded whole with this many latent "
+        f"rows borrowed from its neighbours (e.g. {VAE_HALO}; default: exact bands)",
     )
 
 
 def vae_halo(args: argparse.Namespace) -> int | None:
-    """The executor's ``vae_halo`` for ``--vae-parallel``/``--vae-halo``: None (off) by default."""
-    return getattr(args, "vae_halo", VAE_HALO) if getattr(args, "vae_parallel", False) else None
+    """The executor's ``vae_halo`` for ``--vae-parallel``/``--vae-halo``: None (off) by default, -1
+    (``wanpipe.parallel.vae.EXACT_HALO``) for the exact bands, ROWS for the approximate ones."""
+    if not getattr(args, "vae_parallel", False):
+        return None
+    halo = getattr(args, "vae_halo", None)
+    return -1 if halo is None else halo
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
@@ -61,7 +66,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config = ParallelConfig(ulysses=args.ulysses, ring=args.ring, cfg_parallel=args.cfg_parallel)
-    if getattr(args, "vae_halo", 0) < 0:
+    if (getattr(args, "vae_halo", None) or 0) < 0:
         raise ValueError(f"--vae-halo must be >= 0 latent rows, got {args.vae_halo}")
     if world == 1 and config == ParallelConfig():
         return None

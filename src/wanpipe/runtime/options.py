@@ -2,7 +2,8 @@
 
 Exact by default: every option below gives the same frames as the plain path except the opt-in
 approximations (``cache``: First-Block-Cache or TeaCache with a ``residual_threshold`` > 0, TaylorSeer,
-MagCache; ``cfg_truncation`` < 1, ``vae_tile``).
+MagCache; ``cfg_truncation`` < 1). ``vae_memory`` (the exact tiled VAE decode) gives the same frames
+up to float rounding.
 ``compress_text`` (on by default) is exact in arithmetic and differs by float rounding only.
 
 Wiring (for ``cli.py`` / ``pipeline.py``)::
@@ -79,6 +80,10 @@ class RuntimeOptions:
     """The options of ``cache`` (:data:`~wanpipe.runtime.cache_options.CACHE_OPTIONS`; text values
     allowed), resolved with every default filled in. First-Block-Cache's and TeaCache's ``threshold``
     and ``coefficients`` set ``residual_threshold`` and ``teacache_coefficients``."""
+    vae_memory: int | str | None = None
+    """Memory budget (bytes, or text such as "2GB") for the VAE decoder's upsampling levels: when the
+    whole frame does not fit, they run tile by tile with an exact halo (the same frames up to float
+    rounding, see ``wanpipe.models.vae_tiling``). None: on a GPU, from its free memory; on the CPU, off."""
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
@@ -116,6 +121,13 @@ class RuntimeOptions:
             raise ValueError(f"text_cache_size must be >= 0, got {self.text_cache_size}")
         if self.offload_buffers < 1:
             raise ValueError(f"offload_buffers must be >= 1, got {self.offload_buffers}")
+        if self.vae_memory is not None:
+            from wanpipe.models.vae_tiling import parse_memory
+
+            try:
+                object.__setattr__(self, "vae_memory", parse_memory(self.vae_memory))
+            except ValueError as e:
+                raise ValueError(f"vae_memory: {e}") from None
 
     def _resolve_cache_options(self) -> None:
         from wanpipe.runtime.cache_options import resolve_cache_options
@@ -201,6 +213,14 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         help="latent frames per VAE decode chunk (default 1)",
     )
     g.add_argument(
+        "--vae-memory",
+        type=_memory,
+        default=None,
+        metavar="SIZE",
+        help="memory budget for the VAE decode, e.g. 2GB: tiled (exact) when the frame does not fit "
+        "(default: from free GPU memory; off on the CPU)",
+    )
+    g.add_argument(
         "--text-cache-size",
         type=a.integer(0),
         default=None,
@@ -238,6 +258,16 @@ def _coefficients(text: str) -> tuple[float, ...]:
             f"expected comma-separated numbers, highest degree first (e.g. 2.4e3,-1.3e3,201,-8.3,0.14), got {text!r}"
         )
     return values
+
+
+def _memory(text: str) -> int:
+    """``--vae-memory 2GB``: a memory size in bytes."""
+    from wanpipe.models.vae_tiling import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _key_value(text: str) -> str:
@@ -291,6 +321,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         text_cache_size=32 if getattr(args, "text_cache_size", None) is None else args.text_cache_size,
         host_memory=getattr(args, "host_memory", "cache") or "cache",
         cache_options=cache_options or None,
+        vae_memory=getattr(args, "vae_memory", None),
     )
 
 

@@ -6,7 +6,40 @@ import torch
 from torch import Tensor
 
 from wanpipe.models.vae import WanVAE
+from wanpipe.models.vae_tiling import decode_tiled, plan_tiles
 from wanpipe.stages.placement import Placement
+
+AUTO_FRACTION = 0.8
+"""With no ``vae_memory`` on a GPU: the budget is this fraction of the device's free memory, less the
+output video and the head's outputs (which the tiled decode holds whole)."""
+
+
+def vae_budget(z: Tensor, memory: int | None) -> int | None:
+    """The tiled decode's budget in bytes for raw latents ``z`` (B, z, f, h, w): ``memory`` when given,
+    else on a CUDA device :data:`AUTO_FRACTION` of its free memory (less what the decode holds whole),
+    else None (no tiling)."""
+    if memory is not None:
+        return memory
+    if z.device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(z.device)
+    return max(1, int(free * AUTO_FRACTION))
+
+
+def vae_tile(vae: WanVAE, z: Tensor, memory: int | None) -> tuple[int, int] | None:
+    """The tile (latent rows, cols) for decoding raw latents ``z`` (B, z, f, h, w) within ``memory``
+    bytes (see :func:`vae_budget`), or None when the whole frame fits."""
+    budget = vae_budget(z, memory)
+    if budget is None:
+        return None
+    if memory is None:  # automatic: the video and the head outputs come out of the free memory too
+        b, _, f, h, w = z.shape
+        cfg = vae.config
+        frames = cfg.temporal_stride * (f - 1) + 1
+        held = b * cfg.video_out_channels * frames * h * w * cfg.spatial_stride**2
+        held += b * vae.decoder.conv_in.out_channels * f * h * w
+        budget = max(1, budget - held * z.element_size())
+    return plan_tiles(vae.decoder, z.shape[3], z.shape[4], budget, z.element_size())
 
 
 def decode(
@@ -17,19 +50,27 @@ def decode(
     vae_dtype: torch.dtype,
     chunk_frames: int = 1,
     halo: int | None = None,
+    memory: int | None = None,
 ) -> Tensor:
     """Denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1].
 
     ``chunk_frames``: latent frames per decoder chunk (the same frames, more memory); ``halo``: in a
     parallel run, each rank decodes a band of rows with this many latent rows borrowed from its
-    neighbours and the bands are all-gathered (``--vae-parallel``, an approximation); None decodes
-    the whole frame on every rank."""
+    neighbours and the bands are all-gathered (``--vae-halo``, an approximation), or -1: exact bands
+    (``--vae-parallel``, :func:`wanpipe.parallel.vae.exact_parallel_decode`); None decodes
+    the whole frame on every rank. ``memory``: the VAE budget in bytes (``--vae-memory``): tiled, exact,
+    when the whole frame does not fit (:func:`vae_tile`)."""
     z = vae.denormalize_latents(latents.to(placement.device, vae_dtype))
     with placement.on_device(vae):
         if halo is not None and placement.rank0_encodes:
-            from wanpipe.parallel.vae import parallel_decode
+            from wanpipe.parallel.vae import EXACT_HALO, exact_parallel_decode, parallel_decode
 
-            video = parallel_decode(vae, z, halo, chunk_frames=chunk_frames)
+            if halo == EXACT_HALO:
+                video = exact_parallel_decode(vae, z, chunk_frames=chunk_frames)
+            else:
+                video = parallel_decode(vae, z, halo, chunk_frames=chunk_frames)
+        elif (tile := vae_tile(vae, z, memory)) is not None:
+            video = decode_tiled(vae, z, tile, chunk_frames=chunk_frames)
         else:
             # No trim between chunks: the next chunk would fault the same pages back in (measured
             # 25-30% of the CPU decode time for ~15 MB less peak RSS); stages still trim.
