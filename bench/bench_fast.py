@@ -139,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         theirs(num_inference_steps=args.steps, guidance_scale=5.0), args.repeats
     )
     unipc = ref.scheduler
-    ref.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, num_train_timesteps=1000)
+    euler = FlowMatchEulerDiscreteScheduler(shift=1.0, num_train_timesteps=1000)
     sigmas = [t / 1000 for t in preset.timesteps]
+    grid = euler.set_timesteps
+    # WanPipeline asks set_timesteps(num_inference_steps); the preset's list goes in as sigmas (shift 1).
+    euler.set_timesteps = lambda n=None, device=None, **_: grid(sigmas=sigmas, device=device)  # type: ignore[method-assign]
+    ref.scheduler = euler
     fast_s, fast_frames = _time(
-        theirs(num_inference_steps=len(sigmas), sigmas=sigmas, guidance_scale=preset.guidance_scale),
-        args.repeats,
+        theirs(num_inference_steps=len(sigmas), guidance_scale=preset.guidance_scale), args.repeats
     )
     ref.scheduler = unipc
     ours_default = figures[f"default {args.steps} steps"]
