@@ -492,38 +492,21 @@ def run_blocks(
     hint: Tensor | None = None
     hints = faces = 0
     for block in blocks:
-        if isinstance(block, FaceBlock):
-            if motion is None:
-                raise ValueError("a face adapter block needs motion tokens (face_pixel_values)")
-            out = call(
-                block,
-                hidden,
-                context,
-                modulation,
-                x.rope,
-                x.num_image_tokens,
-                bias,
-                self_attention,
-                None,
-                motion,
-            )
+        face, vace = isinstance(block, FaceBlock), isinstance(block, VaceBlock)
+        if face and motion is None:
+            raise ValueError("a face adapter block needs motion tokens (face_pixel_values)")
+        if vace and control is None:
+            raise ValueError("a VACE block needs control tokens (control_hidden_states)")
+        # the one call of every block: a face block's last argument is the motion tokens, a VACE block's
+        # the control stream
+        extra = (None, motion) if face else (control if vace else None,)
+        out = call(
+            block, hidden, context, modulation, x.rope, x.num_image_tokens, bias, self_attention, *extra
+        )
+        if face:
             assert isinstance(out, Tensor)
             hidden, faces = out, faces + 1
             continue
-        vace = isinstance(block, VaceBlock)
-        if vace and control is None:
-            raise ValueError("a VACE block needs control tokens (control_hidden_states)")
-        out = call(
-            block,
-            hidden,
-            context,
-            modulation,
-            x.rope,
-            x.num_image_tokens,
-            bias,
-            self_attention,
-            control if vace else None,
-        )
         if isinstance(
             out, tuple
         ):  # a VACE block: the control stream goes on, its hint waits for a main block

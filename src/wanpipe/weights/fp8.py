@@ -19,7 +19,7 @@ are parameters, so swapping Wan 2.2 experts in place copies the scales too.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +108,11 @@ class Fp8Linear(nn.Linear):
         return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), bias)
 
 
-def use_fp8_linears(model: nn.Module, names: set[str], mode: str) -> None:
-    """Replace the ``nn.Linear`` modules ``names`` of ``model`` (built on the meta device) by :class:`Fp8Linear`."""
+def replace_linears(
+    model: nn.Module, names: Iterable[str], make: Callable[[str, nn.Linear], nn.Module]
+) -> None:
+    """Replace the ``nn.Linear`` modules ``names`` of ``model`` (built on the meta device) by ``make(name,
+    old)``, built on the old layer's device (the fp8 and GGUF layers)."""
     for name in sorted(names):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -117,8 +120,16 @@ def use_fp8_linears(model: nn.Module, names: set[str], mode: str) -> None:
         if not isinstance(old, nn.Linear):
             raise TypeError(f"{name} is {type(old).__name__}, not a Linear layer")
         with torch.device(old.weight.device):
-            new = Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, mode=mode)
-        setattr(parent, child, new)
+            setattr(parent, child, make(name, old))
+
+
+def use_fp8_linears(model: nn.Module, names: set[str], mode: str) -> None:
+    """Replace the ``nn.Linear`` modules ``names`` of ``model`` (built on the meta device) by :class:`Fp8Linear`."""
+    replace_linears(
+        model,
+        names,
+        lambda _, old: Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, mode=mode),
+    )
 
 
 def split_scales(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

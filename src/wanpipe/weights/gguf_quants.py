@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wanpipe.weights.fp8 import replace_linears
+
 QK_K = 256
 
 GGUF_TYPES: dict[int, tuple[str, int, int]] = {
@@ -225,15 +227,13 @@ class GGUFLinear(nn.Linear):
 def use_gguf_linears(model: nn.Module, layers: Mapping[str, int]) -> None:
     """Replace the ``nn.Linear`` modules named in ``layers`` (built on the meta device) by :class:`GGUFLinear`
     of the given types."""
-    for name, qtype in sorted(layers.items()):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        if not isinstance(old, nn.Linear):
-            raise TypeError(f"{name} is {type(old).__name__}, not a Linear layer")
-        with torch.device(old.weight.device):
-            new = GGUFLinear(old.in_features, old.out_features, bias=old.bias is not None, qtype=qtype)
-        setattr(parent, child, new)
+    replace_linears(
+        model,
+        layers,
+        lambda name, old: GGUFLinear(
+            old.in_features, old.out_features, bias=old.bias is not None, qtype=layers[name]
+        ),
+    )
 
 
 # -- state dicts --------------------------------------------------------------------------------------
