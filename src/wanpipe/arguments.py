@@ -147,18 +147,26 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def finite_numbers(text: str) -> list[float] | None:
+    """Comma-separated finite numbers (``1.5,-2,3e2``) -> the list; None when any part is not one."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
+
+
 def number_list(maximum: float, what: str) -> Callable[[str], list[float]]:
     """A ``type=`` for comma-separated numbers, e.g. ``0.9,0.6,0.3``: each finite and in (0, maximum],
     strictly decreasing (a schedule's sigmas or timesteps); ``what`` says what they are."""
     allowed = f"comma-separated numbers in (0, {_num(maximum)}], strictly decreasing ({what})"
 
     def parse(text: str) -> list[float]:
-        try:
-            values = [float(part) for part in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
-        if not all(math.isfinite(v) and 0 < v <= maximum for v in values) or any(
-            b >= a for a, b in zip(values, values[1:])
+        values = finite_numbers(text)
+        if (
+            values is None
+            or not all(0 < v <= maximum for v in values)
+            or any(b >= a for a, b in zip(values, values[1:]))
         ):
             raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
         return values
@@ -424,17 +432,11 @@ def device(text: str) -> str:
 
 def scales(text: str) -> float | list[float]:
     """``--conditioning-scale``: ``X`` (every VACE layer) or ``X,Y,...`` (one per VACE layer)."""
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part.strip())
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(
-                f"expected a finite number X, or X,Y,... one per VACE layer, got {text!r}"
-            )
-        values.append(value)
+    values = finite_numbers(text)
+    if values is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number X, or X,Y,... one per VACE layer, got {text!r}"
+        )
     return values[0] if len(values) == 1 else values
 
 

@@ -249,15 +249,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _coefficients(text: str) -> tuple[float, ...]:
     """``--teacache-coefficients 1.2,-3,0.5``: comma-separated finite numbers."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) for v in values):
+    values = a.finite_numbers(text)
+    if values is None:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, highest degree first (e.g. 2.4e3,-1.3e3,201,-8.3,0.14), got {text!r}"
         )
-    return values
+    return tuple(values)
 
 
 def _memory(text: str) -> int:
