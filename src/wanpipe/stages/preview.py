@@ -108,18 +108,25 @@ class PreviewSink:
     """Turns the loop's x0 into :class:`~wanpipe.context.Preview` messages for one batch.
 
     ``decoder``: the :class:`PreviewDecoder`; ``temporal_stride``: video frames per latent frame (the
-    preview's fps from it). Use as a context manager: leaving it waits for the previews in flight and
-    raises the callback's error, if any (unless an error is already on its way)."""
+    preview's fps from it); ``threaded``: the callback on a side thread (None: on a CUDA device). Use as
+    a context manager: leaving it waits for the previews in flight and raises the callback's error, if
+    any (unless an error is already on its way)."""
 
     def __init__(
-        self, plan: PreviewPlan, decoder: PreviewDecoder, temporal_stride: int, device: torch.device
+        self,
+        plan: PreviewPlan,
+        decoder: PreviewDecoder,
+        temporal_stride: int,
+        device: torch.device,
+        threaded: bool | None = None,
     ):
         self.plan, self.decoder, self.stride = plan, decoder, temporal_stride
-        self.dropped = 0  # previews skipped because the callback had fallen behind (CUDA)
+        self.dropped = 0  # previews skipped because the callback had fallen behind (threaded)
+        self._cuda = device.type == "cuda"
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
-        if device.type == "cuda":
+        if self._cuda if threaded is None else threaded:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._worker, name="wanpipe-preview", daemon=True)
             self._thread.start()
@@ -145,9 +152,11 @@ class PreviewSink:
         if self._queue is None:
             self._deliver(*item, frames.cpu().numpy())
             return
-        host = frames.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        host = frames.to("cpu", non_blocking=self._cuda)  # pinned memory, the copy queued in the stream
+        done = None
+        if self._cuda:
+            done = torch.cuda.Event()
+            done.record()
         self._queue.put((item, host, done, frames))
 
     def _deliver(self, rows: list[int], step: int, total: int, ratio: float, frames) -> None:
@@ -161,7 +170,8 @@ class PreviewSink:
         while (work := self._queue.get()) is not None:
             item, host, done, _ = work
             try:
-                done.synchronize()
+                if done is not None:
+                    done.synchronize()
                 if self._error is None:
                     self._deliver(*item, host.numpy())
             except BaseException as e:  # handed to the loop's thread at its next preview or at the end
