@@ -83,6 +83,38 @@ class LinearPreviewDecoder:
         return resize_nearest(self.project(latents), size)
 
 
+class TinyPreviewDecoder:
+    """The tiny VAE (TAEHV: ``decode_video``, normalised latents -> frames in [0, 1]): every video frame,
+    shrunk to the preview size by area averaging, rounded to 8 bits."""
+
+    name = "tiny"
+
+    def __init__(self, taehv: torch.nn.Module) -> None:
+        self.taehv = taehv
+
+    def __call__(self, latents: Tensor, size: tuple[int, int]) -> Tensor:
+        weight = next(self.taehv.parameters())
+        video = self.taehv.decode_video(latents.to(weight.device, weight.dtype))  # (B, 3, F, H, W)
+        b, _, f, h, w = video.shape
+        frames = video.transpose(1, 2).reshape(b * f, 3, h, w).float()
+        if (h, w) != size:
+            frames = torch.nn.functional.interpolate(frames, size=size, mode="area")
+        frames = frames.clamp(0, 1).mul(255).round().to(torch.uint8)
+        return frames.view(b, f, 3, *size).permute(0, 1, 3, 4, 2).contiguous().to(latents.device)
+
+
+def preview_decoder(
+    choice: str, channels: int, taehv: torch.nn.Module | None, device: torch.device
+) -> PreviewDecoder:
+    """The decoder for ``choice`` ("linear", "tiny", or "auto": the tiny VAE when one is loaded and the
+    device is a GPU, where it costs little next to a step; else the linear one)."""
+    if choice == "tiny" and taehv is None:
+        raise ValueError("preview_decoder 'tiny' needs the tiny VAE loaded (--tiny-vae / load_tiny_vae)")
+    if taehv is not None and (choice == "tiny" or (choice == "auto" and device.type == "cuda")):
+        return TinyPreviewDecoder(taehv)
+    return LinearPreviewDecoder(channels)
+
+
 @dataclass
 class PreviewPlan:
     """What the caller asked for: ``callback`` gets the previews; per row of the batch, ``every`` (steps
