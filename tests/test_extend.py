@@ -260,3 +260,80 @@ def test_bad_input_names_the_parameter(i2v_ours, kwargs, param) -> None:
     with pytest.raises(InvalidRequestError) as e:
         i2v_ours.extend(kw.pop("video"), PROMPT, kw.pop("num_frames"), progress=False, **KW, **kw)
     assert e.value.param == param, str(e.value)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def _cli(model: Path, *extra: str) -> list[str]:
+    steps = ["--steps", "2", "--seed", "3", "--no-progress"]
+    return ["generate", "--model", str(model), "--prompt", PROMPT, *steps, *extra]
+
+
+def test_cli_extend_writes_the_joined_video_atomically(i2v, tmp_path, capsys) -> None:
+    from wanpipe.cli import main
+    from wanpipe.media import read_video
+
+    source = tmp_path / "in.mp4"
+    Video.from_uint8(_video(5, seed=6), 16).save(source)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "joined.mp4"
+    code = main(
+        _cli(i2v[0], "--extend", str(source), "--num-frames", "6", "--clip-frames", "5", "--output", str(out))
+    )
+    assert code == 0, capsys.readouterr().err
+    frames, fps = read_video(out)
+    assert frames.shape == (5 + 6, H, W, 3) and fps == pytest.approx(16)
+    given, _ = read_video(source)
+    assert (
+        np.abs(frames[:5].astype(int) - given.astype(int)).mean() < 3
+    )  # the given frames first (mp4: lossy)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["joined.mp4"]  # no temporary file left
+    assert "11 frames" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--overlap-frames", "3"), "--overlap-frames must be 1"),
+        (("--num-frames", "0"), "--num-frames"),
+        (("--image", "IMAGE"), "--image does not go with --extend"),
+        (("--last-image", "IMAGE"), "--last-image needs a first-last-frame checkpoint"),
+    ],
+)
+def test_cli_extend_bad_input_exits_2_naming_the_flag(i2v, tmp_path, capsys, extra, message) -> None:
+    from wanpipe.cli import main
+
+    source, image = tmp_path / "in.mp4", tmp_path / "end.png"
+    Video.from_uint8(_video(5, seed=6), 16).save(source)
+    Video.from_uint8(_video(1, seed=6), 16).save(image)
+    out = tmp_path / "out.mp4"
+    extra = tuple(str(image) if x == "IMAGE" else x for x in extra)
+    code = main(_cli(i2v[0], "--extend", str(source), "--output", str(out), *extra))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not out.exists() and len(err.strip().splitlines()) == 1
+
+
+def test_cli_extend_on_a_text_to_video_checkpoint_says_which_can(tiny_ckpt, tmp_path, capsys) -> None:
+    from wanpipe.cli import main
+
+    source = tmp_path / "in.mp4"
+    Video.from_uint8(_video(5, seed=6), 16).save(source)
+    code = main(_cli(tiny_ckpt, "--extend", str(source), "--output", str(tmp_path / "out.mp4")))
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err.startswith("wanpipe: error: --extend: this ")
+        and "cannot extend" in err
+        and "VACE" in err
+    ), err
+
+
+def test_cli_extend_unreadable_video(i2v, tmp_path, capsys) -> None:
+    from wanpipe.cli import main
+
+    source = tmp_path / "broken.mp4"
+    source.write_bytes(b"not a video")
+    code = main(_cli(i2v[0], "--extend", str(source), "--output", str(tmp_path / "out.mp4")))
+    err = capsys.readouterr().err
+    assert code == 2 and "--extend: cannot read the video to extend" in err, err
