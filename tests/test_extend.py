@@ -25,10 +25,10 @@ PROMPT = "a cat walks on the grass"
 H, W = 32, 48
 
 
-def _video(num_frames: int, seed: int) -> np.ndarray:
-    """uint8 (F, H, W, 3): a picture sliding right by one pixel per frame."""
-    wide = tiny_family.picture(H, W + num_frames, seed)
-    return np.stack([wide[:, i : i + W] for i in range(num_frames)])
+def _video(num_frames: int, seed: int, width: int = W) -> np.ndarray:
+    """uint8 (F, H, width, 3): a picture sliding right by one pixel per frame."""
+    wide = tiny_family.picture(H, width + num_frames, seed)
+    return np.stack([wide[:, i : i + width] for i in range(num_frames)])
 
 
 def _load(folder: Path) -> WanPipeline:
@@ -98,6 +98,20 @@ def test_plan_chains_clips_until_exactly_num_frames(i2v_ours, new, clip, overlap
     assert plan.new_frames == new
 
 
+def test_plan_refuses_more_overlap_than_the_video_has(i2v_ours) -> None:
+    from dataclasses import replace
+
+    arch = i2v_ours.arch
+    arch = replace(arch, transformer=replace(arch.transformer, vace_layers=(0,), vace_in_channels=96))
+    with pytest.raises(InvalidRequestError) as e:
+        plan_extension(arch, 4, given_frames=2, overlap_frames=3)
+    assert e.value.param == "overlap_frames"
+    with pytest.raises(InvalidRequestError) as e:
+        plan_extension(arch, 4, given_frames=9, overlap_frames=9, clip_frames=9)
+    assert e.value.param == "clip_frames"
+    assert plan_extension(arch, None, given_frames=9).clips == (81,)  # one clip's worth: 76 new frames
+
+
 # -- image-to-video -----------------------------------------------------------------------------------
 def test_i2v_extension_conditions_on_the_last_frame_and_joins(i2v_ours, monkeypatch) -> None:
     given = _video(5, seed=1)
@@ -156,6 +170,39 @@ def test_color_match_moves_each_clip_to_the_frames_it_continues(i2v_ours, monkey
     print(f"colour match: mean LAB distance {before.round(2)} -> {after.round(2)}")
     # not exact here: the tiny random model's saturated frames are clipped back into the sRGB gamut
     assert after.max() < 0.25 * before.max()
+
+
+def test_ti2v_extension_uses_the_image_mode(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "ti2v"
+    tiny_family.ti2v_5b(folder)
+    pipe = _load(folder)
+    given = _video(3, seed=8, width=64)
+    spy = Spy(pipe, monkeypatch)
+    out = pipe.extend(given, PROMPT, 4, color_match=False, seed=1, progress=False, **KW)  # clips <= 121
+    assert out.num_frames == 3 + 4 and out.fps == 24
+    (request,) = spy.requests
+    assert request.num_frames == 5  # the shortest clip that covers the 4 new frames
+    np.testing.assert_array_equal(request.image, given[-1])
+    np.testing.assert_array_equal(out.to_uint8()[:3], given)
+    np.testing.assert_array_equal(out.to_uint8()[3:], spy.clips[0][1:])
+
+
+def test_i2v_a14b_extends_from_the_last_frame_or_towards_last_image(tmp_path, monkeypatch) -> None:
+    folder = tmp_path / "i2v-a14b"
+    tiny_family.i2v_a14b(folder)
+    pipe = _load(folder)
+    given, end = _video(3, seed=9), tiny_family.picture(H, W, 10)
+    spy = Spy(pipe, monkeypatch)
+    plain = pipe.extend(given, PROMPT, 4, color_match=False, seed=1, progress=False, **KW)
+    towards = pipe.extend(given, PROMPT, 4, last_image=end, color_match=False, seed=1, progress=False, **KW)
+    assert plain.num_frames == towards.num_frames == 7
+    assert spy.requests[0].last_image is None
+    np.testing.assert_array_equal(spy.requests[1].last_image, end)
+    for request in spy.requests:
+        np.testing.assert_array_equal(request.image, given[-1])
+    assert (
+        np.abs(plain.to_uint8()[-1].astype(int) - towards.to_uint8()[-1]).max() > 0
+    )  # the end frame matters
 
 
 # -- first-last-frame ---------------------------------------------------------------------------------
