@@ -345,6 +345,7 @@ def test_cli_extend_writes_the_joined_video_atomically(i2v, tmp_path, capsys) ->
         (("--num-frames", "0"), "--num-frames"),
         (("--image", "IMAGE"), "--image does not go with --extend"),
         (("--last-image", "IMAGE"), "--last-image needs a first-last-frame checkpoint"),
+        (("--num-frames", "1", "--output", "OUT.png"), "--output: png holds a single image"),
     ],
 )
 def test_cli_extend_bad_input_exits_2_naming_the_flag(i2v, tmp_path, capsys, extra, message) -> None:
@@ -354,7 +355,7 @@ def test_cli_extend_bad_input_exits_2_naming_the_flag(i2v, tmp_path, capsys, ext
     Video.from_uint8(_video(5, seed=6), 16).save(source)
     Video.from_uint8(_video(1, seed=6), 16).save(image)
     out = tmp_path / "out.mp4"
-    extra = tuple(str(image) if x == "IMAGE" else x for x in extra)
+    extra = tuple({"IMAGE": str(image), "OUT.png": str(tmp_path / "out.png")}.get(x, x) for x in extra)
     code = main(_cli(i2v[0], "--extend", str(source), "--output", str(out), *extra))
     err = capsys.readouterr().err
     assert code == 2 and message in err, err

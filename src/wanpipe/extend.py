@@ -189,7 +189,8 @@ def extend_video(
     uses seed + i), sampler, cache, reference_images, conditioning_scale, ...). ``overlap_frames``:
     the frames each VACE clip keeps (default 5); ``last_image``: the end frame (first-last-frame);
     ``clip_frames``: the longest clip (4k+1, default the checkpoint's frame count); ``color_match``:
-    move each clip's colour statistics to those of the frames it continues. Bad values raise
+    move each clip's colour statistics to those of the frames it continues; ``callback(step, steps, t)``
+    after every denoising step of every clip (``progress``: a bar per clip). Bad values raise
     :class:`~wanpipe.context.InvalidRequestError` naming the parameter (``video`` for the video)."""
     arch = pipe.arch
     extension_mode(arch, last_image is not None)  # a T2V checkpoint is refused before reading anything
@@ -227,7 +228,7 @@ def extend_video(
                 timings[key] = timings.get(key, 0) + value
         made = clip.to_uint8()
         del clip
-        new = made[plan.overlap if plan.mode != "first_last" else 1 :]
+        new = made[plan.overlap :]  # the clip's copies of the frames it continues dropped
         if color_match:
             new = match_colors(new, context)
         pieces.append(new)

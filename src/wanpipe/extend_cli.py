@@ -87,7 +87,13 @@ def run_extend(
     """Continue ``args.extend`` with the request flags ``params`` and write the joined video to ``output``;
     the exit code (2 for a bad value, with the flag named)."""
     from wanpipe.context import InvalidRequestError
+    from wanpipe.media import output_format_for
     from wanpipe.pipeline import WanOutOfMemoryError
+
+    try:
+        output_format_for(output, 2)  # the joined video has several frames: not a single .png / .jpg
+    except ValueError as e:
+        return a.fail("wanpipe", f"--output: {e}", a.EXIT_BAD_INPUT)
 
     for name in _NOT_WITH_EXTEND:
         if params.get(name) is not None:
