@@ -253,6 +253,9 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--vae-chunk-frames", ["--vae-chunk-frames", "0"], r"at least 1"),
     (GENERATE, "--vae-memory", ["--vae-memory", "2XB"], r"--vae-memory: expected a memory size such as 2GB"),
     (GENERATE, "--vae-memory", ["--vae-memory", "0"], r"memory size"),
+    (GENERATE, "--preview", ["--preview", "live.gif"], r"--preview: a \.webp file name, got 'live\.gif'"),
+    (GENERATE, "--preview-every", ["--preview-every", "0"], r"--preview-every: .*at least 1"),
+    (GENERATE, "--preview-decoder", ["--preview-decoder", "vae"], r"invalid choice: 'vae'"),
     (GENERATE, "--text-cache-size", ["--text-cache-size", "-1"], r"at least 0"),
     (GENERATE, "--attention-backend", ["--attention-backend", "fastest"], r"invalid choice: 'fastest'"),
     (
