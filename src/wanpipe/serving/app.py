@@ -297,6 +297,7 @@ async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             },
         },
+        307: {"description": "With --media-redirect: a presigned URL of the object, in `Location`."},
         **errors(400, 401, 404, 409),
     },
     openapi_extra={"parameters": VARIANT_PARAMETERS},
