@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             "frames": frames,
             "step_seconds_mean": round(statistics.mean(r["seconds"]), 4),
             "step_seconds_median": round(statistics.median(r["seconds"]), 4),
+            "step_seconds_min": round(min(r["seconds"]), 4),
+            "step_seconds": [round(x, 4) for x in r["seconds"]],
             "dit_calls_per_step_mean": round(statistics.mean(r["dit_calls_per_step"]), 2),
             "peak_rss_mb": round(r["peak_rss_mb"], 1),
             "step_peak_over_load_mb": round(r["peak_rss_mb"] - r["rss_after_load_mb"], 1),
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "windowed_129_over_65_step_time": ratio("windows-129", "windows-65", "step_seconds_mean"),
+        "windowed_129_over_65_step_time_min": ratio("windows-129", "windows-65", "step_seconds_min"),
         "windowed_129_over_65_dit_calls": ratio("windows-129", "windows-65", "dit_calls_per_step_mean"),
         "plain_129_over_65_step_time": ratio("plain-129", "plain-65", "step_seconds_mean"),
         "windowed_65_peak_over_plain_17": ratio("windows-65", "plain-17", "peak_rss_mb"),
