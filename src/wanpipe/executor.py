@@ -25,6 +25,7 @@ import contextlib
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,7 @@ import torch
 from wanpipe.batch import WanExecutorInputs, collate
 from wanpipe.context import Approximations, InvalidRequestError, WanContext
 from wanpipe.models.image_encoder import WanImageEncoder
+from wanpipe.models.taehv import TAEHV
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.vae import WanVAE
@@ -46,11 +48,12 @@ from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import StepCache, teacache_coefficients, teacache_variant
 from wanpipe.schedulers import StepNoise
 from wanpipe.stages.conditioning import ConditionEncoders, Conditioning, prepare_conditioning
-from wanpipe.stages.decode import decode
+from wanpipe.stages.decode import decode, decode_tiny
 from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepPlan, denoise, guided_steps
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.placement import Placement
 from wanpipe.stages.text import TextContext, TextStage
+from wanpipe.weights.taehv import load_taehv
 
 if TYPE_CHECKING:
     from wanpipe.parallel.mesh import ParallelMesh
@@ -144,6 +147,7 @@ class WanExecutor:
             self.transformer.config.vace_layers,
         )
         self.vae_halo: int | None = None
+        self.tiny_vae: TAEHV | None = None  # decoder="tiny" (load_tiny_vae)
         self.last_cache_stats = None
         self.set_runtime(runtime or RuntimeOptions())
         if parallel is not None:
@@ -380,8 +384,17 @@ class WanExecutor:
                 report.cache_calibration = {k: list(v) for k, v in cache.calibration.items()}
         return latents, rows
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The decode stage: denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]."""
+    def load_tiny_vae(self, path_or_id: str | Path | None, latent_channels: int) -> None:
+        """TAEHV for ``decoder="tiny"`` on the device in the VAE's dtype (None: none; :func:`load_taehv`)."""
+        self.tiny_vae = (
+            load_taehv(path_or_id, self.device, self.vae_dtype, latent_channels) if path_or_id else None
+        )
+
+    def decode(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
+        """The decode stage: denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]
+        through the VAE, or TAEHV for ``decoder="tiny"``."""
+        if decoder == "tiny":
+            return decode_tiny(self.tiny_vae, latents, self.placement)
         return decode(
             self.vae,
             latents,

@@ -110,7 +110,8 @@ class LoadOptions(TypedDict, total=False):
     plain path); with offload the weights load into host memory and visit the device only while they
     run. ``parallel``: the layout of a torch.distributed run (:class:`~wanpipe.parallel.mesh.ParallelConfig`,
     checked against the world and the model's heads), with ``vae_halo`` latent rows for a decode split
-    by bands (None: whole on every rank)."""
+    by bands (None: whole on every rank). ``tiny_vae``: TAEHV weights for ``decoder="tiny"``
+    (:meth:`WanPipeline.load_tiny_vae`)."""
 
     vae_dtype: str | torch.dtype | None
     experts: str
@@ -119,6 +120,7 @@ class LoadOptions(TypedDict, total=False):
     runtime: RuntimeOptions | None
     parallel: ParallelConfig | None
     vae_halo: int | None
+    tiny_vae: str | Path | None
 
 
 class WanPipeline:
@@ -225,6 +227,7 @@ class WanPipeline:
         runtime: RuntimeOptions | None = None,
         parallel: ParallelConfig | None = None,
         vae_halo: int | None = None,
+        tiny_vae: str | Path | None = None,
     ) -> WanPipeline:
         """Build every module on the meta device and assign the weights of ``weights`` (runtime names);
         without ``load_text_encoder`` the executor gets no text encoder (see :meth:`from_pretrained`)."""
@@ -334,6 +337,7 @@ class WanPipeline:
             parallel=mesh,
             vae_halo=vae_halo,
         )
+        executor.load_tiny_vae(tiny_vae, arch.vae.z_dim)
         return cls(arch, WanTokenizer(arch, text_tokenizer), executor)
 
     # -- how it runs ------------------------------------------------------------------------------
@@ -352,6 +356,10 @@ class WanPipeline:
                 parallel, num_heads=self.executor.transformer.config.num_attention_heads
             )
         self.executor.enable_parallel(mesh, vae_halo=vae_halo)
+
+    def load_tiny_vae(self, path_or_id: str | Path | None) -> None:
+        """TAEHV (a taew2_1 / taew2_2 file or hub ``owner/name/FILE``) for ``decoder="tiny"``; None: unload."""
+        self.executor.load_tiny_vae(path_or_id, self.arch.vae.z_dim)
 
     # -- LoRA -------------------------------------------------------------------------------------
     def load_lora(
