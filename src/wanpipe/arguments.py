@@ -551,6 +551,13 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         integer(1, what="1 or 5", valid=lambda n: n in (1, 5)),
         "Animate: frames each segment continues from, 1 or 5 (default 1)",
     ),
+    (
+        "decoder",
+        "--decoder",
+        choice(("vae", "tiny"), "decoder"),
+        "the final decode: vae (default) the full VAE, or tiny the tiny autoencoder TAEHV (much faster, "
+        "lower quality; needs --tiny-vae)",
+    ),
 )
 """``wanpipe generate``'s request flags: (``WanRequest`` field, flag, ``type=``, help); each defaults to
 None, the model's default (``--prompt`` is required)."""
@@ -594,4 +601,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         type=dtype,
         default=None,
         help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--tiny-vae",
+        default=None,
+        metavar="PATH",
+        help="TAEHV weights for --decoder tiny (and previews): a taew2_1 (16-channel models) or taew2_2 "
+        "(TI2V-5B) .pth/.safetensors file, or a hub file owner/name/FILE",
     )

@@ -208,13 +208,13 @@ def _fail(message: str, code: int) -> int:
     return a.fail("wanpipe", message, code)
 
 
-_COMPONENT = re.compile(r"^(transformer_2|transformer|vae|text_encoder|image_encoder|tokenizer): ")
+_COMPONENT = re.compile(r"^(transformer_2|transformer|vae|text_encoder|image_encoder|tokenizer|tiny_vae): ")
 
 
 def _load_error(error: Exception, model: str | None, flag: str = "--model") -> str:
     """A checkpoint that does not load, with the flag that named it: ``--model: ...``, ``--vae: ...``."""
     text = str(error)
-    if model is not None:
+    if model is not None and not text.startswith("tiny_vae: "):
         return f"{flag}: {text}"
     return _COMPONENT.sub(lambda m: f"--{m[1].replace('_', '-')}: ", text)
 
@@ -358,6 +358,7 @@ def _generate(
             runtime=options_from_args(args),
             parallel=parallel,
             vae_halo=vae_halo(args) if parallel is not None else None,
+            tiny_vae=args.tiny_vae,
         )
         if model is None:
             if args.sigma_grid is not None:
@@ -429,7 +430,7 @@ def _generate(
     save_s = time.perf_counter() - t1
     print(
         f"wrote {path} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps:g} fps, "
-        f"seed {video.seed})"
+        f"seed {video.seed}{', decoder tiny' if video.decoder == 'tiny' else ''})"
     )
     t = video.timings
     print(

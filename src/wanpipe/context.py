@@ -87,6 +87,22 @@ class WanRequest:
     mode: str | None = None  # "animate" (default) or "replace"
     segment_frame_length: int | None = None  # frames per generated segment, 4k+1 (default 77)
     prev_segment_conditioning_frames: int | None = None  # frames each segment continues from: 1 or 5
+    # The final decode (DECODERS): "vae" (None: the same) the full VAE, "tiny" the tiny autoencoder TAEHV
+    # (loaded with --tiny-vae / pipe.load_tiny_vae: much faster, lower quality; docs/previews.md).
+    decoder: str | None = "vae"
+
+
+DECODERS: tuple[str, ...] = ("vae", "tiny")
+
+
+def resolve_decoder(decoder: Any) -> str:
+    """A request's decoder, None -> "vae"; InvalidRequestError (param ``decoder``) unless one of
+    :data:`DECODERS`."""
+    if decoder is None:
+        return "vae"
+    if decoder not in DECODERS:
+        raise InvalidRequestError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}", "decoder")
+    return decoder
 
 
 @dataclass(frozen=True)
@@ -181,6 +197,8 @@ class Approximations:
     """The request's step cache ("none": off), None: the runtime options' cache."""
     cache_options: CacheOptions | None = None
     """Its resolved options (every default filled in), None with ``cache`` None."""
+    decoder: str = "vae"
+    """The final decode: "vae" or "tiny" (TAEHV; rows of the two never share a batch)."""
 
     @classmethod
     def of(cls, request: WanRequest) -> Approximations:
@@ -191,6 +209,7 @@ class Approximations:
             request.cfg_truncation,
             request.cache,
             None if options is None else CacheOptions(options),
+            request.decoder or "vae",
         )
 
 

@@ -48,7 +48,7 @@ from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import StepCache, teacache_coefficients, teacache_variant
 from wanpipe.schedulers import StepNoise
 from wanpipe.stages.conditioning import ConditionEncoders, Conditioning, prepare_conditioning
-from wanpipe.stages.decode import decode, decode_tiny
+from wanpipe.stages.decode import check_decoder, decode, decode_tiny
 from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepPlan, denoise, guided_steps
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.placement import Placement
@@ -92,14 +92,16 @@ class Timings:
 @dataclass
 class WanExecutorOutputs:
     """frames (B', F, H, W, 3) float32 in [0, 1]: the decoder's output before any 8-bit rounding;
-    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch)."""
+    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch); ``decoder``: what
+    decoded them, "vae" or "tiny" (TAEHV)."""
 
     frames: torch.Tensor
     timings: Timings = field(default_factory=Timings)
     rows: list[int] = field(default_factory=list)
+    decoder: str = "vae"
 
     def to(self, device: torch.device | str) -> WanExecutorOutputs:
-        return WanExecutorOutputs(self.frames.to(device), self.timings, self.rows)
+        return WanExecutorOutputs(self.frames.to(device), self.timings, self.rows, self.decoder)
 
 
 class WanExecutor:
@@ -295,7 +297,8 @@ class WanExecutor:
     ) -> None:
         """Raise InvalidRequestError for a request's approximations this executor cannot run: a step
         cache without the model data it needs (TeaCache's coefficients, MagCache's ratios), or any
-        step cache on a parallel run."""
+        step cache on a parallel run; ``decoder="tiny"`` without a loaded TAEHV."""
+        check_decoder(approximations.decoder, self.tiny_vae)
         self._make_cache(approximations, latent_size, image)
         self.check_parallel(approximations)
 
@@ -515,7 +518,8 @@ class WanExecutor:
 
         ``should_cancel()`` True stops the batch (CancelledError); ``cancelled_rows()`` names rows whose
         work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made)."""
-        timings = Timings()
+        timings, decoder = Timings(), inputs.approximations.decoder
+        check_decoder(decoder, self.tiny_vae)
         with self._stage(timings, "text_encode_s"):
             text = self.encode_text(inputs)
         with self._stage(timings, "condition_s"):
@@ -524,7 +528,7 @@ class WanExecutor:
             inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows
         )
         timings.denoise_s -= timings.compile_s  # the compile warm-up is reported apart
-        return WanExecutorOutputs(frames=frames, timings=timings, rows=rows)
+        return WanExecutorOutputs(frames=frames, timings=timings, rows=rows, decoder=decoder)
 
     def _segments(
         self,
@@ -571,7 +575,7 @@ class WanExecutor:
                 rows, pieces = [rows[k] for k in kept], [p[kept] for p in pieces]
                 conditioning, text, inputs = conditioning.select(kept), text.select(kept), inputs.select(kept)
             with self._stage(timings, "decode_s"):
-                frames = self.decode(latents)
+                frames = self.decode(latents, inputs.approximations.decoder)
                 del latents
             pieces.append(conditioning.new_frames(index, frames))
         timings.compile_s = compile_s

@@ -110,8 +110,7 @@ class LoadOptions(TypedDict, total=False):
     plain path); with offload the weights load into host memory and visit the device only while they
     run. ``parallel``: the layout of a torch.distributed run (:class:`~wanpipe.parallel.mesh.ParallelConfig`,
     checked against the world and the model's heads), with ``vae_halo`` latent rows for a decode split
-    by bands (None: whole on every rank). ``tiny_vae``: TAEHV weights for ``decoder="tiny"``
-    (:meth:`WanPipeline.load_tiny_vae`)."""
+    by bands (None: whole on every rank). ``tiny_vae``: TAEHV for ``decoder="tiny"`` (:meth:`load_tiny_vae`)."""
 
     vae_dtype: str | torch.dtype | None
     experts: str
@@ -441,6 +440,7 @@ class WanPipeline:
         mode: str | None = None,
         segment_frame_length: int | None = None,
         prev_segment_conditioning_frames: int | None = None,
+        decoder: str | None = "vae",
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -455,7 +455,7 @@ class WanPipeline:
         scheduler) and a schedule of its own, ``sigmas`` (one per step in (0, 1], strictly decreasing)
         or ``timesteps`` (the same on the 0-1000 scale), used as given, not shifted again: see
         docs/fast-sampling.md. ``preset`` names a published few-step setting (``wanpipe.presets``) that
-        fills the values left ``None``.
+        fills the values left ``None``. ``decoder``: "vae" or "tiny" (TAEHV: :meth:`load_tiny_vae`).
 
         VACE checkpoints (``docs/vace.md``): ``video`` is the control or source video, ``mask`` marks
         what to generate (white) and what to keep (black), one image or one per frame;
@@ -504,6 +504,7 @@ class WanPipeline:
             mode=mode,
             segment_frame_length=segment_frame_length,
             prev_segment_conditioning_frames=prev_segment_conditioning_frames,
+            decoder=decoder,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 
@@ -537,7 +538,7 @@ class WanPipeline:
         frames, timings = self.run_contexts(contexts, callback=callback, progress=progress)
         videos = []
         for ctx, f in zip(contexts, frames):
-            videos.append(Video(frames=f, fps=ctx.fps, seed=ctx.seed, timings=asdict(timings)))
+            videos.append(Video(f, ctx.fps, ctx.seed, asdict(timings), ctx.approximations.decoder))
         return videos
 
     def run_contexts(

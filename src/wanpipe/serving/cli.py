@@ -183,6 +183,7 @@ def _load_pipeline(
         load_text_encoder=first,
         parallel=parallel,
         vae_halo=vae_halo(args) if parallel is not None else None,
+        tiny_vae=args.tiny_vae,
     )
 
 

@@ -145,6 +145,7 @@ class JobSpec:
     prev_segment_conditioning_frames: int | None = None
     # LoRA per request (--lora-dir): (name, scale) pairs sorted by name; () is none
     loras: tuple[tuple[str, float], ...] = ()
+    decoder: str = "vae"  # the final decode: "vae" or "tiny" (TAEHV, the server's --tiny-vae)
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -219,6 +220,7 @@ VIDEO_CREATE_FIELDS = (
     "segment_frame_length",
     "prev_segment_conditioning_frames",
     "loras",
+    "decoder",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -252,6 +254,7 @@ RESPONSES_PARAM_NAMES = {
     "cache": "provider_options.video.cache",
     "cache_options": "provider_options.video.cache_options",
     "loras": "provider_options.video.loras",
+    "decoder": "provider_options.video.decoder",
 }
 
 
@@ -356,6 +359,7 @@ def parse_video_create(
         spec,
         **{f"has_{name}": name in videos for name in ANIMATE_VIDEO_FIELDS},
         mode=opt("mode", parse_str),
+        decoder=opt("decoder", parse_str) or "vae",
         segment_frame_length=opt("segment_frame_length", parse_int, 1),
         prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
         loras=opt("loras", parse_loras) or (),
@@ -450,6 +454,7 @@ VIDEO_OPTION_FIELDS = (
     "cache",
     "cache_options",
     "loras",
+    "decoder",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -553,6 +558,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         cache=opt("cache", parse_str),
         cache_options=opt("cache_options", parse_cache_options),
         loras=opt("loras", parse_loras) or (),
+        decoder=opt("decoder", parse_str) or "vae",
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None
