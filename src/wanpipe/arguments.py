@@ -355,6 +355,27 @@ def folder_or_hub_id(what: str) -> Callable[[str], str]:
     return parse
 
 
+def file_or_hub_file(what: str, suffixes: tuple[str, ...]) -> Callable[[str], str]:
+    """A ``type=`` for a local file, or a file of a Hugging Face hub repository ``owner/name/FILE`` ending in
+    one of ``suffixes`` (fetched when loading)."""
+
+    def parse(text: str) -> str:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return text
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"expected a {what} file, got a folder: {text!r}")
+        if not (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+/[\w./-]+", text) and text.endswith(suffixes)):
+            raise argparse.ArgumentTypeError(
+                f"no such {what} file {text!r}, and it is not a hub file 'owner/name/FILE' ending in "
+                f"{' or '.join(suffixes)}"
+            )
+        return text
+
+    parse.__name__ = "path"
+    return parse
+
+
 def output_folder(text: str) -> str:
     """A ``type=`` for a folder to write into: an existing folder, or a path that can be made one."""
     if not text.strip():
@@ -604,6 +625,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tiny-vae",
+        type=file_or_hub_file("TAEHV", (".pth", ".safetensors", ".pt")),
         default=None,
         metavar="PATH",
         help="TAEHV weights for --decoder tiny (and previews): a taew2_1 (16-channel models) or taew2_2 "
