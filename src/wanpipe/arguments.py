@@ -355,27 +355,6 @@ def folder_or_hub_id(what: str) -> Callable[[str], str]:
     return parse
 
 
-def file_or_hub_file(what: str, suffixes: tuple[str, ...]) -> Callable[[str], str]:
-    """A ``type=`` for a local file, or a file of a Hugging Face hub repository ``owner/name/FILE`` ending in
-    one of ``suffixes`` (fetched when loading)."""
-
-    def parse(text: str) -> str:
-        path = Path(text).expanduser()
-        if path.is_file():
-            return text
-        if path.is_dir():
-            raise argparse.ArgumentTypeError(f"expected a {what} file, got a folder: {text!r}")
-        if not (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+/[\w./-]+", text) and text.endswith(suffixes)):
-            raise argparse.ArgumentTypeError(
-                f"no such {what} file {text!r}, and it is not a hub file 'owner/name/FILE' ending in "
-                f"{' or '.join(suffixes)}"
-            )
-        return text
-
-    parse.__name__ = "path"
-    return parse
-
-
 def output_folder(text: str) -> str:
     """A ``type=`` for a folder to write into: an existing folder, or a path that can be made one."""
     if not text.strip():
@@ -572,13 +551,7 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         integer(1, what="1 or 5", valid=lambda n: n in (1, 5)),
         "Animate: frames each segment continues from, 1 or 5 (default 1)",
     ),
-    (
-        "decoder",
-        "--decoder",
-        choice(("vae", "tiny"), "decoder"),
-        "the final decode: vae (default) the full VAE, or tiny the tiny autoencoder TAEHV (much faster, "
-        "lower quality; needs --tiny-vae)",
-    ),
+    ("decoder", "--decoder", choice(("vae", "tiny"), "decoder"), "vae, or tiny: TAEHV (needs --tiny-vae)"),
 )
 """``wanpipe generate``'s request flags: (``WanRequest`` field, flag, ``type=``, help); each defaults to
 None, the model's default (``--prompt`` is required)."""
@@ -622,12 +595,4 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         type=dtype,
         default=None,
         help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)",
-    )
-    p.add_argument(
-        "--tiny-vae",
-        type=file_or_hub_file("TAEHV", (".pth", ".safetensors", ".pt")),
-        default=None,
-        metavar="PATH",
-        help="TAEHV weights for --decoder tiny (and previews): a taew2_1 (16-channel models) or taew2_2 "
-        "(TI2V-5B) .pth/.safetensors file, or a hub file owner/name/FILE",
     )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from wanpipe import arguments as a
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
+from wanpipe.weights.taehv import add_tiny_vae_argument
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "with random weights is made once in the cache: its video is noise, it shows the tool works.",
     )
     a.add_model_arguments(p)
+    add_tiny_vae_argument(p)
     for field, flag, kind, text in a.REQUEST_ARGUMENTS:
         p.add_argument(
             flag,

@@ -8,6 +8,7 @@ read from the tensor shapes, never from the file name.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -149,4 +150,31 @@ def load_taehv(
     )
 
 
-__all__ = ["config_from_state_dict", "load_taehv", "resolve_tiny_vae"]
+def tiny_vae_argument(text: str) -> str:
+    """A ``type=`` for ``--tiny-vae``: an existing file, or a hub file ``owner/name/FILE`` (fetched when
+    loading)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a TAEHV file, got a folder: {text!r}")
+    parts = text.split("/")
+    hub_file = len(parts) >= 3 and is_hub_id("/".join(parts[:2])) and text.endswith(HUB_SUFFIXES)
+    if not (path.is_file() or hub_file):
+        raise argparse.ArgumentTypeError(
+            f"no such TAEHV file {text!r}, and it is not a hub file owner/name/FILE ({', '.join(HUB_SUFFIXES)})"
+        )
+    return text
+
+
+def add_tiny_vae_argument(p: argparse.ArgumentParser) -> None:
+    """``--tiny-vae PATH`` (``generate`` and ``serve``): TAEHV weights for ``decoder="tiny"``."""
+    p.add_argument(
+        "--tiny-vae",
+        type=tiny_vae_argument,
+        default=None,
+        metavar="PATH",
+        help="TAEHV weights for --decoder tiny (and previews): taew2_1 for the 16-channel models, taew2_2 "
+        "for TI2V-5B; a .pth/.safetensors file or a hub file owner/name/FILE",
+    )
+
+
+__all__ = ["add_tiny_vae_argument", "config_from_state_dict", "load_taehv", "resolve_tiny_vae"]
