@@ -9,7 +9,8 @@ base_dim 32, a third of the real one), with ``--real-vae`` also at the real widt
 TAEHV at the published ``taew2_1`` size. Weights are random (the cost does not depend on them). Each
 decoder runs in a process of its own: load, one warm-up decode, then ``--repeats`` timed ones (median,
 minimum); memory is the process's peak RSS (``VmHWM``) and the peak's rise during the decodes over the
-RSS after loading (the peak is reset first through ``/proc/self/clear_refs``). Writes
+RSS after loading (the peak is reset first through ``/proc/self/clear_refs``). ``tiny-stream`` is TAEHV
+one latent frame at a time (``--vae-chunk-frames 1``). Writes
 ``bench/results/tiny-decoder-<machine>-<date>.json`` (machine, commit, command, numbers).
 """
 
@@ -54,7 +55,7 @@ def child(decoder: str, frames: int, size: int, repeats: int) -> dict[str, Any]:
 
     torch.manual_seed(0)
     placement = Placement(torch.device("cpu"), torch.float32)
-    if decoder == "tiny":
+    if decoder.startswith("tiny"):
         model: torch.nn.Module = TAEHV(TAEHVConfig.taew2_1()).eval()
     else:
         _, vae_config = bench_configs()
@@ -69,8 +70,9 @@ def child(decoder: str, frames: int, size: int, repeats: int) -> dict[str, Any]:
 
     def run() -> torch.Tensor:
         with torch.inference_mode():
-            if decoder == "tiny":
-                return decode_tiny(model, latents, placement)  # type: ignore[arg-type]
+            if decoder.startswith("tiny"):  # tiny-stream: one latent frame at a time
+                chunk = 1 if decoder == "tiny-stream" else None
+                return decode_tiny(model, latents, placement, chunk)  # type: ignore[arg-type]
             return decode(model, latents, placement, vae_dtype=torch.float32)  # type: ignore[arg-type]
 
     params = sum(p.numel() for p in model.parameters())
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wanpipe.bench import machine_record
 
-    decoders = ["vae-mid", *(["vae-real"] if args.real_vae else []), "tiny"]
+    decoders = ["vae-mid", *(["vae-real"] if args.real_vae else []), "tiny", "tiny-stream"]
+    fulls = [d for d in decoders if d.startswith("vae")]
     results = {}
     for decoder in decoders:
         cmd = [sys.executable, __file__, "--child", decoder, "--repeats", str(args.repeats)]
@@ -128,11 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(min {r['min_s']:.3f})  peak RSS {r['peak_rss_mb']:.0f} MB  decode rise "
             f"{r['decode_peak_rise_mb'] if r['decode_peak_rise_mb'] is None else round(r['decode_peak_rise_mb'])} MB"
         )
-    tiny = results["tiny"]
     ratios = {}
-    for decoder in decoders[:-1]:
-        full = results[decoder]
-        ratios[decoder] = {
+    for tiny_name, decoder in [(t, d) for t in ("tiny", "tiny-stream") for d in fulls]:
+        tiny, full = results[tiny_name], results[decoder]
+        ratios[f"{tiny_name} vs {decoder}"] = {
             "time_tiny_over_vae": tiny["median_s"] / full["median_s"],
             "speedup": full["median_s"] / tiny["median_s"],
             "peak_rss_tiny_over_vae": tiny["peak_rss_mb"] / full["peak_rss_mb"],
@@ -140,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (tiny["decode_peak_rise_mb"] and full["decode_peak_rise_mb"])
             else tiny["decode_peak_rise_mb"] / full["decode_peak_rise_mb"],
         }
-        r = ratios[decoder]
+        r = ratios[f"{tiny_name} vs {decoder}"]
         print(
-            f"tiny vs {decoder}: {r['speedup']:.1f}x faster (time ratio {r['time_tiny_over_vae']:.3f}), "
+            f"{tiny_name} vs {decoder}: {r['speedup']:.1f}x faster (time ratio {r['time_tiny_over_vae']:.3f}), "
             f"peak RSS ratio {r['peak_rss_tiny_over_vae']:.2f}"
             + (
                 ""
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "vae-mid": "Wan 2.1 VAE, base_dim 32 (the mid-size benchmark checkpoint's)",
             "vae-real": "Wan 2.1 VAE, base_dim 96 (the released width)",
-            "tiny": "TAEHV taew2_1 (the published size)",
+            "tiny": "TAEHV taew2_1 (the published size), all latent frames at once",
+            "tiny-stream": "the same TAEHV, one latent frame at a time (chunk_frames=1)",
         },
         "results": results,
         "ratios": ratios,

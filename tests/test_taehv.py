@@ -49,6 +49,7 @@ def _worst(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
 
 
 def _latents(form: str, batch: int = 2, frames: int = 3, seed: int = 1) -> torch.Tensor:
+    """Normalized latents (B, C, f, 4, 5)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, FORMS[form]["latent_channels"], frames, 4, 5, generator=g)
 
@@ -70,7 +71,9 @@ def test_decode_matches_reference(form: str) -> None:
     assert _worst(video, expected, f"{form} decode") <= TOL
     # frame by frame: the reference's sequential mode and our stream, fed in uneven pieces
     sequential = ref.decode_video(z.permute(0, 2, 1, 3, 4), parallel=False, show_progress_bar=False)
-    assert _worst(model.decode_video(z, parallel=False), sequential.permute(0, 2, 1, 3, 4), "stream") <= TOL
+    sequential = sequential.permute(0, 2, 1, 3, 4)
+    assert _worst(model.decode_video(z, chunk_frames=1), sequential, "frame by frame") <= TOL
+    assert _worst(model.decode_video(z, chunk_frames=2), expected, "2 latent frames at a time") <= TOL
     stream = model.stream()
     pieces = [stream.push(z[:, :, :1]), stream.push(z[:, :, 1:])]
     assert pieces[0] is not None and pieces[0].shape[2] == 1  # the first latent frame: one frame out

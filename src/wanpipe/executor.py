@@ -397,7 +397,7 @@ class WanExecutor:
         """The decode stage: denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]
         through the VAE, or TAEHV for ``decoder="tiny"``."""
         if decoder == "tiny":
-            return decode_tiny(self.tiny_vae, latents, self.placement)
+            return decode_tiny(self.tiny_vae, latents, self.placement, self.runtime.vae_chunk_frames)
         return decode(
             self.vae,
             latents,

@@ -193,34 +193,30 @@ def _build_decoder(cfg: TAEHVConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def run_parallel(layers: nn.Sequential, x: Tensor, batch: int) -> Tensor:
-    """All frames at once: ``(B T, C, H, W)`` frames (batch-major) -> ``(B T', C', H', W')``.
+def run_frames(
+    layers: nn.Sequential, x: Tensor, batch: int, memory: list[Tensor | None] | None = None
+) -> Tensor:
+    """Consecutive frames at once: ``(B T, C, H, W)`` (batch-major) -> ``(B T', C', H', W')``.
 
-    Each MemBlock's ``past`` is its input shifted one frame later in time (zeros at the first frame).
+    Each MemBlock's ``past`` is its input one frame earlier: zeros before the first frame, or with
+    ``memory`` (one entry per layer, updated in place) the last input frame of the previous call, so that
+    a video decoded in pieces gives the frames it gives whole.
     """
-    for layer in layers:
+    for index, layer in enumerate(layers):
         if isinstance(layer, MemBlock):
             nt, c, h, w = x.shape
             frames = x.view(batch, nt // batch, c, h, w)
-            past = F.pad(frames, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1].reshape(nt, c, h, w)
-            x = layer(x, past)
+            before = None if memory is None else memory[index]
+            if before is None:
+                past = F.pad(frames, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]
+            else:
+                past = torch.cat([before.unsqueeze(1), frames[:, :-1]], dim=1)
+            if memory is not None:
+                memory[index] = frames[:, -1].clone()  # (B, C, H, W), not a view keeping ``x`` alive
+            x = layer(x, past.reshape(nt, c, h, w))
         else:
             x = layer(x)
     return x
-
-
-class DecoderMemory:
-    """The streaming decoder's state: each MemBlock's input at the previous frame, by layer index."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.past: list[Tensor | None] = [None] * num_layers
-        self.frames_out = 0
-
-    def swap(self, index: int, x: Tensor) -> Tensor:
-        """The remembered input of layer ``index`` (zeros the first time); remembers ``x`` instead."""
-        past = self.past[index]
-        self.past[index] = x
-        return torch.zeros_like(x) if past is None else past
 
 
 class TAEHV(nn.Module):
@@ -248,23 +244,22 @@ class TAEHV(nn.Module):
             x = F.pixel_shuffle(x, self.config.patch_size)
         return x.clamp(0, 1)
 
-    def decode_video(self, latents: Tensor, *, parallel: bool = True) -> Tensor:
+    def decode_video(self, latents: Tensor, *, chunk_frames: int | None = None) -> Tensor:
         """Normalized latents (B, C, f, h, w) -> frames (B, 3, 4(f - 1) + 1, s h, s w) in [0, 1].
 
         ``s = 8 patch_size`` (with every spatial upscale on); the frame count follows
-        :meth:`TAEHVConfig.num_frames`. ``parallel=False`` decodes frame by frame (:meth:`stream`):
-        the same frames, memory independent of ``f``.
+        :meth:`TAEHVConfig.num_frames`. ``chunk_frames``: latent frames decoded at a time (through
+        :meth:`stream`; 1: frame by frame, the reference's ``parallel=False``): the same frames, memory
+        bounded by the chunk; None: all at once (the reference's ``parallel=True``).
         """
         self._check(latents, self.config.latent_channels, "latents")
-        if not parallel:
-            stream = self.stream()
-            frames = [stream.push(latents[:, :, i : i + 1]) for i in range(latents.shape[2])]
-            return torch.cat([f for f in frames if f is not None], dim=2)
-        x, b = self._to_frames(latents)
-        x = self._postprocess(run_parallel(self.decoder, x, b))
-        n, c, h, w = x.shape
-        video = x.view(b, n // b, c, h, w)[:, self.config.frames_to_trim :]
-        return video.permute(0, 2, 1, 3, 4)
+        f = latents.shape[2]
+        step = f if chunk_frames is None else chunk_frames
+        if step < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        stream = self.stream()
+        pieces = [stream.push(latents[:, :, i : i + step]) for i in range(0, f, step)]
+        return torch.cat([p for p in pieces if p is not None], dim=2)
 
     def encode_video(self, video: Tensor) -> Tensor:
         """Frames (B, 3, F, H, W) in [0, 1] -> normalized latents (B, C, ceil(F / 4), H / s, W / s).
@@ -279,7 +274,7 @@ class TAEHV(nn.Module):
         x, b = self._to_frames(video)
         if self.config.patch_size > 1:
             x = F.pixel_unshuffle(x, self.config.patch_size)
-        x = run_parallel(self.encoder, x, b)
+        x = run_frames(self.encoder, x, b)
         n, c, h, w = x.shape
         return x.view(b, n // b, c, h, w).permute(0, 2, 1, 3, 4)
 
@@ -289,44 +284,30 @@ class TAEHV(nn.Module):
 
 
 class TAEHVStream:
-    """Decodes latents as they come, one latent frame at a time, keeping only each MemBlock's previous
-    input (:class:`DecoderMemory`): the same frames as :meth:`TAEHV.decode_video`, startup frames dropped.
+    """Decodes latents as they come, a piece of latent frames at a time, keeping only each MemBlock's
+    input at the last frame (``memory``): the same frames as :meth:`TAEHV.decode_video` of the whole,
+    the first ``frames_to_trim`` (startup) frames dropped.
 
-    ``push(latents (B, C, t, h, w)) -> frames (B, 3, n, H, W) or None`` (None while only startup frames
-    came out).
+    ``push(latents (B, C, t, h, w)) -> frames (B, 3, n, H, W)``, or None while only startup frames came
+    out; one latent frame gives its first frame at once (``n = 1``), each one after gives 4.
     """
 
     def __init__(self, model: TAEHV) -> None:
         self.model = model
-        self.memory = DecoderMemory(len(model.decoder))
+        self.memory: list[Tensor | None] = [None] * len(model.decoder)
+        self.to_trim = model.config.frames_to_trim
 
     def push(self, latents: Tensor) -> Tensor | None:
         """New latent frames (B, C, t, h, w) -> the frames they complete (B, 3, n, H, W), or None."""
         self.model._check(latents, self.model.config.latent_channels, "latents")
-        out: list[Tensor] = []
-        for i in range(latents.shape[2]):
-            self._run(latents[:, :, i], 0, out)
-        if not out:
-            return None
-        return torch.stack(out, dim=2)
-
-    def _run(self, x: Tensor, start: int, out: list[Tensor]) -> None:
-        """One frame (B, C, h, w) through the decoder from layer ``start``, depth first in time order."""
-        layers = self.model.decoder
-        for index in range(start, len(layers)):
-            layer = layers[index]
-            if isinstance(layer, MemBlock):
-                x = layer(x, self.memory.swap(index, x))
-            elif isinstance(layer, TGrow):
-                grown = layer.conv(x)  # (B, stride C, h, w): the ``stride`` frames, in order
-                for frame in grown.chunk(layer.stride, dim=1):
-                    self._run(frame, index + 1, out)
-                return
-            else:
-                x = layer(x)
-        self.memory.frames_out += 1
-        if self.memory.frames_out > self.model.config.frames_to_trim:
-            out.append(self.model._postprocess(x))
+        x, b = self.model._to_frames(latents)
+        x = self.model._postprocess(run_frames(self.model.decoder, x, b, self.memory))
+        n, c, h, w = x.shape
+        video = x.view(b, n // b, c, h, w)
+        drop = min(self.to_trim, video.shape[1])
+        self.to_trim -= drop
+        video = video[:, drop:]
+        return video.permute(0, 2, 1, 3, 4) if video.shape[1] else None
 
 
 __all__ = ["TAEHV", "TAEHVConfig", "TAEHVStream"]
