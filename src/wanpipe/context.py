@@ -88,7 +88,7 @@ class WanRequest:
     segment_frame_length: int | None = None  # frames per generated segment, 4k+1 (default 77)
     prev_segment_conditioning_frames: int | None = None  # frames each segment continues from: 1 or 5
     # The final decode (DECODERS): "vae" (None: the same) the full VAE, "tiny" the tiny autoencoder TAEHV
-    # (loaded with --tiny-vae / pipe.load_tiny_vae: much faster, lower quality; docs/previews.md).
+    # (loaded with --tiny-vae / pipe.load_tiny_vae: much faster, lower quality; docs/tiny-decoder.md).
     decoder: str | None = "vae"
 
 
