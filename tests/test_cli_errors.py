@@ -98,6 +98,16 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--segment-frame-length", ["--segment-frame-length", "1"], r"at least 5"),
     (GENERATE, "--prev-segment-frames", ["--prev-segment-frames", "3"], r"\(1 or 5\), got '3'"),
     (GENERATE, "--prev-segment-frames", ["--prev-segment-frames", "5"], r"--prev-segment-frames is for"),
+    # extension (wanpipe.extend_cli)
+    (GENERATE, "--extend", ["--extend", "{missing}.mp4"], r"no such video file"),
+    (
+        GENERATE,
+        "--extend",
+        ["--extend", "{png}"],
+        r"--extend: this wan2\.1-t2v-1\.3b checkpoint cannot extend",
+    ),
+    (GENERATE, "--overlap-frames", ["--overlap-frames", "0"], r"at least 1"),
+    (GENERATE, "--clip-frames", ["--clip-frames", "6"], r"4k\+1 frames per clip"),
     (GENERATE, "--preprocessed", ["--preprocessed", "{missing}"], r"no such preprocessed folder"),
     (GENERATE, "--preprocessed", ["--preprocessed", "{empty}"], r"--preprocessed: .*lacks src_ref.png"),
     (GENERATE, "--strength", ["--strength", "0"], r"a number above 0, at most 1"),

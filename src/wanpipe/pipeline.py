@@ -508,6 +508,12 @@ class WanPipeline:
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
 
+    def extend(self, video: Any, prompt: str, num_frames: int | None = None, **kwargs: Any) -> Video:
+        """Continue ``video`` with ``num_frames`` new frames: :func:`wanpipe.extend.extend_video`."""
+        from wanpipe.extend import extend_video
+
+        return extend_video(self, video, prompt, num_frames, **kwargs)
+
     def check(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request
         (every default filled in, a seed drawn, images read; :meth:`WanTokenizer.resolve`). Raises
