@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -74,22 +73,6 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}") from None
-
-
-def shared_seed(seed: int | None) -> int | None:
-    """The seed every rank of a torch.distributed job uses: ``seed`` when given; else, when a
-    process group of more than one rank is initialised, one drawn by rank 0 and broadcast (a
-    collective: every rank calls it), so that all ranks draw the same noise. Otherwise None (the
-    tokenizer draws one)."""
-    import torch.distributed as dist
-
-    if seed is not None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return seed
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    drawn = secrets.randbelow(2**31) if dist.get_rank() == 0 else 0
-    value = torch.tensor([drawn], dtype=torch.int64, device=device)
-    dist.broadcast(value, src=0)
-    return int(value.item())
 
 
 def default_device() -> torch.device:
@@ -539,6 +522,8 @@ class WanPipeline:
         """Generate several requests that share size, frames and schedule as one executor batch.
 
         Under torch.distributed (world > 1) a request without a seed gets rank 0's (:func:`shared_seed`)."""
+        from wanpipe.parallel.mesh import shared_seed
+
         requests = [r if r.seed is not None else replace(r, seed=shared_seed(None)) for r in requests]
         contexts = [self.tokenizer.make_context(r) for r in requests]
         frames, timings = self.run_contexts(contexts, callback=callback, progress=progress)
