@@ -123,3 +123,21 @@ def test_server_decoder_field(wan_pipe, taehv_file, tmp_path: Path) -> None:
             assert http.get(f"/v1/videos/{job['id']}/content").status_code == 200
         finally:
             wan_pipe.load_tiny_vae(None)
+
+
+def test_both_apis_parse_decoder_and_the_store_keeps_it() -> None:
+    from wanpipe.serving.job_request import job_request
+    from wanpipe.serving.parsing import JobSpec, parse_responses_create, parse_video_create
+
+    videos = parse_video_create({"prompt": "a", "decoder": "tiny"}, default_fps=16)
+    assert (
+        videos.spec.decoder == "tiny"
+        and parse_video_create({"prompt": "a"}, default_fps=16).spec.decoder == "vae"
+    )
+    responses, _ = parse_responses_create({"input": "a", "provider_options": {"video": {"decoder": "tiny"}}})
+    assert (
+        responses.spec.decoder == "tiny"
+        and responses.param_names["decoder"] == "provider_options.video.decoder"
+    )
+    assert JobSpec.from_json(videos.spec.to_json()) == videos.spec  # the job store's round trip
+    assert job_request(videos.spec, None, None).decoder == "tiny"
