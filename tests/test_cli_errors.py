@@ -133,6 +133,17 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--conditioning-scale", ["--conditioning-scale", "strong"], r"a finite number X, or X,Y"),
     (GENERATE, "--conditioning-scale", ["--conditioning-scale", "1,nan"], r"finite number"),
     (GENERATE, "--conditioning-scale", ["--conditioning-scale", "0.5"], r"--conditioning-scale is for VACE"),
+    (GENERATE, "--decoder", ["--decoder", "taesd"], r"expected a decoder: vae, tiny; got 'taesd'"),
+    (
+        GENERATE,
+        "--decoder",
+        ["--decoder", "tiny"],
+        r"--decoder 'tiny' needs the tiny VAE loaded: pass --tiny-vae",
+    ),
+    (GENERATE, "--tiny-vae", ["--tiny-vae", "{missing}"], r"no such TAEHV file .*owner/name/FILE"),
+    (GENERATE, "--tiny-vae", ["--tiny-vae", "{tmp}"], r"expected a TAEHV file, got a folder"),
+    (GENERATE, "--tiny-vae", ["--tiny-vae", "{file}"], r"--tiny-vae: .*unknown weights format"),
+    (SERVE, "--tiny-vae", ["--tiny-vae", "{missing}.pth"], r"no such TAEHV file"),
     (
         GENERATE,
         "--experts",

@@ -29,8 +29,7 @@ MAX_SEED = 2**63 - 1
 """The largest seed (``torch.Generator.manual_seed`` takes a signed 64-bit integer)."""
 
 MAX_STEPS = 1000
-"""The most denoising steps: the schedulers' 1000 training timesteps (UniPC's integer timesteps repeat
-beyond that)."""
+"""The most denoising steps: the 1000 training timesteps (UniPC's integer timesteps repeat beyond)."""
 
 SAMPLER_NAMES = ("unipc", "euler", "lcm", "dmd")
 """``--sampler`` values (``wanpipe.schedulers.SAMPLERS``; this floor imports nothing of wanpipe)."""
@@ -555,6 +554,7 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("context_overlap", "--context-overlap", integer(1), "long videos: frames windows share, 4k"),
     ("context_schedule", "--context-schedule", str, "uniform_standard, uniform_looped or static_standard"),
     ("context_blend", "--context-blend", str, "long videos: window weights, linear (default) or pyramid"),
+    ("decoder", "--decoder", choice(("vae", "tiny"), "decoder"), "vae, or tiny: TAEHV (needs --tiny-vae)"),
 )
 """``generate``'s request flags: (WanRequest field, flag, type=, help), default None (``--prompt`` required)."""
 

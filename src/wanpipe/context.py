@@ -95,6 +95,9 @@ class WanRequest:
     context_overlap: int | None = None
     context_schedule: str | None = None
     context_blend: str | None = None
+    # The final decode (DECODERS): "vae" (None: the same) the full VAE, "tiny" the tiny autoencoder TAEHV
+    # (loaded with --tiny-vae / pipe.load_tiny_vae: much faster, lower quality; docs/tiny-decoder.md).
+    decoder: str | None = "vae"
 
 
 CONTEXT_SCHEDULES = ("uniform_standard", "uniform_looped", "static_standard")
@@ -124,6 +127,19 @@ class ContextWindows:
             request.context_schedule or CONTEXT_SCHEDULES[0],
             request.context_blend or CONTEXT_BLENDS[0],
         )
+
+
+DECODERS: tuple[str, ...] = ("vae", "tiny")
+
+
+def resolve_decoder(decoder: Any) -> str:
+    """A request's decoder, None -> "vae"; InvalidRequestError (param ``decoder``) unless one of
+    :data:`DECODERS`."""
+    if decoder is None:
+        return "vae"
+    if decoder not in DECODERS:
+        raise InvalidRequestError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}", "decoder")
+    return decoder
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,8 @@ class Approximations:
     """Its resolved options (every default filled in), None with ``cache`` None."""
     context_windows: ContextWindows | None = None
     """Context windows (long videos), None: the whole video at once."""
+    decoder: str = "vae"
+    """The final decode: "vae" or "tiny" (TAEHV; rows of the two never share a batch)."""
 
     @classmethod
     def of(cls, request: WanRequest) -> Approximations:
@@ -231,6 +249,7 @@ class Approximations:
             request.cache,
             None if options is None else CacheOptions(options),
             ContextWindows.of(request),
+            request.decoder or "vae",
         )
 
 

@@ -29,7 +29,14 @@ from wanpipe.animate_request import (
     segment_plan,
 )
 from wanpipe.config import WanArchConfig
-from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestError, WanContext, WanRequest
+from wanpipe.context import (
+    Approximations,
+    ConditioningInputs,
+    InvalidRequestError,
+    WanContext,
+    WanRequest,
+    resolve_decoder,
+)
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.presets import apply_preset
@@ -182,6 +189,7 @@ class WanTokenizer:
         seed = secrets.randbelow(2**31) if request.seed is None else _int(request.seed, "seed", 0)
         if seed > MAX_SEED:
             raise InvalidRequestError(f"seed must be at most {MAX_SEED}, got {seed}", "seed")
+        decoder = resolve_decoder(request.decoder)
         if request.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(
                 f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {request.output_format!r}",
@@ -223,6 +231,7 @@ class WanTokenizer:
             sampler=sampler,
             sigmas=sigmas,
             timesteps=timesteps,
+            decoder=decoder,
             **self._cache(request, height, width, media),
             **media,
             **resolve_windows(request, arch, media["num_frames"]),
@@ -314,6 +323,7 @@ class WanTokenizer:
             request.segment_frame_length,
             request.prev_segment_conditioning_frames,
             *(getattr(request, name) for name in WINDOW_FIELDS),
+            request.decoder,
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from wanpipe import arguments as a
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
+from wanpipe.weights.taehv import add_tiny_vae_argument
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +45,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
     limits = ServeLimits()
     a.add_model_arguments(p)
+    add_tiny_vae_argument(p)
     p.add_argument(
         "--served-model-name",
         type=a.non_empty("a model name"),
@@ -238,6 +240,7 @@ def _load_pipeline(
         load_text_encoder=first,
         parallel=parallel,
         vae_halo=vae_halo(args) if parallel is not None else None,
+        tiny_vae=args.tiny_vae,
     )
 
 

@@ -93,4 +93,5 @@ def job_request(
         context_overlap=spec.context_overlap,
         context_schedule=spec.context_schedule,
         context_blend=spec.context_blend,
+        decoder=spec.decoder,
     )

@@ -33,6 +33,7 @@ from wanpipe.serving.openapi_fields import (
     animate_properties,
     cache_options_schema,
     cache_schema,
+    decoder_schema,
     field_schema,
     flow_shift_schema,
     fps_schema,
@@ -170,6 +171,7 @@ def video_create_schema(
         "cache": cache_schema(json=json),
         "cache_options": cache_options_schema(json=json),
         "loras": loras_schema(lora_names, json=json),
+        "decoder": decoder_schema(json=json),
     }
     last = "The last frame (first-last-frame checkpoints; needs input_reference too): "
     if json:
@@ -267,6 +269,7 @@ def responses_create_schema(limits: ServeLimits, lora_names: list[str] | None = 
         "cache": cache_schema(json=True),
         "cache_options": cache_options_schema(json=True),
         "loras": loras_schema(lora_names, json=True),
+        "decoder": decoder_schema(json=True),
     }
     assert set(options) == set(VIDEO_OPTION_FIELDS)
     return {

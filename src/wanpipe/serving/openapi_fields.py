@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from wanpipe.context import CONTEXT_BLENDS, CONTEXT_SCHEDULES
+from wanpipe.context import CONTEXT_BLENDS, CONTEXT_SCHEDULES, DECODERS
 from wanpipe.presets import PRESETS
 from wanpipe.serving.parsing import (
     MAX_REFERENCE_IMAGES,
@@ -113,6 +113,17 @@ def preset_schema(*, json: bool) -> dict[str, Any]:
         "GET /v1/models lists them."
     )
     return field_schema(description, {"type": "string", "enum": list(PRESETS)}, nullable=json)
+
+
+def decoder_schema(*, json: bool) -> dict[str, Any]:
+    """``decoder``: which decoder makes the final video."""
+    return field_schema(
+        "The final decode: vae (default) the full VAE; tiny the tiny autoencoder TAEHV, much faster and "
+        "lower quality (needs the server started with --tiny-vae, else 400). The video object's "
+        "parameters.decoder says which one made it.",
+        {"type": "string", "enum": list(DECODERS)},
+        nullable=json,
+    )
 
 
 def string_schema(description: str, *, json: bool) -> dict[str, Any]:

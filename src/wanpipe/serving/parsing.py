@@ -152,6 +152,7 @@ class JobSpec:
     context_overlap: int | None = None
     context_schedule: str | None = None
     context_blend: str | None = None
+    decoder: str = "vae"  # the final decode: "vae" or "tiny" (TAEHV, the server's --tiny-vae)
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -227,6 +228,7 @@ VIDEO_CREATE_FIELDS = (
     "prev_segment_conditioning_frames",
     "loras",
     *WINDOW_FIELDS,
+    "decoder",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -260,6 +262,7 @@ RESPONSES_PARAM_NAMES = {
     "cache": "provider_options.video.cache",
     "cache_options": "provider_options.video.cache_options",
     "loras": "provider_options.video.loras",
+    "decoder": "provider_options.video.decoder",
 }
 
 
@@ -364,6 +367,7 @@ def parse_video_create(
         spec,
         **{f"has_{name}": name in videos for name in ANIMATE_VIDEO_FIELDS},
         mode=opt("mode", parse_str),
+        decoder=opt("decoder", parse_str) or "vae",
         segment_frame_length=opt("segment_frame_length", parse_int, 1),
         prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
         loras=opt("loras", parse_loras) or (),
@@ -462,6 +466,7 @@ VIDEO_OPTION_FIELDS = (
     "cache",
     "cache_options",
     "loras",
+    "decoder",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -565,6 +570,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         cache=opt("cache", parse_str),
         cache_options=opt("cache_options", parse_cache_options),
         loras=opt("loras", parse_loras) or (),
+        decoder=opt("decoder", parse_str) or "vae",
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None
