@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import math
 import sqlite3
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
 from wanpipe.media import Video
-from wanpipe.serving.job_request import check_limits, job_request
+from wanpipe.serving.job_request import batch_key_digest, check_limits, job_batch_key, job_request
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import NewJob, ServeLimits
 from wanpipe.serving.step_gate import StepGate
@@ -61,17 +60,6 @@ class QueueFullError(RuntimeError):
 
 class UnknownModelError(ValueError):
     """The request names a model this server does not serve."""
-
-
-def batch_key_digest(key: tuple) -> str:
-    """A stable text form of a batch key (``WanTokenizer.batch_key``) for the store: equal keys give
-    equal digests."""
-    return hashlib.sha256(repr(key).encode()).hexdigest()[:32]
-
-
-def job_batch_key(key: tuple, loras: tuple[tuple[str, float], ...]) -> tuple:
-    """A job's batch key: the engine's (``WanTokenizer.batch_key``) and its LoRA set, when it has one."""
-    return (key, loras) if loras else key
 
 
 class JobManager:
@@ -247,16 +235,18 @@ class JobManager:
         for i, reference in enumerate(resolved.reference_images or ()):
             images[f"reference_image.{i}"] = reference
         images.update({name: getattr(resolved, name) for name in animate})
-        with self._submit_lock:
-            queued = self.store.count(JobStatus.QUEUED)
-            if queued >= self.limits.max_queue:
+        with self._submit_lock:  # the limit counted in the store: for all replicas of a PostgreSQL store
+            kept = {k: v for k, v in images.items() if v is not None}
+            added = self.store.add_if_room(job, kept, self.limits.max_queue)
+            if added is None:
+                queued = self.store.count(JobStatus.QUEUED)
                 self.metrics.count("rejected", "queue_full")
                 raise QueueFullError(
                     f"the queue is full ({queued} jobs waiting, --max-queue {self.limits.max_queue}); "
                     "try again later",
                     self.retry_after(queued),
                 )
-            job = self.store.add(job, {k: v for k, v in images.items() if v is not None})
+            job = added
         self.metrics.count("submitted", source)
         self._wake.set()
         return job
@@ -467,8 +457,9 @@ class JobManager:
 
         def local_decision() -> tuple[bool, set[int]]:
             """(stop the batch: shutdown or every job deleted, the rows of the deleted jobs)."""
+            gone = self.store.cancelled(ids)  # deleted on another replica, or the lease lost (PostgreSQL)
             with self._state_lock:
-                deleted = ids & self._cancelled
+                deleted = ids & (self._cancelled | gone)
             return self._stopping.is_set() or deleted == ids, {row_of[job_id] for job_id in deleted}
 
         def local_cancel() -> bool:
