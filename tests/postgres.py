@@ -69,7 +69,7 @@ class PostgresServer:
         with open(self.data / "postgresql.conf", "a") as f:
             f.write(
                 f"listen_addresses = '127.0.0.1'\nport = {self.port}\nunix_socket_directories = '{self.folder}'\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 16MB\n"
+                "fsync = off\nfull_page_writes = off\nshared_buffers = 16MB\n"
                 "max_connections = 200\n"
             )
 
