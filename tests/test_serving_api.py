@@ -38,9 +38,17 @@ LIMITS = ServeLimits(max_queue=10, max_batch=4, max_pixels=64 * 64, max_frames=1
 MAX_BODY = 256 * 1024
 
 
-@pytest.fixture(scope="module")
-def server(wan_pipe, tmp_path_factory):
-    store = JobStore(tmp_path_factory.mktemp("serve") / "out")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, wan_pipe, tmp_path_factory):
+    """The server on the default SQLite store, and on the PostgreSQL store (the same API, the same
+    answers: every test of this module runs on both)."""
+    folder = tmp_path_factory.mktemp("serve") / "out"
+    if request.param == "sqlite":
+        store = JobStore(folder)
+    else:
+        from wanpipe.serving.store_pg import PgJobStore
+
+        store = PgJobStore(request.getfixturevalue("postgres_server").new_database(), folder)
     manager = JobManager(store, lambda: wan_pipe, model_name="wan-tiny", limits=LIMITS)
     app = create_app(manager, api_key=API_KEY, max_body_bytes=MAX_BODY)
     with ThreadServer(app) as srv:

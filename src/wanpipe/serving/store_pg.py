@@ -32,13 +32,21 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from wanpipe.serving.parsing import JobSpec
-from wanpipe.serving.store import ARRAY_NAMES, MAX_ATTEMPTS, Job, JobStatus, JobStore, _error_json
+from wanpipe.serving.store import (
+    ANIMATE_ARRAY_NAMES,
+    ARRAY_NAMES,
+    MAX_ATTEMPTS,
+    Job,
+    JobStatus,
+    JobStore,
+    _error_json,
+)
 
 SCHEMA_VERSION = 1
 LEASE_SECONDS = 30.0
@@ -72,6 +80,7 @@ MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE wanpipe_workers (
             id TEXT PRIMARY KEY,
             models TEXT NOT NULL,
+            card TEXT,
             started_at DOUBLE PRECISION NOT NULL,
             heartbeat_at DOUBLE PRECISION NOT NULL
         )""",
@@ -140,6 +149,10 @@ class PgJobStore(JobStore):
         self.max_attempts = max_attempts
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.models: tuple[str, ...] | None = None  # set by recover(): the models this process claims
+        self.card: dict[str, Any] | None = None  # a worker's registration: its /v1/models card (roles.py)
+        # a worker's resolution of jobs API replicas queued unresolved (batch key ""): job -> (spec, batch
+        # key, uploads as resolved); InvalidRequestError fails the job (roles.attach_worker sets it)
+        self.resolver: Callable[[Job], tuple[JobSpec, str, dict[str, Any]]] | None = None
         self._mine: set[str] = set()  # running jobs this process claimed (their leases it renews)
         self._mine_lock = threading.Lock()
         self._cancel_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -251,8 +264,6 @@ class PgJobStore(JobStore):
         written = []
         try:
             for name, array in (images or {}).items():
-                from wanpipe.serving.store import ANIMATE_ARRAY_NAMES
-
                 arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
                 path = self.array_path(job.id, name) if name in arrays else self.input_path(job.id, name)
                 self._write_input(array, path)
@@ -326,11 +337,13 @@ class PgJobStore(JobStore):
         up to ``max_batch - 1`` later queued jobs with its batch key, under a lease (oldest first). Rows
         another worker is claiming at the same moment are skipped, never waited on."""
         self.expire_leases(now)
+        if self.resolver is not None:
+            self.resolve_pending()
         models = list(self.models) if self.models is not None else None
         of_model = "" if models is None else " AND model = ANY(%s)"
         with self._connection() as conn:
             first = conn.execute(
-                f"SELECT batch_key FROM wanpipe_jobs WHERE status = 'queued'{of_model} "
+                f"SELECT batch_key FROM wanpipe_jobs WHERE status = 'queued' AND batch_key <> ''{of_model} "
                 "ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
                 () if models is None else (models,),
             ).fetchone()
@@ -431,11 +444,12 @@ class PgJobStore(JobStore):
                     (now + self.lease_seconds, ids, self.worker_id),
                 )
             if self.models is not None:
+                card = None if self.card is None else json.dumps(self.card)
                 conn.execute(
-                    "INSERT INTO wanpipe_workers (id, models, started_at, heartbeat_at) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, "
-                    "models = EXCLUDED.models",
-                    (self.worker_id, json.dumps(list(self.models)), now, now),
+                    "INSERT INTO wanpipe_workers (id, models, card, started_at, heartbeat_at) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "heartbeat_at = EXCLUDED.heartbeat_at, models = EXCLUDED.models, card = EXCLUDED.card",
+                    (self.worker_id, json.dumps(list(self.models)), card, now, now),
                 )
 
     def _beat(self) -> None:
@@ -471,6 +485,50 @@ class PgJobStore(JobStore):
         since = (time.time() if now is None else now) - 3 * self.lease_seconds
         rows = self._query("SELECT models FROM wanpipe_workers WHERE heartbeat_at >= %s", (since,))
         return sorted({m for row in rows for m in json.loads(row["models"])})
+
+    def live_cards(self, now: float | None = None) -> list[dict[str, Any]]:
+        """The registrations (``{"card", "aliases"}``) of live workers whose model is loaded, oldest first."""
+        since = (time.time() if now is None else now) - 3 * self.lease_seconds
+        rows = self._query(
+            "SELECT card FROM wanpipe_workers WHERE heartbeat_at >= %s AND card IS NOT NULL "
+            "ORDER BY started_at",
+            (since,),
+        )
+        return [json.loads(row["card"]) for row in rows]
+
+    def resolve_pending(self, limit: int = 16) -> int:
+        """Resolve queued jobs of this worker's models that an API replica queued unresolved: their spec
+        and batch key set, their uploads replaced by the resolved ones (one transaction per batch of rows,
+        locked with SKIP LOCKED: two workers never resolve the same job); a job the engine refuses fails
+        with ``invalid_request``. Returns how many were looked at."""
+        from wanpipe.context import InvalidRequestError
+
+        assert self.resolver is not None and self.models is not None
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT * FROM wanpipe_jobs WHERE status = 'queued' AND batch_key = '' AND model = ANY(%s) "
+                "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                (list(self.models), limit),
+            ).fetchall()
+            for row in rows:
+                job = self._job(row)
+                try:
+                    spec, batch_key, images = self.resolver(job)
+                except (InvalidRequestError, OSError, ValueError) as e:
+                    conn.execute(
+                        "UPDATE wanpipe_jobs SET status = 'failed', completed_at = %s, error = %s WHERE id = %s",
+                        (time.time(), _error_json("invalid_request", str(e)), job.id),
+                    )
+                    continue
+                for name, array in images.items():
+                    arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
+                    path = self.array_path(job.id, name) if name in arrays else self.input_path(job.id, name)
+                    self._write_input(array, path)
+                conn.execute(
+                    "UPDATE wanpipe_jobs SET params = %s, batch_key = %s WHERE id = %s",
+                    (json.dumps(spec.to_json()), batch_key, job.id),
+                )
+        return len(rows)
 
     def recover(self, model: str, *, max_attempts: int = MAX_ATTEMPTS) -> dict[str, int]:
         """On a worker's start: claim only ``model``'s jobs from now on, register the worker, requeue the
