@@ -1,9 +1,9 @@
 """Several ``wanpipe serve`` processes on one PostgreSQL (tests/postgres.py) and one shared media folder:
 two API replicas (``--role api``, no model) and GPU-less workers (``--role worker``, the tiny checkpoint).
 
-One test, to start the processes once: a worker killed with ``kill -9`` in the middle of a batch (held
-by the step gate) loses nothing: its jobs run again on the other workers once its lease expires (attempt
-count 1, same seed); then 20 jobs through both API replicas complete exactly once each, on both workers;
+One test, to start the processes once (three workers, two replicas, all at once): the worker that took
+a job is killed with ``kill -9`` in the middle of its batch (held by the step gate) and loses nothing:
+the job runs again on another worker once its lease expires (attempt count 1, same seed); then 20 jobs through both API replicas complete exactly once each, on both workers;
 then PostgreSQL restarts while jobs run: requests during the outage answer 503 with a JSON error, and
 every job completes when it is back. And a bad ``--store`` exits at once with one line naming the
 database."""
@@ -62,53 +62,52 @@ def test_api_replicas_and_workers_share_one_queue(
     media = str(tmp_path / "media")
     common = ("--store", postgres_url, "--media-dir", media, "--lease-seconds", LEASE)
     worker = (*common, "--role", "worker", "--model", str(tiny_ckpt), "--max-batch", "4")
-    gate = Gate(tmp_path / "gate")
-    with ThreadPoolExecutor(4) as pool:
-        doomed_f = pool.submit(start, *worker, "--output-dir", str(tmp_path / "k"), env=gate.env)
+    gates = [Gate(tmp_path / f"gate{i}") for i in range(3)]  # every worker held before its first step
+    with ThreadPoolExecutor(5) as pool:
+        workers_f = [
+            pool.submit(start, *worker, "--output-dir", str(tmp_path / f"w{i}"), env=gate.env)
+            for i, gate in enumerate(gates)
+        ]
         apis_f = [
             pool.submit(start, *common, "--role", "api", "--output-dir", str(tmp_path / f"a{i}"))
             for i in (1, 2)
         ]
-        doomed = doomed_f.result()
+        workers = [f.result() for f in workers_f]
         apis = [f.result() for f in apis_f]
-    processes = [doomed, *apis]
+    processes = [*workers, *apis]
     try:
-        doomed.wait_ready()
-        for api in apis:
-            api.wait_ready()  # an API replica is ready once a live worker registered its model
+        for p in processes:
+            p.wait_ready()  # an API replica is ready once a live worker registered its model
+        print(f"5 processes ready ({time.monotonic() - t0:.1f} s)")
         one, two = (httpx.Client(base_url=api.url, timeout=30) for api in apis)
         models = one.get("/v1/models").json()["data"]
         assert [m["id"] for m in models] == [str(tiny_ckpt)] and models[0]["defaults"]["temporal_stride"] == 4
-        # the worker answers only /health, /ready and /metrics
-        assert httpx.get(f"{doomed.url}/v1/videos", timeout=10).status_code == 404
+        # a worker answers only /health, /ready and /metrics
+        assert httpx.get(f"{workers[0].url}/v1/videos", timeout=10).status_code == 404
 
-        # -- kill -9 in the middle of a batch: its jobs run again elsewhere after the lease expires
-        held = [
-            one.post("/v1/videos", json={"prompt": f"held {i}", **LONG, "seed": 10 + i}).json()
-            for i in (0, 1)
-        ]
-        gate.hold_at(1)  # one step of the batch done, held before the second
-        states = [two.get(f"/v1/videos/{h['id']}").json()["status"] for h in held]
-        assert "in_progress" in states, states
+        # -- kill -9 in the middle of a batch: its job runs again elsewhere after the lease expires
+        held = one.post("/v1/videos", json={"prompt": "held", **LONG, "seed": 10}).json()
+        holding = range(len(gates))  # the worker that took it waits at its first step
+        (holder,) = wait_until(
+            lambda: [i for i in holding if gates[i].waiting() == 0], 60, "a worker to hold"
+        )
+        gates[holder].hold_at(1)  # one step of the job done, held before the second
+        assert two.get(f"/v1/videos/{held['id']}").json()["status"] == "in_progress"
+        doomed = workers.pop(holder)
         doomed.kill()
-        with ThreadPoolExecutor(2) as pool:
-            workers = list(
-                pool.map(lambda i: start(*worker, "--output-dir", str(tmp_path / f"w{i}")), (1, 2))
-            )
-        processes += workers
-        for w in workers:
-            w.wait_ready()
-        done = wait_all(two, [h["id"] for h in held])
-        assert [done[h["id"]]["parameters"]["seed"] for h in held] == [10, 11]
-        frames, _ = read_mp4(one.get(f"/v1/videos/{held[0]['id']}/content").content, tmp_path)
+        for i, gate in enumerate(gates):
+            if i != holder:
+                gate.open()
+        done = wait_all(two, [held["id"]])
+        assert done[held["id"]]["parameters"]["seed"] == 10
+        frames, _ = read_mp4(one.get(f"/v1/videos/{held['id']}/content").content, tmp_path)
         assert frames.shape == (5, 32, 48, 3)
-        attempts = rows(postgres_url, [h["id"] for h in held])
+        attempts = rows(postgres_url, [held["id"]])
         print(f"after kill -9: {attempts} ({time.monotonic() - t0:.1f} s)")
-        assert {attempts[h["id"]] for h in held if h["id"] in attempts} <= {
-            ("completed", 1),
-            ("completed", 0),
-        }
-        assert completed_ids(doomed) == []
+        assert attempts[held["id"]] == ("completed", 1)  # one more attempt, on another worker
+        assert completed_ids(doomed) == [] and held["id"] in completed_ids(workers[0]) + completed_ids(
+            workers[1]
+        )
 
         # -- 20 jobs through both replicas: each completed exactly once, both workers worked
         def submit(i: int) -> str:
@@ -179,8 +178,8 @@ def test_bad_store_exits_with_one_line(postgres_server, tmp_path: Path, what: st
         text=True,
         timeout=60,
     )
-    took = time.monotonic() - t0
+    took = time.monotonic() - t0  # mostly Python's start (torch's import): the database answers at once
     print(f"{what}: rc {proc.returncode} in {took:.1f} s: {proc.stderr.strip()}")
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and took < 45
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "job database postgresql://postgres@127.0.0.1:" in lines[0]
