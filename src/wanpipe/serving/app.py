@@ -53,6 +53,7 @@ from wanpipe.serving.manager import (
     ShuttingDownError,
     UnknownModelError,
 )
+from wanpipe.serving.media_store import media_response, thumbnail_key, video_key
 from wanpipe.serving.metrics import CONTENT_TYPE
 from wanpipe.serving.openapi import LIST_PARAMETERS, POLL_HEADER, VARIANT_PARAMETERS, build_openapi, errors
 from wanpipe.serving.parsing import NewJob, parse_responses_create, parse_video_create
@@ -297,6 +298,7 @@ async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             },
         },
+        307: {"description": "With --media-redirect: a presigned URL of the object, in `Location`."},
         **errors(400, 401, 404, 409),
     },
     openapi_extra={"parameters": VARIANT_PARAMETERS},
@@ -316,17 +318,15 @@ async def video_content(request: Request, video_id: str) -> Response:
             param="video_id",
             code="video_not_ready",
         )
-    store = manager.store
-    path, media_type = (
-        (store.video_path(video_id), "video/mp4")
-        if variant == "video"
-        else (store.thumbnail_path(video_id), "image/jpeg")
+    key, media_type = (
+        (video_key(video_id), "video/mp4") if variant == "video" else (thumbnail_key(video_id), "image/jpeg")
     )
-    if path.parent.resolve() != store.videos_dir.resolve() or not path.is_file():
+    try:
+        return await media_response(manager.store.media, key, media_type, key.rsplit("/", 1)[-1])
+    except FileNotFoundError:
         raise APIError(
-            404, f"the file of video {video_id} is missing from the output directory", code="not_found"
-        )
-    return FileResponse(path, media_type=media_type, filename=path.name, content_disposition_type="inline")
+            404, f"the file of video {video_id} is missing from the media store", code="not_found"
+        ) from None
 
 
 @v1.delete("/videos/{video_id}", response_model=VideoDeleted, responses=errors(401, 404))
@@ -381,7 +381,7 @@ async def create_response(request: Request) -> Response:
         )
     content = OutputVideo(frames_per_second=done.spec.fps or 16.0, num_frames=done.spec.num_frames or 1)
     if response_format == "b64_json":
-        data = await run_in_threadpool(manager.store.video_path(done.id).read_bytes)
+        data = await run_in_threadpool(manager.store.media.get, video_key(done.id))
         content.video_data = base64.b64encode(data).decode("ascii")
     else:
         content.video_url = str(request.url_for("video_content", video_id=done.id))

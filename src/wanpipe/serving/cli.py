@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from wanpipe.parallel.mesh import ParallelConfig
     from wanpipe.pipeline import WanPipeline
+    from wanpipe.serving.media_store import MediaStore
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -102,9 +103,63 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--lora-cache", type=count, default=8, help="--lora-dir adapters kept read in memory (default: 8)"
     )
     add_parallel_arguments(p)
+    add_media_arguments(p)
     from wanpipe.serving.roles import add_cluster_arguments
 
     add_cluster_arguments(p)
+
+
+def add_media_arguments(p: argparse.ArgumentParser) -> None:
+    """Where uploads and videos live (:mod:`wanpipe.serving.media_store`)."""
+    p.add_argument(
+        "--media-dir",
+        type=a.output_folder,
+        default=None,
+        help="keep uploads and videos in this folder (a shared mount such as NFS for several servers; "
+        "default: --output-dir)",
+    )
+    p.add_argument(
+        "--media",
+        metavar="s3://BUCKET/PREFIX",
+        default=None,
+        help="keep uploads and videos in S3-compatible object storage (boto3; endpoint and credentials from "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)",
+    )
+    p.add_argument(
+        "--media-redirect",
+        action="store_true",
+        help="with --media: answer a content request with a redirect to a presigned URL instead of streaming",
+    )
+
+
+def open_media(
+    output_dir: str | os.PathLike[str],
+    *,
+    media_dir: str | os.PathLike[str] | None = None,
+    media_url: str | None = None,
+    redirect: bool = False,
+) -> MediaStore:
+    """The media store of ``wanpipe serve``: ``--media s3://...``, else ``--media-dir``, else the output
+    folder. Checked before it is returned (MediaConfigError, one line)."""
+    from wanpipe.serving.media_store import LocalMedia, MediaConfigError
+
+    if media_url is not None and media_dir is not None:
+        raise MediaConfigError("--media and --media-dir name two media stores: give one")
+    if redirect and media_url is None:
+        raise MediaConfigError("--media-redirect needs object storage (--media s3://bucket/prefix)")
+    if media_url is not None:
+        from wanpipe.serving.media_s3 import S3Media
+
+        media: MediaStore = S3Media.from_url(media_url, redirect=redirect)
+    elif media_dir is not None:
+        try:
+            media = LocalMedia(media_dir, shared=True)
+        except OSError as e:
+            raise MediaConfigError(f"--media-dir {media_dir}: cannot use it ({e.strerror or e})") from None
+    else:
+        media = LocalMedia(output_dir)
+    media.check()
+    return media
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -298,8 +353,20 @@ def _serve(
         # An address this machine does not have is bad input; a port in use is not.
         code = EXIT_BAD_INPUT if e.errno == errno.EADDRNOTAVAIL else EXIT_FAILED
         return fail(f"cannot listen on --host {args.host} --port {args.port}: {e}", code)
+    from wanpipe.serving.media_store import MediaConfigError
+
     try:
-        store = open_store(args)
+        media = open_media(
+            args.output_dir,
+            media_dir=getattr(args, "media_dir", None),
+            media_url=getattr(args, "media", None),
+            redirect=getattr(args, "media_redirect", False),
+        )
+    except MediaConfigError as e:
+        sock.close()
+        return fail(str(e), EXIT_BAD_INPUT)
+    try:
+        store = open_store(args, media)
     except (StoreLockedError, OSError, RuntimeError) as e:
         sock.close()
         return fail(str(e), EXIT_FAILED)
@@ -355,7 +422,7 @@ def _serve(
         logger.warning("listening on %s without --api-key: anyone who reaches it can use the server", host)
     print(
         f"wanpipe serve: listening on http://{shown}:{port} ({_what(args, name)}, jobs in "
-        f"{getattr(store, 'name', store.folder)})",
+        f"{getattr(store, 'name', store.folder)}, media in {media.where})",
         flush=True,
     )
     server.run(sockets=[sock])

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
-from wanpipe.media import Video
 from wanpipe.serving.job_request import job_request
+from wanpipe.serving.media_store import write_video
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import NewJob, ServeLimits
 from wanpipe.serving.resolve import resolve_job
@@ -497,14 +497,10 @@ class JobManager:
     def _save(self, job: Job, frames: np.ndarray, batch_size: int) -> None:
         """Write a job's video and thumbnail, then mark it completed (a full disk fails the job)."""
         try:
-            video = Video(frames=frames, fps=job.spec.fps or 16)
-            video.save(self.store.video_path(job.id))
-            Video(frames=frames[:1], fps=video.fps).save(self.store.thumbnail_path(job.id), format="jpg")
+            write_video(self.store.media, job.id, frames, job.spec.fps or 16)  # atomic: whole or absent
         except Exception as e:
-            for path in (self.store.video_path(job.id), self.store.thumbnail_path(job.id)):
-                path.unlink(missing_ok=True)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                message = f"the output disk is full: cannot save the video in {self.store.videos_dir}"
+                message = f"the output disk is full: cannot save the video in {self.store.media.where}"
                 self._fail(job, "disk_full", f"{message} ({e.strerror})", batch_size)
             else:
                 logger.exception("saving the video of %s failed", job.id)

@@ -13,8 +13,8 @@
   runs with the same seed wherever and however often it runs) and queues it unresolved. The queue limit
   (429) is counted in the store: it holds for the whole cluster.
 
-Videos and uploads live in ``--media-dir`` (default: ``--output-dir``), a folder every process of a
-deployment shares (an NFS or cloud file mount).
+Videos and uploads live in the media store every process of a deployment shares: ``--media-dir`` (an NFS
+or cloud file mount) or ``--media s3://bucket/prefix`` (:mod:`wanpipe.serving.media_store`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from wanpipe.serving.manager import JobManager
+    from wanpipe.serving.media_store import MediaStore
     from wanpipe.serving.schemas import ModelCard
     from wanpipe.serving.store_pg import PgJobStore
 
@@ -68,13 +69,6 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         "--output-dir: API replicas and workers share it",
     )
     p.add_argument(
-        "--media-dir",
-        type=a.output_folder,
-        default=None,
-        help="where videos and uploads are written (default: --output-dir); with --store, a folder "
-        "every API replica and worker shares",
-    )
-    p.add_argument(
         "--lease-seconds",
         type=a.number(0.5, 3600, what="seconds"),
         default=30.0,
@@ -94,14 +88,15 @@ def check_role(args: argparse.Namespace) -> str | None:
     return None
 
 
-def open_store(args: argparse.Namespace) -> JobStore:
-    """SQLite in --output-dir, or PostgreSQL at --store (StoreConfigError: one line naming it)."""
+def open_store(args: argparse.Namespace, media: MediaStore | None = None) -> JobStore:
+    """SQLite in --output-dir, or PostgreSQL at --store (StoreConfigError: one line naming it); files in
+    ``media`` (``--media-dir`` or ``--media``: ``wanpipe.serving.cli.open_media``)."""
     if not args.store:
-        return JobStore(args.output_dir)
+        return JobStore(args.output_dir, media=media)
     from wanpipe.serving.store_pg import PgJobStore
 
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # one reconnect warning per second otherwise
-    return PgJobStore(args.store, args.media_dir or args.output_dir, lease_seconds=args.lease_seconds)
+    return PgJobStore(args.store, args.output_dir, media=media, lease_seconds=args.lease_seconds)
 
 
 # -- the worker -------------------------------------------------------------------------------------------

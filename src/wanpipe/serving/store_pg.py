@@ -37,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wanpipe.serving.media_store import LocalMedia, MediaStore, array_key, input_key, write_input
 from wanpipe.serving.parsing import JobSpec
 from wanpipe.serving.store import (
     ANIMATE_ARRAY_NAMES,
@@ -116,6 +117,12 @@ def redact(url: str) -> str:
     return f"postgresql://{f'{user}@' if user else ''}{host}:{port}/{db}"
 
 
+def _input_key(job_id: str, name: str) -> str:
+    """The media key of an upload: arrays (VACE's, Animate's) as .npy, images as .png."""
+    arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
+    return array_key(job_id, name) if name in arrays else input_key(job_id, name)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0].strip()
@@ -130,6 +137,7 @@ class PgJobStore(JobStore):
         url: str,
         folder: str | os.PathLike[str],
         *,
+        media: MediaStore | None = None,
         lease_seconds: float = LEASE_SECONDS,
         max_attempts: int = MAX_ATTEMPTS,
         pool_size: int = 8,
@@ -140,10 +148,12 @@ class PgJobStore(JobStore):
         self.url = url
         self.name = redact(url)
         self.folder = Path(folder)
-        self.videos_dir = self.folder / "videos"
-        self.inputs_dir = self.folder / "inputs"
-        for d in (self.folder, self.videos_dir, self.inputs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # the processes of a deployment share the media: shared, so no process removes another's files
+        self.media = media if media is not None else LocalMedia(self.folder, shared=True)
+        root = self.media.root if isinstance(self.media, LocalMedia) else self.folder
+        self.videos_dir = root / "videos"  # the local files' folders (LocalMedia)
+        self.inputs_dir = root / "inputs"
         self._lock_file = None  # many processes share the folder: no directory lock
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = max_attempts
@@ -264,10 +274,9 @@ class PgJobStore(JobStore):
         written = []
         try:
             for name, array in (images or {}).items():
-                arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
-                path = self.array_path(job.id, name) if name in arrays else self.input_path(job.id, name)
-                self._write_input(array, path)
-                written.append(path)
+                key = _input_key(job.id, name)
+                write_input(self.media, key, array)
+                written.append(key)
             with self._connection() as conn:
                 seq = conn.execute(
                     "INSERT INTO wanpipe_jobs (id, status, model, params, batch_key, source, created_at) "
@@ -283,8 +292,8 @@ class PgJobStore(JobStore):
                     ),
                 ).fetchone()["seq"]
         except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
+            for key in written:
+                self.media.delete(key)
             raise
         return replace(job, status=JobStatus.QUEUED, seq=seq)
 
@@ -521,9 +530,7 @@ class PgJobStore(JobStore):
                     )
                     continue
                 for name, array in images.items():
-                    arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
-                    path = self.array_path(job.id, name) if name in arrays else self.input_path(job.id, name)
-                    self._write_input(array, path)
+                    write_input(self.media, _input_key(job.id, name), array)
                 conn.execute(
                     "UPDATE wanpipe_jobs SET params = %s, batch_key = %s WHERE id = %s",
                     (json.dumps(spec.to_json()), batch_key, job.id),
