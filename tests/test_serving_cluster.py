@@ -4,7 +4,8 @@ two API replicas (``--role api``, no model) and GPU-less workers (``--role worke
 One test, to start the processes once (three workers, two replicas, all at once): the worker that took
 a job is killed with ``kill -9`` in the middle of its batch (held by the step gate) and loses nothing:
 the job runs again on another worker once its lease expires (attempt count 1, same seed); then 20 jobs through both API replicas complete exactly once each, on both workers;
-then PostgreSQL restarts while jobs run: requests during the outage answer 503 with a JSON error, and
+then an image job on the text-to-video checkpoint fails on the worker (``invalid_request``); then
+PostgreSQL restarts while jobs run: requests during the outage answer 503 with a JSON error, and
 every job completes when it is back. And a bad ``--store`` exits at once with one line naming the
 database."""
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving_helpers import Gate, ServerProcess, read_mp4, wait_until
+from tests.serving_helpers import Gate, ServerProcess, png_bytes, read_mp4, wait_until
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -128,6 +129,20 @@ def test_api_replicas_and_workers_share_one_queue(
         assert all(set(run) & set(ids) for run in runs), runs  # both workers did work
         listed = {v["id"] for v in two.get("/v1/videos", params={"limit": 100}).json()["data"]}
         assert set(ids) <= listed
+
+        # -- an upload through a replica reaches the worker through the shared media; what only the engine
+        # refuses (an image on this text-to-video checkpoint) fails the job there (no 400 without a model)
+        image = {"input_reference": ("ref.png", png_bytes(32, 32), "image/png")}
+        response = two.post("/v1/videos", data={"prompt": "comes alive", "size": "32x32"}, files=image)
+        assert response.status_code == 200, response.text
+        refused = wait_until(
+            lambda: (b := one.get(f"/v1/videos/{response.json()['id']}").json())["status"] == "failed" and b,
+            60,
+            "the image job to fail",
+        )
+        assert (
+            refused["error"]["code"] == "invalid_request" and "text-to-video" in refused["error"]["message"]
+        )
 
         # -- PostgreSQL restarts while jobs run: 503 JSON during the outage, everything completes after
         later = [submit(100 + i) for i in range(4)]
