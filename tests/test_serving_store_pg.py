@@ -190,6 +190,10 @@ def test_outage_is_unavailable_then_recovers(open_store, postgres_server) -> Non
         with pytest.raises(StoreUnavailableError, match="is unavailable"):
             store.get(job.id)
         assert time.monotonic() - t0 < 8
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailableError):  # just failed: the next call does not wait again
+            store.count(JobStatus.QUEUED)
+        assert time.monotonic() - t0 < 0.5
     finally:
         postgres_server.start()
     deadline = time.monotonic() + 20

@@ -53,6 +53,7 @@ SCHEMA_VERSION = 1
 LEASE_SECONDS = 30.0
 CONNECT_TIMEOUT_S = 3
 CANCEL_POLL_S = 0.5
+RETRY_S = 1.0  # after a failure to reach the database, calls fail at once for this long (fast 503s)
 # pg_advisory_xact_lock key held while the schema is created or migrated (any constant of our own)
 SCHEMA_LOCK_KEY = 0x57414E50  # "WANP"
 
@@ -167,6 +168,7 @@ class PgJobStore(JobStore):
         self._mine_lock = threading.Lock()
         self._cancel_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._psycopg = psycopg
+        self._down: tuple[float, str] = (-RETRY_S, "")  # when the database last failed to answer, and why
         try:  # fail fast, in one line, on a bad URL, wrong credentials or an unreachable server
             with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True) as conn:
                 self._migrate(conn)
@@ -230,15 +232,18 @@ class PgJobStore(JobStore):
         from psycopg_pool import PoolTimeout
 
         psycopg = self._psycopg
+        down_at, reason = self._down
+        if time.monotonic() - down_at < RETRY_S:  # just failed: answer at once, not after another timeout
+            raise StoreUnavailableError(reason)
         try:
             with self._pool.connection() as conn:
                 conn.row_factory = dict_row
                 with conn.transaction():
                     yield conn
         except (psycopg.OperationalError, PoolTimeout) as e:
-            raise StoreUnavailableError(
-                f"the job database {self.name} is unavailable: {_first_line(e)}"
-            ) from e
+            reason = f"the job database {self.name} is unavailable: {_first_line(e)}"
+            self._down = (time.monotonic(), reason)
+            raise StoreUnavailableError(reason) from e
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
