@@ -123,8 +123,10 @@ def test_heartbeat_keeps_a_running_job(open_store) -> None:
     other = open_store(lease_seconds=0.6)
     job = worker.add(make_job())
     worker.claim_batch(1, time.time())
+    worker.progress_of = lambda: {job.id: 47}  # what the manager reports; stored with each heartbeat
     time.sleep(1.5)  # 2.5 leases: renewed by the heartbeat every 0.2 s
     assert other.claim_batch(1, time.time()) == []
+    assert other.get(job.id).progress == 47
     assert worker.get(job.id).attempts == 0
     assert worker.complete(job.id, batch_size=1, now=time.time())
 

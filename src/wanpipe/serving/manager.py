@@ -223,6 +223,11 @@ class JobManager:
                 return self._progress.get(job.id, job.progress)
         return job.progress
 
+    def running_progress(self) -> dict[str, int]:
+        """The running jobs' progress (0-95) by id: a PostgreSQL worker's heartbeat stores it for replicas."""
+        with self._state_lock:
+            return dict(self._progress)
+
     def running_batch_size(self) -> int:
         with self._state_lock:
             return len(self._running)

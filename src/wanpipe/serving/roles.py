@@ -129,6 +129,7 @@ def attach_worker(manager: JobManager, store: PgJobStore, created: int) -> None:
         return resolve_job(manager.pipe, manager.limits, new)
 
     store.resolver = resolve
+    store.progress_of = manager.running_progress
 
     def register() -> None:
         while not manager.wait_ready(1.0):

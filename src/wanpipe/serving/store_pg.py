@@ -164,6 +164,8 @@ class PgJobStore(JobStore):
         # a worker's resolution of jobs API replicas queued unresolved (batch key ""): job -> (spec, batch
         # key, uploads as resolved); InvalidRequestError fails the job (roles.attach_worker sets it)
         self.resolver: Callable[[Job], tuple[JobSpec, str, dict[str, Any]]] | None = None
+        # a worker's running jobs' progress by id, stored with each heartbeat for API replicas to show
+        self.progress_of: Callable[[], dict[str, int]] | None = None
         self._mine: set[str] = set()  # running jobs this process claimed (their leases it renews)
         self._mine_lock = threading.Lock()
         self._cancel_cache: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -450,6 +452,7 @@ class PgJobStore(JobStore):
         """Extend the leases of the jobs this process runs, and say this worker is alive."""
         with self._mine_lock:
             ids = list(self._mine)
+        progress = self.progress_of() if self.progress_of is not None else {}
         with self._connection() as conn:
             if ids:
                 conn.execute(
@@ -457,6 +460,13 @@ class PgJobStore(JobStore):
                     "AND status = 'in_progress'",
                     (now + self.lease_seconds, ids, self.worker_id),
                 )
+            for job_id, value in progress.items():
+                if job_id in ids:
+                    conn.execute(
+                        "UPDATE wanpipe_jobs SET progress = %s WHERE id = %s AND worker = %s "
+                        "AND status = 'in_progress'",
+                        (value, job_id, self.worker_id),
+                    )
             if self.models is not None:
                 card = None if self.card is None else json.dumps(self.card)
                 conn.execute(
