@@ -62,6 +62,15 @@ def postgres_server():
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (Debian's postgresql package: .ci/run installs it)")
     pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e .[test])")
+    if os.getuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip(
+                "running as root without a postgres user to run the server as (Debian's package adds it)"
+            )
     server = PostgresServer(bin_dir)
     server.start()
     yield server
