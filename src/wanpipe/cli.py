@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wanpipe import arguments as a
+from wanpipe.extend_cli import add_extend_arguments
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="output file: .mp4, .webp, .gif, a folder for PNG frames, or .png/.jpg for one frame",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_extend_arguments(p)
     add_parallel_arguments(p)
     from wanpipe.runtime.options import add_runtime_arguments
 
@@ -405,6 +407,10 @@ def _generate(
         if params["mode"] == "animate":  # the folder's background and mask are for replace mode
             found = {k: v for k, v in found.items() if k not in ("background_video", "mask_video", "mode")}
         params.update({k: v for k, v in found.items() if params[k] is None})
+    if args.extend is not None:  # continue a video (wanpipe.extend_cli): the joined video is written
+        from wanpipe.extend_cli import run_extend
+
+        return run_extend(pipe, args, params, output, first=first, load_s=load_s)
     try:
         resolved = pipe.check(WanRequest(**params))
     except (InvalidRequestError, ValueError) as e:

@@ -87,6 +87,43 @@ class WanRequest:
     mode: str | None = None  # "animate" (default) or "replace"
     segment_frame_length: int | None = None  # frames per generated segment, 4k+1 (default 77)
     prev_segment_conditioning_frames: int | None = None  # frames each segment continues from: 1 or 5
+    # Context windows for long videos (docs/long-video.md): the latent frames denoised in overlapping
+    # windows of ``context_frames`` video frames (4k+1) overlapping by ``context_overlap`` (a multiple
+    # of 4, > 0, < context_frames); None: one window, the whole video. context_schedule: one of
+    # CONTEXT_SCHEDULES (default "uniform_standard"); context_blend: one of CONTEXT_BLENDS ("linear").
+    context_frames: int | None = None
+    context_overlap: int | None = None
+    context_schedule: str | None = None
+    context_blend: str | None = None
+
+
+CONTEXT_SCHEDULES = ("uniform_standard", "uniform_looped", "static_standard")
+"""The window schedules (ComfyUI-WanVideoWrapper's names; wanpipe.stages.windows)."""
+CONTEXT_BLENDS = ("linear", "pyramid")
+"""How overlapping window predictions are weighted (wanpipe.stages.windows.window_weights)."""
+
+
+@dataclass(frozen=True)
+class ContextWindows:
+    """A request's context windows, in LATENT frames: ``frames`` per window, ``overlap`` between
+    neighbours (0 < overlap < frames), the ``schedule`` and ``blend`` names."""
+
+    frames: int
+    overlap: int
+    schedule: str = "uniform_standard"
+    blend: str = "linear"
+
+    @classmethod
+    def of(cls, request: WanRequest, temporal_stride: int = 4) -> ContextWindows | None:
+        """A (resolved) request's windows: video frames -> latent frames; None without context_frames."""
+        if request.context_frames is None:
+            return None
+        return cls(
+            (request.context_frames - 1) // temporal_stride + 1,
+            (request.context_overlap or 0) // temporal_stride,
+            request.context_schedule or CONTEXT_SCHEDULES[0],
+            request.context_blend or CONTEXT_BLENDS[0],
+        )
 
 
 @dataclass(frozen=True)
@@ -181,6 +218,8 @@ class Approximations:
     """The request's step cache ("none": off), None: the runtime options' cache."""
     cache_options: CacheOptions | None = None
     """Its resolved options (every default filled in), None with ``cache`` None."""
+    context_windows: ContextWindows | None = None
+    """Context windows (long videos), None: the whole video at once."""
 
     @classmethod
     def of(cls, request: WanRequest) -> Approximations:
@@ -191,6 +230,7 @@ class Approximations:
             request.cfg_truncation,
             request.cache,
             None if options is None else CacheOptions(options),
+            ContextWindows.of(request),
         )
 
 

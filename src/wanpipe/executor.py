@@ -346,7 +346,8 @@ class WanExecutor:
         )
         h, w = inputs.latents.shape[3:]
         image = inputs.condition_pixels is not None
-        cache = self._make_cache(inputs.approximations, latent_size=(h, w), image=image)
+        windows = inputs.approximations.context_windows
+        cache = None if windows else self._make_cache(inputs.approximations, latent_size=(h, w), image=image)
         report.guided_steps = guidance.steps
         report.attention = self._attention_report(latents, text)
         self.runner.compile_s = 0.0
@@ -367,6 +368,7 @@ class WanExecutor:
                 noise=None
                 if inputs.noise_states is None
                 else StepNoise.from_states(inputs.noise_states, device),
+                windows=windows,
             )
         report.compile_s = self.runner.compile_s
         self.last_cache_stats = None if cache is None else cache.stats

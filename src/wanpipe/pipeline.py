@@ -433,6 +433,10 @@ class WanPipeline:
         mode: str | None = None,
         segment_frame_length: int | None = None,
         prev_segment_conditioning_frames: int | None = None,
+        context_frames: int | None = None,
+        context_overlap: int | None = None,
+        context_schedule: str | None = None,
+        context_blend: str | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -460,7 +464,7 @@ class WanPipeline:
         ``segment_frame_length`` frames (default 77) that continue from the last
         ``prev_segment_conditioning_frames`` (1 or 5) of the one before.
         ``wanpipe.animate_request.preprocessed_inputs(folder)`` gives these from the original
-        preprocessing script's folder.
+        preprocessing script's folder. Long videos: ``context_*`` (docs/long-video.md, context windows).
         """
         request = WanRequest(
             prompt=prompt,
@@ -496,8 +500,18 @@ class WanPipeline:
             mode=mode,
             segment_frame_length=segment_frame_length,
             prev_segment_conditioning_frames=prev_segment_conditioning_frames,
+            context_frames=context_frames,
+            context_overlap=context_overlap,
+            context_schedule=context_schedule,
+            context_blend=context_blend,
         )
         return self.generate_batch([request], callback=callback, progress=progress)[0]
+
+    def extend(self, video: Any, prompt: str, num_frames: int | None = None, **kwargs: Any) -> Video:
+        """Continue ``video`` with ``num_frames`` new frames: :func:`wanpipe.extend.extend_video`."""
+        from wanpipe.extend import extend_video
+
+        return extend_video(self, video, prompt, num_frames, **kwargs)
 
     def check(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request

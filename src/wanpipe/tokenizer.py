@@ -36,6 +36,7 @@ from wanpipe.presets import apply_preset
 from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, generator_state, make_schedule, seeded_generator
 from wanpipe.text_tokenizer import WanTextTokenizer
 from wanpipe.vace_request import refuse_vace, resolve_vace, vace_conditioning
+from wanpipe.window_request import WINDOW_FIELDS, resolve_windows
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ class WanTokenizer:
             timesteps=timesteps,
             **self._cache(request, height, width, media),
             **media,
+            **resolve_windows(request, arch, media["num_frames"]),
         )
 
     def _sampling(self, request: WanRequest) -> tuple[str, list[float] | None, list[float] | None]:
@@ -311,6 +313,7 @@ class WanTokenizer:
             request.mode,
             request.segment_frame_length,
             request.prev_segment_conditioning_frames,
+            *(getattr(request, name) for name in WINDOW_FIELDS),
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:

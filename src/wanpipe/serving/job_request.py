@@ -90,6 +90,10 @@ def job_request(
         mode=spec.mode,
         segment_frame_length=spec.segment_frame_length,
         prev_segment_conditioning_frames=spec.prev_segment_conditioning_frames,
+        context_frames=spec.context_frames,
+        context_overlap=spec.context_overlap,
+        context_schedule=spec.context_schedule,
+        context_blend=spec.context_blend,
     )
 
 

@@ -45,6 +45,7 @@ from wanpipe.serving.openapi_fields import (
     string_schema,
     text_schema,
     vace_properties,
+    window_properties,
 )
 from wanpipe.serving.parsing import (
     VIDEO_CREATE_FIELDS,
@@ -193,6 +194,7 @@ def video_create_schema(
             }
     properties.update(vace_properties(form))
     properties.update(animate_properties(form, json=json))
+    properties.update(window_properties(json=json))
     assert set(properties) - {"input_reference[image_url]", "last_image[image_url]"} == set(
         VIDEO_CREATE_FIELDS
     )

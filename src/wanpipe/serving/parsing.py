@@ -11,7 +11,8 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
   or one per VACE layer; in a form ``X`` or ``X,Y,...``), and Wan2.2-Animate's ``pose_video``,
   ``face_video``, ``background_video``, ``mask_video`` (videos: multipart files or JSON data URLs),
   ``mode``, ``segment_frame_length`` and ``prev_segment_conditioning_frames`` (``input_reference`` is the
-  character there).
+  character there), and the context windows of long videos: ``context_frames``, ``context_overlap``,
+  ``context_schedule``, ``context_blend``.
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -66,6 +67,7 @@ from wanpipe.serving.uploads import (
     parse_image,
     parse_video,
 )
+from wanpipe.window_request import WINDOW_FIELDS
 
 # ---------------------------------------------------------------------------------------------------------
 # What a server accepts
@@ -145,6 +147,11 @@ class JobSpec:
     prev_segment_conditioning_frames: int | None = None
     # LoRA per request (--lora-dir): (name, scale) pairs sorted by name; () is none
     loras: tuple[tuple[str, float], ...] = ()
+    # Context windows (long videos, docs/long-video.md): as the client gave them, video frames
+    context_frames: int | None = None
+    context_overlap: int | None = None
+    context_schedule: str | None = None
+    context_blend: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -219,6 +226,7 @@ VIDEO_CREATE_FIELDS = (
     "segment_frame_length",
     "prev_segment_conditioning_frames",
     "loras",
+    *WINDOW_FIELDS,
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -359,6 +367,10 @@ def parse_video_create(
         segment_frame_length=opt("segment_frame_length", parse_int, 1),
         prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
         loras=opt("loras", parse_loras) or (),
+        context_frames=opt("context_frames", parse_int, 1),
+        context_overlap=opt("context_overlap", parse_int, 1),
+        context_schedule=opt("context_schedule", parse_str),
+        context_blend=opt("context_blend", parse_str),
     )
     return NewJob(
         spec,

@@ -8,16 +8,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from wanpipe.context import ContextWindows
 from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import StepCache
 from wanpipe.schedulers import Schedule, StepNoise, new_state, step
 from wanpipe.stages.conditioning import Conditioning
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.text import TextContext
+from wanpipe.stages.windows import windowed_forward
 
 StepCallback = Callable[[int, int, float], None]
 """Called after each denoising step with (step index, number of steps, timestep)."""
@@ -83,10 +86,12 @@ def denoise(
     should_cancel: Callable[[], bool] | None = None,
     cancelled_rows: Callable[[], Collection[int]] | None = None,
     noise: StepNoise | None = None,
+    windows: ContextWindows | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Run every step of ``plan`` from the initial ``latents`` (B, C, f, h, w) float32 -> (the denoised
     latents (B', C, f, h, w) after ``conditioning.finish``, the batch rows they are). ``noise``: the
-    rows' generators of fresh step noise (LCM, DMD: where ``schedule.needs_noise(i)``).
+    rows' generators of fresh step noise (LCM, DMD: where ``schedule.needs_noise(i)``); ``windows``: the
+    DiT runs per context window (:func:`~wanpipe.stages.windows.windowed_forward`), None: once.
 
     ``should_cancel()`` True stops the whole batch (CancelledError); ``cancelled_rows()`` names rows
     (indices as given) whose work stops at the next step: they are dropped from every per-row tensor,
@@ -127,11 +132,11 @@ def denoise(
             streams = {"cond": slice(0, batch)}
             if guided:
                 streams["uncond"] = slice(batch, 2 * batch)
-            pred = runner.forward(
+            dit = partial(  # the step's one DiT call: on the whole input, or per context window
+                runner.forward,
                 experts.get(which),
-                model_input,
-                conditioning.timestep(plan.timesteps[i], model_input.shape[0]),
-                context,
+                timestep=conditioning.timestep(plan.timesteps[i], model_input.shape[0]),
+                context=context,
                 text_bias=bias,
                 cache=cache,
                 streams=streams,
@@ -140,6 +145,7 @@ def denoise(
                 expert=which,
                 **conditioning.dit_kwargs(guided),
             )
+            pred = windowed_forward(windows, i, model_input, dit)
             noise_pred = guidance.combine(pred, batch, which) if guided else pred
             latents = step(schedule, state, i, noise_pred, latents, fresh)
             if callback is not None:
