@@ -75,6 +75,7 @@ from wanpipe.serving.schemas import (
     VideoParameters,
 )
 from wanpipe.serving.store import Job, JobStatus
+from wanpipe.serving.store_pg import StoreUnavailableError
 
 logger = logging.getLogger("wanpipe.serving")
 
@@ -401,11 +402,18 @@ async def create_response(request: Request) -> Response:
 async def list_models(request: Request) -> JSONResponse:
     manager = _manager(request)
     _require_ready(manager)
+    cards = getattr(manager, "model_cards", None)  # an API replica (--role api): its live workers' cards
+    data = cards() if cards is not None else [model_card(manager, request.app.state.started_at)]
+    return JSONResponse(ModelList(data=data).model_dump(mode="json"))
+
+
+def model_card(manager: JobManager, created: int) -> ModelCard:
+    """The /v1/models card of the model a manager runs (loaded)."""
     arch = manager.pipe.arch
     d, lim = arch.defaults, manager.limits
-    card = ModelCard(
+    return ModelCard(
         id=manager.model_name,
-        created=request.app.state.started_at,
+        created=created,
         task=arch.variant.task,
         defaults={
             "height": d.height,
@@ -426,7 +434,6 @@ async def list_models(request: Request) -> JSONResponse:
         },
         presets=[PresetCard(**p.card(), fits_model=p.fits_checkpoint(arch)) for p in PRESETS.values()],
     )
-    return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
 
 
 @v1.get("/loras", response_model=LoraList, responses=errors(401))
@@ -549,6 +556,10 @@ def create_app(
             headers["Allow"] = ", ".join(allowed)
             message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
         return _error_response(e.status_code, message, codes.get(e.status_code), headers)
+
+    @app.exception_handler(StoreUnavailableError)
+    async def on_store_down(request: Request, e: StoreUnavailableError) -> JSONResponse:
+        return _error_response(503, str(e), "store_unavailable", {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, e: Exception) -> JSONResponse:

@@ -106,6 +106,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_parallel_arguments(p)
     add_media_arguments(p)
+    from wanpipe.serving.roles import add_cluster_arguments
+
+    add_cluster_arguments(p)
 
 
 def add_media_arguments(p: argparse.ArgumentParser) -> None:
@@ -303,7 +306,14 @@ def _serve(
     from wanpipe.serving.app import create_app
     from wanpipe.serving.manager import JobManager
     from wanpipe.serving.parsing import ServeLimits
-    from wanpipe.serving.store import JobStore, StoreLockedError
+    from wanpipe.serving.roles import (
+        ApiFront,
+        attach_worker,
+        check_role,
+        open_store,
+        restrict_to_worker_routes,
+    )
+    from wanpipe.serving.store import StoreLockedError
 
     serving_logger = logging.getLogger("wanpipe.serving")
     if not logging.getLogger().handlers:
@@ -312,7 +322,10 @@ def _serve(
         serving_logger.setLevel(logging.INFO)
 
     fail = _fail
-    model = _model(args)
+    problem = check_role(args)
+    if problem is not None:
+        return fail(problem, EXIT_BAD_INPUT)
+    model = _model(args) if args.role != "api" else ""
     name = args.served_model_name or (args.model if args.model is not None else "wanpipe-demo")
     aliases = tuple({str(model), Path(str(model)).name} - {name})
     try:
@@ -356,7 +369,7 @@ def _serve(
         sock.close()
         return fail(str(e), EXIT_BAD_INPUT)
     try:
-        store = JobStore(args.output_dir, media=media)
+        store = open_store(args, media)
     except (StoreLockedError, OSError, RuntimeError) as e:
         sock.close()
         return fail(str(e), EXIT_FAILED)
@@ -375,17 +388,24 @@ def _serve(
         from wanpipe.serving.distributed import BatchLeader
 
         leader = BatchLeader()
-    manager = JobManager(
-        store,
-        load,
-        model_name=name,
-        model_aliases=aliases,
-        limits=limits,
-        on_fatal=on_fatal,
-        leader=leader,
-        loras=loras,
-    )
+    if args.role == "api":
+        manager = ApiFront(store, limits=limits)
+    else:
+        manager = JobManager(
+            store,
+            load,
+            model_name=name,
+            model_aliases=aliases,
+            limits=limits,
+            on_fatal=on_fatal,
+            leader=leader,
+            loras=loras,
+        )
     app = create_app(manager, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
+    if args.store and args.role != "api":  # a worker of the shared queue (also "all" on PostgreSQL)
+        attach_worker(manager, store, app.state.started_at)
+    if args.role == "worker":
+        restrict_to_worker_routes(app)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -404,7 +424,8 @@ def _serve(
     if not _is_loopback(host) and not args.api_key:
         logger.warning("listening on %s without --api-key: anyone who reaches it can use the server", host)
     print(
-        f"wanpipe serve: listening on http://{shown}:{port} (model {name}, jobs in {store.folder}, media in {media.where})",
+        f"wanpipe serve: listening on http://{shown}:{port} ({_what(args, name)}, jobs in "
+        f"{getattr(store, 'name', store.folder)}, media in {media.where})",
         flush=True,
     )
     server.run(sockets=[sock])
@@ -414,6 +435,12 @@ def _serve(
     if manager.fatal_error is not None:
         return fail(f"stopped after a failure under torchrun: {manager.fatal_error}", EXIT_FAILED)
     return 0
+
+
+def _what(args: argparse.Namespace, name: str) -> str:
+    if args.role == "api":
+        return "API replica: the workers' models"
+    return f"model {name}" if args.role == "all" else f"worker, model {name}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -296,6 +296,16 @@ class JobStore:
             raise
         return replace(job, status=JobStatus.QUEUED, seq=cursor.lastrowid)
 
+    def add_if_room(self, job: Job, images: dict[str, np.ndarray] | None, max_queue: int) -> Job | None:
+        """:meth:`add` unless ``max_queue`` jobs already wait (None then); one process owns this store, so
+        the caller's lock makes the count and the insert one step."""
+        return None if self.count(JobStatus.QUEUED) >= max_queue else self.add(job, images)
+
+    def cancelled(self, job_ids: frozenset[str]) -> frozenset[str]:
+        """Running jobs deleted by another process: none here (one process owns the store; its DELETE
+        reaches the worker in memory). The PostgreSQL store reads them from the database."""
+        return frozenset()
+
     def get(self, job_id: str) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return self._job(rows[0]) if rows else None
