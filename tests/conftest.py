@@ -51,3 +51,33 @@ def dit_rows(wan_pipe, monkeypatch) -> list[int]:
 
     monkeypatch.setattr(runner, "forward", counted)
     return rows
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL (tests/postgres.py), started once per session; skipped without its binaries."""
+    from tests.postgres import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (Debian's postgresql package: .ci/run installs it)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e .[test])")
+    if os.getuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip(
+                "running as root without a postgres user to run the server as (Debian's package adds it)"
+            )
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL."""
+    return postgres_server.new_database()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,9 +39,17 @@ LIMITS = ServeLimits(max_queue=10, max_batch=4, max_pixels=64 * 64, max_frames=1
 MAX_BODY = 256 * 1024
 
 
-@pytest.fixture(scope="module")
-def server(wan_pipe, tmp_path_factory):
-    store = JobStore(tmp_path_factory.mktemp("serve") / "out")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, wan_pipe, tmp_path_factory):
+    """The server on the default SQLite store, and on the PostgreSQL store (the same API, the same
+    answers: every test of this module runs on both)."""
+    folder = tmp_path_factory.mktemp("serve") / "out"
+    if request.param == "sqlite":
+        store = JobStore(folder)
+    else:
+        from wanpipe.serving.store_pg import PgJobStore
+
+        store = PgJobStore(request.getfixturevalue("postgres_server").new_database(), folder)
     manager = JobManager(store, lambda: wan_pipe, model_name="wan-tiny", limits=LIMITS)
     app = create_app(manager, api_key=API_KEY, max_body_bytes=MAX_BODY)
     with ThreadServer(app) as srv:
@@ -561,6 +570,27 @@ def test_delete_cancels_a_running_job_at_the_next_step(server, http, gate, dit_r
     assert http.get(f"/v1/videos/{job['id']}").json()["status"] == "in_progress"
     assert http.delete(f"/v1/videos/{job['id']}").json()["deleted"] is True
     assert_error(http.get(f"/v1/videos/{job['id']}"), 404)
+    gate.open()
+    wait_until(lambda: manager.running_batch_size() == 0, 60, "the worker to drop the cancelled batch", 0.01)
+    assert len(dit_rows) == 3  # the fourth step never ran
+    assert not manager.store.video_path(job["id"]).exists()
+
+
+def test_delete_on_another_replica_cancels_at_the_next_step(server, http, gate, dit_rows, tmp_path) -> None:
+    """PostgreSQL: the row deleted by another process (an API replica) stops the work at the next step."""
+    manager = server.manager
+    if not hasattr(manager.store, "url"):
+        pytest.skip("one process owns a SQLite store: its DELETE is the test above")
+    from wanpipe.serving.store_pg import CANCEL_POLL_S, PgJobStore
+
+    job = http.post("/v1/videos", json={"prompt": "a long one", **SMALL, "num_inference_steps": 10}).json()
+    gate.hold_at(3)  # three steps done, the worker held before the fourth
+    replica = PgJobStore(manager.store.url, tmp_path / "replica")
+    try:
+        assert replica.delete(job["id"]).status == JobStatus.IN_PROGRESS
+    finally:
+        replica.close()
+    time.sleep(CANCEL_POLL_S + 0.1)  # the worker reads the deleted rows at most this often
     gate.open()
     wait_until(lambda: manager.running_batch_size() == 0, 60, "the worker to drop the cancelled batch", 0.01)
     assert len(dit_rows) == 3  # the fourth step never ran

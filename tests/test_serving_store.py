@@ -28,9 +28,15 @@ def make_job(key: str = "k1", model: str = "m", **spec) -> Job:
     )
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = JobStore(tmp_path / "out")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """The default SQLite store, and the PostgreSQL one on a fresh database (same semantics)."""
+    if request.param == "sqlite":
+        s = JobStore(tmp_path / "out")
+    else:
+        from wanpipe.serving.store_pg import PgJobStore
+
+        s = PgJobStore(request.getfixturevalue("postgres_url"), tmp_path / "out")
     yield s
     s.close()
 
@@ -105,9 +111,11 @@ def test_recover_after_a_crash(tmp_path: Path) -> None:
     store.close()
 
 
-def test_one_server_per_output_dir(store: JobStore) -> None:
+def test_one_server_per_output_dir(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "out")
     with pytest.raises(StoreLockedError, match="another wanpipe serve"):
         JobStore(store.folder)
+    store.close()
 
 
 # -- request parsing -------------------------------------------------------------------------------------

@@ -29,8 +29,7 @@ MAX_SEED = 2**63 - 1
 """The largest seed (``torch.Generator.manual_seed`` takes a signed 64-bit integer)."""
 
 MAX_STEPS = 1000
-"""The most denoising steps: the schedulers' 1000 training timesteps (UniPC's integer timesteps repeat
-beyond that)."""
+"""The most denoising steps: the 1000 training timesteps (UniPC's integer timesteps repeat beyond)."""
 
 SAMPLER_NAMES = ("unipc", "euler", "lcm", "dmd")
 """``--sampler`` values (``wanpipe.schedulers.SAMPLERS``; this floor imports nothing of wanpipe)."""
@@ -551,9 +550,13 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
         integer(1, what="1 or 5", valid=lambda n: n in (1, 5)),
         "Animate: frames each segment continues from, 1 or 5 (default 1)",
     ),
+    ("context_frames", "--context-frames", integer(1), "long videos: window length, 4k+1 video frames"),
+    ("context_overlap", "--context-overlap", integer(1), "long videos: frames windows share, 4k"),
+    ("context_schedule", "--context-schedule", str, "uniform_standard, uniform_looped or static_standard"),
+    ("context_blend", "--context-blend", str, "long videos: window weights, linear (default) or pyramid"),
+    ("decoder", "--decoder", choice(("vae", "tiny"), "decoder"), "vae, or tiny: TAEHV (needs --tiny-vae)"),
 )
-"""``wanpipe generate``'s request flags: (``WanRequest`` field, flag, ``type=``, help); each defaults to
-None, the model's default (``--prompt`` is required)."""
+"""``generate``'s request flags: (WanRequest field, flag, type=, help), default None (``--prompt`` required)."""
 
 REQUEST_ALIASES: dict[str, tuple[str, ...]] = {"video": ("--control-video",)}
 """More flags for a request field (the first flag of ``REQUEST_ARGUMENTS`` names it in messages)."""

@@ -16,6 +16,7 @@ from wanpipe import arguments as a
 from wanpipe.context import DEFAULT_PREVIEW_EVERY, Preview
 from wanpipe.extend_cli import add_extend_arguments
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
+from wanpipe.weights.taehv import add_tiny_vae_argument
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +53,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "with random weights is made once in the cache: its video is noise, it shows the tool works.",
     )
     a.add_model_arguments(p)
+    add_tiny_vae_argument(p)
     for field, flag, kind, text in a.REQUEST_ARGUMENTS:
         p.add_argument(
             flag,
@@ -231,13 +233,13 @@ def _fail(message: str, code: int) -> int:
     return a.fail("wanpipe", message, code)
 
 
-_COMPONENT = re.compile(r"^(transformer_2|transformer|vae|text_encoder|image_encoder|tokenizer): ")
+_COMPONENT = re.compile(r"^(transformer_2|transformer|vae|text_encoder|image_encoder|tokenizer|tiny_vae): ")
 
 
 def _load_error(error: Exception, model: str | None, flag: str = "--model") -> str:
     """A checkpoint that does not load, with the flag that named it: ``--model: ...``, ``--vae: ...``."""
     text = str(error)
-    if model is not None:
+    if model is not None and not text.startswith("tiny_vae: "):
         return f"{flag}: {text}"
     return _COMPONENT.sub(lambda m: f"--{m[1].replace('_', '-')}: ", text)
 
@@ -384,6 +386,7 @@ def _generate(
             runtime=options_from_args(args),
             parallel=parallel,
             vae_halo=vae_halo(args) if parallel is not None else None,
+            tiny_vae=args.tiny_vae,
         )
         if model is None:
             if args.sigma_grid is not None:
@@ -460,7 +463,7 @@ def _generate(
     save_s = time.perf_counter() - t1
     print(
         f"wrote {path} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps:g} fps, "
-        f"seed {video.seed})"
+        f"seed {video.seed}{', decoder tiny' if video.decoder == 'tiny' else ''})"
     )
     t = video.timings
     print(

@@ -14,6 +14,7 @@ import json
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -87,14 +88,79 @@ class WanRequest:
     mode: str | None = None  # "animate" (default) or "replace"
     segment_frame_length: int | None = None  # frames per generated segment, 4k+1 (default 77)
     prev_segment_conditioning_frames: int | None = None  # frames each segment continues from: 1 or 5
+    # Context windows for long videos (docs/long-video.md): the latent frames denoised in overlapping
+    # windows of ``context_frames`` video frames (4k+1) overlapping by ``context_overlap`` (a multiple
+    # of 4, > 0, < context_frames); None: one window, the whole video. context_schedule: one of
+    # CONTEXT_SCHEDULES (default "uniform_standard"); context_blend: one of CONTEXT_BLENDS ("linear").
+    context_frames: int | None = None
+    context_overlap: int | None = None
+    context_schedule: str | None = None
+    context_blend: str | None = None
+    # The final decode (DECODERS): "vae" (None: the same) the full VAE, "tiny" the tiny autoencoder TAEHV
+    # (loaded with --tiny-vae / pipe.load_tiny_vae: much faster, lower quality; docs/tiny-decoder.md).
+    decoder: str | None = "vae"
     # Live previews (docs/previews.md): one every this many steps (and at the last), when the caller asks
     # for them (a ``preview`` callback); None: DEFAULT_PREVIEW_EVERY.
     preview_every: int | None = None
 
 
+CONTEXT_SCHEDULES = ("uniform_standard", "uniform_looped", "static_standard")
+"""The window schedules (ComfyUI-WanVideoWrapper's names; wanpipe.stages.windows)."""
+CONTEXT_BLENDS = ("linear", "pyramid")
+"""How overlapping window predictions are weighted (wanpipe.stages.windows.window_weights)."""
+
+
+@dataclass(frozen=True)
+class ContextWindows:
+    """A request's context windows, in LATENT frames: ``frames`` per window, ``overlap`` between
+    neighbours (0 < overlap < frames), the ``schedule`` and ``blend`` names."""
+
+    frames: int
+    overlap: int
+    schedule: str = "uniform_standard"
+    blend: str = "linear"
+
+    @classmethod
+    def of(cls, request: WanRequest, temporal_stride: int = 4) -> ContextWindows | None:
+        """A (resolved) request's windows: video frames -> latent frames; None without context_frames."""
+        if request.context_frames is None:
+            return None
+        return cls(
+            (request.context_frames - 1) // temporal_stride + 1,
+            (request.context_overlap or 0) // temporal_stride,
+            request.context_schedule or CONTEXT_SCHEDULES[0],
+            request.context_blend or CONTEXT_BLENDS[0],
+        )
+
+
+DECODERS: tuple[str, ...] = ("vae", "tiny")
+
+
+def resolve_decoder(decoder: Any) -> str:
+    """A request's decoder, None -> "vae"; InvalidRequestError (param ``decoder``) unless one of
+    :data:`DECODERS`."""
+    if decoder is None:
+        return "vae"
+    if decoder not in DECODERS:
+        raise InvalidRequestError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}", "decoder")
+    return decoder
+
+
 DEFAULT_PREVIEW_EVERY = 2
 """Steps between live previews when a request gives none: on the CPU mid-size case the linear preview costs
 0.5% of a step, 1.5% with its WebP encode, at every step; 0.7% at every second (bench/bench_preview.py)."""
+
+
+def resolve_preview_every(value: Any) -> int:
+    """A request's ``preview_every``, None -> :data:`DEFAULT_PREVIEW_EVERY`; InvalidRequestError (param
+    ``preview_every``) unless a whole number >= 1."""
+    if value is None:
+        return DEFAULT_PREVIEW_EVERY
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise InvalidRequestError(
+            f"preview_every must be a whole number of steps, at least 1, got {value!r}", "preview_every"
+        )
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -207,6 +273,10 @@ class Approximations:
     """The request's step cache ("none": off), None: the runtime options' cache."""
     cache_options: CacheOptions | None = None
     """Its resolved options (every default filled in), None with ``cache`` None."""
+    context_windows: ContextWindows | None = None
+    """Context windows (long videos), None: the whole video at once."""
+    decoder: str = "vae"
+    """The final decode: "vae" or "tiny" (TAEHV; rows of the two never share a batch)."""
 
     @classmethod
     def of(cls, request: WanRequest) -> Approximations:
@@ -217,6 +287,8 @@ class Approximations:
             request.cfg_truncation,
             request.cache,
             None if options is None else CacheOptions(options),
+            ContextWindows.of(request),
+            request.decoder or "vae",
         )
 
 

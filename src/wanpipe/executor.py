@@ -25,6 +25,7 @@ import contextlib
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,7 @@ import torch
 from wanpipe.batch import WanExecutorInputs, collate
 from wanpipe.context import Approximations, InvalidRequestError, WanContext
 from wanpipe.models.image_encoder import WanImageEncoder
+from wanpipe.models.taehv import TAEHV
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.vae import WanVAE
@@ -46,12 +48,13 @@ from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import StepCache, teacache_coefficients, teacache_variant
 from wanpipe.schedulers import StepNoise
 from wanpipe.stages.conditioning import ConditionEncoders, Conditioning, prepare_conditioning
-from wanpipe.stages.decode import decode
+from wanpipe.stages.decode import check_decoder, decode, decode_tiny
 from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepPlan, denoise, guided_steps
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.placement import Placement
-from wanpipe.stages.preview import PreviewPlan, PreviewSink, StepPreview, preview_decoder
+from wanpipe.stages.preview import PreviewPlan, PreviewSink, StepPreview, preview_sink
 from wanpipe.stages.text import TextContext, TextStage
+from wanpipe.weights.taehv import load_taehv
 
 if TYPE_CHECKING:
     from wanpipe.parallel.mesh import ParallelMesh
@@ -90,14 +93,16 @@ class Timings:
 @dataclass
 class WanExecutorOutputs:
     """frames (B', F, H, W, 3) float32 in [0, 1]: the decoder's output before any 8-bit rounding;
-    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch)."""
+    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch); ``decoder``: what
+    decoded them, "vae" or "tiny" (TAEHV)."""
 
     frames: torch.Tensor
     timings: Timings = field(default_factory=Timings)
     rows: list[int] = field(default_factory=list)
+    decoder: str = "vae"
 
     def to(self, device: torch.device | str) -> WanExecutorOutputs:
-        return WanExecutorOutputs(self.frames.to(device), self.timings, self.rows)
+        return WanExecutorOutputs(self.frames.to(device), self.timings, self.rows, self.decoder)
 
 
 class WanExecutor:
@@ -145,6 +150,7 @@ class WanExecutor:
             self.transformer.config.vace_layers,
         )
         self.vae_halo: int | None = None
+        self.tiny_vae: TAEHV | None = None  # decoder="tiny" (load_tiny_vae)
         self.last_cache_stats = None
         self.set_runtime(runtime or RuntimeOptions())
         if parallel is not None:
@@ -292,7 +298,8 @@ class WanExecutor:
     ) -> None:
         """Raise InvalidRequestError for a request's approximations this executor cannot run: a step
         cache without the model data it needs (TeaCache's coefficients, MagCache's ratios), or any
-        step cache on a parallel run."""
+        step cache on a parallel run; ``decoder="tiny"`` without a loaded TAEHV."""
+        check_decoder(approximations.decoder, self.tiny_vae)
         self._make_cache(approximations, latent_size, image)
         self.check_parallel(approximations)
 
@@ -348,7 +355,8 @@ class WanExecutor:
         )
         h, w = inputs.latents.shape[3:]
         image = inputs.condition_pixels is not None
-        cache = self._make_cache(inputs.approximations, latent_size=(h, w), image=image)
+        windows = inputs.approximations.context_windows
+        cache = None if windows else self._make_cache(inputs.approximations, latent_size=(h, w), image=image)
         report.guided_steps = guidance.steps
         report.attention = self._attention_report(latents, text)
         self.runner.compile_s = 0.0
@@ -369,6 +377,7 @@ class WanExecutor:
                 noise=None
                 if inputs.noise_states is None
                 else StepNoise.from_states(inputs.noise_states, device),
+                windows=windows,
                 preview=preview,
             )
         report.compile_s = self.runner.compile_s
@@ -383,8 +392,17 @@ class WanExecutor:
                 report.cache_calibration = {k: list(v) for k, v in cache.calibration.items()}
         return latents, rows
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The decode stage: denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]."""
+    def load_tiny_vae(self, path_or_id: str | Path | None, latent_channels: int) -> None:
+        """TAEHV for ``decoder="tiny"`` on the device in the VAE's dtype (None: none; :func:`load_taehv`)."""
+        self.tiny_vae = (
+            load_taehv(path_or_id, self.device, self.vae_dtype, latent_channels) if path_or_id else None
+        )
+
+    def decode(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
+        """The decode stage: denoised latents (B, z, f, h, w) -> frames (B, F, H, W, 3) float32 in [0, 1]
+        through the VAE, or TAEHV for ``decoder="tiny"``."""
+        if decoder == "tiny":
+            return decode_tiny(self.tiny_vae, latents, self.placement, self.runtime.vae_chunk_frames)
         return decode(
             self.vae,
             latents,
@@ -507,22 +525,21 @@ class WanExecutor:
         ``should_cancel()`` True stops the batch (CancelledError); ``cancelled_rows()`` names rows whose
         work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made).
         ``preview``: live previews of the rows (:mod:`~wanpipe.stages.preview`)."""
-        timings = Timings()
+        timings, decoder = Timings(), inputs.approximations.decoder
+        check_decoder(decoder, self.tiny_vae)
         with self._stage(timings, "text_encode_s"):
             text = self.encode_text(inputs)
         with self._stage(timings, "condition_s"):
             conditioning, noise = self.condition(inputs)
-        sink = None
-        if preview is not None:  # the linear decoder or the tiny VAE (runtime.preview_decoder)
-            choice, tiny = self.runtime.preview_decoder, getattr(self, "tiny_vae", None)
-            decoder = preview_decoder(choice, self.vae.config.z_dim, tiny, self.device)
-            sink = PreviewSink(preview, decoder, self.vae.config.temporal_stride, self.device)
+        sink = preview_sink(
+            preview, self.runtime.preview_decoder, self.vae.config, self.tiny_vae, self.device
+        )
         with sink or contextlib.nullcontext():
             frames, rows = self._segments(
                 inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows, sink
             )
         timings.denoise_s -= timings.compile_s  # the compile warm-up is reported apart
-        return WanExecutorOutputs(frames=frames, timings=timings, rows=rows)
+        return WanExecutorOutputs(frames=frames, timings=timings, rows=rows, decoder=decoder)
 
     def _segments(
         self,
@@ -571,7 +588,7 @@ class WanExecutor:
                 rows, pieces = [rows[k] for k in kept], [p[kept] for p in pieces]
                 conditioning, text, inputs = conditioning.select(kept), text.select(kept), inputs.select(kept)
             with self._stage(timings, "decode_s"):
-                frames = self.decode(latents)
+                frames = self.decode(latents, inputs.approximations.decoder)
                 del latents
             pieces.append(conditioning.new_frames(index, frames))
         timings.compile_s = compile_s

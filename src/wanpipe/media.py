@@ -139,6 +139,7 @@ class Video:
     fps: float
     seed: int | None = None  # the seed that drew the initial noise, when a pipeline made the video
     timings: dict[str, float] | None = None  # seconds per stage, when a pipeline made the video
+    decoder: str | None = None  # what decoded it, when a pipeline made it: "vae" or "tiny" (TAEHV)
 
     def __post_init__(self) -> None:
         self.frames = _check_frames(self.frames)

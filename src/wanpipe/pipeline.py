@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, replace
@@ -55,22 +54,6 @@ class WanOutOfMemoryError(RuntimeError):
     """Generation ran out of device memory; the message names the options that lower memory."""
 
 
-def shared_seed(seed: int | None) -> int | None:
-    """The seed every rank of a torch.distributed job uses: ``seed`` when given; else, when a
-    process group of more than one rank is initialised, one drawn by rank 0 and broadcast (a
-    collective: every rank calls it), so that all ranks draw the same noise. Otherwise None (the
-    tokenizer draws one)."""
-    import torch.distributed as dist
-
-    if seed is not None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return seed
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    drawn = secrets.randbelow(2**31) if dist.get_rank() == 0 else 0
-    value = torch.tensor([drawn], dtype=torch.int64, device=device)
-    dist.broadcast(value, src=0)
-    return int(value.item())
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -89,7 +72,7 @@ class LoadOptions(TypedDict, total=False):
     plain path); with offload the weights load into host memory and visit the device only while they
     run. ``parallel``: the layout of a torch.distributed run (:class:`~wanpipe.parallel.mesh.ParallelConfig`,
     checked against the world and the model's heads), with ``vae_halo`` latent rows for a decode split
-    by bands (None: whole on every rank)."""
+    by bands (None: whole on every rank). ``tiny_vae``: TAEHV for ``decoder="tiny"`` (:meth:`load_tiny_vae`)."""
 
     vae_dtype: str | torch.dtype | None
     experts: str
@@ -98,6 +81,7 @@ class LoadOptions(TypedDict, total=False):
     runtime: RuntimeOptions | None
     parallel: ParallelConfig | None
     vae_halo: int | None
+    tiny_vae: str | Path | None
 
 
 class WanPipeline:
@@ -204,6 +188,7 @@ class WanPipeline:
         runtime: RuntimeOptions | None = None,
         parallel: ParallelConfig | None = None,
         vae_halo: int | None = None,
+        tiny_vae: str | Path | None = None,
     ) -> WanPipeline:
         """Build every module on the meta device and assign the weights of ``weights`` (runtime names);
         without ``load_text_encoder`` the executor gets no text encoder (see :meth:`from_pretrained`)."""
@@ -313,6 +298,7 @@ class WanPipeline:
             parallel=mesh,
             vae_halo=vae_halo,
         )
+        executor.load_tiny_vae(tiny_vae, arch.vae.z_dim)
         return cls(arch, WanTokenizer(arch, text_tokenizer), executor)
 
     # -- how it runs ------------------------------------------------------------------------------
@@ -331,6 +317,10 @@ class WanPipeline:
                 parallel, num_heads=self.executor.transformer.config.num_attention_heads
             )
         self.executor.enable_parallel(mesh, vae_halo=vae_halo)
+
+    def load_tiny_vae(self, path_or_id: str | Path | None) -> None:
+        """TAEHV (a taew2_1 / taew2_2 file or hub ``owner/name/FILE``) for ``decoder="tiny"``; None: unload."""
+        self.executor.load_tiny_vae(path_or_id, self.arch.vae.z_dim)
 
     # -- LoRA -------------------------------------------------------------------------------------
     def load_lora(
@@ -412,6 +402,11 @@ class WanPipeline:
         mode: str | None = None,
         segment_frame_length: int | None = None,
         prev_segment_conditioning_frames: int | None = None,
+        context_frames: int | None = None,
+        context_overlap: int | None = None,
+        context_schedule: str | None = None,
+        context_blend: str | None = None,
+        decoder: str | None = "vae",
         preview: PreviewCallback | None = None,
         preview_every: int | None = None,
     ) -> Video:
@@ -428,7 +423,7 @@ class WanPipeline:
         scheduler) and a schedule of its own, ``sigmas`` (one per step in (0, 1], strictly decreasing)
         or ``timesteps`` (the same on the 0-1000 scale), used as given, not shifted again: see
         docs/fast-sampling.md. ``preset`` names a published few-step setting (``wanpipe.presets``) that
-        fills the values left ``None``.
+        fills the values left ``None``. ``decoder``: "vae" or "tiny" (TAEHV: :meth:`load_tiny_vae`).
 
         VACE checkpoints (``docs/vace.md``): ``video`` is the control or source video, ``mask`` marks
         what to generate (white) and what to keep (black), one image or one per frame;
@@ -441,8 +436,7 @@ class WanPipeline:
         ``segment_frame_length`` frames (default 77) that continue from the last
         ``prev_segment_conditioning_frames`` (1 or 5) of the one before.
         ``wanpipe.animate_request.preprocessed_inputs(folder)`` gives these from the original
-        preprocessing script's folder.
-
+        preprocessing script's folder. Long videos: ``context_*`` (docs/long-video.md, context windows).
         ``preview(Preview)`` gets live previews every ``preview_every`` steps (docs/previews.md).
         """
         request = WanRequest(
@@ -479,6 +473,11 @@ class WanPipeline:
             mode=mode,
             segment_frame_length=segment_frame_length,
             prev_segment_conditioning_frames=prev_segment_conditioning_frames,
+            context_frames=context_frames,
+            context_overlap=context_overlap,
+            context_schedule=context_schedule,
+            context_blend=context_blend,
+            decoder=decoder,
             preview_every=preview_every,
         )
         return self.generate_batch([request], callback=callback, progress=progress, preview=preview)[0]
@@ -515,12 +514,14 @@ class WanPipeline:
         """Generate several requests that share size, frames and schedule as one executor batch.
 
         Under torch.distributed (world > 1) a request without a seed gets rank 0's (:func:`shared_seed`)."""
+        from wanpipe.parallel.mesh import shared_seed
+
         requests = [r if r.seed is not None else replace(r, seed=shared_seed(None)) for r in requests]
         contexts = [self.tokenizer.make_context(r) for r in requests]
         frames, timings = self.run_contexts(contexts, callback=callback, progress=progress, preview=preview)
         videos = []
         for ctx, f in zip(contexts, frames):
-            videos.append(Video(frames=f, fps=ctx.fps, seed=ctx.seed, timings=asdict(timings)))
+            videos.append(Video(f, ctx.fps, ctx.seed, asdict(timings), ctx.approximations.decoder))
         return videos
 
     def run_contexts(

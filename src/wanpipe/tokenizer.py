@@ -30,12 +30,13 @@ from wanpipe.animate_request import (
 )
 from wanpipe.config import WanArchConfig
 from wanpipe.context import (
-    DEFAULT_PREVIEW_EVERY,
     Approximations,
     ConditioningInputs,
     InvalidRequestError,
     WanContext,
     WanRequest,
+    resolve_decoder,
+    resolve_preview_every,
 )
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
@@ -43,6 +44,7 @@ from wanpipe.presets import apply_preset
 from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, generator_state, make_schedule, seeded_generator
 from wanpipe.text_tokenizer import WanTextTokenizer
 from wanpipe.vace_request import refuse_vace, resolve_vace, vace_conditioning
+from wanpipe.window_request import WINDOW_FIELDS, resolve_windows
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +190,7 @@ class WanTokenizer:
         seed = secrets.randbelow(2**31) if request.seed is None else _int(request.seed, "seed", 0)
         if seed > MAX_SEED:
             raise InvalidRequestError(f"seed must be at most {MAX_SEED}, got {seed}", "seed")
+        decoder = resolve_decoder(request.decoder)
         if request.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(
                 f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {request.output_format!r}",
@@ -229,13 +232,11 @@ class WanTokenizer:
             sampler=sampler,
             sigmas=sigmas,
             timesteps=timesteps,
-            preview_every=_int(
-                DEFAULT_PREVIEW_EVERY if request.preview_every is None else request.preview_every,
-                "preview_every",
-                1,
-            ),
+            decoder=decoder,
+            preview_every=resolve_preview_every(request.preview_every),
             **self._cache(request, height, width, media),
             **media,
+            **resolve_windows(request, arch, media["num_frames"]),
         )
 
     def _sampling(self, request: WanRequest) -> tuple[str, list[float] | None, list[float] | None]:
@@ -323,6 +324,8 @@ class WanTokenizer:
             request.mode,
             request.segment_frame_length,
             request.prev_segment_conditioning_frames,
+            *(getattr(request, name) for name in WINDOW_FIELDS),
+            request.decoder,
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:

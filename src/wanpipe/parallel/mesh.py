@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -196,3 +197,17 @@ class ParallelMesh:
     def is_first(self) -> bool:
         """Rank 0: the one that writes files and owns HTTP in ``wanpipe serve``."""
         return self.global_rank == 0
+
+
+def shared_seed(seed: int | None) -> int | None:
+    """The seed every rank of a torch.distributed job uses: ``seed`` when given; else, when a
+    process group of more than one rank is initialised, one drawn by rank 0 and broadcast (a
+    collective: every rank calls it), so that all ranks draw the same noise. Otherwise None (the
+    tokenizer draws one)."""
+    if seed is not None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return seed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    drawn = secrets.randbelow(2**31) if dist.get_rank() == 0 else 0
+    value = torch.tensor([drawn], dtype=torch.int64, device=device)
+    dist.broadcast(value, src=0)
+    return int(value.item())

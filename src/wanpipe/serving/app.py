@@ -53,6 +53,7 @@ from wanpipe.serving.manager import (
     ShuttingDownError,
     UnknownModelError,
 )
+from wanpipe.serving.media_store import media_response, thumbnail_key, video_key
 from wanpipe.serving.metrics import CONTENT_TYPE
 from wanpipe.serving.openapi import LIST_PARAMETERS, POLL_HEADER, VARIANT_PARAMETERS, build_openapi, errors
 from wanpipe.serving.parsing import NewJob, parse_responses_create, parse_video_create
@@ -74,6 +75,7 @@ from wanpipe.serving.schemas import (
     VideoParameters,
 )
 from wanpipe.serving.store import Job, JobStatus
+from wanpipe.serving.store_pg import StoreUnavailableError
 
 logger = logging.getLogger("wanpipe.serving")
 
@@ -181,6 +183,7 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             segment_frame_length=s.segment_frame_length,
             prev_segment_conditioning_frames=s.prev_segment_conditioning_frames,
             loras=[LoraUse(name=n, scale=v) for n, v in s.loras],
+            decoder=s.decoder,
         ),
         batch_size=job.batch_size,
     )
@@ -296,6 +299,7 @@ async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
             },
         },
+        307: {"description": "With --media-redirect: a presigned URL of the object, in `Location`."},
         **errors(400, 401, 404, 409),
     },
     openapi_extra={"parameters": VARIANT_PARAMETERS},
@@ -315,17 +319,15 @@ async def video_content(request: Request, video_id: str) -> Response:
             param="video_id",
             code="video_not_ready",
         )
-    store = manager.store
-    path, media_type = (
-        (store.video_path(video_id), "video/mp4")
-        if variant == "video"
-        else (store.thumbnail_path(video_id), "image/jpeg")
+    key, media_type = (
+        (video_key(video_id), "video/mp4") if variant == "video" else (thumbnail_key(video_id), "image/jpeg")
     )
-    if path.parent.resolve() != store.videos_dir.resolve() or not path.is_file():
+    try:
+        return await media_response(manager.store.media, key, media_type, key.rsplit("/", 1)[-1])
+    except FileNotFoundError:
         raise APIError(
-            404, f"the file of video {video_id} is missing from the output directory", code="not_found"
-        )
-    return FileResponse(path, media_type=media_type, filename=path.name, content_disposition_type="inline")
+            404, f"the file of video {video_id} is missing from the media store", code="not_found"
+        ) from None
 
 
 @v1.delete("/videos/{video_id}", response_model=VideoDeleted, responses=errors(401, 404))
@@ -380,7 +382,7 @@ async def create_response(request: Request) -> Response:
         )
     content = OutputVideo(frames_per_second=done.spec.fps or 16.0, num_frames=done.spec.num_frames or 1)
     if response_format == "b64_json":
-        data = await run_in_threadpool(manager.store.video_path(done.id).read_bytes)
+        data = await run_in_threadpool(manager.store.media.get, video_key(done.id))
         content.video_data = base64.b64encode(data).decode("ascii")
     else:
         content.video_url = str(request.url_for("video_content", video_id=done.id))
@@ -400,11 +402,18 @@ async def create_response(request: Request) -> Response:
 async def list_models(request: Request) -> JSONResponse:
     manager = _manager(request)
     _require_ready(manager)
+    cards = getattr(manager, "model_cards", None)  # an API replica (--role api): its live workers' cards
+    data = cards() if cards is not None else [model_card(manager, request.app.state.started_at)]
+    return JSONResponse(ModelList(data=data).model_dump(mode="json"))
+
+
+def model_card(manager: JobManager, created: int) -> ModelCard:
+    """The /v1/models card of the model a manager runs (loaded)."""
     arch = manager.pipe.arch
     d, lim = arch.defaults, manager.limits
-    card = ModelCard(
+    return ModelCard(
         id=manager.model_name,
-        created=request.app.state.started_at,
+        created=created,
         task=arch.variant.task,
         defaults={
             "height": d.height,
@@ -425,7 +434,6 @@ async def list_models(request: Request) -> JSONResponse:
         },
         presets=[PresetCard(**p.card(), fits_model=p.fits_checkpoint(arch)) for p in PRESETS.values()],
     )
-    return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
 
 
 @v1.get("/loras", response_model=LoraList, responses=errors(401))
@@ -548,6 +556,10 @@ def create_app(
             headers["Allow"] = ", ".join(allowed)
             message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
         return _error_response(e.status_code, message, codes.get(e.status_code), headers)
+
+    @app.exception_handler(StoreUnavailableError)
+    async def on_store_down(request: Request, e: StoreUnavailableError) -> JSONResponse:
+        return _error_response(503, str(e), "store_unavailable", {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, e: Exception) -> JSONResponse:

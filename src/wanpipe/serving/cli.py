@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING
 
 from wanpipe import arguments as a
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
+from wanpipe.weights.taehv import add_tiny_vae_argument
 
 if TYPE_CHECKING:
     import torch
 
     from wanpipe.parallel.mesh import ParallelConfig
     from wanpipe.pipeline import WanPipeline
+    from wanpipe.serving.media_store import MediaStore
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -43,6 +45,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
     limits = ServeLimits()
     a.add_model_arguments(p)
+    add_tiny_vae_argument(p)
     p.add_argument(
         "--served-model-name",
         type=a.non_empty("a model name"),
@@ -102,6 +105,63 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--lora-cache", type=count, default=8, help="--lora-dir adapters kept read in memory (default: 8)"
     )
     add_parallel_arguments(p)
+    add_media_arguments(p)
+    from wanpipe.serving.roles import add_cluster_arguments
+
+    add_cluster_arguments(p)
+
+
+def add_media_arguments(p: argparse.ArgumentParser) -> None:
+    """Where uploads and videos live (:mod:`wanpipe.serving.media_store`)."""
+    p.add_argument(
+        "--media-dir",
+        type=a.output_folder,
+        default=None,
+        help="keep uploads and videos in this folder (a shared mount such as NFS for several servers; "
+        "default: --output-dir)",
+    )
+    p.add_argument(
+        "--media",
+        metavar="s3://BUCKET/PREFIX",
+        default=None,
+        help="keep uploads and videos in S3-compatible object storage (boto3; endpoint and credentials from "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)",
+    )
+    p.add_argument(
+        "--media-redirect",
+        action="store_true",
+        help="with --media: answer a content request with a redirect to a presigned URL instead of streaming",
+    )
+
+
+def open_media(
+    output_dir: str | os.PathLike[str],
+    *,
+    media_dir: str | os.PathLike[str] | None = None,
+    media_url: str | None = None,
+    redirect: bool = False,
+) -> MediaStore:
+    """The media store of ``wanpipe serve``: ``--media s3://...``, else ``--media-dir``, else the output
+    folder. Checked before it is returned (MediaConfigError, one line)."""
+    from wanpipe.serving.media_store import LocalMedia, MediaConfigError
+
+    if media_url is not None and media_dir is not None:
+        raise MediaConfigError("--media and --media-dir name two media stores: give one")
+    if redirect and media_url is None:
+        raise MediaConfigError("--media-redirect needs object storage (--media s3://bucket/prefix)")
+    if media_url is not None:
+        from wanpipe.serving.media_s3 import S3Media
+
+        media: MediaStore = S3Media.from_url(media_url, redirect=redirect)
+    elif media_dir is not None:
+        try:
+            media = LocalMedia(media_dir, shared=True)
+        except OSError as e:
+            raise MediaConfigError(f"--media-dir {media_dir}: cannot use it ({e.strerror or e})") from None
+    else:
+        media = LocalMedia(output_dir)
+    media.check()
+    return media
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -183,6 +243,7 @@ def _load_pipeline(
         load_text_encoder=first,
         parallel=parallel,
         vae_halo=vae_halo(args) if parallel is not None else None,
+        tiny_vae=args.tiny_vae,
     )
 
 
@@ -245,7 +306,14 @@ def _serve(
     from wanpipe.serving.app import create_app
     from wanpipe.serving.manager import JobManager
     from wanpipe.serving.parsing import ServeLimits
-    from wanpipe.serving.store import JobStore, StoreLockedError
+    from wanpipe.serving.roles import (
+        ApiFront,
+        attach_worker,
+        check_role,
+        open_store,
+        restrict_to_worker_routes,
+    )
+    from wanpipe.serving.store import StoreLockedError
 
     serving_logger = logging.getLogger("wanpipe.serving")
     if not logging.getLogger().handlers:
@@ -254,7 +322,10 @@ def _serve(
         serving_logger.setLevel(logging.INFO)
 
     fail = _fail
-    model = _model(args)
+    problem = check_role(args)
+    if problem is not None:
+        return fail(problem, EXIT_BAD_INPUT)
+    model = _model(args) if args.role != "api" else ""
     name = args.served_model_name or (args.model if args.model is not None else "wanpipe-demo")
     aliases = tuple({str(model), Path(str(model)).name} - {name})
     try:
@@ -285,8 +356,20 @@ def _serve(
         # An address this machine does not have is bad input; a port in use is not.
         code = EXIT_BAD_INPUT if e.errno == errno.EADDRNOTAVAIL else EXIT_FAILED
         return fail(f"cannot listen on --host {args.host} --port {args.port}: {e}", code)
+    from wanpipe.serving.media_store import MediaConfigError
+
     try:
-        store = JobStore(args.output_dir)
+        media = open_media(
+            args.output_dir,
+            media_dir=getattr(args, "media_dir", None),
+            media_url=getattr(args, "media", None),
+            redirect=getattr(args, "media_redirect", False),
+        )
+    except MediaConfigError as e:
+        sock.close()
+        return fail(str(e), EXIT_BAD_INPUT)
+    try:
+        store = open_store(args, media)
     except (StoreLockedError, OSError, RuntimeError) as e:
         sock.close()
         return fail(str(e), EXIT_FAILED)
@@ -305,17 +388,24 @@ def _serve(
         from wanpipe.serving.distributed import BatchLeader
 
         leader = BatchLeader()
-    manager = JobManager(
-        store,
-        load,
-        model_name=name,
-        model_aliases=aliases,
-        limits=limits,
-        on_fatal=on_fatal,
-        leader=leader,
-        loras=loras,
-    )
+    if args.role == "api":
+        manager = ApiFront(store, limits=limits)
+    else:
+        manager = JobManager(
+            store,
+            load,
+            model_name=name,
+            model_aliases=aliases,
+            limits=limits,
+            on_fatal=on_fatal,
+            leader=leader,
+            loras=loras,
+        )
     app = create_app(manager, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
+    if args.store and args.role != "api":  # a worker of the shared queue (also "all" on PostgreSQL)
+        attach_worker(manager, store, app.state.started_at)
+    if args.role == "worker":
+        restrict_to_worker_routes(app)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -334,7 +424,8 @@ def _serve(
     if not _is_loopback(host) and not args.api_key:
         logger.warning("listening on %s without --api-key: anyone who reaches it can use the server", host)
     print(
-        f"wanpipe serve: listening on http://{shown}:{port} (model {name}, jobs in {store.folder})",
+        f"wanpipe serve: listening on http://{shown}:{port} ({_what(args, name)}, jobs in "
+        f"{getattr(store, 'name', store.folder)}, media in {media.where})",
         flush=True,
     )
     server.run(sockets=[sock])
@@ -344,6 +435,12 @@ def _serve(
     if manager.fatal_error is not None:
         return fail(f"stopped after a failure under torchrun: {manager.fatal_error}", EXIT_FAILED)
     return 0
+
+
+def _what(args: argparse.Namespace, name: str) -> str:
+    if args.role == "api":
+        return "API replica: the workers' models"
+    return f"model {name}" if args.role == "all" else f"worker, model {name}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ it (at submit, and again in the worker, also after a restart, from the stored sp
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -89,4 +90,20 @@ def job_request(
         mode=spec.mode,
         segment_frame_length=spec.segment_frame_length,
         prev_segment_conditioning_frames=spec.prev_segment_conditioning_frames,
+        context_frames=spec.context_frames,
+        context_overlap=spec.context_overlap,
+        context_schedule=spec.context_schedule,
+        context_blend=spec.context_blend,
+        decoder=spec.decoder,
     )
+
+
+def batch_key_digest(key: tuple) -> str:
+    """A stable text form of a batch key (``WanTokenizer.batch_key``) for the store: equal keys give
+    equal digests."""
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+
+
+def job_batch_key(key: tuple, loras: tuple[tuple[str, float], ...]) -> tuple:
+    """A job's batch key: the engine's (``WanTokenizer.batch_key``) and its LoRA set, when it has one."""
+    return (key, loras) if loras else key

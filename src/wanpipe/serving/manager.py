@@ -16,22 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import math
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
-from wanpipe.media import Video
-from wanpipe.serving.job_request import check_limits, job_request
+from wanpipe.serving.job_request import job_request
+from wanpipe.serving.media_store import write_video
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import NewJob, ServeLimits
+from wanpipe.serving.resolve import resolve_job
 from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
 
@@ -61,17 +60,6 @@ class QueueFullError(RuntimeError):
 
 class UnknownModelError(ValueError):
     """The request names a model this server does not serve."""
-
-
-def batch_key_digest(key: tuple) -> str:
-    """A stable text form of a batch key (``WanTokenizer.batch_key``) for the store: equal keys give
-    equal digests."""
-    return hashlib.sha256(repr(key).encode()).hexdigest()[:32]
-
-
-def job_batch_key(key: tuple, loras: tuple[tuple[str, float], ...]) -> tuple:
-    """A job's batch key: the engine's (``WanTokenizer.batch_key``) and its LoRA set, when it has one."""
-    return (key, loras) if loras else key
 
 
 class JobManager:
@@ -186,77 +174,27 @@ class JobManager:
             raise NotReadyError("the model is still loading")
         self.check_model(new.model)
         self.check_loras(new.spec.loras)
-        if not new.animate_videos:  # Animate: size and length come from the pose video, checked below
-            check_limits(
-                pipe.arch.defaults, self.limits, new.spec, None if new.video is None else len(new.video)
-            )
-        if new.video is not None and not pipe.arch.accepts_vace:
-            raise InvalidRequestError(
-                f"video is the control video of VACE checkpoints; this server's {pipe.arch.variant.name} "
-                "checkpoint has no VACE blocks",
-                "video",
-            )
-        # The engine validates the rest (an image on a text-to-video model, ...) and fills in every
-        # default, the seed drawn: the stored spec makes the same video after a restart. No tokens, no
-        # noise here: the worker makes the contexts, once. (check: resolve, and what the pipeline cannot
-        # run with it, such as a step cache on a parallel run.)
-        vace = {"video": new.video, "mask": new.mask, "reference_images": list(new.reference_images) or None}
-        animate = dict(new.animate_videos or {})
-        resolved = pipe.check(job_request(new.spec, new.image, new.last_image, {**vace, **animate}))
-        spec = replace(
-            new.spec,
-            height=resolved.height,
-            width=resolved.width,
-            num_frames=resolved.num_frames,
-            num_inference_steps=resolved.num_inference_steps,
-            guidance_scale=resolved.guidance_scale,
-            guidance_scale_2=resolved.guidance_scale_2,
-            flow_shift=resolved.flow_shift,
-            seed=resolved.seed,
-            fps=new.spec.fps if new.spec.fps is not None else float(pipe.arch.defaults.fps),
-            sampler=resolved.sampler,
-            # the schedule's list as resolved: the request's own, or its preset's (which the worker, taking
-            # the stored spec, would not fill in again once the step count is set)
-            sigmas=None if resolved.sigmas is None else tuple(resolved.sigmas),
-            timesteps=None if resolved.timesteps is None else tuple(resolved.timesteps),
-            conditioning_scale=resolved.conditioning_scale,
-            cache=resolved.cache,
-            mode=resolved.mode,
-            segment_frame_length=resolved.segment_frame_length,
-            prev_segment_conditioning_frames=resolved.prev_segment_conditioning_frames,
-        )
-        if animate:
-            check_limits(pipe.arch.defaults, self.limits, spec)
+        spec, batch_key, images = resolve_job(pipe, self.limits, new)
         job = Job(
             id=new_job_id(),
             status=JobStatus.QUEUED,
             model=self.model_name,
             spec=spec,
-            batch_key=batch_key_digest(job_batch_key(pipe.tokenizer.batch_key(resolved), spec.loras)),
+            batch_key=batch_key,
             source=source,
             created_at=time.time(),
         )
-        images = {
-            "image": new.image,
-            "last_image": new.last_image,
-            "video": resolved.video,
-            "mask": resolved.mask,
-        }
-        # VACE's inputs and Animate's videos are kept as the engine resolved them (resized): the same
-        # video after a restart
-        for i, reference in enumerate(resolved.reference_images or ()):
-            images[f"reference_image.{i}"] = reference
-        images.update({name: getattr(resolved, name) for name in animate})
-        with self._submit_lock:
-            queued = self.store.count(JobStatus.QUEUED)
-            if queued >= self.limits.max_queue:
+        with self._submit_lock:  # the limit counted in the store: for all replicas of a PostgreSQL store
+            added = self.store.add_if_room(job, images, self.limits.max_queue)
+            if added is None:
+                queued = self.store.count(JobStatus.QUEUED)
                 self.metrics.count("rejected", "queue_full")
                 raise QueueFullError(
                     f"the queue is full ({queued} jobs waiting, --max-queue {self.limits.max_queue}); "
                     "try again later",
                     self.retry_after(queued),
                 )
-            job = self.store.add(job, {k: v for k, v in images.items() if v is not None})
+            job = added
         self.metrics.count("submitted", source)
         self._wake.set()
         return job
@@ -284,6 +222,11 @@ class JobManager:
             with self._state_lock:
                 return self._progress.get(job.id, job.progress)
         return job.progress
+
+    def running_progress(self) -> dict[str, int]:
+        """The running jobs' progress (0-95) by id: a PostgreSQL worker's heartbeat stores it for replicas."""
+        with self._state_lock:
+            return dict(self._progress)
 
     def running_batch_size(self) -> int:
         with self._state_lock:
@@ -467,8 +410,9 @@ class JobManager:
 
         def local_decision() -> tuple[bool, set[int]]:
             """(stop the batch: shutdown or every job deleted, the rows of the deleted jobs)."""
+            gone = self.store.cancelled(ids)  # deleted on another replica, or the lease lost (PostgreSQL)
             with self._state_lock:
-                deleted = ids & self._cancelled
+                deleted = ids & (self._cancelled | gone)
             return self._stopping.is_set() or deleted == ids, {row_of[job_id] for job_id in deleted}
 
         def local_cancel() -> bool:
@@ -558,14 +502,10 @@ class JobManager:
     def _save(self, job: Job, frames: np.ndarray, batch_size: int) -> None:
         """Write a job's video and thumbnail, then mark it completed (a full disk fails the job)."""
         try:
-            video = Video(frames=frames, fps=job.spec.fps or 16)
-            video.save(self.store.video_path(job.id))
-            Video(frames=frames[:1], fps=video.fps).save(self.store.thumbnail_path(job.id), format="jpg")
+            write_video(self.store.media, job.id, frames, job.spec.fps or 16)  # atomic: whole or absent
         except Exception as e:
-            for path in (self.store.video_path(job.id), self.store.thumbnail_path(job.id)):
-                path.unlink(missing_ok=True)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                message = f"the output disk is full: cannot save the video in {self.store.videos_dir}"
+                message = f"the output disk is full: cannot save the video in {self.store.media.where}"
                 self._fail(job, "disk_full", f"{message} ({e.strerror})", batch_size)
             else:
                 logger.exception("saving the video of %s failed", job.id)

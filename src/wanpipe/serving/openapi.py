@@ -33,6 +33,7 @@ from wanpipe.serving.openapi_fields import (
     animate_properties,
     cache_options_schema,
     cache_schema,
+    decoder_schema,
     field_schema,
     flow_shift_schema,
     fps_schema,
@@ -45,6 +46,7 @@ from wanpipe.serving.openapi_fields import (
     string_schema,
     text_schema,
     vace_properties,
+    window_properties,
 )
 from wanpipe.serving.parsing import (
     VIDEO_CREATE_FIELDS,
@@ -169,6 +171,7 @@ def video_create_schema(
         "cache": cache_schema(json=json),
         "cache_options": cache_options_schema(json=json),
         "loras": loras_schema(lora_names, json=json),
+        "decoder": decoder_schema(json=json),
     }
     last = "The last frame (first-last-frame checkpoints; needs input_reference too): "
     if json:
@@ -193,6 +196,7 @@ def video_create_schema(
             }
     properties.update(vace_properties(form))
     properties.update(animate_properties(form, json=json))
+    properties.update(window_properties(json=json))
     assert set(properties) - {"input_reference[image_url]", "last_image[image_url]"} == set(
         VIDEO_CREATE_FIELDS
     )
@@ -265,6 +269,7 @@ def responses_create_schema(limits: ServeLimits, lora_names: list[str] | None = 
         "cache": cache_schema(json=True),
         "cache_options": cache_options_schema(json=True),
         "loras": loras_schema(lora_names, json=True),
+        "decoder": decoder_schema(json=True),
     }
     assert set(options) == set(VIDEO_OPTION_FIELDS)
     return {

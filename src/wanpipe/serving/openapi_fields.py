@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from wanpipe.context import CONTEXT_BLENDS, CONTEXT_SCHEDULES, DECODERS
 from wanpipe.presets import PRESETS
 from wanpipe.serving.parsing import (
     MAX_REFERENCE_IMAGES,
@@ -112,6 +113,17 @@ def preset_schema(*, json: bool) -> dict[str, Any]:
         "GET /v1/models lists them."
     )
     return field_schema(description, {"type": "string", "enum": list(PRESETS)}, nullable=json)
+
+
+def decoder_schema(*, json: bool) -> dict[str, Any]:
+    """``decoder``: which decoder makes the final video."""
+    return field_schema(
+        "The final decode: vae (default) the full VAE; tiny the tiny autoencoder TAEHV, much faster and "
+        "lower quality (needs the server started with --tiny-vae, else 400). The video object's "
+        "parameters.decoder says which one made it.",
+        {"type": "string", "enum": list(DECODERS)},
+        nullable=json,
+    )
 
 
 def string_schema(description: str, *, json: bool) -> dict[str, Any]:
@@ -288,6 +300,31 @@ def animate_properties(form: str | None, *, json: bool) -> dict[str, Any]:
         nullable=json,
     )
     return out
+
+
+def window_properties(*, json: bool) -> dict[str, Any]:
+    """The context windows of long videos (text- and image-to-video; docs/long-video.md), in video frames."""
+    return {
+        "context_frames": integer_schema(
+            1,
+            None,
+            "Long videos: the window length, 4k+1 frames, at most num_frames. Default: none.",
+            json=json,
+        ),
+        "context_overlap": integer_schema(
+            1, None, "Long videos: frames two windows share, a multiple of 4 below context_frames.", json=json
+        ),
+        "context_schedule": field_schema(
+            "Long videos: how windows are placed (default uniform_standard)",
+            {"type": "string", "enum": list(CONTEXT_SCHEDULES)},
+            nullable=json,
+        ),
+        "context_blend": field_schema(
+            "Long videos: window weights (default linear ramps)",
+            {"type": "string", "enum": list(CONTEXT_BLENDS)},
+            nullable=json,
+        ),
+    }
 
 
 def loras_schema(names: list[str] | None, *, json: bool) -> dict[str, Any]:

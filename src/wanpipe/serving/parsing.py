@@ -11,7 +11,8 @@ Two request shapes become one typed message, :class:`NewJob` (a :class:`JobSpec`
   or one per VACE layer; in a form ``X`` or ``X,Y,...``), and Wan2.2-Animate's ``pose_video``,
   ``face_video``, ``background_video``, ``mask_video`` (videos: multipart files or JSON data URLs),
   ``mode``, ``segment_frame_length`` and ``prev_segment_conditioning_frames`` (``input_reference`` is the
-  character there).
+  character there), and the context windows of long videos: ``context_frames``, ``context_overlap``,
+  ``context_schedule``, ``context_blend``.
 * Open Responses as Modular MAX serves it (``POST /v1/responses``): ``input`` (a prompt, or one user
   message with ``input_text`` and ``input_image`` parts), ``seed`` and ``provider_options.video``.
 
@@ -66,6 +67,7 @@ from wanpipe.serving.uploads import (
     parse_image,
     parse_video,
 )
+from wanpipe.window_request import WINDOW_FIELDS
 
 # ---------------------------------------------------------------------------------------------------------
 # What a server accepts
@@ -145,6 +147,12 @@ class JobSpec:
     prev_segment_conditioning_frames: int | None = None
     # LoRA per request (--lora-dir): (name, scale) pairs sorted by name; () is none
     loras: tuple[tuple[str, float], ...] = ()
+    # Context windows (long videos, docs/long-video.md): as the client gave them, video frames
+    context_frames: int | None = None
+    context_overlap: int | None = None
+    context_schedule: str | None = None
+    context_blend: str | None = None
+    decoder: str = "vae"  # the final decode: "vae" or "tiny" (TAEHV, the server's --tiny-vae)
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -219,6 +227,8 @@ VIDEO_CREATE_FIELDS = (
     "segment_frame_length",
     "prev_segment_conditioning_frames",
     "loras",
+    *WINDOW_FIELDS,
+    "decoder",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -252,6 +262,7 @@ RESPONSES_PARAM_NAMES = {
     "cache": "provider_options.video.cache",
     "cache_options": "provider_options.video.cache_options",
     "loras": "provider_options.video.loras",
+    "decoder": "provider_options.video.decoder",
 }
 
 
@@ -356,9 +367,14 @@ def parse_video_create(
         spec,
         **{f"has_{name}": name in videos for name in ANIMATE_VIDEO_FIELDS},
         mode=opt("mode", parse_str),
+        decoder=opt("decoder", parse_str) or "vae",
         segment_frame_length=opt("segment_frame_length", parse_int, 1),
         prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
         loras=opt("loras", parse_loras) or (),
+        context_frames=opt("context_frames", parse_int, 1),
+        context_overlap=opt("context_overlap", parse_int, 1),
+        context_schedule=opt("context_schedule", parse_str),
+        context_blend=opt("context_blend", parse_str),
     )
     return NewJob(
         spec,
@@ -450,6 +466,7 @@ VIDEO_OPTION_FIELDS = (
     "cache",
     "cache_options",
     "loras",
+    "decoder",
 )
 RESPONSE_FORMATS = ("url", "b64_json")
 
@@ -553,6 +570,7 @@ def parse_responses_create(body: Any, *, max_image_pixels: int | None = None) ->
         cache=opt("cache", parse_str),
         cache_options=opt("cache_options", parse_cache_options),
         loras=opt("loras", parse_loras) or (),
+        decoder=opt("decoder", parse_str) or "vae",
     )
     image = images[0] if images else None
     last_image = images[1] if len(images) == 2 else None

@@ -70,6 +70,7 @@ class VideoParameters(BaseModel):
     segment_frame_length: int | None = None
     prev_segment_conditioning_frames: int | None = None
     loras: list[LoraUse] = Field(default_factory=list)  # the job's LoRA adapters (--lora-dir)
+    decoder: str = "vae"  # what decodes (decoded) the video: "vae" or "tiny" (TAEHV)
 
 
 class VideoObject(BaseModel):

@@ -1,18 +1,20 @@
-"""The job store of ``wanpipe serve``: every job in SQLite, its videos and input images as files beside it.
+"""The job store of ``wanpipe serve``: every job in SQLite, its videos and input images in a media store.
 
 :class:`JobStore` keeps every job in ``jobs.sqlite3`` in the output directory (WAL journal,
-``synchronous=FULL``: a committed state change survives ``kill -9``). A finished video is written to
-``videos/<id>.mp4`` (and its first frame to ``videos/<id>.jpg``) atomically, *before* the row says
-``completed``; uploaded images are kept as ``inputs/<id>.<name>.png`` (VACE's video and mask, resized
-to the output size, and Animate's driving videos, resized as the engine resolved them, as
-``inputs/<id>.<name>.npy``) before the row is inserted. So a
+``synchronous=FULL``: a committed state change survives ``kill -9``). Files live in its media store
+(:mod:`wanpipe.serving.media_store`: the output directory by default, ``--media-dir`` or ``--media s3://``).
+A finished video is written to ``videos/<id>.mp4`` (and its first frame to ``videos/<id>.jpg``)
+atomically, *before* the row says ``completed``; uploaded images are kept as ``inputs/<id>.<name>.png``
+(VACE's video and mask, resized to the output size, and Animate's driving videos, resized as the engine
+resolved them, as ``inputs/<id>.<name>.npy``) before the row is inserted. So a
 row never points at a missing or half-written file. The store holds an exclusive lock on the directory:
 two servers never run the same jobs. A database SQLite cannot read whole on start is refused
 (:class:`StoreUnreadableError`) and left as it is.
 
 On start, :meth:`JobStore.recover` puts jobs that were running when the process died back in the queue (a
 job that was running during three crashes is marked failed instead: it may be what crashes the server),
-fails queued jobs of another model, and removes files no row refers to.
+fails queued jobs of another model, and removes files no row refers to (not in shared media: other
+servers' files are there).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import enum
 import fcntl
 import json
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -33,9 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from wanpipe.media import read_image
+from wanpipe.serving.media_store import (
+    LocalMedia,
+    MediaStore,
+    array_key,
+    input_key,
+    is_temporary,
+    key_job_id,
+    read_input,
+    remove_job_media,
+    write_input,
+)
 from wanpipe.serving.parsing import JobSpec
 
 SCHEMA_VERSION = 1
@@ -118,12 +128,16 @@ def check_readable(path: Path) -> None:
 class JobStore:
     """Jobs in SQLite, videos and input images as files beside it. Safe to use from several threads."""
 
-    def __init__(self, folder: str | os.PathLike[str], *, exclusive: bool = True):
+    def __init__(
+        self, folder: str | os.PathLike[str], *, exclusive: bool = True, media: MediaStore | None = None
+    ):
+        """``media``: where files live (default: ``folder``, :class:`LocalMedia`)."""
         self.folder = Path(folder)
-        self.videos_dir = self.folder / "videos"
-        self.inputs_dir = self.folder / "inputs"
-        for d in (self.folder, self.videos_dir, self.inputs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.media = media if media is not None else LocalMedia(self.folder)
+        root = self.media.root if isinstance(self.media, LocalMedia) else self.folder
+        self.videos_dir = root / "videos"  # the local files' folders (LocalMedia)
+        self.inputs_dir = root / "inputs"
         self._lock_file = None
         if exclusive:
             self._lock_file = open(self.folder / ".lock", "a+")  # noqa: SIM115 - held for the store's life
@@ -215,40 +229,23 @@ class JobStore:
         reference_images (a list of images); Animate's driving videos (uint8 arrays)."""
         s = job.spec
         names = [n for n, present in zip(IMAGE_NAMES, (s.has_image, s.has_last_image)) if present]
-        inputs: dict[str, Any] = {name: read_image(self.input_path(job.id, name)) for name in names}
+        media = self.media
+        inputs: dict[str, Any] = {name: read_input(media, input_key(job.id, name)) for name in names}
         for name, present in zip(ARRAY_NAMES, (s.has_video, s.has_mask)):
             if present:
-                inputs[name] = np.load(self.array_path(job.id, name), allow_pickle=False)
+                inputs[name] = read_input(media, array_key(job.id, name))
         for name in ANIMATE_ARRAY_NAMES:
             if getattr(s, f"has_{name}"):
-                inputs[name] = np.load(self.array_path(job.id, name), allow_pickle=False)
+                inputs[name] = read_input(media, array_key(job.id, name))
         if s.reference_images:
             inputs["reference_images"] = [
-                read_image(self.input_path(job.id, f"reference_image.{i}")) for i in range(s.reference_images)
+                read_input(media, input_key(job.id, f"reference_image.{i}"))
+                for i in range(s.reference_images)
             ]
         return inputs
 
     def remove_files(self, job_id: str) -> None:
-        paths = [self.video_path(job_id), self.thumbnail_path(job_id)]
-        paths += [p for p in self.inputs_dir.glob(f"{job_id}.*") if p.name.split(".", 1)[0] == job_id]
-        for path in paths:
-            path.unlink(missing_ok=True)
-
-    @staticmethod
-    def _write_input(array: np.ndarray, dest: Path) -> None:
-        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                if dest.suffix == ".npy":
-                    np.save(f, array, allow_pickle=False)
-                else:
-                    Image.fromarray(array).save(f, format="PNG")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        remove_job_media(self.media, job_id)
 
     # -- rows ---------------------------------------------------------------------------------
     @staticmethod
@@ -276,9 +273,9 @@ class JobStore:
         try:
             for name, array in (images or {}).items():
                 arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
-                path = self.array_path(job.id, name) if name in arrays else self.input_path(job.id, name)
-                self._write_input(array, path)
-                written.append(path)
+                key = array_key(job.id, name) if name in arrays else input_key(job.id, name)
+                write_input(self.media, key, array)
+                written.append(key)
             with self._transaction() as db:
                 cursor = db.execute(
                     "INSERT INTO jobs (id, status, model, params, batch_key, source, created_at) "
@@ -294,10 +291,20 @@ class JobStore:
                     ),
                 )
         except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
+            for key in written:
+                self.media.delete(key)
             raise
         return replace(job, status=JobStatus.QUEUED, seq=cursor.lastrowid)
+
+    def add_if_room(self, job: Job, images: dict[str, np.ndarray] | None, max_queue: int) -> Job | None:
+        """:meth:`add` unless ``max_queue`` jobs already wait (None then); one process owns this store, so
+        the caller's lock makes the count and the insert one step."""
+        return None if self.count(JobStatus.QUEUED) >= max_queue else self.add(job, images)
+
+    def cancelled(self, job_ids: frozenset[str]) -> frozenset[str]:
+        """Running jobs deleted by another process: none here (one process owns the store; its DELETE
+        reaches the worker in memory). The PostgreSQL store reads them from the database."""
+        return frozenset()
 
     def get(self, job_id: str) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -429,12 +436,11 @@ class JobStore:
             queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
             ids = {row[0] for row in db.execute("SELECT id FROM jobs")}
         removed = 0
-        for folder in (self.videos_dir, self.inputs_dir):
-            for path in folder.iterdir():
-                temporary = path.name.startswith(".") and path.name.endswith(".tmp")
-                if temporary or path.name.split(".", 1)[0] not in ids:
-                    path.unlink(missing_ok=True)
-                    removed += 1
+        keys = [] if self.media.shared else self.media.keys("videos/") + self.media.keys("inputs/")
+        for key in keys:
+            if is_temporary(key) or key_job_id(key) not in ids:
+                self.media.delete(key)
+                removed += 1
         return {
             "queued": queued,
             "requeued": requeued,

@@ -1,10 +1,13 @@
-"""The decode stage: denoised latents -> frames in [0, 1], whole or split across the ranks by bands."""
+"""The decode stage: denoised latents -> frames in [0, 1], whole or split across the ranks by bands; or
+through the tiny autoencoder TAEHV (``decoder="tiny"``, :func:`decode_tiny`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from wanpipe.context import InvalidRequestError
+from wanpipe.models.taehv import TAEHV
 from wanpipe.models.vae import WanVAE
 from wanpipe.models.vae_tiling import decode_tiled, plan_tiles
 from wanpipe.stages.placement import Placement
@@ -82,3 +85,32 @@ def decode(
         frames = (video.float() / 2 + 0.5).clamp(0, 1)
     del video
     return frames.permute(0, 2, 3, 4, 1).contiguous()
+
+
+def check_decoder(decoder: str, taehv: TAEHV | None) -> None:
+    """InvalidRequestError (param ``decoder``) for ``decoder="tiny"`` without a loaded TAEHV."""
+    if decoder == "tiny" and taehv is None:
+        raise InvalidRequestError(
+            "decoder 'tiny' needs the tiny VAE loaded: pass --tiny-vae PATH (a taew2_1 / taew2_2 file), "
+            "from_pretrained(..., tiny_vae=) or pipe.load_tiny_vae(path); or use decoder 'vae'",
+            param="decoder",
+        )
+
+
+def decode_tiny(
+    taehv: TAEHV | None, latents: Tensor, placement: Placement, chunk_frames: int | None = None
+) -> Tensor:
+    """Denoised latents (B, z, f, h, w) -> frames (B, 4(f - 1) + 1, H, W, 3) float32 in [0, 1] through
+    TAEHV: the latents as the DiT made them (TAEHV is trained on the normalized latents; no
+    ``denormalize_latents``), the same frame count and size as :func:`decode`. Every rank decodes whole.
+
+    ``chunk_frames``: latent frames per piece (``--vae-chunk-frames``; the same frames, less memory, slower:
+    1 takes about twice the time and a quarter of the memory of all at once on the CPU); None: all at once."""
+    check_decoder("tiny", taehv)
+    assert taehv is not None
+    weight = next(taehv.parameters())
+    if weight.device != placement.device:
+        taehv.to(placement.device)
+    with torch.inference_mode():
+        video = taehv.decode_video(latents.to(placement.device, weight.dtype), chunk_frames=chunk_frames)
+    return video.float().permute(0, 2, 3, 4, 1).contiguous()

@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from wanpipe.context import ContextWindows
 from wanpipe.runtime.runner import DiTRunner
 from wanpipe.runtime.step_cache import StepCache
 from wanpipe.schedulers import Schedule, StepNoise, new_state, step
@@ -19,6 +21,7 @@ from wanpipe.stages.conditioning import Conditioning
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.preview import StepPreview
 from wanpipe.stages.text import TextContext
+from wanpipe.stages.windows import windowed_forward
 
 StepCallback = Callable[[int, int, float], None]
 """Called after each denoising step with (step index, number of steps, timestep)."""
@@ -84,12 +87,15 @@ def denoise(
     should_cancel: Callable[[], bool] | None = None,
     cancelled_rows: Callable[[], Collection[int]] | None = None,
     noise: StepNoise | None = None,
+    windows: ContextWindows | None = None,
     preview: StepPreview | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Run every step of ``plan`` from the initial ``latents`` (B, C, f, h, w) float32 -> (the denoised
     latents (B', C, f, h, w) after ``conditioning.finish``, the batch rows they are). ``noise``: the
-    rows' generators of fresh step noise (LCM, DMD: where ``schedule.needs_noise(i)``). ``preview``: shown
-    each step's x0 estimate (:mod:`~wanpipe.stages.preview`; it writes into nothing the loop holds).
+    rows' generators of fresh step noise (LCM, DMD: where ``schedule.needs_noise(i)``); ``windows``: the
+    DiT runs per context window (:func:`~wanpipe.stages.windows.windowed_forward`), None: once.
+    ``preview``: shown each step's x0 estimate (:mod:`~wanpipe.stages.preview`; it writes into nothing
+    the loop holds).
 
     ``should_cancel()`` True stops the whole batch (CancelledError); ``cancelled_rows()`` names rows
     (indices as given) whose work stops at the next step: they are dropped from every per-row tensor,
@@ -130,11 +136,11 @@ def denoise(
             streams = {"cond": slice(0, batch)}
             if guided:
                 streams["uncond"] = slice(batch, 2 * batch)
-            pred = runner.forward(
+            dit = partial(  # the step's one DiT call: on the whole input, or per context window
+                runner.forward,
                 experts.get(which),
-                model_input,
-                conditioning.timestep(plan.timesteps[i], model_input.shape[0]),
-                context,
+                timestep=conditioning.timestep(plan.timesteps[i], model_input.shape[0]),
+                context=context,
                 text_bias=bias,
                 cache=cache,
                 streams=streams,
@@ -143,6 +149,7 @@ def denoise(
                 expert=which,
                 **conditioning.dit_kwargs(guided),
             )
+            pred = windowed_forward(windows, i, model_input, dit)
             noise_pred = guidance.combine(pred, batch, which) if guided else pred
             if preview is not None:
                 preview(i, rows, latents, noise_pred, float(schedule.sigmas[i]), conditioning.finish)

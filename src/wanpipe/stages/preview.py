@@ -33,6 +33,7 @@ from torch import Tensor
 
 from wanpipe.context import DEFAULT_PREVIEW_EVERY, Preview, WanContext
 from wanpipe.models.latent_rgb import LatentToRGB
+from wanpipe.models.vae import VAEConfig
 
 PREVIEW_SIZE = 256
 """The previews' longest side in pixels (smaller when the video itself is)."""
@@ -228,6 +229,21 @@ class PreviewSink:
 
     def __exit__(self, kind, value, traceback) -> None:
         self.close(raise_errors=kind is None)
+
+
+def preview_sink(
+    plan: PreviewPlan | None,
+    choice: str,
+    vae: VAEConfig,
+    taehv: torch.nn.Module | None,
+    device: torch.device,
+) -> PreviewSink | None:
+    """The sink for a batch's ``plan`` (None: no previews): the decoder ``choice`` makes
+    (:func:`preview_decoder`) for the VAE's latents, on ``device``."""
+    if plan is None:
+        return None
+    decoder = preview_decoder(choice, vae.z_dim, taehv, device)
+    return PreviewSink(plan, decoder, vae.temporal_stride, device)
 
 
 @dataclass
