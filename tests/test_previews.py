@@ -281,3 +281,64 @@ def test_previews_through_the_side_thread_leave_the_video_bit_identical(wan_pipe
     shown = wan_pipe.generate_batch([request], progress=False, preview=got.append)[0].frames
     assert torch.equal(torch.from_numpy(plain), torch.from_numpy(shown))
     assert [p.step for p in got] == [0, 1, 2, 3, 4]  # the callback is fast: nothing dropped
+
+
+# -- the tiny VAE (TAEHV) as the preview decoder --------------------------------------------------
+@pytest.fixture(scope="module")
+def taehv_file(tmp_path_factory) -> Path:
+    """A random 16-channel TAEHV (taew2_1's shapes), frames mostly inside [0, 1]."""
+    from safetensors.torch import save_file
+
+    from wanpipe.models.taehv import TAEHV, TAEHVConfig
+
+    torch.manual_seed(0)
+    model = TAEHV(TAEHVConfig.taew2_1())
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(0.5)
+    path = tmp_path_factory.mktemp("taehv") / "taew2_1.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_tiny_preview_is_taehvs_decode_shrunk(taehv_file) -> None:
+    import torch.nn.functional as F
+
+    from wanpipe.stages.preview import TinyPreviewDecoder
+    from wanpipe.weights.taehv import load_taehv
+
+    taehv = load_taehv(taehv_file)
+    latents = torch.randn(2, 16, 3, 4, 6, generator=torch.Generator().manual_seed(1))
+    got = TinyPreviewDecoder(taehv)(latents, (16, 24))
+    video = taehv.decode_video(latents)  # (2, 3, 9, 32, 48) in [0, 1]
+    assert video.shape == (2, 3, 9, 32, 48)
+    small = F.interpolate(video.transpose(1, 2).reshape(18, 3, 32, 48), size=(16, 24), mode="area")
+    want = (small.clamp(0, 1) * 255).round().to(torch.uint8).reshape(2, 9, 3, 16, 24).permute(0, 1, 3, 4, 2)
+    assert got.shape == (2, 9, 16, 24, 3) and torch.equal(got, want)
+    assert len(torch.unique(got)) > 1  # not a constant picture
+
+
+def test_tiny_previews_in_the_pipeline(wan_pipe, taehv_file) -> None:
+    """--preview-decoder tiny: every frame at the video's rate, the video unchanged; auto on the CPU and
+    tiny without a tiny VAE."""
+    from dataclasses import replace
+
+    runtime = wan_pipe.executor.runtime
+    request = WanRequest(**REQUEST, guidance_scale=5.0, preview_every=2)
+    plain = wan_pipe.generate_batch([request], progress=False)[0].frames
+    wan_pipe.load_tiny_vae(taehv_file)
+    try:
+        got: list[Preview] = []
+        wan_pipe.generate_batch([request], progress=False, preview=got.append)  # auto, on the CPU: linear
+        assert {p.decoder for p in got} == {"linear"}
+        wan_pipe.set_runtime(replace(runtime, preview_decoder="tiny"))
+        got.clear()
+        shown = wan_pipe.generate_batch([request], progress=False, preview=got.append)[0].frames
+        assert torch.equal(torch.from_numpy(plain), torch.from_numpy(shown))
+        assert [p.step for p in got] == [1, 3, 4] and {p.decoder for p in got} == {"tiny"}
+        assert got[-1].frames.shape == (9, 32, 48, 3) and got[-1].fps == pytest.approx(16)
+        wan_pipe.load_tiny_vae(None)
+        with pytest.raises(ValueError, match="preview_decoder 'tiny' needs the tiny VAE"):
+            wan_pipe.generate_batch([request], progress=False, preview=got.append)
+    finally:
+        wan_pipe.load_tiny_vae(None)
+        wan_pipe.set_runtime(runtime)

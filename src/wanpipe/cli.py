@@ -250,6 +250,8 @@ def _check_generate(args: argparse.Namespace) -> str | None:
     files = [f"--{k.replace('_', '-')}" for k, v in _single_files(args).items() if v is not None]
     if args.model is not None and files:
         return f"give --model or single files ({', '.join(files)}), not both"
+    if args.preview_decoder == "tiny" and args.tiny_vae is None:
+        return "--preview-decoder tiny needs the tiny VAE: --tiny-vae PATH (or use linear / auto)"
     from wanpipe.runtime.options import cache_arguments_problem
 
     problem = cache_arguments_problem(args)
