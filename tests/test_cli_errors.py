@@ -273,7 +273,12 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--preview", ["--preview", "live.gif"], r"--preview: a \.webp file name, got 'live\.gif'"),
     (GENERATE, "--preview-every", ["--preview-every", "0"], r"--preview-every: .*at least 1"),
     (GENERATE, "--preview-decoder", ["--preview-decoder", "vae"], r"invalid choice: 'vae'"),
-    (GENERATE, "--preview-decoder", ["--preview-decoder", "tiny"], r"--preview-decoder tiny needs the tiny VAE"),
+    (
+        GENERATE,
+        "--preview-decoder",
+        ["--preview-decoder", "tiny"],
+        r"--preview-decoder tiny needs the tiny VAE",
+    ),
     (GENERATE, "--text-cache-size", ["--text-cache-size", "-1"], r"at least 0"),
     (GENERATE, "--attention-backend", ["--attention-backend", "fastest"], r"invalid choice: 'fastest'"),
     (

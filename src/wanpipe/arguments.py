@@ -569,8 +569,7 @@ REQUEST_FLAGS: dict[str, str] = {
     # the approximations, also runtime options (wanpipe.runtime.options.add_runtime_arguments)
     "residual_threshold": "--residual-threshold",
     "cfg_truncation": "--cfg-truncation",
-    # a published few-step setting (wanpipe.presets), added by the generate command (--preset list)
-    "preset": "--preset",
+    "preset": "--preset",  # a few-step setting (wanpipe.presets), added by the generate command (--preset list)
     "preview_every": "--preview-every",  # added by the generate command, next to --preview
 }
 """``WanRequest`` fields -> the ``generate`` flags that set them: ``wanpipe generate`` builds its request
