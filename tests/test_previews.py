@@ -342,3 +342,16 @@ def test_tiny_previews_in_the_pipeline(wan_pipe, taehv_file) -> None:
     finally:
         wan_pipe.load_tiny_vae(None)
         wan_pipe.set_runtime(runtime)
+
+
+def test_previews_with_context_windows(wan_pipe) -> None:
+    """Long videos (docs/long-video.md): the DiT runs per window, the preview shows the whole video."""
+    kw = dict(
+        REQUEST, num_frames=17, num_inference_steps=3, guidance_scale=5.0, context_frames=9, context_overlap=4
+    )
+    request = WanRequest(**kw, preview_every=1)
+    plain = wan_pipe.generate_batch([request], progress=False)[0].frames
+    got: list[Preview] = []
+    shown = wan_pipe.generate_batch([request], progress=False, preview=got.append)[0].frames
+    assert torch.equal(torch.from_numpy(plain), torch.from_numpy(shown))
+    assert [p.step for p in got] == [0, 1, 2] and got[-1].frames.shape == (5, 32, 48, 3)
