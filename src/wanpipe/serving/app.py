@@ -4,7 +4,8 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when the server 
 
 * ``POST /v1/videos`` (multipart or JSON), ``GET /v1/videos`` (newest first, ``after``/``limit``/
   ``order``), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (``variant=video`` mp4 or
-  ``thumbnail`` JPEG), ``DELETE /v1/videos/{id}``: the OpenAI Videos API.
+  ``thumbnail`` JPEG), ``DELETE /v1/videos/{id}``: the OpenAI Videos API; ``GET /v1/videos/{id}/events``
+  (Server-Sent Events) and ``/preview`` (animated WebP): :mod:`wanpipe.serving.live`.
 * ``POST /v1/responses``: Open Responses as MAX serves it; answers when the video is done.
 * ``GET /v1/models``, ``GET /v1/loras`` (the LoRA adapters of ``--lora-dir``); ``/health`` (the process answers), ``/ready`` (the model is loaded),
   ``/metrics`` (Prometheus text) and ``/`` (the web page).
@@ -46,6 +47,7 @@ from wanpipe.serving.bodies import (
 )
 from wanpipe.serving.errors import APIError, invalid
 from wanpipe.serving.job_request import LimitExceededError
+from wanpipe.serving.live import live_router
 from wanpipe.serving.manager import (
     JobManager,
     NotReadyError,
@@ -520,6 +522,7 @@ def create_app(
     app.state.max_body_bytes = max_body_bytes
     app.state.started_at = int(time.time())
     app.include_router(v1)
+    app.include_router(live_router(video_object, _get_job))  # .../events, .../preview
     app.include_router(plain)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
