@@ -426,6 +426,13 @@ async def list_models(request: Request) -> JSONResponse:
             "max_queue": lim.max_queue,
         },
         presets=[PresetCard(**p.card(), fits_model=p.fits_checkpoint(arch)) for p in PRESETS.values()],
+        inputs={
+            "image": arch.accepts_image,
+            "image_required": arch.takes_image,
+            "last_image": arch.accepts_last_image,
+        }
+        | dict.fromkeys(("video", "mask", "reference_image"), arch.accepts_vace)
+        | dict.fromkeys(("pose_video", "face_video"), arch.accepts_animate),
     )
     return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
 

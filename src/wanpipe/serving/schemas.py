@@ -164,6 +164,9 @@ class ModelCard(BaseModel):
     defaults: dict[str, Any]
     limits: dict[str, Any]
     presets: list[PresetCard] = Field(default_factory=list)
+    # the upload fields of POST /v1/videos this checkpoint takes: image (input_reference), last_image,
+    # video / mask / reference_image (VACE), pose_video / face_video (Animate); image_required: i2v/flf2v
+    inputs: dict[str, bool] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):
