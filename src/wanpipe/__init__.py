@@ -1,7 +1,7 @@
 """wanpipe: a native PyTorch engine for the Wan video diffusion models."""
 
 from wanpipe.config import WanArchConfig
-from wanpipe.context import GenerationStatus, InvalidRequestError, WanContext, WanRequest
+from wanpipe.context import GenerationStatus, InvalidRequestError, Preview, WanContext, WanRequest
 from wanpipe.executor import WanExecutor, WanExecutorInputs, WanExecutorOutputs
 from wanpipe.media import Video
 from wanpipe.models.transformer import WanTransformerModel
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GenerationStatus",
     "InvalidRequestError",
+    "Preview",
     "Video",
     "WanArchConfig",
     "WanContext",

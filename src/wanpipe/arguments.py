@@ -568,6 +568,7 @@ REQUEST_FLAGS: dict[str, str] = {
     "cfg_truncation": "--cfg-truncation",
     # a published few-step setting (wanpipe.presets), added by the generate command (--preset list)
     "preset": "--preset",
+    "preview_every": "--preview-every",  # added by the generate command, next to --preview
 }
 """``WanRequest`` fields -> the ``generate`` flags that set them: ``wanpipe generate`` builds its request
 from this table, and names the flag in the engine's error messages."""

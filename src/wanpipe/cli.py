@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wanpipe import arguments as a
+from wanpipe.context import DEFAULT_PREVIEW_EVERY, Preview
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
 
 if TYPE_CHECKING:
@@ -89,6 +90,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="output file: .mp4, .webp, .gif, a folder for PNG frames, or .png/.jpg for one frame",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--preview",
+        type=_webp_file,
+        default=None,
+        metavar="FILE.webp",
+        help="write a live preview of the video as it forms (animated WebP, rewritten atomically)",
+    )
+    p.add_argument(
+        "--preview-every",
+        type=a.integer(1, what="denoising steps"),
+        default=None,
+        metavar="N",
+        help=f"steps between live previews, and the last step (default {DEFAULT_PREVIEW_EVERY})",
+    )
     add_parallel_arguments(p)
     from wanpipe.runtime.options import add_runtime_arguments
 
@@ -125,6 +140,12 @@ WEIGHT_FILES: tuple[tuple[str, Callable[[str], str], bool, str], ...] = (
     ("--image-encoder", a.existing_file("image encoder"), False, "CLIP vision file (Wan 2.1 I2V)"),
 )
 """The single-file flags: (flag, ``type=``, several files allowed, help)."""
+
+
+def _webp_file(text: str) -> str:
+    if Path(text).suffix.lower() != ".webp":
+        raise argparse.ArgumentTypeError(f"a .webp file name, got {text!r}")
+    return text
 
 
 def _add_weight_sources(p: argparse.ArgumentParser) -> None:
@@ -324,6 +345,9 @@ def _generate(
     problem = a.output_problem(output, folder=fmt == "png-folder")
     if problem is not None:
         return _fail(f"--output: {problem}", EXIT_BAD_INPUT)
+    problem = args.preview and a.output_problem(Path(args.preview), folder=False)
+    if problem:
+        return _fail(f"--preview: {problem}", EXIT_BAD_INPUT)
 
     model = args.model
     files = _single_files(args)
@@ -417,7 +441,8 @@ def _generate(
     except ValueError as e:
         return _fail(f"--output: {e}", EXIT_BAD_INPUT)
     try:
-        video = pipe.generate(**params, progress=first and not args.no_progress)
+        preview = _preview_writer(Path(args.preview)) if args.preview and first else None
+        video = pipe.generate(**params, progress=first and not args.no_progress, preview=preview)
     except WanOutOfMemoryError as e:
         return _fail(str(e), EXIT_FAILED)
     except AttentionBackendError as e:  # the kernel cannot run this model's shapes on this device
@@ -446,6 +471,16 @@ def _generate(
         ratios = json.dumps(t["cache_calibration"])
         print(f"MagCache calibration: mag_ratios written to {target}" if target else f"mag_ratios: {ratios}")
     return 0
+
+
+def _preview_writer(path: Path) -> Callable[[Preview], None]:
+    """``--preview``: each preview rewrites ``path`` (temporary file + rename: never half written)."""
+    from wanpipe.media import encode_webp, write_atomic
+
+    def write(preview: Preview) -> None:
+        write_atomic(path, encode_webp(preview.frames, preview.fps))
+
+    return write
 
 
 def _segments(request: WanRequest) -> int:

@@ -87,6 +87,32 @@ class WanRequest:
     mode: str | None = None  # "animate" (default) or "replace"
     segment_frame_length: int | None = None  # frames per generated segment, 4k+1 (default 77)
     prev_segment_conditioning_frames: int | None = None  # frames each segment continues from: 1 or 5
+    # Live previews (docs/previews.md): one every this many steps (and at the last), when the caller asks
+    # for them (a ``preview`` callback); None: DEFAULT_PREVIEW_EVERY.
+    preview_every: int | None = None
+
+
+DEFAULT_PREVIEW_EVERY = 2
+"""Steps between live previews when a request gives none: the linear preview and its webp cost about
+1-2% of a step on the CPU mid-size case at every step, under 1% at every second (bench/bench_preview.py)."""
+
+
+@dataclass(frozen=True)
+class Preview:
+    """One live preview of one request of a batch, sent while denoising (docs/previews.md).
+
+    row: the request's index in the batch (``generate_batch`` / ``run_contexts``); step: the index of
+    the denoising step just taken (0-based; ``num_steps - 1`` is the last; across Animate's segments as
+    the progress callback counts); frames: (F, h, w, 3) uint8, the current estimate of the clean video
+    (x0 = x_t - sigma * v) decoded small (longest side <= 256); fps: the rate that plays them at the
+    video's speed (fewer frames than the video for the linear decoder: one per latent frame)."""
+
+    row: int
+    step: int
+    num_steps: int
+    frames: np.ndarray
+    fps: float
+    decoder: str = "linear"  # "linear" (latent-to-RGB factors) or "tiny" (the tiny VAE, TAEHV)
 
 
 @dataclass(frozen=True)
@@ -257,6 +283,7 @@ class WanContext:
     # LCM / DMD: the request's seeded CPU generator's state (uint8) after the initial noise, from which
     # each step's fresh noise is drawn (wanpipe.schedulers.StepNoise); None for the other samplers.
     noise_state: np.ndarray | None = None
+    preview_every: int | None = None  # steps between live previews (the resolved request's)
 
     @property
     def timesteps(self) -> np.ndarray:

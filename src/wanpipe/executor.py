@@ -50,6 +50,7 @@ from wanpipe.stages.decode import decode
 from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepPlan, denoise, guided_steps
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.placement import Placement
+from wanpipe.stages.preview import LinearPreviewDecoder, PreviewDecoder, PreviewPlan, PreviewSink, StepPreview
 from wanpipe.stages.text import TextContext, TextStage
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class WanExecutor:
         )
         self.vae_halo: int | None = None
         self.last_cache_stats = None
+        self.preview_decoder: PreviewDecoder | None = None  # None: the linear one (stages/preview.py)
         self.set_runtime(runtime or RuntimeOptions())
         if parallel is not None:
             self.enable_parallel(parallel, vae_halo=vae_halo)
@@ -319,6 +321,7 @@ class WanExecutor:
         should_cancel: Callable[[], bool] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
         timings: Timings | None = None,
+        preview: StepPreview | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """The denoise stage: initial latents (B, C, f, h, w) -> (denoised latents (B', ...) float32,
         the rows they are; see :func:`~wanpipe.stages.denoise.denoise` for the cancel checks). What the
@@ -367,6 +370,7 @@ class WanExecutor:
                 noise=None
                 if inputs.noise_states is None
                 else StepNoise.from_states(inputs.noise_states, device),
+                preview=preview,
             )
         report.compile_s = self.runner.compile_s
         self.last_cache_stats = None if cache is None else cache.stats
@@ -497,19 +501,26 @@ class WanExecutor:
         callback: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
+        preview: PreviewPlan | None = None,
     ) -> WanExecutorOutputs:
         """text encode -> condition -> denoise -> decode: -> frames (B', F, H, W, 3), each stage timed.
 
         ``should_cancel()`` True stops the batch (CancelledError); ``cancelled_rows()`` names rows whose
-        work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made)."""
+        work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made).
+        ``preview``: live previews of the rows (:mod:`~wanpipe.stages.preview`)."""
         timings = Timings()
         with self._stage(timings, "text_encode_s"):
             text = self.encode_text(inputs)
         with self._stage(timings, "condition_s"):
             conditioning, noise = self.condition(inputs)
-        frames, rows = self._segments(
-            inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows
-        )
+        sink = None
+        if preview is not None:  # the linear decoder, unless a tiny VAE is loaded
+            decoder = self.preview_decoder or LinearPreviewDecoder(self.vae.config.z_dim)
+            sink = PreviewSink(preview, decoder, self.vae.config.temporal_stride, self.device)
+        with sink or contextlib.nullcontext():
+            frames, rows = self._segments(
+                inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows, sink
+            )
         timings.denoise_s -= timings.compile_s  # the compile warm-up is reported apart
         return WanExecutorOutputs(frames=frames, timings=timings, rows=rows)
 
@@ -523,6 +534,7 @@ class WanExecutor:
         callback: StepCallback | None,
         should_cancel: Callable[[], bool] | None,
         cancelled_rows: Callable[[], Collection[int]] | None,
+        sink: PreviewSink | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """denoise -> decode, once per segment of the video (``inputs.segments``: 1, except Animate's
         long driving videos) -> (frames (B', num_frames, H, W, 3), the rows made).
@@ -550,8 +562,9 @@ class WanExecutor:
                 return [made.index(r) for r in (cancelled_rows() if cancelled_rows else ()) if r in made]
 
             with self._stage(timings, "denoise_s"):
+                view = None if sink is None else sink.segment(index * steps, steps * count, rows)
                 latents, kept = self.denoise(
-                    inputs, text, conditioning, latents, on_step, should_cancel, gone, timings
+                    inputs, text, conditioning, latents, on_step, should_cancel, gone, timings, view
                 )
             compile_s += timings.compile_s
             if len(kept) < len(rows):

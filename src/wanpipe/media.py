@@ -26,6 +26,7 @@ Decisions:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import secrets
@@ -42,9 +43,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "OUTPUT_FORMATS",
     "Video",
+    "encode_webp",
     "output_format_for",
     "read_image",
     "read_video",
+    "write_atomic",
 ]
 
 # Formats Video.save writes. "png" and "jpg" are single images (one frame only).
@@ -348,6 +351,44 @@ def _write_animation(video: Video, path: Path, fmt: str, *, quality: int, lossle
             lossless=lossless,
             quality=quality,
         )
+
+
+def encode_webp(frames: np.ndarray, fps: float, *, quality: int = 80) -> bytes:
+    """Frames (F, H, W, 3) uint8 -> an animated WebP (lossy, ``quality`` 0-100, looping) played at
+    ``fps``, as bytes (live previews: :class:`wanpipe.context.Preview`; served and written as they are)."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"frames must be (F, H, W, 3) uint8 with F >= 1, got {frames.shape} {frames.dtype}")
+    if not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps}")
+    images = [Image.fromarray(frame) for frame in frames]
+    out = io.BytesIO()
+    durations = _frame_durations_ms(len(images), fps, 1)
+    images[0].save(
+        out,
+        format="WEBP",
+        save_all=True,
+        append_images=images[1:],
+        duration=durations,
+        loop=0,
+        quality=quality,
+    )
+    return out.getvalue()
+
+
+def write_atomic(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a hidden temporary sibling renamed over it (``os.replace``): a
+    reader sees the old file or the new one, never half of one (no fsync: for files rewritten often, as
+    the CLI's ``--preview``). Returns the path."""
+    dest = Path(path)
+    tmp = _temp_sibling(dest)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.stages.experts import Experts
+from wanpipe.stages.preview import PreviewCallback, PreviewPlan
 from wanpipe.text_tokenizer import WanTextTokenizer
 from wanpipe.tokenizer import WanTokenizer
 from wanpipe.weights.components import ComponentWeights, open_checkpoint, single_file_weights
@@ -433,6 +434,8 @@ class WanPipeline:
         mode: str | None = None,
         segment_frame_length: int | None = None,
         prev_segment_conditioning_frames: int | None = None,
+        preview: PreviewCallback | None = None,
+        preview_every: int | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -461,6 +464,8 @@ class WanPipeline:
         ``prev_segment_conditioning_frames`` (1 or 5) of the one before.
         ``wanpipe.animate_request.preprocessed_inputs(folder)`` gives these from the original
         preprocessing script's folder.
+
+        ``preview(Preview)`` gets live previews every ``preview_every`` steps (docs/previews.md).
         """
         request = WanRequest(
             prompt=prompt,
@@ -496,8 +501,9 @@ class WanPipeline:
             mode=mode,
             segment_frame_length=segment_frame_length,
             prev_segment_conditioning_frames=prev_segment_conditioning_frames,
+            preview_every=preview_every,
         )
-        return self.generate_batch([request], callback=callback, progress=progress)[0]
+        return self.generate_batch([request], callback=callback, progress=progress, preview=preview)[0]
 
     def check(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request
@@ -520,13 +526,14 @@ class WanPipeline:
         callback: Callable[[int, int, float], None] | None = None,
         *,
         progress: bool = True,
+        preview: PreviewCallback | None = None,
     ) -> list[Video]:
         """Generate several requests that share size, frames and schedule as one executor batch.
 
         Under torch.distributed (world > 1) a request without a seed gets rank 0's (:func:`shared_seed`)."""
         requests = [r if r.seed is not None else replace(r, seed=shared_seed(None)) for r in requests]
         contexts = [self.tokenizer.make_context(r) for r in requests]
-        frames, timings = self.run_contexts(contexts, callback=callback, progress=progress)
+        frames, timings = self.run_contexts(contexts, callback=callback, progress=progress, preview=preview)
         videos = []
         for ctx, f in zip(contexts, frames):
             videos.append(Video(frames=f, fps=ctx.fps, seed=ctx.seed, timings=asdict(timings)))
@@ -540,12 +547,14 @@ class WanPipeline:
         progress: bool = True,
         should_cancel: Callable[[], bool] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
+        preview: PreviewCallback | None = None,
     ) -> tuple[list[np.ndarray | None], Timings]:
         """Run prepared contexts as one batch; returns each one's frames (F, H, W, 3) and the timings.
 
         ``should_cancel()`` True stops the batch (:class:`~wanpipe.executor.CancelledError`);
         ``cancelled_rows()`` names contexts (indices into ``contexts``) whose work stops at the next
-        step: their frames are None and their status CANCELLED."""
+        step: their frames are None and their status CANCELLED. ``preview(Preview)``: live previews
+        (``Preview.row`` indexes ``contexts``; each context's ``preview_every``)."""
         inputs = self.executor.prepare_inputs(contexts)
         bar = None
         if progress:
@@ -563,9 +572,8 @@ class WanPipeline:
                 callback(i, n, t)
 
         try:
-            outputs = self.executor.execute(
-                inputs, callback=on_step, should_cancel=should_cancel, cancelled_rows=cancelled_rows
-            )
+            plan = None if preview is None else PreviewPlan.of(preview, contexts)
+            outputs = self.executor.execute(inputs, on_step, should_cancel, cancelled_rows, plan)
         except CancelledError:
             for ctx in contexts:
                 ctx.status = GenerationStatus.CANCELLED

@@ -29,7 +29,14 @@ from wanpipe.animate_request import (
     segment_plan,
 )
 from wanpipe.config import WanArchConfig
-from wanpipe.context import Approximations, ConditioningInputs, InvalidRequestError, WanContext, WanRequest
+from wanpipe.context import (
+    DEFAULT_PREVIEW_EVERY,
+    Approximations,
+    ConditioningInputs,
+    InvalidRequestError,
+    WanContext,
+    WanRequest,
+)
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.presets import apply_preset
@@ -222,6 +229,11 @@ class WanTokenizer:
             sampler=sampler,
             sigmas=sigmas,
             timesteps=timesteps,
+            preview_every=_int(
+                DEFAULT_PREVIEW_EVERY if request.preview_every is None else request.preview_every,
+                "preview_every",
+                1,
+            ),
             **self._cache(request, height, width, media),
             **media,
         )
@@ -479,6 +491,7 @@ class WanTokenizer:
             conditioning=conditioning,
             approximations=Approximations.of(r),
             noise_state=generator_state(generator) if generator is not None and schedule.stochastic else None,
+            preview_every=r.preview_every,
         )
 
     def _conditioning(self, r: WanRequest) -> ConditioningInputs:

@@ -17,6 +17,7 @@ from wanpipe.runtime.step_cache import StepCache
 from wanpipe.schedulers import Schedule, StepNoise, new_state, step
 from wanpipe.stages.conditioning import Conditioning
 from wanpipe.stages.experts import Experts
+from wanpipe.stages.preview import StepPreview
 from wanpipe.stages.text import TextContext
 
 StepCallback = Callable[[int, int, float], None]
@@ -83,10 +84,12 @@ def denoise(
     should_cancel: Callable[[], bool] | None = None,
     cancelled_rows: Callable[[], Collection[int]] | None = None,
     noise: StepNoise | None = None,
+    preview: StepPreview | None = None,
 ) -> tuple[Tensor, list[int]]:
     """Run every step of ``plan`` from the initial ``latents`` (B, C, f, h, w) float32 -> (the denoised
     latents (B', C, f, h, w) after ``conditioning.finish``, the batch rows they are). ``noise``: the
-    rows' generators of fresh step noise (LCM, DMD: where ``schedule.needs_noise(i)``).
+    rows' generators of fresh step noise (LCM, DMD: where ``schedule.needs_noise(i)``). ``preview``: shown
+    each step's x0 estimate (:mod:`~wanpipe.stages.preview`; it writes into nothing the loop holds).
 
     ``should_cancel()`` True stops the whole batch (CancelledError); ``cancelled_rows()`` names rows
     (indices as given) whose work stops at the next step: they are dropped from every per-row tensor,
@@ -141,6 +144,8 @@ def denoise(
                 **conditioning.dit_kwargs(guided),
             )
             noise_pred = guidance.combine(pred, batch, which) if guided else pred
+            if preview is not None:
+                preview(i, rows, latents, noise_pred, float(schedule.sigmas[i]), conditioning.finish)
             latents = step(schedule, state, i, noise_pred, latents, fresh)
             if callback is not None:
                 callback(i, num_steps, float(schedule.timesteps[i]))
