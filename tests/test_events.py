@@ -209,3 +209,29 @@ def test_preview_is_404_before_the_first_then_a_webp(server, http, gate) -> None
     print("preview:", image.size, getattr(image, "n_frames", 1), "frames,", len(response.content), "bytes")
     gate.open()
     wait_until(lambda: http.get(f"/v1/videos/{job['id']}").json()["status"] == "completed", 60, "completion")
+
+
+def test_a_job_without_previews_has_none_and_bad_values_are_refused(server, http, gate) -> None:
+    response = http.post(
+        "/v1/videos",
+        data={
+            "prompt": "a fox",
+            "size": "32x32",
+            "num_frames": "5",
+            "num_inference_steps": "3",
+            "preview": "false",
+        },
+    )
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["parameters"]["preview"] is False and job["parameters"]["preview_every"] == 2  # resolved
+    gate.hold_at(2)  # a job with previews would have one now
+    assert_error(http.get(f"/v1/videos/{job['id']}/preview"), 404, "video_id", "preview_not_ready")
+    gate.open()
+    wait_until(lambda: http.get(f"/v1/videos/{job['id']}").json()["status"] == "completed", 60, "completion")
+    assert_error(http.get(f"/v1/videos/{job['id']}/preview"), 404, "video_id", "preview_not_ready")
+    every = submit(http, 1, preview=True, preview_every=1)["parameters"]
+    assert (every["preview"], every["preview_every"]) == (True, 1)
+    for body, param in (({"preview": "yes"}, "preview"), ({"preview_every": 0}, "preview_every")):
+        response = http.post("/v1/videos", json={"prompt": "a fox", **SMALL, **body})
+        assert_error(response, 400, param)

@@ -183,6 +183,8 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             segment_frame_length=s.segment_frame_length,
             prev_segment_conditioning_frames=s.prev_segment_conditioning_frames,
             loras=[LoraUse(name=n, scale=v) for n, v in s.loras],
+            preview=s.preview,
+            preview_every=s.preview_every,
         ),
         batch_size=job.batch_size,
     )

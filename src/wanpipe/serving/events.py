@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from wanpipe.context import Preview
+
 
 @dataclass(frozen=True)
 class StepState:
@@ -83,12 +85,17 @@ class JobEvents:
             self._remember(self._previews, job_id, LatestPreview(step, num_steps, frames, float(fps)))
         self.notify(job_id)
 
-    def previewer(self, job_ids: Sequence[str]) -> Callable[[Any], None]:
-        """The engine's ``preview`` callback for a batch whose row ``r`` is ``job_ids[r]``: each
-        ``Preview(row, step, num_steps, frames, fps)`` becomes that job's latest preview."""
+    def previewer(self, job_ids: Sequence[str | None]) -> Callable[[Preview], None] | None:
+        """The engine's ``preview`` callback for a batch whose row ``r`` is job ``job_ids[r]`` (None: a job
+        that asked for no previews; None for the callback when none did): each ``Preview`` (``step``: the
+        0-based index of the step just taken) becomes that job's latest preview."""
+        if all(job_id is None for job_id in job_ids):
+            return None
 
-        def on_preview(p: Any) -> None:
-            self.preview(job_ids[p.row], p.step, p.num_steps, np.asarray(p.frames), p.fps)
+        def on_preview(p: Preview) -> None:
+            job_id = job_ids[p.row]
+            if job_id is not None:
+                self.preview(job_id, p.step + 1, p.num_steps, np.asarray(p.frames), p.fps)
 
         return on_preview
 

@@ -89,4 +89,5 @@ def job_request(
         mode=spec.mode,
         segment_frame_length=spec.segment_frame_length,
         prev_segment_conditioning_frames=spec.prev_segment_conditioning_frames,
+        preview_every=spec.preview_every,
     )

@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from wanpipe.media import encode_webp
 from wanpipe.serving.bodies import require_api_key
 from wanpipe.serving.errors import APIError
 from wanpipe.serving.events import JobEvents, sse_event
@@ -113,8 +114,6 @@ def live_router(
     async def video_preview(request: Request, video_id: str) -> Response:
         manager: JobManager = request.app.state.manager
         get_job(manager, video_id)
-        from wanpipe.media import encode_webp
-
         found = await run_in_threadpool(manager.events.preview_webp, video_id, encode_webp)
         if found is None:
             raise APIError(

@@ -227,6 +227,7 @@ class JobManager:
             mode=resolved.mode,
             segment_frame_length=resolved.segment_frame_length,
             prev_segment_conditioning_frames=resolved.prev_segment_conditioning_frames,
+            preview_every=resolved.preview_every,
         )
         if animate:
             check_limits(pipe.arch.defaults, self.limits, spec)
@@ -503,6 +504,7 @@ class JobManager:
                 progress=False,
                 should_cancel=should_cancel,
                 cancelled_rows=cancelled_rows,
+                preview=self.events.previewer([job.id if job.spec.preview else None for job in jobs]),
             )
         except CancelledError:
             frames = None

@@ -41,6 +41,7 @@ from wanpipe.serving.openapi_fields import (
     loras_schema,
     number_schema,
     preset_schema,
+    preview_properties,
     schedule_fields_schema,
     string_schema,
     text_schema,
@@ -194,6 +195,7 @@ def video_create_schema(
             }
     properties.update(vace_properties(form))
     properties.update(animate_properties(form, json=json))
+    properties.update(preview_properties(json=json))
     assert set(properties) - {"input_reference[image_url]", "last_image[image_url]"} == set(
         VIDEO_CREATE_FIELDS
     )

@@ -44,6 +44,7 @@ from wanpipe.serving.errors import invalid, shown
 from wanpipe.serving.scalars import (
     frames_for_seconds,
     optional_reader,
+    parse_bool,
     parse_cache_options,
     parse_float,
     parse_flow_shift,
@@ -145,6 +146,10 @@ class JobSpec:
     prev_segment_conditioning_frames: int | None = None
     # LoRA per request (--lora-dir): (name, scale) pairs sorted by name; () is none
     loras: tuple[tuple[str, float], ...] = ()
+    # live previews (GET /v1/videos/{id}/preview and .../events): on by default in the server; one every
+    # preview_every steps (the resolved spec holds the engine's default)
+    preview: bool = True
+    preview_every: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -219,6 +224,8 @@ VIDEO_CREATE_FIELDS = (
     "segment_frame_length",
     "prev_segment_conditioning_frames",
     "loras",
+    "preview",
+    "preview_every",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -359,6 +366,8 @@ def parse_video_create(
         segment_frame_length=opt("segment_frame_length", parse_int, 1),
         prev_segment_conditioning_frames=opt("prev_segment_conditioning_frames", parse_int, 1),
         loras=opt("loras", parse_loras) or (),
+        preview=opt("preview", parse_bool) is not False,
+        preview_every=opt("preview_every", parse_int, 1),
     )
     return NewJob(
         spec,

@@ -70,6 +70,8 @@ class VideoParameters(BaseModel):
     segment_frame_length: int | None = None
     prev_segment_conditioning_frames: int | None = None
     loras: list[LoraUse] = Field(default_factory=list)  # the job's LoRA adapters (--lora-dir)
+    preview: bool = True  # live previews on (GET /v1/videos/{id}/preview)
+    preview_every: int | None = None  # one every this many steps
 
 
 class VideoObject(BaseModel):
