@@ -135,3 +135,45 @@ def test_the_page_shows_progress_and_a_preview_then_plays_the_video(page_server,
             assert errors == []
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(
+    not SCREENSHOT, reason="makes docs/img/page.png: set WANPIPE_PAGE_SCREENSHOT=docs/img/page.png"
+)
+def test_the_readme_screenshot(page_server, tmp_path: Path) -> None:
+    """A finished job playing and a running one with its live preview, as README's picture."""
+    sync_playwright = _browser_or_skip()
+    http = httpx.Client(base_url=page_server.url, timeout=60)
+    done = {"prompt": "a lighthouse on a cliff at dusk, waves below", "size": "128x80", "num_frames": 9}
+    job = http.post("/v1/videos", json={**done, "num_inference_steps": 4, "seed": 1}).json()
+    page_server.gate.allow(4)
+    from tests.serving_helpers import wait_until
+
+    wait_until(lambda: http.get(f"/v1/videos/{job['id']}").json()["status"] == "completed", 60, "completion")
+    running = {"prompt": "a red fox trots through fresh snow at dawn", "size": "128x80", "num_frames": 9}
+    http.post("/v1/videos", json={**running, "num_inference_steps": 10, "seed": 2})
+    page_server.gate.hold_at(4 + 6)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
+            page.set_default_timeout(60_000)
+            page.goto(page_server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('wan-tiny')")
+            page.fill("#prompt", "a paper boat drifting down a rainy street")
+            page.wait_for_function(
+                "() => { const i = document.querySelector('.card img.preview'); return i && i.naturalWidth > 0; }"
+            )
+            page.wait_for_function(
+                "() => { const v = document.querySelector('.card video.player'); return v && v.readyState >= 3 && v.duration > 0; }"
+            )
+            page.wait_for_timeout(1000)  # the player's loading spinner fades out
+            assert page.locator(".card").count() == 2
+            page.screenshot(path=str(tmp_path / "readme.png"))
+        finally:
+            browser.close()
+    shutil.copyfile(tmp_path / "readme.png", SCREENSHOT)
+    assert Path(SCREENSHOT).stat().st_size < 300_000
+    page_server.gate.open()
