@@ -42,7 +42,23 @@ EVENTS_RESPONSE = {
     "description": "Server-Sent Events: `progress` (the current state first, then one per step or "
     "preview), then one final `completed`, `failed` or `cancelled`; each `data` is the video object "
     "plus `step`, `num_steps`, `eta_seconds`, `preview_url` and `preview_step`.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "text/event-stream": {
+            "schema": {  # one event (OpenAPI 3.1: the schema of a text/event-stream is each event's)
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"enum": ["progress", "completed", "failed", "cancelled"]},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "description": "The video object plus step, num_steps, eta_seconds, preview_url, "
+                        "preview_step (JSON text).",
+                    },
+                },
+            }
+        }
+    },
 }
 PREVIEW_RESPONSE = {
     "description": "The latest preview as an animated WebP (`X-Preview-Step`: the steps done when it was "
