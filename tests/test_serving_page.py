@@ -177,3 +177,56 @@ def test_the_readme_screenshot(page_server, tmp_path: Path) -> None:
     shutil.copyfile(tmp_path / "readme.png", SCREENSHOT)
     assert Path(SCREENSHOT).stat().st_size < 300_000
     page_server.gate.open()
+
+
+def test_the_page_with_an_api_key_and_a_failed_job(wan_pipe, tmp_path: Path, monkeypatch) -> None:
+    """With a key (which EventSource cannot send) the page reads the event streams through fetch and loads
+    the video as a blob; a failed job's card shows its error."""
+    sync_playwright = _browser_or_skip()
+    manager = JobManager(JobStore(tmp_path / "out"), lambda: wan_pipe, model_name="wan-tiny")
+    with ThreadServer(create_app(manager, api_key="page-key")) as srv, sync_playwright() as p:
+        assert manager.wait_ready(60)
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"],
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(srv.url + "/")
+            page.wait_for_selector("#key-field:not([hidden])")
+            page.fill("#api-key", "page-key")
+            for field, value in (
+                ("#prompt", "a kite"),
+                ("#width", "32"),
+                ("#height", "32"),
+                ("#num_frames", "5"),
+            ):
+                page.fill(field, value)
+            page.click("#advanced summary")
+            page.fill("#steps", "2")
+            page.click("#submit")
+            page.wait_for_function(
+                """() => { const v = document.querySelector('.card video.player');
+                           return v && v.src.startsWith('blob:') && v.readyState >= 2; }"""
+            )
+            assert page.locator(".card .status").first.text_content() == "completed"
+
+            def broken(*args, **kwargs):
+                raise RuntimeError("the DiT fell over")
+
+            monkeypatch.setattr(wan_pipe.executor, "execute", broken)
+            page.fill("#prompt", "a kite that falls")
+            page.click("#submit")
+            page.wait_for_function(
+                "document.querySelector('.card.status-failed .error:not([hidden])') !== null"
+            )
+            failed = page.locator(".card.status-failed")
+            assert "the DiT fell over" in failed.locator(".error").text_content()
+            assert failed.locator("button.remove").text_content() == "Delete"
+            assert page.locator(".card").count() == 2
+            assert errors == []
+        finally:
+            browser.close()
