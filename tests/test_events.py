@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -235,3 +236,48 @@ def test_a_job_without_previews_has_none_and_bad_values_are_refused(server, http
     for body, param in (({"preview": "yes"}, "preview"), ({"preview_every": 0}, "preview_every")):
         response = http.post("/v1/videos", json={"prompt": "a fox", **SMALL, **body})
         assert_error(response, 400, param)
+
+
+def test_shutdown_ends_the_streams_without_a_final_event(wan_pipe, tmp_path: Path) -> None:
+    manager = JobManager(JobStore(tmp_path / "out"), lambda: wan_pipe, model_name="wan-tiny", limits=LIMITS)
+    from wanpipe.serving.step_gate import StepGate
+
+    gate = Gate(tmp_path / "gate")
+    manager.step_gate = StepGate(gate.folder)
+    with ThreadServer(create_app(manager)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert manager.wait_ready(60)
+        job = submit(client, 4)
+        gate.hold_at(1)
+        with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+            events = EventReader(response)
+            assert events.next()[1]["step"] == 1
+            manager.begin_shutdown()  # what SIGTERM does first (wanpipe serve's handle_exit)
+            with pytest.raises(EOFError):
+                events.next()
+        assert [n for n, _ in events.seen] == ["progress"]
+    store = JobStore(tmp_path / "out")
+    assert store.get(job["id"]).status.value == "queued"  # it runs again after a restart
+    store.close()
+
+
+def test_the_hub_keeps_few_previews_and_forgets_deleted_jobs() -> None:
+    from wanpipe.context import Preview
+    from wanpipe.media import encode_webp
+    from wanpipe.serving.events import JobEvents
+
+    hub = JobEvents(max_jobs=2)
+    frames = np.repeat(np.array([0, 120, 240], np.uint8), 8 * 8 * 3).reshape(3, 8, 8, 3)  # 3 different frames
+    on_preview = hub.previewer(["a", None, "b"])
+    assert hub.previewer([None, None]) is None  # no job wants previews: none are made
+    for row in range(3):
+        on_preview(Preview(row=row, step=1, num_steps=4, frames=frames, fps=8.0))
+    assert hub.latest_preview("a").step == 2 and hub.latest_preview("b") is not None  # steps done
+    webp, step = hub.preview_webp("a", encode_webp)
+    assert step == 2 and Image.open(io.BytesIO(webp)).n_frames == 3
+    assert hub.latest_preview("a").frames is None  # the WebP is kept instead of the frames
+    assert hub.preview_webp("a", encode_webp) == (webp, 2)
+    hub.preview("c", 1, 4, frames, 8.0)  # a third job: the oldest ("a") goes
+    assert hub.latest_preview("a") is None and hub.latest_preview("c") is not None
+    hub.step(["c"], 0, 4)
+    hub.forget("c")
+    assert hub.latest_preview("c") is None and hub.state("c") is None

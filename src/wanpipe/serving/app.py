@@ -338,6 +338,7 @@ async def delete_video(request: Request, video_id: str) -> JSONResponse:
     job = await run_in_threadpool(manager.delete, video_id) if VIDEO_ID.fullmatch(video_id) else None
     if job is None:
         raise _no_video(video_id)
+    manager.events.forget(video_id)
     return JSONResponse(VideoDeleted(id=video_id).model_dump(mode="json"))
 
 

@@ -7,9 +7,10 @@ delete (:meth:`JobEvents.notify`). A report wakes the streams watching that job 
 (``loop.call_soon_threadsafe`` sets one ``asyncio.Event`` per stream); a woken stream reads the job's
 state once and sends one event. Nothing polls.
 
-Memory is bounded: the step state and preview of the last ``max_jobs`` jobs reported, the preview's
-frames as the engine made them (small: ``(F, h, w, 3)`` uint8) and its WebP, encoded once on the first
-``GET`` that asks for it.
+Memory is bounded: the step state and latest preview of the last ``max_jobs`` jobs that reported (a
+deleted job's are dropped), each preview's frames as the engine made them (``(F, h, w, 3)`` uint8, the
+longest side at most 256) until the first ``GET`` that asks for it encodes them to WebP, which is kept
+instead.
 """
 
 from __future__ import annotations
@@ -41,19 +42,20 @@ class StepState:
 
 @dataclass
 class LatestPreview:
-    """A job's newest preview: ``frames`` (F, h, w, 3) uint8 after ``step`` steps of ``num_steps``."""
+    """A job's newest preview: ``frames`` (F, h, w, 3) uint8 after ``step`` steps of ``num_steps``; once
+    encoded (on the first request for it), ``webp`` and no frames."""
 
     step: int
     num_steps: int
-    frames: np.ndarray
+    frames: np.ndarray | None
     fps: float
-    webp: bytes | None = None  # encoded on the first request for it
+    webp: bytes | None = None
 
 
 class JobEvents:
     """The hub between the worker thread and the streams (see the module's note)."""
 
-    def __init__(self, max_jobs: int = 64):
+    def __init__(self, max_jobs: int = 16):
         self.max_jobs = max_jobs
         self._lock = threading.Lock()
         self._steps: OrderedDict[str, StepState] = OrderedDict()
@@ -125,12 +127,16 @@ class JobEvents:
     ) -> tuple[bytes, int] | None:
         """The latest preview as WebP bytes and its step (encoded once per preview); None before the first
         one. Blocking: call it from a thread."""
-        latest = self.latest_preview(job_id)
-        if latest is None:
-            return None
-        if latest.webp is None:
-            latest.webp = encode(latest.frames, latest.fps)
-        return latest.webp, latest.step
+        with self._lock:
+            latest = self._previews.get(job_id)
+            if latest is None:
+                return None
+            webp, frames = latest.webp, latest.frames  # one of the two
+        if webp is None:
+            webp = encode(frames, latest.fps)
+            with self._lock:
+                latest.webp, latest.frames = webp, None
+        return webp, latest.step
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:

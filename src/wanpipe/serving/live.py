@@ -166,11 +166,11 @@ async def _stream(
             if final is not None:
                 yield sse_event(final, text)
                 return
+            if manager.stopping:
+                return
             if text != sent:
                 yield sse_event("progress", text)
                 sent = text
-            if manager.stopping:
-                return
             try:
                 await asyncio.wait_for(wake.wait(), KEEPALIVE_S)
             except TimeoutError:
