@@ -98,6 +98,16 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--segment-frame-length", ["--segment-frame-length", "1"], r"at least 5"),
     (GENERATE, "--prev-segment-frames", ["--prev-segment-frames", "3"], r"\(1 or 5\), got '3'"),
     (GENERATE, "--prev-segment-frames", ["--prev-segment-frames", "5"], r"--prev-segment-frames is for"),
+    # extension (wanpipe.extend_cli)
+    (GENERATE, "--extend", ["--extend", "{missing}.mp4"], r"no such video file"),
+    (
+        GENERATE,
+        "--extend",
+        ["--extend", "{png}"],
+        r"--extend: this wan2\.1-t2v-1\.3b checkpoint cannot extend",
+    ),
+    (GENERATE, "--overlap-frames", ["--overlap-frames", "0"], r"at least 1"),
+    (GENERATE, "--clip-frames", ["--clip-frames", "6"], r"4k\+1 frames per clip"),
     (GENERATE, "--preprocessed", ["--preprocessed", "{missing}"], r"no such preprocessed folder"),
     (GENERATE, "--preprocessed", ["--preprocessed", "{empty}"], r"--preprocessed: .*lacks src_ref.png"),
     (GENERATE, "--strength", ["--strength", "0"], r"a number above 0, at most 1"),
@@ -243,6 +253,9 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--vae-chunk-frames", ["--vae-chunk-frames", "0"], r"at least 1"),
     (GENERATE, "--vae-memory", ["--vae-memory", "2XB"], r"--vae-memory: expected a memory size such as 2GB"),
     (GENERATE, "--vae-memory", ["--vae-memory", "0"], r"memory size"),
+    (GENERATE, "--preview", ["--preview", "live.gif"], r"--preview: a \.webp file name, got 'live\.gif'"),
+    (GENERATE, "--preview-every", ["--preview-every", "0"], r"--preview-every: .*at least 1"),
+    (GENERATE, "--preview-decoder", ["--preview-decoder", "vae"], r"invalid choice: 'vae'"),
     (GENERATE, "--text-cache-size", ["--text-cache-size", "-1"], r"at least 0"),
     (GENERATE, "--attention-backend", ["--attention-backend", "fastest"], r"invalid choice: 'fastest'"),
     (

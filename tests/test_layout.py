@@ -125,6 +125,8 @@ FLOORS: dict[str, tuple[str, ...]] = {
         "wanpipe.parallel",
     ),
     "wanpipe.weights": ("wanpipe.weights", "wanpipe.models", "wanpipe.config", "wanpipe.schedulers"),
+    # extension drives a pipeline it is handed (WanPipeline.extend), it imports none of the engine
+    "wanpipe.extend": ("wanpipe.config", "wanpipe.context", "wanpipe.media", "wanpipe.schedulers"),
 }
 
 

@@ -220,3 +220,64 @@ def test_cli_refuses_bad_preview_flags(tiny_ckpt: Path, tmp_path: Path, capsys, 
     assert main([*args, *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "v.mp4").exists()
+
+
+def _sink(callback, every: int = 1, threaded: bool = True):
+    from wanpipe.stages.preview import PreviewPlan, PreviewSink
+
+    plan = PreviewPlan(callback, every=[every, every], fps=[16.0, 16.0], sizes=[(8, 8), (8, 8)])
+    return PreviewSink(plan, LinearPreviewDecoder(16), 4, torch.device("cpu"), threaded=threaded)
+
+
+def _step(view, i: int) -> None:
+    latents = torch.full((2, 16, 2, 4, 4), float(i))
+    view(i, [0, 1], latents, torch.zeros_like(latents), 0.5, lambda x: x)
+
+
+def test_the_side_thread_delivers_in_order_and_drops_when_behind() -> None:
+    """The CUDA path's side thread (forced on the CPU): a slow callback makes previews drop, never the
+    last step's; what comes, comes in order, row by row."""
+    import threading
+
+    got: list[Preview] = []
+    release = threading.Event()
+
+    def slow(message: Preview) -> None:
+        release.wait(5)
+        got.append(message)
+
+    with _sink(slow) as sink:
+        view = sink.segment(0, 10, [0, 1])
+        for i in range(10):
+            _step(view, i)
+        release.set()
+    steps = [p.step for p in got if p.row == 0]
+    assert steps == sorted(steps) and steps[-1] == 9 and len(steps) < 10
+    assert sink.dropped == 10 - len(steps) and [p.step for p in got if p.row == 1] == steps
+    assert got[-1].frames.shape == (2, 8, 8, 3) and got[-1].fps == pytest.approx(16 * 2 / 5)
+
+
+def test_a_failing_callback_stops_the_run() -> None:
+    def fail(message: Preview) -> None:
+        raise RuntimeError("disk full")
+
+    for threaded in (False, True):
+        with pytest.raises(RuntimeError, match="disk full"), _sink(fail, threaded=threaded) as sink:
+            view = sink.segment(0, 4, [0, 1])
+            for i in range(4):
+                _step(view, i)
+
+
+def test_previews_through_the_side_thread_leave_the_video_bit_identical(wan_pipe, monkeypatch) -> None:
+    from functools import partial
+
+    from wanpipe import executor
+    from wanpipe.stages.preview import PreviewSink
+
+    monkeypatch.setattr(executor, "PreviewSink", partial(PreviewSink, threaded=True))
+    request = WanRequest(**REQUEST, guidance_scale=5.0, preview_every=1)
+    plain = wan_pipe.generate_batch([request], progress=False)[0].frames
+    got: list[Preview] = []
+    shown = wan_pipe.generate_batch([request], progress=False, preview=got.append)[0].frames
+    assert torch.equal(torch.from_numpy(plain), torch.from_numpy(shown))
+    assert [p.step for p in got] == [0, 1, 2, 3, 4]  # the callback is fast: nothing dropped

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from wanpipe import arguments as a
 from wanpipe.context import DEFAULT_PREVIEW_EVERY, Preview
+from wanpipe.extend_cli import add_extend_arguments
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"steps between live previews, and the last step (default {DEFAULT_PREVIEW_EVERY})",
     )
+    add_extend_arguments(p)
     add_parallel_arguments(p)
     from wanpipe.runtime.options import add_runtime_arguments
 
@@ -429,6 +431,10 @@ def _generate(
         if params["mode"] == "animate":  # the folder's background and mask are for replace mode
             found = {k: v for k, v in found.items() if k not in ("background_video", "mask_video", "mode")}
         params.update({k: v for k, v in found.items() if params[k] is None})
+    if args.extend is not None:  # continue a video (wanpipe.extend_cli): the joined video is written
+        from wanpipe.extend_cli import run_extend
+
+        return run_extend(pipe, args, params, output, first=first, load_s=load_s)
     try:
         resolved = pipe.check(WanRequest(**params))
     except (InvalidRequestError, ValueError) as e:

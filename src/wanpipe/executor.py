@@ -50,7 +50,7 @@ from wanpipe.stages.decode import decode
 from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepPlan, denoise, guided_steps
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.placement import Placement
-from wanpipe.stages.preview import LinearPreviewDecoder, PreviewDecoder, PreviewPlan, PreviewSink, StepPreview
+from wanpipe.stages.preview import PreviewPlan, PreviewSink, StepPreview, preview_decoder
 from wanpipe.stages.text import TextContext, TextStage
 
 if TYPE_CHECKING:
@@ -146,7 +146,6 @@ class WanExecutor:
         )
         self.vae_halo: int | None = None
         self.last_cache_stats = None
-        self.preview_decoder: PreviewDecoder | None = None  # None: the linear one (stages/preview.py)
         self.set_runtime(runtime or RuntimeOptions())
         if parallel is not None:
             self.enable_parallel(parallel, vae_halo=vae_halo)
@@ -514,8 +513,9 @@ class WanExecutor:
         with self._stage(timings, "condition_s"):
             conditioning, noise = self.condition(inputs)
         sink = None
-        if preview is not None:  # the linear decoder, unless a tiny VAE is loaded
-            decoder = self.preview_decoder or LinearPreviewDecoder(self.vae.config.z_dim)
+        if preview is not None:  # the linear decoder or the tiny VAE (runtime.preview_decoder)
+            choice, tiny = self.runtime.preview_decoder, getattr(self, "tiny_vae", None)
+            decoder = preview_decoder(choice, self.vae.config.z_dim, tiny, self.device)
             sink = PreviewSink(preview, decoder, self.vae.config.temporal_stride, self.device)
         with sink or contextlib.nullcontext():
             frames, rows = self._segments(

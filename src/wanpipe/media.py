@@ -355,7 +355,8 @@ def _write_animation(video: Video, path: Path, fmt: str, *, quality: int, lossle
 
 def encode_webp(frames: np.ndarray, fps: float, *, quality: int = 80) -> bytes:
     """Frames (F, H, W, 3) uint8 -> an animated WebP (lossy, ``quality`` 0-100, looping) played at
-    ``fps``, as bytes (live previews: :class:`wanpipe.context.Preview`; served and written as they are)."""
+    ``fps``, as bytes (live previews: :class:`wanpipe.context.Preview`; served and written as they are).
+    libwebp's fastest method (0): ~3x faster than its default (4) for about the same size."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
         raise ValueError(f"frames must be (F, H, W, 3) uint8 with F >= 1, got {frames.shape} {frames.dtype}")
@@ -372,6 +373,7 @@ def encode_webp(frames: np.ndarray, fps: float, *, quality: int = 80) -> bytes:
         duration=durations,
         loop=0,
         quality=quality,
+        method=0,
     )
     return out.getvalue()
 

@@ -26,6 +26,7 @@ from wanpipe.models.transformer_layers import TransformerConfig
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.stages.experts import Experts
+from wanpipe.stages.placement import DTYPES, parse_dtype  # noqa: F401  (here before; wanpipe.cli)
 from wanpipe.stages.preview import PreviewCallback, PreviewPlan
 from wanpipe.text_tokenizer import WanTextTokenizer
 from wanpipe.tokenizer import WanTokenizer
@@ -44,15 +45,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
 LOW_MEMORY_HINT = (
     "lower the memory needed with --offload block (or --offload model), --text-encoder-device cpu, "
     "a smaller --height/--width, fewer --num-frames, --dtype bfloat16 on a GPU, or --device cpu"
@@ -61,20 +53,6 @@ LOW_MEMORY_HINT = (
 
 class WanOutOfMemoryError(RuntimeError):
     """Generation ran out of device memory; the message names the options that lower memory."""
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None -> bf16 on CUDA, fp32 elsewhere; strings as in ``DTYPES``."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return dtype
-    try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}") from None
 
 
 def shared_seed(seed: int | None) -> int | None:
@@ -504,6 +482,12 @@ class WanPipeline:
             preview_every=preview_every,
         )
         return self.generate_batch([request], callback=callback, progress=progress, preview=preview)[0]
+
+    def extend(self, video: Any, prompt: str, num_frames: int | None = None, **kwargs: Any) -> Video:
+        """Continue ``video`` with ``num_frames`` new frames: :func:`wanpipe.extend.extend_video`."""
+        from wanpipe.extend import extend_video
+
+        return extend_video(self, video, prompt, num_frames, **kwargs)
 
     def check(self, request: WanRequest) -> WanRequest:
         """Validate ``request`` without running it (the CLI's early exit): -> the resolved request

@@ -84,6 +84,9 @@ class RuntimeOptions:
     """Memory budget (bytes, or text such as "2GB") for the VAE decoder's upsampling levels: when the
     whole frame does not fit, they run tile by tile with an exact halo (the same frames up to float
     rounding, see ``wanpipe.models.vae_tiling``). None: on a GPU, from its free memory; on the CPU, off."""
+    preview_decoder: Literal["auto", "linear", "tiny"] = "auto"
+    """Live previews' decoder (docs/previews.md): "linear" the latent-to-RGB factors, "tiny" the tiny VAE
+    (TAEHV, loaded with ``tiny_vae=``), "auto" the tiny VAE when one is loaded and the device is a GPU."""
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
@@ -121,6 +124,8 @@ class RuntimeOptions:
             raise ValueError(f"text_cache_size must be >= 0, got {self.text_cache_size}")
         if self.offload_buffers < 1:
             raise ValueError(f"offload_buffers must be >= 1, got {self.offload_buffers}")
+        if self.preview_decoder not in ("auto", "linear", "tiny"):
+            raise ValueError(f"preview_decoder must be auto, linear or tiny, got {self.preview_decoder!r}")
         if self.vae_memory is not None:
             from wanpipe.models.vae_tiling import parse_memory
 
@@ -211,6 +216,13 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         type=a.integer(1),
         default=None,
         help="latent frames per VAE decode chunk (default 1)",
+    )
+    g.add_argument(
+        "--preview-decoder",
+        choices=("auto", "linear", "tiny"),
+        default="auto",
+        help="live previews' decoder: linear (latent-to-RGB factors), tiny (needs --tiny-vae), auto (tiny "
+        "when loaded on a GPU, else linear); docs/previews.md",
     )
     g.add_argument(
         "--vae-memory",
@@ -319,6 +331,7 @@ def options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         host_memory=getattr(args, "host_memory", "cache") or "cache",
         cache_options=cache_options or None,
         vae_memory=getattr(args, "vae_memory", None),
+        preview_decoder=getattr(args, "preview_decoder", "auto") or "auto",
     )
 
 

@@ -17,6 +17,31 @@ if TYPE_CHECKING:
     from wanpipe.parallel.mesh import ParallelMesh
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+"""The dtype names ``--dtype`` and ``from_pretrained(dtype=)`` take."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 elsewhere; strings as in ``DTYPES``."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}") from None
+
+
 @dataclass
 class Placement:
     """``device``/``dtype``: where and in what the DiT runs (encoders hand their outputs over in it);

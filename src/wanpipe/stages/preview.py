@@ -83,6 +83,38 @@ class LinearPreviewDecoder:
         return resize_nearest(self.project(latents), size)
 
 
+class TinyPreviewDecoder:
+    """The tiny VAE (TAEHV: ``decode_video``, normalised latents -> frames in [0, 1]): every video frame,
+    shrunk to the preview size by area averaging, rounded to 8 bits."""
+
+    name = "tiny"
+
+    def __init__(self, taehv: torch.nn.Module) -> None:
+        self.taehv = taehv
+
+    def __call__(self, latents: Tensor, size: tuple[int, int]) -> Tensor:
+        weight = next(self.taehv.parameters())
+        video = self.taehv.decode_video(latents.to(weight.device, weight.dtype))  # (B, 3, F, H, W)
+        b, _, f, h, w = video.shape
+        frames = video.transpose(1, 2).reshape(b * f, 3, h, w).float()
+        if (h, w) != size:
+            frames = torch.nn.functional.interpolate(frames, size=size, mode="area")
+        frames = frames.clamp(0, 1).mul(255).round().to(torch.uint8)
+        return frames.view(b, f, 3, *size).permute(0, 1, 3, 4, 2).contiguous().to(latents.device)
+
+
+def preview_decoder(
+    choice: str, channels: int, taehv: torch.nn.Module | None, device: torch.device
+) -> PreviewDecoder:
+    """The decoder for ``choice`` ("linear", "tiny", or "auto": the tiny VAE when one is loaded and the
+    device is a GPU, where it costs little next to a step; else the linear one)."""
+    if choice == "tiny" and taehv is None:
+        raise ValueError("preview_decoder 'tiny' needs the tiny VAE loaded (--tiny-vae / load_tiny_vae)")
+    if taehv is not None and (choice == "tiny" or (choice == "auto" and device.type == "cuda")):
+        return TinyPreviewDecoder(taehv)
+    return LinearPreviewDecoder(channels)
+
+
 @dataclass
 class PreviewPlan:
     """What the caller asked for: ``callback`` gets the previews; per row of the batch, ``every`` (steps
@@ -108,18 +140,25 @@ class PreviewSink:
     """Turns the loop's x0 into :class:`~wanpipe.context.Preview` messages for one batch.
 
     ``decoder``: the :class:`PreviewDecoder`; ``temporal_stride``: video frames per latent frame (the
-    preview's fps from it). Use as a context manager: leaving it waits for the previews in flight and
-    raises the callback's error, if any (unless an error is already on its way)."""
+    preview's fps from it); ``threaded``: the callback on a side thread (None: on a CUDA device). Use as
+    a context manager: leaving it waits for the previews in flight and raises the callback's error, if
+    any (unless an error is already on its way)."""
 
     def __init__(
-        self, plan: PreviewPlan, decoder: PreviewDecoder, temporal_stride: int, device: torch.device
+        self,
+        plan: PreviewPlan,
+        decoder: PreviewDecoder,
+        temporal_stride: int,
+        device: torch.device,
+        threaded: bool | None = None,
     ):
         self.plan, self.decoder, self.stride = plan, decoder, temporal_stride
-        self.dropped = 0  # previews skipped because the callback had fallen behind (CUDA)
+        self.dropped = 0  # previews skipped because the callback had fallen behind (threaded)
+        self._cuda = device.type == "cuda"
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
-        if device.type == "cuda":
+        if self._cuda if threaded is None else threaded:
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._worker, name="wanpipe-preview", daemon=True)
             self._thread.start()
@@ -145,9 +184,11 @@ class PreviewSink:
         if self._queue is None:
             self._deliver(*item, frames.cpu().numpy())
             return
-        host = frames.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        host = frames.to("cpu", non_blocking=self._cuda)  # pinned memory, the copy queued in the stream
+        done = None
+        if self._cuda:
+            done = torch.cuda.Event()
+            done.record()
         self._queue.put((item, host, done, frames))
 
     def _deliver(self, rows: list[int], step: int, total: int, ratio: float, frames) -> None:
@@ -161,7 +202,8 @@ class PreviewSink:
         while (work := self._queue.get()) is not None:
             item, host, done, _ = work
             try:
-                done.synchronize()
+                if done is not None:
+                    done.synchronize()
                 if self._error is None:
                     self._deliver(*item, host.numpy())
             except BaseException as e:  # handed to the loop's thread at its next preview or at the end
