@@ -92,7 +92,7 @@ def test_schemathesis_finds_nothing(server, tmp_path: Path) -> None:
     assert counts and counts[1] == counts[2] and int(counts[1]) > 500, output[-4000:]
     for phase in ("Examples", "Coverage", "Fuzzing", "Stateful"):  # every phase ran
         assert re.search(rf"✅\s+{phase}", output), output[-4000:]
-    assert "Selected: 12/12" in output and "Tested: 12" in output, output[-4000:]
+    assert "Selected: 14/14" in output and "Tested: 14" in output, output[-4000:]
 
 
 # -- the patterns of numbers given as text ---------------------------------------------------------
@@ -151,6 +151,8 @@ STATUSES = {
     ("get", "/v1/videos/{video_id}"): {"200", "401", "404", "500"},
     ("delete", "/v1/videos/{video_id}"): {"200", "401", "404", "500"},
     ("get", "/v1/videos/{video_id}/content"): {"200", "307", "400", "401", "404", "409", "500"},
+    ("get", "/v1/videos/{video_id}/events"): {"200", "401", "404", "500"},
+    ("get", "/v1/videos/{video_id}/preview"): {"200", "401", "404", "500"},
     ("post", "/v1/responses"): {"200", "204", "400", "401", "404", "409", "413", "429", "500", "503"},
     ("get", "/v1/models"): {"200", "401", "500", "503"},
     ("get", "/v1/loras"): {"200", "401", "500"},
@@ -190,6 +192,11 @@ def test_every_route_documents_its_statuses_bodies_and_types(document) -> None:
     assert set(operations["post", "/v1/responses"]["requestBody"]["content"]) == {"application/json"}
     content = operations["get", "/v1/videos/{video_id}/content"]["responses"]["200"]["content"]
     assert set(content) == {"video/mp4", "image/jpeg"}
+    events = operations["get", "/v1/videos/{video_id}/events"]["responses"]["200"]["content"]
+    assert set(events) == {"text/event-stream"}
+    assert set(operations["get", "/v1/videos/{video_id}/preview"]["responses"]["200"]["content"]) == {
+        "image/webp"
+    }
     assert set(operations["get", "/metrics"]["responses"]["200"]["content"]) == {
         "text/plain; version=0.0.4; charset=utf-8"
     }

@@ -719,11 +719,14 @@ def test_the_web_page_is_served(server) -> None:
         'id="prompt"',
         'id="negative_prompt"',
         'id="seed"',
-        'id="progress"',
-        'id="player"',
+        'id="gallery"',
+        'id="preset"',
         'type="file"',
+        "new EventSource(",  # live progress from the job's event stream
     ):
         assert element in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from outside
+    assert "setInterval" not in page.text  # no polling loop
 
 
 def test_progress_is_reported_while_running(server, http, gate) -> None:

@@ -4,7 +4,8 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <key>`` when the server 
 
 * ``POST /v1/videos`` (multipart or JSON), ``GET /v1/videos`` (newest first, ``after``/``limit``/
   ``order``), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (``variant=video`` mp4 or
-  ``thumbnail`` JPEG), ``DELETE /v1/videos/{id}``: the OpenAI Videos API.
+  ``thumbnail`` JPEG), ``DELETE /v1/videos/{id}``: the OpenAI Videos API; ``GET /v1/videos/{id}/events``
+  (Server-Sent Events) and ``/preview`` (animated WebP): :mod:`wanpipe.serving.live`.
 * ``POST /v1/responses``: Open Responses as MAX serves it; answers when the video is done.
 * ``GET /v1/models``, ``GET /v1/loras`` (the LoRA adapters of ``--lora-dir``); ``/health`` (the process answers), ``/ready`` (the model is loaded),
   ``/metrics`` (Prometheus text) and ``/`` (the web page).
@@ -46,6 +47,7 @@ from wanpipe.serving.bodies import (
 )
 from wanpipe.serving.errors import APIError, invalid
 from wanpipe.serving.job_request import LimitExceededError
+from wanpipe.serving.live import live_router
 from wanpipe.serving.manager import (
     JobManager,
     NotReadyError,
@@ -184,6 +186,8 @@ def video_object(job: Job, manager: JobManager) -> VideoObject:
             prev_segment_conditioning_frames=s.prev_segment_conditioning_frames,
             loras=[LoraUse(name=n, scale=v) for n, v in s.loras],
             decoder=s.decoder,
+            preview=s.preview,
+            preview_every=s.preview_every,
         ),
         batch_size=job.batch_size,
     )
@@ -336,6 +340,7 @@ async def delete_video(request: Request, video_id: str) -> JSONResponse:
     job = await run_in_threadpool(manager.delete, video_id) if VIDEO_ID.fullmatch(video_id) else None
     if job is None:
         raise _no_video(video_id)
+    manager.events.forget(video_id)
     return JSONResponse(VideoDeleted(id=video_id).model_dump(mode="json"))
 
 
@@ -433,6 +438,13 @@ def model_card(manager: JobManager, created: int) -> ModelCard:
             "max_queue": lim.max_queue,
         },
         presets=[PresetCard(**p.card(), fits_model=p.fits_checkpoint(arch)) for p in PRESETS.values()],
+        inputs={
+            "image": arch.accepts_image,
+            "image_required": arch.takes_image,
+            "last_image": arch.accepts_last_image,
+        }
+        | dict.fromkeys(("video", "mask", "reference_image"), arch.accepts_vace)
+        | dict.fromkeys(("pose_video", "face_video"), arch.accepts_animate),
     )
 
 
@@ -528,6 +540,7 @@ def create_app(
     app.state.max_body_bytes = max_body_bytes
     app.state.started_at = int(time.time())
     app.include_router(v1)
+    app.include_router(live_router(video_object, _get_job))  # .../events, .../preview
     app.include_router(plain)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 

@@ -95,6 +95,7 @@ def job_request(
         context_schedule=spec.context_schedule,
         context_blend=spec.context_blend,
         decoder=spec.decoder,
+        preview_every=spec.preview_every,
     )
 
 

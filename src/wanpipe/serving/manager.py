@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
+from wanpipe.serving.events import JobEvents
 from wanpipe.serving.job_request import job_request
 from wanpipe.serving.media_store import write_video
 from wanpipe.serving.metrics import Metrics
@@ -105,6 +106,7 @@ class JobManager:
         self._running: frozenset[str] = frozenset()
         self._cancelled: set[str] = set()
         self._watchers: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self.events = JobEvents()  # each step, preview and finish, for GET .../events (serving/live.py)
         self.recovery = store.recover(model_name)
         if any(self.recovery.values()):
             logger.info(
@@ -145,6 +147,7 @@ class JobManager:
             job_ids = list(self._watchers)
         for job_id in job_ids:
             self._notify(job_id)
+        self.events.notify_all()
 
     def stop(self, timeout: float = 60.0) -> None:
         self.begin_shutdown()
@@ -277,6 +280,7 @@ class JobManager:
                     self._watchers.pop(job_id, None)
 
     def _notify(self, job_id: str) -> None:
+        self.events.notify(job_id)
         with self._state_lock:
             watchers = list(self._watchers.get(job_id, []))
         for loop, event in watchers:
@@ -407,6 +411,7 @@ class JobManager:
             value = int(95 * (i + 1) / n)
             with self._state_lock:
                 self._progress.update(dict.fromkeys(ids, value))
+            self.events.step(ids, i, n)
 
         def local_decision() -> tuple[bool, set[int]]:
             """(stop the batch: shutdown or every job deleted, the rows of the deleted jobs)."""
@@ -442,6 +447,7 @@ class JobManager:
                 progress=False,
                 should_cancel=should_cancel,
                 cancelled_rows=cancelled_rows,
+                preview=self.events.previewer([job.id if job.spec.preview else None for job in jobs]),
             )
         except CancelledError:
             frames = None
@@ -527,14 +533,7 @@ class JobManager:
         self.metrics.observe("run_seconds", run_s)
         s = job.spec
         logger.info(
-            "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s",
-            job.id,
-            s.width,
-            s.height,
-            s.num_frames,
-            s.num_inference_steps,
-            batch_size,
-            wait_s,
-            run_s,
-        )
+            "job %s completed: %dx%d, %d frames, %d steps, batch %d, queue wait %.2f s, run %.2f s", job.id,
+            *(s.width, s.height, s.num_frames, s.num_inference_steps, batch_size, wait_s, run_s),
+        )  # fmt: skip
         self._notify(job.id)

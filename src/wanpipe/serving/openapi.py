@@ -42,6 +42,7 @@ from wanpipe.serving.openapi_fields import (
     loras_schema,
     number_schema,
     preset_schema,
+    preview_properties,
     schedule_fields_schema,
     string_schema,
     text_schema,
@@ -73,7 +74,8 @@ ERROR_MEANINGS = {
     "`limit_exceeded`, `invalid_image`, `invalid_json`, `invalid_form`, `unknown_parameter`, ...; "
     "`param` names the field).",
     401: "No API key, or a wrong one (`code` `invalid_api_key`).",
-    404: "No such video (`code` `not_found`), or a model this server does not serve (`model_not_found`).",
+    404: "No such video (`code` `not_found`), a model this server does not serve (`model_not_found`), or "
+    "(GET /v1/videos/{id}/preview) no preview yet (`preview_not_ready`).",
     409: "The video is not completed yet (`video_not_ready`), or was deleted while waited for (`cancelled`).",
     413: "The request body is larger than `--max-body-mb` (`request_too_large`).",
     415: "A body that is neither JSON nor a form (`unsupported_media_type`).",
@@ -197,6 +199,7 @@ def video_create_schema(
     properties.update(vace_properties(form))
     properties.update(animate_properties(form, json=json))
     properties.update(window_properties(json=json))
+    properties.update(preview_properties(json=json))
     assert set(properties) - {"input_reference[image_url]", "last_image[image_url]"} == set(
         VIDEO_CREATE_FIELDS
     )

@@ -364,3 +364,19 @@ def loras_schema(names: list[str] | None, *, json: bool) -> dict[str, Any]:
         {"type": "string"},
         nullable=True,
     )
+
+
+def preview_properties(*, json: bool) -> dict[str, Any]:
+    """``preview`` and ``preview_every`` of ``POST /v1/videos``: live previews while the job samples."""
+    flag = {"type": "string", "enum": ["true", "false"]}
+    return {
+        "preview": field_schema(
+            "Live previews while it samples (GET /v1/videos/{id}/preview, preview_url in GET "
+            "/v1/videos/{id}/events). Default: true.",
+            *([{"type": "boolean"}, flag] if json else [flag]),
+            nullable=json,
+        ),
+        "preview_every": integer_schema(
+            1, None, "Steps between live previews (and one at the last step). Default: 2.", json=json
+        ),
+    }

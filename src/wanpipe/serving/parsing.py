@@ -45,6 +45,7 @@ from wanpipe.serving.errors import invalid, shown
 from wanpipe.serving.scalars import (
     frames_for_seconds,
     optional_reader,
+    parse_bool,
     parse_cache_options,
     parse_float,
     parse_flow_shift,
@@ -153,6 +154,10 @@ class JobSpec:
     context_schedule: str | None = None
     context_blend: str | None = None
     decoder: str = "vae"  # the final decode: "vae" or "tiny" (TAEHV, the server's --tiny-vae)
+    # live previews (GET /v1/videos/{id}/preview and .../events): on by default in the server; one every
+    # preview_every steps (the resolved spec holds the engine's default)
+    preview: bool = True
+    preview_every: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -229,6 +234,8 @@ VIDEO_CREATE_FIELDS = (
     "loras",
     *WINDOW_FIELDS,
     "decoder",
+    "preview",
+    "preview_every",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -375,6 +382,8 @@ def parse_video_create(
         context_overlap=opt("context_overlap", parse_int, 1),
         context_schedule=opt("context_schedule", parse_str),
         context_blend=opt("context_blend", parse_str),
+        preview=opt("preview", parse_bool) is not False,
+        preview_every=opt("preview_every", parse_int, 1),
     )
     return NewJob(
         spec,

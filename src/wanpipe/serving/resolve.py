@@ -61,6 +61,7 @@ def resolve_job(
         mode=resolved.mode,
         segment_frame_length=resolved.segment_frame_length,
         prev_segment_conditioning_frames=resolved.prev_segment_conditioning_frames,
+        preview_every=resolved.preview_every,
     )
     if animate:
         check_limits(pipe.arch.defaults, limits, spec)

@@ -46,6 +46,19 @@ def parse_int(value: Any, name: str, minimum: int | None = None) -> int:
     return number
 
 
+BOOL_TEXTS = {"true": True, "false": False}
+"""A boolean as text (form fields; JSON may send these too): exactly these words."""
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """A boolean from JSON (true / false) or a form field (``true`` / ``false``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in BOOL_TEXTS:
+        return BOOL_TEXTS[value]
+    raise invalid(f"{name} must be true or false, got {shown(value)}", name)
+
+
 def parse_float(value: Any, name: str) -> float:
     """A finite number from JSON or a form field (:data:`FLOAT_TEXT`)."""
     number: float | None = None

@@ -71,6 +71,8 @@ class VideoParameters(BaseModel):
     prev_segment_conditioning_frames: int | None = None
     loras: list[LoraUse] = Field(default_factory=list)  # the job's LoRA adapters (--lora-dir)
     decoder: str = "vae"  # what decodes (decoded) the video: "vae" or "tiny" (TAEHV)
+    preview: bool = True  # live previews on (GET /v1/videos/{id}/preview)
+    preview_every: int | None = None  # one every this many steps
 
 
 class VideoObject(BaseModel):
@@ -165,6 +167,9 @@ class ModelCard(BaseModel):
     defaults: dict[str, Any]
     limits: dict[str, Any]
     presets: list[PresetCard] = Field(default_factory=list)
+    # the upload fields of POST /v1/videos this checkpoint takes: image (input_reference), last_image,
+    # video / mask / reference_image (VACE), pose_video / face_video (Animate); image_required: i2v/flf2v
+    inputs: dict[str, bool] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):
