@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,7 +50,9 @@ from wanpipe.stages.decode import decode
 from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepPlan, denoise, guided_steps
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.placement import Placement
+from wanpipe.stages.stream import aborted_on_error, decode_into, write_frames
 from wanpipe.stages.text import TextContext, TextStage
+from wanpipe.video_writer import FrameSink
 
 if TYPE_CHECKING:
     from wanpipe.parallel.mesh import ParallelMesh
@@ -89,14 +91,16 @@ class Timings:
 @dataclass
 class WanExecutorOutputs:
     """frames (B', F, H, W, 3) float32 in [0, 1]: the decoder's output before any 8-bit rounding;
-    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch)."""
+    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch); None when the frames
+    went into sinks (``execute(sinks=)``)."""
 
-    frames: torch.Tensor
+    frames: torch.Tensor | None
     timings: Timings = field(default_factory=Timings)
     rows: list[int] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> WanExecutorOutputs:
-        return WanExecutorOutputs(self.frames.to(device), self.timings, self.rows)
+        frames = None if self.frames is None else self.frames.to(device)
+        return WanExecutorOutputs(frames, self.timings, self.rows)
 
 
 class WanExecutor:
@@ -392,6 +396,20 @@ class WanExecutor:
             memory=self.runtime.vae_memory,
         )
 
+    def decode_into(self, latents: torch.Tensor, sinks: Sequence[FrameSink], num_frames: int) -> None:
+        """The decode stage, streaming: row b's frames into ``sinks[b]`` chunk by chunk (uint8)."""
+        decode_into(
+            self.vae,
+            latents,
+            self.placement,
+            sinks,
+            vae_dtype=self.vae_dtype,
+            chunk_frames=self.runtime.vae_chunk_frames or self.vae_chunk_frames,
+            halo=self.vae_halo,
+            memory=self.runtime.vae_memory,
+            num_frames=num_frames,
+        )
+
     def _attention_report(self, latents: torch.Tensor, text: TextContext) -> str:
         """Which SDPA kernels this request's self- and cross-attention get (see wanpipe.runtime.attention)."""
         if self.parallel is not None:
@@ -497,19 +515,26 @@ class WanExecutor:
         callback: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
+        sinks: Sequence[FrameSink] | None = None,
     ) -> WanExecutorOutputs:
         """text encode -> condition -> denoise -> decode: -> frames (B', F, H, W, 3), each stage timed.
 
         ``should_cancel()`` True stops the batch (CancelledError); ``cancelled_rows()`` names rows whose
-        work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made)."""
+        work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made).
+        ``sinks``: one per input row: the frames go into them as they are decoded (opened, not closed;
+        all aborted on an error, those of rows not made aborted) and ``outputs.frames`` is None."""
         timings = Timings()
-        with self._stage(timings, "text_encode_s"):
-            text = self.encode_text(inputs)
-        with self._stage(timings, "condition_s"):
-            conditioning, noise = self.condition(inputs)
-        frames, rows = self._segments(
-            inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows
-        )
+        with aborted_on_error(sinks):
+            with self._stage(timings, "text_encode_s"):
+                text = self.encode_text(inputs)
+            with self._stage(timings, "condition_s"):
+                conditioning, noise = self.condition(inputs)
+            frames, rows = self._segments(
+                inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows, sinks
+            )
+        for row, sink in enumerate(sinks or ()):
+            if row not in rows:
+                sink.abort()
         timings.denoise_s -= timings.compile_s  # the compile warm-up is reported apart
         return WanExecutorOutputs(frames=frames, timings=timings, rows=rows)
 
@@ -523,7 +548,8 @@ class WanExecutor:
         callback: StepCallback | None,
         should_cancel: Callable[[], bool] | None,
         cancelled_rows: Callable[[], Collection[int]] | None,
-    ) -> tuple[torch.Tensor, list[int]]:
+        sinks: Sequence[FrameSink] | None = None,
+    ) -> tuple[torch.Tensor | None, list[int]]:
         """denoise -> decode, once per segment of the video (``inputs.segments``: 1, except Animate's
         long driving videos) -> (frames (B', num_frames, H, W, 3), the rows made).
 
@@ -558,9 +584,16 @@ class WanExecutor:
                 rows, pieces = [rows[k] for k in kept], [p[kept] for p in pieces]
                 conditioning, text, inputs = conditioning.select(kept), text.select(kept), inputs.select(kept)
             with self._stage(timings, "decode_s"):
+                if sinks is not None and count == 1:  # streamed into the sinks as decoded
+                    self.decode_into(latents, [sinks[r] for r in rows], inputs.num_frames)
+                    timings.compile_s = compile_s
+                    return None, rows
                 frames = self.decode(latents)
                 del latents
             pieces.append(conditioning.new_frames(index, frames))
         timings.compile_s = compile_s
         video = pieces[0] if count == 1 else torch.cat(pieces, dim=1)
+        if sinks is not None:
+            write_frames(video[:, : inputs.num_frames], [sinks[r] for r in rows])
+            return None, rows
         return video[:, : inputs.num_frames], rows

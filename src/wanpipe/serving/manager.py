@@ -28,19 +28,18 @@ from typing import TYPE_CHECKING
 
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
-from wanpipe.media import Video
 from wanpipe.serving.job_request import check_limits, job_request
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import NewJob, ServeLimits
 from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
+from wanpipe.streaming import job_files
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from wanpipe.pipeline import WanPipeline
     from wanpipe.serving.distributed import BatchLeader
     from wanpipe.serving.loras import LoraLibrary
+    from wanpipe.video_writer import FrameSink
 
 logger = logging.getLogger("wanpipe.serving")
 
@@ -491,6 +490,7 @@ class JobManager:
         size = len(jobs)
         t0 = time.perf_counter()
         error: Exception | None = None
+        sinks = [job_files(self.store, job, ctx) for job, _, ctx in runnable]  # written as decoded
         try:
             frames, timings = pipe.run_contexts(
                 [ctx for _, _, ctx in runnable],
@@ -498,6 +498,7 @@ class JobManager:
                 progress=False,
                 should_cancel=should_cancel,
                 cancelled_rows=cancelled_rows,
+                sinks=sinks,
             )
         except CancelledError:
             frames = None
@@ -521,10 +522,11 @@ class JobManager:
         self.metrics.count("batches", size)
         num_steps = jobs[0].spec.num_inference_steps or 1
         self.metrics.observe("step_seconds", timings.denoise_s / num_steps, num_steps)
-        for job, video_frames in zip(jobs, frames):
-            if job.id in cancelled or video_frames is None:
+        for job, sink, made in zip(jobs, sinks, frames):
+            if job.id in cancelled or made is None:
+                sink.abort()  # nothing left behind (a no-op for a row not made)
                 continue
-            self._save(job, video_frames, size)
+            self._save(job, sink, size)
         self.metrics.observe("batch_seconds", time.perf_counter() - t0)
 
     def _failed(
@@ -555,12 +557,10 @@ class JobManager:
         if self._leader is not None:
             self._break_world(error)
 
-    def _save(self, job: Job, frames: np.ndarray, batch_size: int) -> None:
-        """Write a job's video and thumbnail, then mark it completed (a full disk fails the job)."""
+    def _save(self, job: Job, sink: FrameSink, batch_size: int) -> None:
+        """Finish a job's video and thumbnail (written as decoded), mark it completed (a full disk fails it)."""
         try:
-            video = Video(frames=frames, fps=job.spec.fps or 16)
-            video.save(self.store.video_path(job.id))
-            Video(frames=frames[:1], fps=video.fps).save(self.store.thumbnail_path(job.id), format="jpg")
+            sink.close()
         except Exception as e:
             for path in (self.store.video_path(job.id), self.store.thumbnail_path(job.id)):
                 path.unlink(missing_ok=True)
