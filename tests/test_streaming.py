@@ -220,17 +220,19 @@ def _peak(ckpt: Path, mode: str, frames: int, out: Path) -> float:
 
 
 def test_streaming_a_4x_longer_video_does_not_need_4x_the_memory(tiny_ckpt: Path, tmp_path: Path) -> None:
-    """320x320: the float32 video is 1.2 MB a frame. Streaming 4x the frames adds little to the peak;
-    the whole-array path grows with the video."""
+    """320x320 into a PNG folder (an mp4 adds the H.264 encoder's look-ahead, ~40 frames, bounded): the
+    float32 video is 1.2 MB a frame. Streaming 4x the frames adds little to the peak; the whole-array
+    path grows with the video."""
     short, long = 17, 65
-    stream_short = _peak(tiny_ckpt, "stream", short, tmp_path / "a.mp4")
-    stream_long = _peak(tiny_ckpt, "stream", long, tmp_path / "b.mp4")
-    whole_long = _peak(tiny_ckpt, "whole", long, tmp_path / "c.mp4")
+    stream_short = _peak(tiny_ckpt, "stream", short, tmp_path / "a")
+    stream_long = _peak(tiny_ckpt, "stream", long, tmp_path / "b")
+    whole_long = _peak(tiny_ckpt, "whole", long, tmp_path / "c")
     video_mb = long * 320 * 320 * 3 * 4 / 1e6
     print(
         f"\npeak above baseline: stream {short} frames {stream_short:.1f} MB, stream {long} frames "
         f"{stream_long:.1f} MB, whole array {long} frames {whole_long:.1f} MB (the float32 video: {video_mb:.0f} MB)"
     )
-    assert stream_long < 0.25 * video_mb  # the float32 video is never held
-    assert stream_long < 1.5 * stream_short + 5  # 4x the frames: about the same peak
-    assert whole_long > video_mb  # the check can fail: the old path holds it (and more)
+    # measured (2-core VM): stream 17 frames 43 MB, 65 frames 45 MB; whole array 65 frames 169 MB
+    assert stream_long < 1.25 * stream_short + 5  # 4x the frames: about the same peak
+    assert stream_long < 0.75 * video_mb  # the float32 video is never held
+    assert whole_long > video_mb and whole_long > 2.5 * stream_long  # the old path holds it (and more)

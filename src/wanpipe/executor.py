@@ -233,6 +233,7 @@ class WanExecutor:
             self.text_encoder.to(options.text_encoder_device)
         self.placement.offload = offload
         self.experts.offload = offload
+        self.encoders.vae_memory = options.vae_memory
         compiled = CompiledDiT(mode=options.compile_mode) if options.compile else None
         self.runner = DiTRunner(compiled=compiled, streamer=streamer, mesh=self.placement.mesh)
         self.text = TextStage(

@@ -206,10 +206,45 @@ def plan_tiles(
     When not even the smallest tiles fit, tiles of ``halo`` x ``halo`` (where the halo stops
     dominating the work).
     """
-    per_pixel = upper_bytes_per_pixel(decoder, itemsize)
+    return _plan(upper_bytes_per_pixel(decoder, itemsize), decoder_halo(decoder), height, width, budget)
+
+
+def lower_bytes_per_pixel(encoder: Encoder3d, itemsize: int, piece_frames: int = 4) -> int:
+    """Bytes the encoder's lower part (:meth:`Encoder3d.lower`) needs per latent pixel of its output,
+    the estimate of :func:`upper_bytes_per_pixel` run downwards: per level at scale s (s^2 input pixels
+    per latent pixel, s halving at each downsampler) the causal caches (add up) and about 5 tensors of
+    the widest layer over ``piece_frames`` frames (the largest level counts)."""
+    scale = lower_scale(encoder)
+    conv_in = encoder.conv_in
+    caches = conv_in.time_pad * conv_in.in_channels * scale**2
+    work = 3 * conv_in.out_channels * piece_frames * scale**2
+    for block in encoder.down_blocks:
+        widest = 0
+        for m in block.modules():
+            if isinstance(m, CausalConv3d):
+                widest = max(widest, m.in_channels, m.out_channels)
+                if m.time_pad > 0:
+                    caches += m.time_pad * m.in_channels * scale**2
+        work = max(work, 5 * widest * piece_frames * scale**2)
+        downsamples = sum(
+            isinstance(m, Resample) and m.mode.startswith("downsample") for m in block.modules()
+        )
+        scale //= 2**downsamples
+    return (caches + work) * itemsize
+
+
+def plan_encode_tiles(
+    encoder: Encoder3d, height: int, width: int, budget: int, itemsize: int
+) -> tuple[int, int] | None:
+    """:func:`plan_tiles` for :func:`encode_tiled`: the tile (rows, cols) in latent pixels of a
+    ``height`` x ``width`` latent whose lower-part working memory fits ``budget`` bytes (None: no
+    tiling needed), the halo :func:`encoder_halo`."""
+    return _plan(lower_bytes_per_pixel(encoder, itemsize), encoder_halo(encoder), height, width, budget)
+
+
+def _plan(per_pixel: int, halo: int, height: int, width: int, budget: int) -> tuple[int, int] | None:
     if per_pixel * height * width <= budget:
         return None
-    halo = decoder_halo(decoder)
     best: tuple[int, int, int, int] | None = None  # (tiles, decoded area, rows, cols)
     for nr in range(1, height + 1):
         rows = -(-height // nr)
@@ -457,6 +492,8 @@ __all__ = [
     "encoder_halo",
     "iter_decode_tiled",
     "parse_memory",
+    "lower_bytes_per_pixel",
+    "plan_encode_tiles",
     "plan_tiles",
     "split_tiles",
     "upper_bytes_per_pixel",
