@@ -50,13 +50,11 @@ def _compare(tokenizer: WanTokenizer, encoders, request: WanRequest, tiles: list
     tiled, tiled_latents = prepare_conditioning(inputs, replace(encoders, vae_memory=1000))
     halo = encoder_halo(encoders.vae.encoder)
     assert tiles and all(t == (halo, halo) for t in tiles), tiles
-    worst, compared = float((plain_latents - tiled_latents).abs().max()), 0
+    # the encodes are in the initial latents (video-to-video) or in the mode's tensors (the rest)
+    worst = float((plain_latents - tiled_latents).abs().max())
     for name, value in vars(plain).items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
-            other = getattr(tiled, name)
-            worst = max(worst, float((value - other).abs().max()))
-            compared += int(value.abs().max() > 0)
-    assert compared >= 1  # something encoded was compared
+            worst = max(worst, float((value - getattr(tiled, name)).abs().max()))
     return worst
 
 
@@ -98,19 +96,18 @@ def test_vace_tiled_encode_is_exact(wan_pipe, tiles) -> None:
 
 @pytest.fixture(scope="module")
 def flf2v_pipe(tmp_path_factory) -> WanPipeline:
-    folder = tiny_family.i2v_14b(tmp_path_factory.mktemp("flf2v") / "flf2v-tiny", flf2v=True)
+    folder = tmp_path_factory.mktemp("flf2v") / "flf2v-tiny"
+    tiny_family.i2v_14b(folder, flf2v=True)
     return WanPipeline.from_pretrained(folder, device="cpu", dtype="float32")
 
 
-@pytest.mark.parametrize("last", [False, True], ids=["i2v", "flf2v"])
-def test_image_to_video_tiled_encode_is_exact(flf2v_pipe, tiles, last: bool) -> None:
-    images = dict(image=tiny_family.picture(160, 160, 5))
-    if last:
-        images["last_image"] = tiny_family.picture(160, 160, 6)
+def test_first_last_frame_tiled_encode_is_exact(flf2v_pipe, tiles) -> None:
+    """I2V / FLF2V (one conditioning class): the first and last images encoded with the zero frames."""
+    images = dict(image=tiny_family.picture(160, 160, 5), last_image=tiny_family.picture(160, 160, 6))
     request = WanRequest(prompt="a cat", num_frames=9, seed=6, **images, **SIZE)
     pipe = flf2v_pipe
     diff = _compare(pipe.tokenizer, pipe.executor.encoders, pipe.check(request), tiles)
-    print(f"{'FLF2V' if last else 'I2V'} conditioning, tiled encode vs untiled: worst diff {diff:.2e}")
+    print(f"FLF2V conditioning, tiled encode vs untiled: worst diff {diff:.2e}")
     assert diff <= TOL
 
 
