@@ -5,8 +5,10 @@ Each temporal decode chunk (the first latent frame alone, then ``chunk_frames`` 
 4 * chunk_frames video frames) is converted to uint8 on the device (the same rounding as
 :meth:`wanpipe.media.Video.to_uint8` applies to :func:`~wanpipe.stages.decode.decode`'s float32 frames,
 so a streamed file equals one saved from the whole array) and written to the rows' sinks. Tiled when the
-VAE budget says so (:func:`~wanpipe.models.vae_tiling.iter_decode_tiled`, every tile its own causal
-cache). A parallel decode by bands (``halo``) and multi-segment videos (Animate) decode whole and are
+VAE budget says so: chunk by chunk (:func:`~wanpipe.models.vae_tiling.iter_decode_tiled`, every tile
+its own causal cache, all alive), or, when the uint8 video is smaller than all the tiles' caches (a
+short video: the caches of tiles with their halos can outweigh it several times), tile by tile into a
+uint8 video (one tile's caches alive) that is then written in chunks. A parallel decode by bands (``halo``) and multi-segment videos (Animate) decode whole and are
 then written chunk by chunk (:func:`write_frames`).
 """
 
@@ -19,7 +21,15 @@ import torch
 from torch import Tensor
 
 from wanpipe.models.vae import WanVAE
-from wanpipe.models.vae_tiling import iter_decode_tiled
+from wanpipe.models.vae_tiling import (
+    Tile,
+    decode_heads,
+    decoder_halo,
+    iter_decode_tiled,
+    iter_tile_pixels,
+    split_tiles,
+    upper_cache_bytes,
+)
 from wanpipe.stages.decode import decode, vae_tile
 from wanpipe.stages.placement import Placement
 from wanpipe.video_writer import FrameSink
@@ -85,6 +95,12 @@ def decode_into(
     written = 0
     with placement.on_device(vae):
         tile = vae_tile(vae, z, memory)
+        if tile is not None:
+            tiles = split_tiles(z.shape[3], z.shape[4], tile, decoder_halo(vae.decoder))
+            s = vae.config.spatial_stride
+            held = z.shape[0] * limit * s * z.shape[3] * s * z.shape[4] * 3  # the uint8 video
+            if held < upper_cache_bytes(vae.decoder, tiles, z.element_size()):
+                return _decode_tile_major(vae, z, tiles, sinks, chunk_frames, limit)
         chunks = (
             vae.iter_decode(z, chunk_frames)
             if tile is None
@@ -98,6 +114,27 @@ def decode_into(
             _write(sinks, pixels, opened=written > 0)
             written += pixels.shape[1]
     return written
+
+
+def _decode_tile_major(
+    vae: WanVAE, z: Tensor, tiles: list[Tile], sinks: Sequence[FrameSink], chunk_frames: int, limit: int
+) -> int:
+    """Tiled, tile by tile (one tile's causal caches alive, not every tile's) into a uint8 video, then
+    written in chunks: for a short video, whose uint8 frames take less than all the tiles' caches."""
+    s = vae.config.spatial_stride
+    b, _, _, h, w = z.shape
+    video = torch.empty(b, limit, s * h, s * w, 3, dtype=torch.uint8)
+    heads = decode_heads(vae, z, chunk_frames)
+    for t, start, pixels in iter_tile_pixels(vae, heads, tiles, chunk_frames):
+        if start < limit:
+            (r0, r1), (c0, c1) = t.rows, t.cols
+            part = pixels_to_uint8(pixels[:, :, : limit - start])
+            video[:, start : start + part.shape[1], s * r0 : s * r1, s * c0 : s * c1] = part
+        del pixels
+    del heads
+    for start in range(0, limit, WRITE_CHUNK):
+        _write(sinks, video[:, start : start + WRITE_CHUNK], opened=start > 0)
+    return limit
 
 
 @contextmanager
