@@ -451,28 +451,33 @@ def _generate(
         output_format_for(output, resolved.num_frames)
     except ValueError as e:
         return _fail(f"--output: {e}", EXIT_BAD_INPUT)
-    try:
+    from wanpipe.streaming import generate_to_file
+
+    try:  # the frames go into the file as they are decoded; rank 0 writes, the others drop them
         preview = _preview_writer(Path(args.preview)) if args.preview and first else None
-        video = pipe.generate(**params, progress=first and not args.no_progress, preview=preview)
+        video = generate_to_file(
+            pipe,
+            WanRequest(**params),
+            output if first else None,
+            progress=first and not args.no_progress,
+            preview=preview,
+        )
     except WanOutOfMemoryError as e:
         return _fail(str(e), EXIT_FAILED)
     except AttentionBackendError as e:  # the kernel cannot run this model's shapes on this device
         return _fail(f"--attention-backend {args.attention_backend}: {e}", EXIT_BAD_INPUT)
     if not first:
-        return 0  # rank 0 writes the video; every rank holds the same frames
-    t1 = time.perf_counter()
-    path = video.save(output)
-    save_s = time.perf_counter() - t1
+        return 0  # rank 0 writes the video; every rank decodes the same frames
+    t = video.timings
     print(
-        f"wrote {path} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps:g} fps, "
+        f"wrote {video.path} ({video.num_frames} frames, {video.width}x{video.height}, {video.fps:g} fps, "
         f"seed {video.seed}{', decoder tiny' if video.decoder == 'tiny' else ''})"
     )
-    t = video.timings
     print(
         f"timings: load {load_s:.2f} s, text encode {t['text_encode_s']:.2f} s, "
         f"condition {t['condition_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
         f"({t['denoise_s'] / (resolved.num_inference_steps * _segments(resolved)):.3f} s/step), "
-        f"decode {t['decode_s']:.2f} s, save {save_s:.2f} s"
+        f"decode {t['decode_s']:.2f} s (written as decoded), save {t['save_s']:.2f} s"
         + (f", compile {t['compile_s']:.2f} s" if t["compile_s"] else "")
         + (f"; {t['skipped_steps']} steps skipped by the step cache" if t["skipped_steps"] else "")
         + (f"; attention {t['attention']}" if t["attention"] else "")

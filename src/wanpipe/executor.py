@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,14 +38,13 @@ from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer import WanTransformerModel
 from wanpipe.models.vae import WanVAE
 from wanpipe.runtime.attention import AttentionBackendError, attention_backend, sdpa_choice
-from wanpipe.runtime.cache_options import build_step_cache, complete_cache_options
 from wanpipe.runtime.compile import CompiledDiT
 from wanpipe.runtime.magcache import MagCache
 from wanpipe.runtime.memory import configure_host_memory, trim_host_memory
 from wanpipe.runtime.offload import BlockStreamer, ModelOffload, pin_module
 from wanpipe.runtime.options import RuntimeOptions
 from wanpipe.runtime.runner import DiTRunner
-from wanpipe.runtime.step_cache import StepCache, teacache_coefficients, teacache_variant
+from wanpipe.runtime.step_cache import StepCache
 from wanpipe.schedulers import StepNoise
 from wanpipe.stages.conditioning import ConditionEncoders, Conditioning, prepare_conditioning
 from wanpipe.stages.decode import check_decoder, decode, decode_tiny
@@ -53,7 +52,10 @@ from wanpipe.stages.denoise import CancelledError, Guidance, StepCallback, StepP
 from wanpipe.stages.experts import Experts
 from wanpipe.stages.placement import Placement
 from wanpipe.stages.preview import PreviewPlan, PreviewSink, StepPreview, preview_sink
+from wanpipe.stages.step_caches import CacheModel, make_step_cache
+from wanpipe.stages.stream import aborted_on_error, decode_into, write_frames
 from wanpipe.stages.text import TextContext, TextStage
+from wanpipe.video_writer import FrameSink
 from wanpipe.weights.taehv import load_taehv
 
 if TYPE_CHECKING:
@@ -93,16 +95,17 @@ class Timings:
 @dataclass
 class WanExecutorOutputs:
     """frames (B', F, H, W, 3) float32 in [0, 1]: the decoder's output before any 8-bit rounding;
-    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch); ``decoder``: what
-    decoded them, "vae" or "tiny" (TAEHV)."""
+    ``rows``: the input rows they are (B' < B when rows were cancelled mid-batch); None when the frames
+    went into sinks (``execute(sinks=)``); ``decoder``: what decoded them, "vae" or "tiny" (TAEHV)."""
 
-    frames: torch.Tensor
+    frames: torch.Tensor | None
     timings: Timings = field(default_factory=Timings)
     rows: list[int] = field(default_factory=list)
     decoder: str = "vae"
 
     def to(self, device: torch.device | str) -> WanExecutorOutputs:
-        return WanExecutorOutputs(self.frames.to(device), self.timings, self.rows, self.decoder)
+        frames = None if self.frames is None else self.frames.to(device)
+        return WanExecutorOutputs(frames, self.timings, self.rows, self.decoder)
 
 
 class WanExecutor:
@@ -184,12 +187,10 @@ class WanExecutor:
         """The DiT is a Wan2.2-Animate one (it takes pose latents and face frames)."""
         return self.transformer.config.is_animate
 
-    def _vace_cache_message(self, what: str) -> str:
-        kind = "Animate" if self.accepts_animate else "VACE"
-        return (
-            f"the step caches (first-block, teacache, taylorseer, magcache) do not apply to {kind} checkpoints yet: "
-            f"leave {what} off"
-        )
+    @property
+    def _cache_model(self) -> CacheModel:
+        refused = "Animate" if self.accepts_animate else "VACE" if self.accepts_vace else None
+        return CacheModel(self.transformer.config, self.experts.two, self.expand_timesteps, refused)
 
     # -- construction -------------------------------------------------------------------------
     def set_runtime(self, options: RuntimeOptions, *, device: torch.device | str | None = None) -> None:
@@ -198,11 +199,11 @@ class WanExecutor:
         ``device``: the compute device, when the modules were loaded elsewhere (e.g. loaded on the CPU
         and run on "cuda" with offload, so the full model never sits on the GPU)."""
         if options.cache not in (None, "none") and (self.accepts_vace or self.accepts_animate):
-            raise ValueError(self._vace_cache_message(f"--cache {options.cache}"))
+            raise ValueError(self._cache_model.refusal(f"--cache {options.cache}"))
         if options.cache == "teacache" and options.teacache_coefficients is None:
-            self._teacache_variant()  # refuse a model without published coefficients now, not mid-request
+            self._cache_model.teacache_variant()  # refuse a model without published coefficients now
         if options.cache == "magcache":  # the same for MagCache's ratios
-            self._complete("magcache", options.cache_options or {}, (0, 0), image=False)
+            self._cache_model.complete("magcache", options.cache_options or {}, (0, 0), image=False)
         if device is not None:
             self.placement.device = torch.device(device)
         dev = self.device
@@ -236,6 +237,7 @@ class WanExecutor:
             self.text_encoder.to(options.text_encoder_device)
         self.placement.offload = offload
         self.experts.offload = offload
+        self.encoders.vae_memory = options.vae_memory
         compiled = CompiledDiT(mode=options.compile_mode) if options.compile else None
         self.runner = DiTRunner(compiled=compiled, streamer=streamer, mesh=self.placement.mesh)
         self.text = TextStage(
@@ -413,6 +415,25 @@ class WanExecutor:
             memory=self.runtime.vae_memory,
         )
 
+    def decode_into(
+        self, latents: torch.Tensor, sinks: Sequence[FrameSink], num_frames: int, decoder: str = "vae"
+    ) -> None:
+        """The decode stage, streaming: row b's frames into ``sinks[b]`` chunk by chunk (uint8); TAEHV's
+        (``decoder="tiny"``, a small decode) are written from the whole float frames."""
+        if decoder == "tiny":
+            return write_frames(self.decode(latents, decoder)[:, :num_frames], sinks)
+        decode_into(
+            self.vae,
+            latents,
+            self.placement,
+            sinks,
+            vae_dtype=self.vae_dtype,
+            chunk_frames=self.runtime.vae_chunk_frames or self.vae_chunk_frames,
+            halo=self.vae_halo,
+            memory=self.runtime.vae_memory,
+            num_frames=num_frames,
+        )
+
     def _attention_report(self, latents: torch.Tensor, text: TextContext) -> str:
         """Which SDPA kernels this request's self- and cross-attention get (see wanpipe.runtime.attention)."""
         if self.parallel is not None:
@@ -434,66 +455,10 @@ class WanExecutor:
         return f"self: {own}, cross: {cross}"
 
     def _make_cache(
-        self,
-        approximations: Approximations,
-        latent_size: tuple[int, int] | None = None,
-        image: bool = False,
+        self, approximations: Approximations, latent_size: tuple[int, int] | None = None, image: bool = False
     ) -> StepCache | None:
-        """The step cache for a batch: the request's ``cache`` with its resolved options; else the
-        runtime's cache, with the request's ``residual_threshold`` (or the runtime's) for the caches
-        that have a threshold; else First-Block-Cache when the request gives a threshold > 0 alone.
-        ``latent_size`` (h, w) and ``image`` pick published coefficients and ratios (I2V 480P or 720P,
-        TI2V-5B with or without an image). InvalidRequestError when the model has none to pick."""
-        kind, options = self._cache_choice(approximations)
-        if kind is None:
-            return None
-        if self.accepts_vace or self.accepts_animate:
-            named = approximations.cache is None and approximations.residual_threshold
-            what = "residual_threshold" if named else "cache"
-            raise InvalidRequestError(self._vace_cache_message(what), what)
-        size = latent_size or (0, 0)
-        if kind == "teacache" and options.get("coefficients") is None:
-            try:
-                options["coefficients"] = self.runtime.teacache_coefficients or teacache_coefficients(
-                    self._teacache_variant(), size, self.transformer.config.patch_size
-                )
-            except ValueError as e:
-                param = "cache" if approximations.cache is None else "cache_options"
-                raise InvalidRequestError(str(e), param) from None
-        return build_step_cache(kind, self._complete(kind, options, size, image))
-
-    def _cache_choice(self, approximations: Approximations) -> tuple[str | None, dict]:
-        """(the cache's name or None, its options) for a batch, before the model's defaults."""
-        requested = approximations.residual_threshold
-        if approximations.cache is not None:
-            if approximations.cache == "none":
-                return None, {}
-            return approximations.cache, dict(approximations.cache_options or {})
-        kind = self.runtime.cache if self.runtime.cache != "none" else None
-        if kind is None:
-            return ("first-block", {"threshold": requested}) if requested else (None, {})
-        options = dict(self.runtime.cache_options or {})
-        if kind in ("first-block", "teacache"):
-            options["threshold"] = requested if requested is not None else self.runtime.residual_threshold
-        elif requested is not None and "threshold" in options:
-            options["threshold"] = requested
-        return kind, options
-
-    def _complete(self, kind: str, options: dict, latent_size: tuple[int, int], image: bool) -> dict:
-        return complete_cache_options(
-            kind,
-            options,
-            dit=self.transformer.config,
-            two_experts=self.experts.two,
-            per_token_timesteps=self.expand_timesteps,
-            image=image,
-            latent_size=latent_size,
-        )
-
-    def _teacache_variant(self) -> str:
-        return teacache_variant(
-            self.transformer.config, two_experts=self.experts.two, per_token_timesteps=self.expand_timesteps
-        )
+        """The step cache for a batch (:func:`~wanpipe.stages.step_caches.make_step_cache`)."""
+        return make_step_cache(self._cache_model, self.runtime, approximations, latent_size, image)
 
     def _trim(self) -> None:
         if self.device.type == "cpu" and (
@@ -519,25 +484,33 @@ class WanExecutor:
         should_cancel: Callable[[], bool] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
         preview: PreviewPlan | None = None,
+        sinks: Sequence[FrameSink] | None = None,
     ) -> WanExecutorOutputs:
         """text encode -> condition -> denoise -> decode: -> frames (B', F, H, W, 3), each stage timed.
 
         ``should_cancel()`` True stops the batch (CancelledError); ``cancelled_rows()`` names rows whose
         work stops at the next step (their frames are not made: ``outputs.rows`` lists the rows made).
-        ``preview``: live previews of the rows (:mod:`~wanpipe.stages.preview`)."""
+        ``preview``: live previews of the rows (:mod:`~wanpipe.stages.preview`). ``sinks``: one per
+        input row: the frames go into them as they are decoded (opened, not closed; all aborted on an
+        error, those of rows not made aborted) and ``outputs.frames`` is None."""
         timings, decoder = Timings(), inputs.approximations.decoder
         check_decoder(decoder, self.tiny_vae)
-        with self._stage(timings, "text_encode_s"):
-            text = self.encode_text(inputs)
-        with self._stage(timings, "condition_s"):
-            conditioning, noise = self.condition(inputs)
-        sink = preview_sink(
-            preview, self.runtime.preview_decoder, self.vae.config, self.tiny_vae, self.device
-        )
-        with sink or contextlib.nullcontext():
-            frames, rows = self._segments(
-                inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows, sink
+        with aborted_on_error(sinks):
+            with self._stage(timings, "text_encode_s"):
+                text = self.encode_text(inputs)
+            with self._stage(timings, "condition_s"):
+                conditioning, noise = self.condition(inputs)
+            step_sink = preview_sink(
+                preview, self.runtime.preview_decoder, self.vae.config, self.tiny_vae, self.device
             )
+            with step_sink or contextlib.nullcontext():
+                frames, rows = self._segments(
+                    inputs, text, conditioning, noise, timings, callback, should_cancel, cancelled_rows,
+                    step_sink, sinks,
+                )  # fmt: skip
+        for row, sink in enumerate(sinks or ()):
+            if row not in rows:
+                sink.abort()
         timings.denoise_s -= timings.compile_s  # the compile warm-up is reported apart
         return WanExecutorOutputs(frames=frames, timings=timings, rows=rows, decoder=decoder)
 
@@ -552,7 +525,8 @@ class WanExecutor:
         should_cancel: Callable[[], bool] | None,
         cancelled_rows: Callable[[], Collection[int]] | None,
         sink: PreviewSink | None = None,
-    ) -> tuple[torch.Tensor, list[int]]:
+        sinks: Sequence[FrameSink] | None = None,
+    ) -> tuple[torch.Tensor | None, list[int]]:
         """denoise -> decode, once per segment of the video (``inputs.segments``: 1, except Animate's
         long driving videos) -> (frames (B', num_frames, H, W, 3), the rows made).
 
@@ -588,9 +562,17 @@ class WanExecutor:
                 rows, pieces = [rows[k] for k in kept], [p[kept] for p in pieces]
                 conditioning, text, inputs = conditioning.select(kept), text.select(kept), inputs.select(kept)
             with self._stage(timings, "decode_s"):
-                frames = self.decode(latents, inputs.approximations.decoder)
+                decoder = inputs.approximations.decoder
+                if sinks is not None and count == 1:  # streamed into the sinks as decoded
+                    self.decode_into(latents, [sinks[r] for r in rows], inputs.num_frames, decoder)
+                    timings.compile_s = compile_s
+                    return None, rows
+                frames = self.decode(latents, decoder)
                 del latents
             pieces.append(conditioning.new_frames(index, frames))
         timings.compile_s = compile_s
         video = pieces[0] if count == 1 else torch.cat(pieces, dim=1)
+        if sinks is not None:
+            write_frames(video[:, : inputs.num_frames], [sinks[r] for r in rows])
+            return None, rows
         return video[:, : inputs.num_frames], rows

@@ -17,6 +17,8 @@ Decisions:
   on the cumulative timeline, so the total length is exact (a 16 fps GIF mixes 60 and 70 ms frames). Both
   encoders merge a frame identical to the one before into it (longer duration), so they can hold fewer
   frames than the video.
+* Files are written through :class:`~wanpipe.video_writer.VideoWriter`, the streaming sink the CLI and
+  the server hand the frames to chunk by chunk as they are decoded (:mod:`wanpipe.video_writer`).
 * No half-written output: a file is written to a hidden temporary file in the destination's directory
   and moved into place with ``os.replace`` after the encoder finished (an existing file is replaced
   atomically); a PNG folder is written to a hidden temporary sibling folder and renamed into place. An
@@ -29,16 +31,15 @@ from __future__ import annotations
 import io
 import math
 import os
-import secrets
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from wanpipe import video_writer as video_writer_module
+from wanpipe.video_writer import VideoWriter, frame_durations_ms, temp_sibling
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -48,6 +49,7 @@ __all__ = [
     "read_image",
     "read_video",
     "write_atomic",
+    "video_writer",
 ]
 
 # Formats Video.save writes. "png" and "jpg" are single images (one frame only).
@@ -171,11 +173,6 @@ class Video:
         """``(F, H, W, 3)`` uint8: ``(clip(frames, 0, 1) * 255).round()``."""
         return _float_to_uint8(self.frames)
 
-    def _iter_uint8(self) -> Iterator[np.ndarray]:
-        # One frame at a time: a 121-frame 1280x704 video is 1.3 GB in float32, no need to copy it whole.
-        for frame in self.frames:
-            yield _float_to_uint8(frame)
-
     def save(
         self,
         path: PathLike,
@@ -190,7 +187,8 @@ class Video:
     ) -> Path:
         """Write the video to ``path`` and return the path written.
 
-        The format comes from ``format`` or the path (see :func:`output_format_for`).
+        The format comes from ``format`` or the path (see :func:`output_format_for`); the frames go
+        through a :class:`~wanpipe.video_writer.VideoWriter` a few at a time (no whole uint8 copy).
 
         Args:
             crf: mp4 quality, 0 (lossless) to 51; 18 is visually lossless.
@@ -200,158 +198,45 @@ class Video:
             loop: GIF / WebP loop count, 0 = forever.
             overwrite: replace an existing non-empty folder (PNG folder output). Files are always replaced.
         """
-        path = Path(path)
-        fmt = output_format_for(path, self.num_frames, format)
-        if not 0 <= crf <= 51:
-            raise ValueError(f"crf must be in [0, 51], got {crf}")
-        if not 0 <= quality <= 100:
-            raise ValueError(f"quality must be in [0, 100], got {quality}")
-        if loop < 0:
-            raise ValueError(f"loop must be >= 0, got {loop}")
-
-        if fmt == "png-folder":
-            _write_png_folder(self, path, overwrite=overwrite)
-            return path
-        if path.is_dir():
-            raise IsADirectoryError(f"cannot write a {fmt} file to {str(path)!r}: it is a directory")
-        with _atomic_file(path) as tmp:
-            if fmt == "mp4":
-                _write_mp4(self, tmp, crf=crf, preset=preset)
-            elif fmt in ("webp", "gif"):
-                _write_animation(self, tmp, fmt, quality=quality, lossless=lossless, loop=loop)
-            else:
-                image = Image.fromarray(_float_to_uint8(self.frames[0]))
-                if fmt == "jpg":
-                    image.save(tmp, format="JPEG", quality=quality)
-                else:
-                    image.save(tmp, format="PNG")
-        return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Atomic destinations
-
-
-def _temp_sibling(dest: Path) -> Path:
-    return dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-
-
-@contextmanager
-def _atomic_file(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; move it onto ``dest`` when the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _temp_sibling(dest)
-        try:
-            # Created by us (O_EXCL) with the umask's permissions, unlike tempfile's 0600.
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_png_folder(video: Video, dest: Path, *, overwrite: bool) -> None:
-    if dest.exists():
-        if not dest.is_dir():
-            raise FileExistsError(f"cannot write a PNG folder to {str(dest)!r}: a file with that name exists")
-        if any(dest.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"folder {str(dest)!r} exists and is not empty; pass overwrite=True to replace it"
-            )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _temp_sibling(dest)
-        try:
-            tmp.mkdir()
-            break
-        except FileExistsError:
-            continue
-    try:
-        for i, frame in enumerate(video._iter_uint8()):
-            Image.fromarray(frame).save(tmp / f"frame_{i:05d}.png", format="PNG")
-        if dest.is_dir() and any(dest.iterdir()):
-            # overwrite=True: move the old folder aside, move the new one in, then delete the old one.
-            old = _temp_sibling(dest)
-            os.replace(dest, old)
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                os.replace(old, dest)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)  # an empty existing folder is replaced by rename(2)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Encoders (each writes to a path it owns; the caller moves it into place)
-
-
-def _av():
-    """PyAV, imported on first use: it maps ~16 MB of FFmpeg libraries that only video files need."""
-    import av
-
-    return av
-
-
-def _write_mp4(video: Video, path: Path, *, crf: int, preset: str) -> None:
-    av = _av()
-    if "libx264" not in av.codecs_available:
-        raise RuntimeError("this PyAV build has no libx264 encoder; cannot write .mp4")
-    height, width = video.height + video.height % 2, video.width + video.width % 2
-    pad = ((0, height - video.height), (0, width - video.width), (0, 0))
-    rate = Fraction(video.fps).limit_denominator(100_000)
-    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": preset})
-        stream.width = width
-        stream.height = height
-        stream.pix_fmt = "yuv420p"
-        for i, frame in enumerate(video._iter_uint8()):
-            if height != video.height or width != video.width:
-                frame = np.pad(frame, pad, mode="edge")
-            av_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            av_frame.pts = i
-            container.mux(stream.encode(av_frame))
-        container.mux(stream.encode(None))
-
-
-def _frame_durations_ms(num_frames: int, fps: float, step_ms: int) -> list[int]:
-    """Per-frame durations in multiples of ``step_ms``, rounded on the cumulative timeline (exact total)."""
-    ends = [round((i + 1) * 1000.0 / fps / step_ms) * step_ms for i in range(num_frames)]
-    durations = [b - a for a, b in zip([0, *ends[:-1]], ends)]
-    return [max(d, step_ms) for d in durations]
-
-
-def _write_animation(video: Video, path: Path, fmt: str, *, quality: int, lossless: bool, loop: int) -> None:
-    images = [Image.fromarray(frame) for frame in video._iter_uint8()]
-    if fmt == "gif":
-        durations = _frame_durations_ms(video.num_frames, video.fps, 10)
-        images[0].save(
-            path, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=loop
-        )
-    else:
-        durations = _frame_durations_ms(video.num_frames, video.fps, 1)
-        images[0].save(
+        writer = video_writer(
             path,
-            format="WEBP",
-            save_all=True,
-            append_images=images[1:],
-            duration=durations,
-            loop=loop,
-            lossless=lossless,
+            self.fps,
+            self.num_frames,
+            format=format,
+            crf=crf,
+            preset=preset,
             quality=quality,
+            lossless=lossless,
+            loop=loop,
+            overwrite=overwrite,
         )
+        writer.open(self.height, self.width)
+        try:
+            for start in range(0, self.num_frames, _SAVE_CHUNK):
+                writer.write(_float_to_uint8(self.frames[start : start + _SAVE_CHUNK]))
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
+
+
+_SAVE_CHUNK = 8  # frames converted to uint8 at a time by Video.save
+
+
+def video_writer(
+    path: PathLike, fps: float, num_frames: int, format: str | None = None, **options: Any
+) -> VideoWriter:
+    """A :class:`~wanpipe.video_writer.VideoWriter` (a streaming :class:`~wanpipe.video_writer.FrameSink`)
+    for ``num_frames`` frames at ``fps`` to ``path``, in the format :func:`output_format_for` picks;
+    ``options``: :meth:`Video.save`'s (crf, preset, quality, lossless, loop, overwrite)."""
+    fps = float(fps)
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    return VideoWriter(path, fps, output_format_for(path, num_frames, format), **options)
+
+
+_frame_durations_ms = frame_durations_ms  # the name the tests know
+_av = video_writer_module._av
 
 
 def encode_webp(frames: np.ndarray, fps: float, *, quality: int = 80) -> bytes:
@@ -384,7 +269,7 @@ def write_atomic(path: PathLike, data: bytes) -> Path:
     reader sees the old file or the new one, never half of one (no fsync: for files rewritten often, as
     the CLI's ``--preview``). Returns the path."""
     dest = Path(path)
-    tmp = _temp_sibling(dest)
+    tmp = temp_sibling(dest)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, dest)

@@ -41,6 +41,7 @@ from wanpipe.weights.transformer_keys import TRANSFORMER_DIFFUSERS_IGNORED
 
 if TYPE_CHECKING:
     from wanpipe.parallel.mesh import ParallelConfig
+    from wanpipe.video_writer import FrameSink
 
 logger = logging.getLogger(__name__)
 
@@ -533,8 +534,11 @@ class WanPipeline:
         should_cancel: Callable[[], bool] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
         preview: PreviewCallback | None = None,
-    ) -> tuple[list[np.ndarray | None], Timings]:
+        sinks: Sequence[FrameSink] | None = None,
+    ) -> tuple[list[Any], Timings]:
         """Run prepared contexts as one batch; returns each one's frames (F, H, W, 3) and the timings.
+        ``sinks`` (one per context): the frames go into them as decoded, and a made row's entry is its
+        sink (opened and written, for the caller to close); every sink is aborted if the batch fails.
 
         ``should_cancel()`` True stops the batch (:class:`~wanpipe.executor.CancelledError`);
         ``cancelled_rows()`` names contexts (indices into ``contexts``) whose work stops at the next
@@ -558,7 +562,7 @@ class WanPipeline:
 
         try:
             plan = None if preview is None else PreviewPlan.of(preview, contexts)
-            outputs = self.executor.execute(inputs, on_step, should_cancel, cancelled_rows, plan)
+            outputs = self.executor.execute(inputs, on_step, should_cancel, cancelled_rows, plan, sinks)
         except CancelledError:
             for ctx in contexts:
                 ctx.status = GenerationStatus.CANCELLED
@@ -574,7 +578,8 @@ class WanPipeline:
         finally:
             if bar is not None:
                 bar.close()
-        made = dict(zip(outputs.rows, outputs.frames.float().cpu().numpy()))
+        frames = sinks if outputs.frames is None else outputs.frames.float().cpu().numpy()
+        made = {row: frames[k if outputs.frames is not None else row] for k, row in enumerate(outputs.rows)}
         for i, ctx in enumerate(contexts):
             ctx.status = GenerationStatus.FINISHED if i in made else GenerationStatus.CANCELLED
         return [made.get(i) for i in range(len(contexts))], outputs.timings

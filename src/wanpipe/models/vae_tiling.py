@@ -206,10 +206,45 @@ def plan_tiles(
     When not even the smallest tiles fit, tiles of ``halo`` x ``halo`` (where the halo stops
     dominating the work).
     """
-    per_pixel = upper_bytes_per_pixel(decoder, itemsize)
+    return _plan(upper_bytes_per_pixel(decoder, itemsize), decoder_halo(decoder), height, width, budget)
+
+
+def lower_bytes_per_pixel(encoder: Encoder3d, itemsize: int, piece_frames: int = 4) -> int:
+    """Bytes the encoder's lower part (:meth:`Encoder3d.lower`) needs per latent pixel of its output,
+    the estimate of :func:`upper_bytes_per_pixel` run downwards: per level at scale s (s^2 input pixels
+    per latent pixel, s halving at each downsampler) the causal caches (add up) and about 5 tensors of
+    the widest layer over ``piece_frames`` frames (the largest level counts)."""
+    scale = lower_scale(encoder)
+    conv_in = encoder.conv_in
+    caches = conv_in.time_pad * conv_in.in_channels * scale**2
+    work = 3 * conv_in.out_channels * piece_frames * scale**2
+    for block in encoder.down_blocks:
+        widest = 0
+        for m in block.modules():
+            if isinstance(m, CausalConv3d):
+                widest = max(widest, m.in_channels, m.out_channels)
+                if m.time_pad > 0:
+                    caches += m.time_pad * m.in_channels * scale**2
+        work = max(work, 5 * widest * piece_frames * scale**2)
+        downsamples = sum(
+            isinstance(m, Resample) and m.mode.startswith("downsample") for m in block.modules()
+        )
+        scale //= 2**downsamples
+    return (caches + work) * itemsize
+
+
+def plan_encode_tiles(
+    encoder: Encoder3d, height: int, width: int, budget: int, itemsize: int
+) -> tuple[int, int] | None:
+    """:func:`plan_tiles` for :func:`encode_tiled`: the tile (rows, cols) in latent pixels of a
+    ``height`` x ``width`` latent whose lower-part working memory fits ``budget`` bytes (None: no
+    tiling needed), the halo :func:`encoder_halo`."""
+    return _plan(lower_bytes_per_pixel(encoder, itemsize), encoder_halo(encoder), height, width, budget)
+
+
+def _plan(per_pixel: int, halo: int, height: int, width: int, budget: int) -> tuple[int, int] | None:
     if per_pixel * height * width <= budget:
         return None
-    halo = decoder_halo(decoder)
     best: tuple[int, int, int, int] | None = None  # (tiles, decoded area, rows, cols)
     for nr in range(1, height + 1):
         rows = -(-height // nr)
@@ -335,30 +370,52 @@ def decode_tiles(
     """The decoder's upper part over ``tiles`` of the head outputs ``heads`` (B, C, f, h, w) (from
     :func:`decode_heads`), each tile all chunks with its own causal cache -> the pixels of latent rows
     ``band`` = (a, b) that the tiles cover: (B, 3, 4(f - 1) + 1, s (b - a), s w)."""
-    decoder = vae.decoder
     stride = vae.config.spatial_stride
     b, _, f, _, w = heads.shape
     top, bottom = band
     frames = vae.config.temporal_stride * (f - 1) + 1
     video = heads.new_empty(b, vae.config.video_out_channels, frames, stride * (bottom - top), stride * w)
-    ranges = _chunks(f, chunk_frames)
+    for t, start, pixels in iter_tile_pixels(vae, heads, tiles, chunk_frames):
+        (r0, r1), (c0, c1) = t.rows, t.cols
+        rows = slice(stride * (r0 - top), stride * (r1 - top))
+        video[:, :, start : start + pixels.shape[2], rows, stride * c0 : stride * c1] = pixels
+        del pixels
+        if after_chunk is not None:
+            after_chunk()
+    return video
+
+
+def iter_tile_pixels(
+    vae: WanVAE, heads: Tensor, tiles: list[Tile], chunk_frames: int = 1
+) -> Iterator[tuple[Tile, int, Tensor]]:
+    """Tile by tile (one tile's causal cache alive at a time), chunk by chunk: (the tile, its first
+    video frame, its own pixels (B, 3, T, s rows, s cols)) from the head outputs ``heads``."""
+    decoder = vae.decoder
+    stride = vae.config.spatial_stride
     scratch = Scratch()  # the CPU convolutions' work buffers, shared by the tiles
     for t in tiles:
         cache = CausalCache(scratch=scratch)
         start = 0
-        for s, e in ranges:
-            region = _region(heads[:, :, s:e], t)
-            pixels = _crop(_finish(vae, decoder.upper(region, cache)), t, stride)
+        for s, e in _chunks(heads.shape[2], chunk_frames):
+            pixels = _crop(_finish(vae, decoder.upper(_region(heads[:, :, s:e], t), cache)), t, stride)
             cache.seen += e - s
-            (r0, r1), (c0, c1) = t.rows, t.cols
-            n = pixels.shape[2]
-            rows = slice(stride * (r0 - top), stride * (r1 - top))
-            video[:, :, start : start + n, rows, stride * c0 : stride * c1] = pixels
-            start += n
-            del pixels
-            if after_chunk is not None:
-                after_chunk()
-    return video
+            yield t, start, pixels
+            start += pixels.shape[2]
+
+
+def upper_cache_bytes(decoder: Decoder3d, tiles: list[Tile], itemsize: int) -> int:
+    """The causal caches of the upper part for ``tiles`` all alive at once (a chunk-by-chunk tiled
+    decode keeps every tile's): 2 frames per temporal convolution over each tile's region."""
+    per_pixel, scale = 0, 1
+    for block in decoder.up_blocks:
+        for m in block.modules():
+            if isinstance(m, CausalConv3d) and m.time_pad > 0:
+                per_pixel += m.time_pad * m.in_channels * scale**2
+        if block.upsampler is not None:
+            scale *= 2
+    per_pixel += decoder.conv_out.time_pad * decoder.conv_out.in_channels * scale**2
+    area = sum((t.region_rows[1] - t.region_rows[0]) * (t.region_cols[1] - t.region_cols[0]) for t in tiles)
+    return per_pixel * area * itemsize
 
 
 def iter_decode_tiled(
@@ -456,10 +513,14 @@ __all__ = [
     "encode_tiled",
     "encoder_halo",
     "iter_decode_tiled",
+    "iter_tile_pixels",
     "parse_memory",
+    "lower_bytes_per_pixel",
+    "plan_encode_tiles",
     "plan_tiles",
     "split_tiles",
     "upper_bytes_per_pixel",
+    "upper_cache_bytes",
     "upper_reach",
     "upper_scale",
 ]

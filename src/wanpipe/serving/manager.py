@@ -28,7 +28,7 @@ from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
 from wanpipe.serving.events import JobEvents
 from wanpipe.serving.job_request import job_request
-from wanpipe.serving.media_store import write_video
+from wanpipe.serving.media_store import job_files
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import NewJob, ServeLimits
 from wanpipe.serving.resolve import resolve_job
@@ -36,11 +36,10 @@ from wanpipe.serving.step_gate import StepGate
 from wanpipe.serving.store import Job, JobStatus, JobStore, new_job_id
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from wanpipe.pipeline import WanPipeline
     from wanpipe.serving.distributed import BatchLeader
     from wanpipe.serving.loras import LoraLibrary
+    from wanpipe.video_writer import FrameSink
 
 logger = logging.getLogger("wanpipe.serving")
 
@@ -440,6 +439,10 @@ class JobManager:
         size = len(jobs)
         t0 = time.perf_counter()
         error: Exception | None = None
+        sinks = [
+            job_files(self.store.media, job.id, job.spec.fps or ctx.fps, ctx.num_frames)
+            for job, _, ctx in runnable
+        ]
         try:
             frames, timings = pipe.run_contexts(
                 [ctx for _, _, ctx in runnable],
@@ -448,6 +451,7 @@ class JobManager:
                 should_cancel=should_cancel,
                 cancelled_rows=cancelled_rows,
                 preview=self.events.previewer([job.id if job.spec.preview else None for job in jobs]),
+                sinks=sinks,
             )
         except CancelledError:
             frames = None
@@ -471,10 +475,11 @@ class JobManager:
         self.metrics.count("batches", size)
         num_steps = jobs[0].spec.num_inference_steps or 1
         self.metrics.observe("step_seconds", timings.denoise_s / num_steps, num_steps)
-        for job, video_frames in zip(jobs, frames):
-            if job.id in cancelled or video_frames is None:
+        for job, sink, made in zip(jobs, sinks, frames):
+            if job.id in cancelled or made is None:
+                sink.abort()  # nothing left behind (a no-op for a row not made)
                 continue
-            self._save(job, video_frames, size)
+            self._save(job, sink, size)
         self.metrics.observe("batch_seconds", time.perf_counter() - t0)
 
     def _failed(
@@ -505,10 +510,10 @@ class JobManager:
         if self._leader is not None:
             self._break_world(error)
 
-    def _save(self, job: Job, frames: np.ndarray, batch_size: int) -> None:
-        """Write a job's video and thumbnail, then mark it completed (a full disk fails the job)."""
+    def _save(self, job: Job, sink: FrameSink, batch_size: int) -> None:
+        """Finish a job's video and thumbnail (written as decoded), mark it completed (a full disk fails it)."""
         try:
-            write_video(self.store.media, job.id, frames, job.spec.fps or 16)  # atomic: whole or absent
+            sink.close()
         except Exception as e:
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 message = f"the output disk is full: cannot save the video in {self.store.media.where}"

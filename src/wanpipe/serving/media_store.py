@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import numpy as np
     from starlette.responses import Response
 
+    from wanpipe.video_writer import FrameSink
+
 CHUNK_BYTES = 1 << 20  # streamed content: 1 MiB at a time
 
 
@@ -219,6 +221,61 @@ def write_video(media: MediaStore, job_id: str, frames: np.ndarray, fps: float) 
         with contextlib.suppress(Exception):
             media.delete(video_key(job_id))
         raise
+
+
+class VideoFiles:
+    """A :class:`~wanpipe.video_writer.FrameSink` for a job's video (mp4) and its first-frame JPEG in a
+    media store, written as the frames are decoded (into local temporary files the store gives,
+    :meth:`MediaStore.writing`) and stored by ``close()`` (when either
+    fails neither is kept, as :func:`write_video`). ``abort()`` stores neither."""
+
+    def __init__(self, media: MediaStore, job_id: str, fps: float, num_frames: int) -> None:
+        from wanpipe.media import video_writer
+
+        self.media, self.job_id = media, job_id
+        self._stack = contextlib.ExitStack()
+        self._video = self._stack.enter_context(media.writing(video_key(job_id), ".mp4"))
+        thumb = self._stack.enter_context(media.writing(thumbnail_key(job_id), ".jpg"))
+        self.writers = (video_writer(self._video, fps, num_frames), video_writer(thumb, fps, 1, format="jpg"))
+
+    def open(self, height: int, width: int) -> None:
+        for writer in self.writers:
+            writer.open(height, width)
+
+    def write(self, frames: np.ndarray) -> None:
+        for writer in self.writers:
+            writer.write(frames)
+
+    def close(self) -> Path:
+        try:
+            for writer in self.writers:
+                writer.close()
+        except BaseException as e:
+            self.abort(e)
+            raise
+        try:
+            self._stack.close()  # the thumbnail stored (entered last), then the video
+        except BaseException:
+            for key in (video_key(self.job_id), thumbnail_key(self.job_id)):  # neither without the other
+                with contextlib.suppress(Exception):
+                    self.media.delete(key)
+            raise
+        return self._video
+
+    def abort(self, error: BaseException | None = None) -> None:
+        for writer in self.writers:
+            writer.abort()
+        error = error or RuntimeError("aborted")
+        with contextlib.suppress(BaseException):
+            self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+def job_files(media: MediaStore, job_id: str, fps: float, num_frames: int) -> FrameSink:
+    """The server's sink for a job's video and thumbnail (:class:`VideoFiles`); an error writing them
+    (a full disk) is raised by ``close()``: the job fails alone, the batch goes on."""
+    from wanpipe.video_writer import DeferredErrors
+
+    return DeferredErrors(VideoFiles(media, job_id, fps, num_frames))
 
 
 def write_input(media: MediaStore, key: str, array: np.ndarray) -> None:

@@ -43,6 +43,7 @@ from wanpipe.batch import WanExecutorInputs
 from wanpipe.models.image_encoder import WanImageEncoder
 from wanpipe.models.vae import WanVAE
 from wanpipe.schedulers import add_noise
+from wanpipe.stages.decode import encode
 from wanpipe.stages.placement import Placement
 
 
@@ -57,12 +58,13 @@ class ConditionEncoders:
     expand_timesteps: bool
     patch_size: tuple[int, int, int]
     vace_layers: tuple[int, ...] | None = None  # a VACE DiT's layers that take hints (None: not VACE)
+    vae_memory: int | None = None  # --vae-memory: tiled (exact) encodes when a frame does not fit
 
     def encode_video(self, video: Tensor) -> Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, z, f, h, w) float32 (posterior mode)."""
         place = self.placement
         with place.on_device(self.vae):
-            z = self.vae.encode_mean(video.to(place.device, self.vae_dtype)).float()
+            z = encode(self.vae, video.to(place.device, self.vae_dtype), self.vae_memory).float()
         return self.vae.normalize_latents(z)
 
     def encode_images(self, clip_pixels: Tensor | None) -> Tensor | None:

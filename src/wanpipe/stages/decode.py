@@ -9,7 +9,7 @@ from torch import Tensor
 from wanpipe.context import InvalidRequestError
 from wanpipe.models.taehv import TAEHV
 from wanpipe.models.vae import WanVAE
-from wanpipe.models.vae_tiling import decode_tiled, plan_tiles
+from wanpipe.models.vae_tiling import decode_tiled, encode_tiled, plan_encode_tiles, plan_tiles
 from wanpipe.stages.placement import Placement
 
 AUTO_FRACTION = 0.8
@@ -18,7 +18,8 @@ output video and the head's outputs (which the tiled decode holds whole)."""
 
 
 def vae_budget(z: Tensor, memory: int | None) -> int | None:
-    """The tiled decode's budget in bytes for raw latents ``z`` (B, z, f, h, w): ``memory`` when given,
+    """The tiled decode's (or encode's) budget in bytes for raw latents ``z`` (B, z, f, h, w) (or a video
+    on the same device): ``memory`` when given,
     else on a CUDA device :data:`AUTO_FRACTION` of its free memory (less what the decode holds whole),
     else None (no tiling)."""
     if memory is not None:
@@ -43,6 +44,26 @@ def vae_tile(vae: WanVAE, z: Tensor, memory: int | None) -> tuple[int, int] | No
         held += b * vae.decoder.conv_in.out_channels * f * h * w
         budget = max(1, budget - held * z.element_size())
     return plan_tiles(vae.decoder, z.shape[3], z.shape[4], budget, z.element_size())
+
+
+def encode_tile(vae: WanVAE, video: Tensor, memory: int | None) -> tuple[int, int] | None:
+    """The tile (latent rows, cols) for encoding ``video`` (B, 3, F, H, W) within ``memory`` bytes
+    (on a GPU without ``memory``: :data:`AUTO_FRACTION` of the free memory), or None when it fits."""
+    budget = vae_budget(video, memory)
+    if budget is None:
+        return None
+    s = vae.config.spatial_stride
+    return plan_encode_tiles(
+        vae.encoder, video.shape[3] // s, video.shape[4] // s, budget, video.element_size()
+    )
+
+
+def encode(vae: WanVAE, video: Tensor, memory: int | None = None) -> Tensor:
+    """Video (B, 3, F, H, W) in [-1, 1], on the VAE's device and dtype -> raw latents (the posterior
+    mode), tiled (exact, :func:`~wanpipe.models.vae_tiling.encode_tiled`) when ``memory`` bytes
+    (``--vae-memory``) do not hold the whole frame's encode."""
+    tile = encode_tile(vae, video, memory)
+    return vae.encode_mean(video) if tile is None else encode_tiled(vae, video, tile).mean
 
 
 def decode(
