@@ -128,6 +128,9 @@ def check_readable(path: Path) -> None:
 class JobStore:
     """Jobs in SQLite, videos and input images as files beside it. Safe to use from several threads."""
 
+    JOBS = "jobs"  # the jobs table and the SQL parameter mark: the queries both stores share use them
+    P = "?"
+
     def __init__(
         self, folder: str | os.PathLike[str], *, exclusive: bool = True, media: MediaStore | None = None
     ):
@@ -307,7 +310,7 @@ class JobStore:
         return frozenset()
 
     def get(self, job_id: str) -> Job | None:
-        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = self._query(f"SELECT * FROM {self.JOBS} WHERE id = {self.P}", (job_id,))
         return self._job(rows[0]) if rows else None
 
     def list(
@@ -315,21 +318,21 @@ class JobStore:
     ) -> tuple[list[Job], bool]:
         """A page of jobs, newest first (``order="desc"``) or oldest first; ``after`` is the last id of the
         previous page (KeyError if unknown). Returns (jobs, has_more)."""
-        descending = order == "desc"
+        descending, p = order == "desc", self.P
         where, args = "", ()
         if after is not None:
-            rows = self._query("SELECT seq FROM jobs WHERE id = ?", (after,))
+            rows = self._query(f"SELECT seq FROM {self.JOBS} WHERE id = {p}", (after,))
             if not rows:
                 raise KeyError(after)
-            where, args = ("WHERE seq < ?" if descending else "WHERE seq > ?"), (rows[0]["seq"],)
+            where, args = (f"WHERE seq < {p}" if descending else f"WHERE seq > {p}"), (rows[0]["seq"],)
         rows = self._query(
-            f"SELECT * FROM jobs {where} ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?",
+            f"SELECT * FROM {self.JOBS} {where} ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT {p}",
             (*args, limit + 1),
         )
         return [self._job(r) for r in rows[:limit]], len(rows) > limit
 
     def counts(self) -> dict[JobStatus, int]:
-        rows = self._query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        rows = self._query(f"SELECT status, COUNT(*) AS n FROM {self.JOBS} GROUP BY status")
         found = {row["status"]: row["n"] for row in rows}
         return {status: found.get(status.value, 0) for status in JobStatus}
 

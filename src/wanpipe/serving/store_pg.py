@@ -133,6 +133,9 @@ class PgJobStore(JobStore):
     """Jobs in PostgreSQL; videos and inputs as files in ``folder`` (shared by every process of a
     deployment). Safe to use from several threads."""
 
+    JOBS = "wanpipe_jobs"
+    P = "%s"
+
     def __init__(
         self,
         url: str,
@@ -312,31 +315,6 @@ class PgJobStore(JobStore):
             if self._count(conn, JobStatus.QUEUED) >= max_queue:
                 return None
             return self.add(job, images)
-
-    def get(self, job_id: str) -> Job | None:
-        rows = self._query("SELECT * FROM wanpipe_jobs WHERE id = %s", (job_id,))
-        return self._job(rows[0]) if rows else None
-
-    def list(
-        self, *, limit: int = 20, after: str | None = None, order: str = "desc"
-    ) -> tuple[list[Job], bool]:
-        descending = order == "desc"
-        where, args = "", ()
-        if after is not None:
-            rows = self._query("SELECT seq FROM wanpipe_jobs WHERE id = %s", (after,))
-            if not rows:
-                raise KeyError(after)
-            where, args = ("WHERE seq < %s" if descending else "WHERE seq > %s"), (rows[0]["seq"],)
-        rows = self._query(
-            f"SELECT * FROM wanpipe_jobs {where} ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT %s",
-            (*args, limit + 1),
-        )
-        return [self._job(r) for r in rows[:limit]], len(rows) > limit
-
-    def counts(self) -> dict[JobStatus, int]:
-        rows = self._query("SELECT status, COUNT(*) AS n FROM wanpipe_jobs GROUP BY status")
-        found = {row["status"]: row["n"] for row in rows}
-        return {status: found.get(status.value, 0) for status in JobStatus}
 
     @staticmethod
     def _count(conn: Any, status: JobStatus) -> int:
