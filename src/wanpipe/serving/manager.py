@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wanpipe.context import InvalidRequestError, WanContext, WanRequest
 from wanpipe.executor import CancelledError
@@ -60,6 +60,20 @@ class QueueFullError(RuntimeError):
 
 class UnknownModelError(ValueError):
     """The request names a model this server does not serve."""
+
+
+def add_to_queue(manager: Any, job: Job, images: dict[str, Any]) -> Job:
+    """Queue ``job`` with its ``images`` in ``manager.store`` if the queue (counted in the store: every
+    replica of a PostgreSQL store) is under ``--max-queue``; else QueueFullError with a Retry-After."""
+    added = manager.store.add_if_room(job, images, manager.limits.max_queue)
+    if added is None:
+        queued = manager.store.count(JobStatus.QUEUED)
+        manager.metrics.count("rejected", "queue_full")
+        raise QueueFullError(
+            f"the queue is full ({queued} jobs waiting, --max-queue {manager.limits.max_queue}); try again later",
+            manager.retry_after(queued),
+        )
+    return added
 
 
 class JobManager:
@@ -187,16 +201,7 @@ class JobManager:
             created_at=time.time(),
         )
         with self._submit_lock:  # the limit counted in the store: for all replicas of a PostgreSQL store
-            added = self.store.add_if_room(job, images, self.limits.max_queue)
-            if added is None:
-                queued = self.store.count(JobStatus.QUEUED)
-                self.metrics.count("rejected", "queue_full")
-                raise QueueFullError(
-                    f"the queue is full ({queued} jobs waiting, --max-queue {self.limits.max_queue}); "
-                    "try again later",
-                    self.retry_after(queued),
-                )
-            job = added
+            job = add_to_queue(self, job, images)
         self.metrics.count("submitted", source)
         self._wake.set()
         return job

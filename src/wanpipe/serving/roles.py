@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from wanpipe import arguments as a
 from wanpipe.context import InvalidRequestError
 from wanpipe.serving.job_request import check_limits
-from wanpipe.serving.manager import NotReadyError, QueueFullError, ShuttingDownError, UnknownModelError
+from wanpipe.serving.manager import NotReadyError, ShuttingDownError, UnknownModelError, add_to_queue
 from wanpipe.serving.metrics import Metrics
 from wanpipe.serving.parsing import NewJob, ServeLimits
 from wanpipe.serving.store import ANIMATE_ARRAY_NAMES, Job, JobStatus, JobStore, new_job_id
@@ -295,17 +295,7 @@ class ApiFront:
         for i, reference in enumerate(new.reference_images):
             images[f"reference_image.{i}"] = reference
         images.update(dict(new.animate_videos or {}))
-        added = self.store.add_if_room(
-            job, {k: v for k, v in images.items() if v is not None}, self.limits.max_queue
-        )
-        if added is None:
-            queued = self.store.count(JobStatus.QUEUED)
-            self.metrics.count("rejected", "queue_full")
-            raise QueueFullError(
-                f"the queue is full ({queued} jobs waiting, --max-queue {self.limits.max_queue}); "
-                "try again later",
-                self.retry_after(queued),
-            )
+        added = add_to_queue(self, job, {k: v for k, v in images.items() if v is not None})
         self.metrics.count("submitted", source)
         return added
 
