@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from wanpipe.context import Approximations, WanContext
+from wanpipe.context import Approximations, PromptTravel, WanContext
 from wanpipe.schedulers import Schedule
 
 
@@ -58,6 +58,7 @@ class WanExecutorInputs:
     segment_noise: torch.Tensor | None = None
     segment_frame_length: int | None = None
     prev_segment_conditioning_frames: int | None = None
+    prompt_travel: PromptTravel | None = None  # per-window prompts (shared by the batch's rows)
 
     @property
     def segments(self) -> int:
@@ -143,4 +144,5 @@ def collate(contexts: list[WanContext]) -> WanExecutorInputs:
         segment_noise=optional([c.segment_noise for c in cond]),
         segment_frame_length=cond[0].segment_frame_length,
         prev_segment_conditioning_frames=cond[0].prev_segment_conditioning_frames,
+        prompt_travel=first.prompt_travel,
     )

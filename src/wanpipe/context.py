@@ -102,6 +102,10 @@ class WanRequest:
     # Live previews (docs/previews.md): one every this many steps (and at the last), when the caller asks
     # for them (a ``preview`` callback); None: DEFAULT_PREVIEW_EVERY.
     preview_every: int | None = None
+    # Prompt travel (docs/long-video.md): (start, end, prompt) inclusive ranges of VIDEO frames covering the
+    # whole video in order; each context window takes the prompt of its middle frame (replacing
+    # ``prompt``, which stays required). Only with context_frames. None: ``prompt`` for every window.
+    prompts: list[tuple[int, int, str]] | None = None
 
 
 CONTEXT_SCHEDULES = ("uniform_standard", "uniform_looped", "static_standard")
@@ -119,6 +123,8 @@ class ContextWindows:
     overlap: int
     schedule: str = "uniform_standard"
     blend: str = "linear"
+    prompts: tuple[tuple[int, int, str], ...] | None = None
+    """Prompt travel's ranges (video frames; wanpipe.prompt_travel), None: the request's prompt."""
 
     @classmethod
     def of(cls, request: WanRequest, temporal_stride: int = 4) -> ContextWindows | None:
@@ -130,7 +136,24 @@ class ContextWindows:
             (request.context_overlap or 0) // temporal_stride,
             request.context_schedule or CONTEXT_SCHEDULES[0],
             request.context_blend or CONTEXT_BLENDS[0],
+            None if request.prompts is None else tuple(tuple(r) for r in request.prompts),  # type: ignore[misc]
         )
+
+
+@dataclass(eq=False)
+class PromptTravel:
+    """A request's per-window prompts as the executor takes them (wanpipe.prompt_travel): ``prompts``
+    the distinct prompts in order of first use, ``tokens``/``mask`` (P, L) their token ids,
+    ``frame_prompt[k]`` the prompt index of latent frame k."""
+
+    prompts: tuple[str, ...]
+    tokens: np.ndarray
+    mask: np.ndarray
+    frame_prompt: tuple[int, ...]
+
+    def prompt_of(self, window: list[int]) -> int:
+        """The prompt index of a context window (latent frame indices): that of its middle frame."""
+        return self.frame_prompt[window[len(window) // 2]]
 
 
 DECODERS: tuple[str, ...] = ("vae", "tiny")
@@ -356,6 +379,7 @@ class WanContext:
     # each step's fresh noise is drawn (wanpipe.schedulers.StepNoise); None for the other samplers.
     noise_state: np.ndarray | None = None
     preview_every: int | None = None  # steps between live previews (the resolved request's)
+    prompt_travel: PromptTravel | None = None  # per-window prompts' tokens (wanpipe.prompt_travel)
 
     @property
     def timesteps(self) -> np.ndarray:

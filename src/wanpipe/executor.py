@@ -313,6 +313,9 @@ class WanExecutor:
     # -- stages -------------------------------------------------------------------------------
     def encode_text(self, inputs: WanExecutorInputs) -> TextContext:
         """The text stage: the batch's prompt (and negative prompt) embeddings, padding compressed."""
+        if inputs.prompt_travel is not None:  # per-window prompts: each distinct one encoded
+            batch = inputs.tokens.shape[0]
+            return self.text.travel(inputs.prompt_travel, batch, inputs.negative_tokens, inputs.negative_mask)
         return self.text(inputs.tokens, inputs.mask, inputs.negative_tokens, inputs.negative_mask)
 
     def condition(self, inputs: WanExecutorInputs) -> tuple[Conditioning, torch.Tensor]:

@@ -410,6 +410,7 @@ class WanPipeline:
         decoder: str | None = "vae",
         preview: PreviewCallback | None = None,
         preview_every: int | None = None,
+        prompts: list[tuple[int, int, str]] | None = None,
     ) -> Video:
         """Generate one video. Values left ``None`` take the checkpoint family's defaults.
 
@@ -437,7 +438,7 @@ class WanPipeline:
         ``segment_frame_length`` frames (default 77) that continue from the last
         ``prev_segment_conditioning_frames`` (1 or 5) of the one before.
         ``wanpipe.animate_request.preprocessed_inputs(folder)`` gives these from the original
-        preprocessing script's folder. Long videos: ``context_*`` (docs/long-video.md, context windows).
+        preprocessing script's folder. Long videos: ``context_*`` and ``prompts`` (docs/long-video.md: windows, prompt travel).
         ``preview(Preview)`` gets live previews every ``preview_every`` steps (docs/previews.md).
         """
         request = WanRequest(
@@ -480,6 +481,7 @@ class WanPipeline:
             context_blend=context_blend,
             decoder=decoder,
             preview_every=preview_every,
+            prompts=prompts,
         )
         return self.generate_batch([request], callback=callback, progress=progress, preview=preview)[0]
 

@@ -41,6 +41,7 @@ from wanpipe.context import (
 from wanpipe.media import OUTPUT_FORMATS, read_image, read_video
 from wanpipe.models.image_encoder import clip_preprocess
 from wanpipe.presets import apply_preset
+from wanpipe.prompt_travel import make_travel, resolve_prompts
 from wanpipe.schedulers import SAMPLERS, TIMESTEP_SCALE, generator_state, make_schedule, seeded_generator
 from wanpipe.text_tokenizer import WanTextTokenizer
 from wanpipe.vace_request import refuse_vace, resolve_vace, vace_conditioning
@@ -237,6 +238,7 @@ class WanTokenizer:
             **self._cache(request, height, width, media),
             **media,
             **resolve_windows(request, arch, media["num_frames"]),
+            **resolve_prompts(request, media["num_frames"]),
         )
 
     def _sampling(self, request: WanRequest) -> tuple[str, list[float] | None, list[float] | None]:
@@ -326,6 +328,7 @@ class WanTokenizer:
             request.prev_segment_conditioning_frames,
             *(getattr(request, name) for name in WINDOW_FIELDS),
             request.decoder,
+            None if request.prompts is None else tuple(tuple(r) for r in request.prompts),
         )
 
     def _media(self, request: WanRequest, num_frames: int) -> dict[str, Any]:
@@ -495,6 +498,9 @@ class WanTokenizer:
             approximations=Approximations.of(r),
             noise_state=generator_state(generator) if generator is not None and schedule.stochastic else None,
             preview_every=r.preview_every,
+            prompt_travel=make_travel(
+                r, self.text_tokenizer, (r.num_frames - 1) // arch.temporal_stride + 1, arch.temporal_stride
+            ),
         )
 
     def _conditioning(self, r: WanRequest) -> ConditioningInputs:

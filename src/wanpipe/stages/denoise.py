@@ -149,7 +149,7 @@ def denoise(
                 expert=which,
                 **conditioning.dit_kwargs(guided),
             )
-            pred = windowed_forward(windows, i, model_input, dit)
+            pred = windowed_forward(windows, i, model_input, dit, text.per_window(guided))
             noise_pred = guidance.combine(pred, batch, which) if guided else pred
             if preview is not None:
                 preview(i, rows, latents, noise_pred, float(schedule.sigmas[i]), conditioning.finish)

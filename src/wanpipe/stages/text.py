@@ -8,12 +8,13 @@ prompt tokens plus one padding key whose logit gets + log(n) for its n padding r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from wanpipe.context import PromptTravel
 from wanpipe.models.text_encoder import WanTextEncoder
 from wanpipe.models.transformer_layers import compress_text_padding
 from wanpipe.runtime.text_cache import TextEmbeddingCache
@@ -30,6 +31,10 @@ class TextContext:
     embeds: Tensor
     bias: Tensor | None
     batch: int
+    travel: tuple[TextContext, ...] = ()
+    """Prompt travel: one TextContext per distinct prompt (``prompts``' order), () without."""
+    prompts: PromptTravel | None = None
+    """Which prompt each latent frame takes (:meth:`TextStage.travel`), None without prompt travel."""
 
     @property
     def guided(self) -> bool:
@@ -39,13 +44,28 @@ class TextContext:
     def select(self, keep: Sequence[int]) -> TextContext:
         """Only the batch rows ``keep`` (and their unconditional rows)."""
         index = list(keep) + ([self.batch + j for j in keep] if self.guided else [])
-        return TextContext(self.embeds[index], None if self.bias is None else self.bias[index], len(keep))
+        bias = None if self.bias is None else self.bias[index]
+        travel = tuple(t.select(keep) for t in self.travel)
+        return TextContext(self.embeds[index], bias, len(keep), travel, self.prompts)
 
     def rows(self, guided: bool) -> tuple[Tensor, Tensor | None]:
         """(embeds, bias) for a step with guidance (all rows) or without (the conditional rows)."""
         if guided:
             return self.embeds, self.bias
         return self.embeds[: self.batch], None if self.bias is None else self.bias[: self.batch]
+
+    def per_window(self, guided: bool) -> Callable[[list[int]], dict[str, Tensor | None]] | None:
+        """Prompt travel: window (latent frame indices) -> the DiT's text keywords for it, {"context":
+        embeds, "text_bias": bias} of the prompt of the window's middle frame; None without travel."""
+        if self.prompts is None:
+            return None
+        prompts, rows = self.prompts, [t.rows(guided) for t in self.travel]
+
+        def text_for(window: list[int]) -> dict[str, Tensor | None]:
+            embeds, bias = rows[prompts.prompt_of(window)]
+            return {"context": embeds, "text_bias": bias}
+
+        return text_for
 
 
 class TextStage:
@@ -102,3 +122,20 @@ class TextStage:
             multiple = 16 if self.placement.device.type == "cuda" else 1  # aligned keys for fused kernels
             embeds, bias = compress_text_padding(embeds, multiple_of=multiple)
         return TextContext(embeds=embeds, bias=bias, batch=batch)
+
+    def travel(
+        self, prompts: PromptTravel, batch: int, negative_tokens: Tensor | None, negative_mask: Tensor | None
+    ) -> TextContext:
+        """Prompt travel: every distinct prompt (tokens (P, L)) for each of the ``batch`` rows, with the
+        rows' negative_* (B, L) or None -> a TextContext of the first prompt holding one per prompt
+        (``travel``), all encoded in one call (each distinct prompt, and the negative prompt, once:
+        the prompt cache encodes repeated rows once)."""
+        count = len(prompts.prompts)
+        tokens = torch.as_tensor(prompts.tokens).repeat_interleave(batch, 0)  # (P * B, L), prompt-major
+        mask = torch.as_tensor(prompts.mask).repeat_interleave(batch, 0)
+        if negative_tokens is not None:
+            assert negative_mask is not None
+            negative_tokens, negative_mask = negative_tokens.repeat(count, 1), negative_mask.repeat(count, 1)
+        whole = self(tokens, mask, negative_tokens, negative_mask)
+        parts = tuple(whole.select(range(k * batch, (k + 1) * batch)) for k in range(count))
+        return replace(parts[0], travel=parts, prompts=prompts)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -164,7 +165,8 @@ def windowed_forward(
     options: ContextWindows | None,
     step: int,
     model_input: Tensor,
-    call: Callable[[Tensor], Tensor],
+    call: Callable[..., Tensor],
+    text_for: Callable[[list[int]], dict[str, Any]] | None = None,
 ) -> Tensor:
     """One step's DiT prediction through context windows.
 
@@ -172,18 +174,23 @@ def windowed_forward(
     on x (B, C_in, len(window), h, w) (the window's frames, RoPE positions 0 .. len(window) - 1) and
     returns (B, C_out, len(window), h, w). Without windows, or when one window covers the whole video,
     it is ``call(model_input)`` unchanged (bit-identical to a plain step); otherwise the
-    windows' predictions weighted by :func:`window_weights`, summed in float32 and normalised."""
+    windows' predictions weighted by :func:`window_weights`, summed in float32 and normalised.
+    ``text_for(window)`` (prompt travel): keywords added to that window's call (its prompt's text)."""
+
+    def run(x: Tensor, window: list[int]) -> Tensor:
+        return call(x) if text_for is None else call(x, **text_for(window))
+
     f = model_input.shape[2]
     every = list(range(f))
     windows = [every] if options is None else window_schedule(options, step, f)
     if len(windows) == 1 and windows[0] == every:
-        return call(model_input)
+        return run(model_input, every)
     assert options is not None
     total = torch.zeros(f, device=model_input.device)
     out: Tensor | None = None
     dtype = model_input.dtype
     for window in windows:
-        pred = call(_take(model_input, window))
+        pred = run(_take(model_input, window), window)
         dtype = pred.dtype
         weights = window_weights(window, f, options.overlap, options.blend).to(model_input.device)
         if out is None:

@@ -1,0 +1,139 @@
+"""Prompt travel (per-window prompts) on context windows: docs/long-video.md, wanpipe.prompt_travel."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from wanpipe import WanRequest
+from wanpipe.context import InvalidRequestError, PromptTravel
+from wanpipe.prompt_travel import frame_prompts, resolve_prompts
+from wanpipe.stages.windows import SCHEDULES
+
+SMALL = dict(prompt="a cat walks", height=32, width=32, num_inference_steps=3, seed=7, progress=False)
+# 17 frames = 5 latent frames; windows of 9 frames (3 latent) overlapping by 4 (1 latent)
+WINDOWS = dict(num_frames=17, context_frames=9, context_overlap=4)
+
+
+# -- which prompt a window takes ----------------------------------------------------------------------------
+def test_frame_prompts_and_the_middle_frame() -> None:
+    ranges = [(0, 7, "a"), (8, 12, "b"), (13, 20, "a")]
+    # latent frame k holds video frames 4k-3 .. 4k: it takes the range of video frame 4k
+    assert frame_prompts(ranges, 6, 4) == (0, 0, 1, 1, 0, 0)  # frames 0 4 8 12 16 20; "a" repeated is one
+    travel = PromptTravel(("a", "b"), np.zeros((2, 4)), np.zeros((2, 4)), (0, 0, 1, 1, 0, 0))
+    assert travel.prompt_of([0, 1, 2]) == 0  # middle frame 1
+    assert travel.prompt_of([1, 2, 3]) == 1  # middle frame 2
+    assert travel.prompt_of([4, 5, 0, 1]) == 0  # a looped window: its middle in time order (frame 0)
+    assert travel.prompt_of([2, 3, 4, 5]) == 0  # even length: the later of the two middle frames (4)
+
+
+# -- one range covering the video == no prompts --------------------------------------------------------------
+def test_one_range_over_the_video_is_the_run_without_prompts(wan_pipe) -> None:
+    plain = wan_pipe.generate(**SMALL, **WINDOWS).frames
+    one = wan_pipe.generate(**SMALL, **WINDOWS, prompts=[(0, 16, SMALL["prompt"])]).frames
+    assert torch.equal(torch.from_numpy(plain), torch.from_numpy(one))
+    same = [(0, 5, SMALL["prompt"]), (6, 16, SMALL["prompt"])]  # two ranges, one prompt: the same again
+    assert torch.equal(
+        torch.from_numpy(plain), torch.from_numpy(wan_pipe.generate(**SMALL, **WINDOWS, prompts=same).frames)
+    )
+    other = wan_pipe.generate(
+        **SMALL, **WINDOWS, prompts=[(0, 7, SMALL["prompt"]), (8, 16, "a red car")]
+    ).frames
+    assert float(np.abs(other - plain).max()) > 1e-3  # the second prompt does change the video
+
+
+# -- each window's DiT call gets its range's prompt ---------------------------------------------------------
+def test_each_window_gets_the_embeddings_of_its_ranges_prompt(wan_pipe, monkeypatch) -> None:
+    prompts = ["a cat walks", "a red car drives on a long road"]
+    executor, runner = wan_pipe.executor, wan_pipe.executor.runner
+    calls: list[tuple[int, torch.Tensor]] = []
+    forward = runner.forward
+
+    def spy(dit, latents, *args, **kwargs):
+        calls.append((latents.shape[2], kwargs["context"]))
+        return forward(dit, latents, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", spy)
+    # static windows [0 1 2] [2 3 4]: middles 1 (video frame 4, range 0-7) and 3 (video frame 12, 8-16)
+    wan_pipe.generate(
+        **{**SMALL, "guidance_scale": 5.0},
+        **WINDOWS,
+        context_schedule="static_standard",
+        prompts=[(0, 7, prompts[0]), (8, 16, prompts[1])],
+    )
+    monkeypatch.undo()
+    assert len(calls) == 2 * SMALL["num_inference_steps"] and {f for f, _ in calls} == {3}
+    assert SCHEDULES["static_standard"](0, 5, 3, 1) == [[0, 1, 2], [2, 3, 4]]
+    tokens = wan_pipe.tokenizer.text_tokenizer(prompts + [wan_pipe.arch.defaults.negative_prompt])
+    with torch.no_grad():
+        alone = executor.text.encode(torch.as_tensor(tokens.ids), torch.as_tensor(tokens.mask))
+    lengths = [int(n) for n in torch.as_tensor(tokens.mask).sum(1)]
+    for n, (_, context) in enumerate(calls):
+        k = n % 2  # window 0 then window 1 at every step
+        assert context.shape[0] == 2  # the conditional row, then the unconditional one
+        assert torch.equal(context[0, : lengths[k]], alone[k, : lengths[k]]), (n, k)
+        assert not torch.equal(context[0, : lengths[1 - k]], alone[1 - k, : lengths[1 - k]])
+        assert torch.equal(context[1, : lengths[2]], alone[2, : lengths[2]])  # one negative prompt for all
+
+
+def test_each_distinct_prompt_is_encoded_once(wan_pipe, monkeypatch) -> None:
+    stage = wan_pipe.executor.text
+    stage.cache._rows.clear()
+    encoded: list[int] = []
+    run = stage._run_encoder
+
+    def counted(tokens, mask):
+        encoded.append(tokens.shape[0])
+        return run(tokens, mask)
+
+    monkeypatch.setattr(stage, "_run_encoder", counted)
+    ranges = [(0, 4, "one"), (5, 8, "two"), (9, 12, "one"), (13, 16, "three")]
+    wan_pipe.generate(**{**SMALL, "guidance_scale": 5.0}, **WINDOWS, prompts=ranges)
+    assert encoded == [4]  # "one", "two", "three" and the negative prompt, in one encoder call
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fields, text",
+    [
+        ({"prompts": [(0, 16, "a")]}, "need context windows"),
+        ({**WINDOWS, "prompts": []}, "non-empty list"),
+        ({**WINDOWS, "prompts": "0-16:a"}, "non-empty list"),
+        ({**WINDOWS, "prompts": [(0, 16)]}, "(start, end, prompt)"),
+        ({**WINDOWS, "prompts": [(0, 8, "a"), (8, 16, "b")]}, "overlaps"),
+        ({**WINDOWS, "prompts": [(0, 7, "a"), (9, 16, "b")]}, "gap"),
+        ({**WINDOWS, "prompts": [(1, 16, "a")]}, "gap"),
+        ({**WINDOWS, "prompts": [(0, 7, "a"), (8, 20, "b")]}, "past the video's last frame 16"),
+        ({**WINDOWS, "prompts": [(0, 7, "a"), (8, 12, "b")]}, "must cover the video"),
+        ({**WINDOWS, "prompts": [(0, 7, "a"), (8, 16, " ")]}, "non-empty"),
+        ({**WINDOWS, "prompts": [(0, 7, "a"), (8, 16, 3)]}, "non-empty"),
+        ({**WINDOWS, "prompts": [(0, 7.0, "a"), (8, 16, "b")]}, "integers"),
+        ({**WINDOWS, "prompts": [(5, 2, "a")]}, "ends before it starts"),
+    ],
+)
+def test_bad_prompts_name_the_field(wan_pipe, fields, text) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        wan_pipe.check(WanRequest(**{"prompt": "a", "height": 32, "width": 32, "num_frames": 17, **fields}))
+    assert info.value.param == "prompts" and text in str(info.value), str(info.value)
+
+
+def test_resolved_prompts_and_the_batch_key(wan_pipe) -> None:
+    request = WanRequest(
+        prompt="a", height=32, width=32, seed=1, **WINDOWS, prompts=[[0, 7, "a"], [8, 16, "b"]]
+    )
+    resolved = wan_pipe.check(request)
+    assert resolved.prompts == ((0, 7, "a"), (8, 16, "b"))
+    assert wan_pipe.check(resolved) == resolved  # resolving again changes nothing
+    assert resolve_prompts(replace(resolved, prompts=None), 17) == {"prompts": None}
+    other = replace(request, prompts=[[0, 7, "a"], [8, 16, "c"]])
+    plain = replace(request, prompts=None)
+    keys = {wan_pipe.tokenizer.batch_key(wan_pipe.check(r)) for r in (request, other, plain)}
+    assert len(keys) == 3
+    contexts = [wan_pipe.tokenizer.make_context(r) for r in (request, other, plain)]
+    assert len({c.batch_key for c in contexts}) == 3
+    travel = contexts[0].prompt_travel
+    assert travel is not None and travel.prompts == ("a", "b") and travel.frame_prompt == (0, 0, 1, 1, 1)
+    assert contexts[2].prompt_travel is None
