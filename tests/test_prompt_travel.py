@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from wanpipe import WanRequest
+from wanpipe.cli import build_parser, main
 from wanpipe.context import InvalidRequestError, PromptTravel
+from wanpipe.media import read_video
 from wanpipe.prompt_travel import frame_prompts, resolve_prompts
 from wanpipe.stages.windows import SCHEDULES
 
@@ -137,3 +140,47 @@ def test_resolved_prompts_and_the_batch_key(wan_pipe) -> None:
     travel = contexts[0].prompt_travel
     assert travel is not None and travel.prompts == ("a", "b") and travel.frame_prompt == (0, 0, 1, 1, 1)
     assert contexts[2].prompt_travel is None
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+def test_prompt_at_parses() -> None:
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "a", "--prompt-at", "0-8:a cat: sleeping", "--prompt-at", " 9 - 16 :a dog "]
+    )
+    assert args.prompt_at == [(0, 8, "a cat: sleeping"), (9, 16, "a dog")]
+    assert build_parser().parse_args(["generate", "--prompt", "a"]).prompt_at is None
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ("0-8", "START-END:TEXT"),
+        ("a-8:x", "START-END:TEXT"),
+        ("8-2:x", "ends before it starts"),
+        ("0-8: ", "empty"),
+    ],
+)
+def test_bad_prompt_at_is_one_line_naming_the_flag(value, text, capsys) -> None:
+    assert main(["generate", "--prompt", "a", "--prompt-at", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--prompt-at" in err and text in err, err
+
+
+def test_cli_writes_a_prompt_travel_video_and_names_the_flag(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "travel.mp4"
+    argv = ["generate", "--model", str(tiny_ckpt), "--prompt", "a cat", "--height", "32", "--width", "32"]
+    argv += ["--num-frames", "17", "--steps", "2", "--seed", "1", "--no-progress", "--output", str(out)]
+    argv += ["--context-frames", "9", "--context-overlap", "4"]
+    assert main([*argv, "--prompt-at", "0-7:a cat", "--prompt-at", "8-16:a dog"]) == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (17, 32, 32, 3)
+    capsys.readouterr()
+    bad = tmp_path / "bad.mp4"
+    argv[argv.index(str(out))] = str(bad)
+    assert main([*argv, "--prompt-at", "0-7:a cat", "--prompt-at", "9-16:a dog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].count("--prompt-at") and "gap" in err and not bad.exists(), err
+    no_windows = [a for a in argv if a not in ("--context-frames", "9", "--context-overlap", "4")]
+    assert main([*no_windows, "--prompt-at", "0-16:a cat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--prompt-at" in err and "--context-frames" in err, err

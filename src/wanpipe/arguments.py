@@ -561,8 +561,7 @@ REQUEST_ARGUMENTS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
 REQUEST_ALIASES: dict[str, tuple[str, ...]] = {"video": ("--control-video",)}
 """More flags for a request field (the first flag of ``REQUEST_ARGUMENTS`` names it in messages)."""
 
-REQUEST_REPEATED = ("reference_images",)
-"""Request fields whose flag may be given several times (a list)."""
+REQUEST_REPEATED = ("reference_images",)  # request fields whose flag may be given several times (a list)
 
 REQUEST_FLAGS: dict[str, str] = {
     **{field: flag for field, flag, _, _ in REQUEST_ARGUMENTS},
@@ -571,6 +570,7 @@ REQUEST_FLAGS: dict[str, str] = {
     "cfg_truncation": "--cfg-truncation",
     "preset": "--preset",  # a few-step setting (wanpipe.presets), added by the generate command (--preset list)
     "preview_every": "--preview-every",  # added by the generate command, next to --preview
+    "prompts": "--prompt-at",  # prompt travel, added by the generate command (wanpipe.prompt_travel_cli)
 }
 """``WanRequest`` fields -> the ``generate`` flags that set them: ``wanpipe generate`` builds its request
 from this table, and names the flag in the engine's error messages."""

@@ -16,6 +16,7 @@ from wanpipe import arguments as a
 from wanpipe.context import DEFAULT_PREVIEW_EVERY, Preview
 from wanpipe.extend_cli import add_extend_arguments
 from wanpipe.parallel.options import add_parallel_arguments, parallel_config, vae_halo
+from wanpipe.prompt_travel_cli import add_prompt_travel_argument
 from wanpipe.weights.taehv import add_tiny_vae_argument
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     a.add_model_arguments(p)
     add_tiny_vae_argument(p)
+    add_prompt_travel_argument(p)
     for field, flag, kind, text in a.REQUEST_ARGUMENTS:
         p.add_argument(
             flag,
