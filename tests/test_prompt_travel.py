@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
+from tests.serving_helpers import ThreadServer, assert_error, read_mp4, wait_until
 from wanpipe import WanRequest
 from wanpipe.cli import build_parser, main
 from wanpipe.context import InvalidRequestError, PromptTravel
@@ -184,3 +187,57 @@ def test_cli_writes_a_prompt_travel_video_and_names_the_flag(tiny_ckpt: Path, tm
     assert main([*no_windows, "--prompt-at", "0-16:a cat"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--prompt-at" in err and "--context-frames" in err, err
+
+
+# -- server ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def http(wan_pipe, tmp_path_factory):
+    from wanpipe.serving.app import create_app
+    from wanpipe.serving.manager import JobManager
+    from wanpipe.serving.parsing import ServeLimits
+    from wanpipe.serving.store import JobStore
+
+    limits = ServeLimits(max_queue=10, max_batch=4, max_pixels=64 * 64, max_frames=21, max_steps=20)
+    store = JobStore(tmp_path_factory.mktemp("serve-travel") / "out")
+    manager = JobManager(store, lambda: wan_pipe, model_name="wan-tiny", limits=limits)
+    with ThreadServer(create_app(manager)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert manager.wait_ready(60)
+        yield c
+
+
+def test_server_takes_prompts_and_refuses_bad_ones(http, tmp_path: Path) -> None:
+    body = {"prompt": "a cat", "size": "32x32", "num_frames": 17, "num_inference_steps": 2, "seed": 2}
+    body |= {"context_frames": 9, "context_overlap": 4}
+    ranges = [{"start": 0, "end": 7, "prompt": "a cat"}, {"start": 8, "end": 16, "prompt": "a dog"}]
+    response = http.post("/v1/videos", json={**body, "prompts": ranges})
+    assert response.status_code == 200, response.text
+    video_id = response.json()["id"]
+
+    def done():
+        job = http.get(f"/v1/videos/{video_id}").json()
+        return job if job["status"] in ("completed", "failed") else None
+
+    assert wait_until(done, 120, "the prompt travel job")["status"] == "completed"
+    frames, _ = read_mp4(http.get(f"/v1/videos/{video_id}/content").content, tmp_path)
+    assert frames.shape[0] == 17
+    form = {k: str(v) for k, v in body.items()} | {"prompts": json.dumps(ranges)}
+    assert http.post("/v1/videos", data=form).status_code == 200
+    gap = [ranges[0], {**ranges[1], "start": 9}]
+    overlap = [ranges[0], {**ranges[1], "start": 7}]
+    past = [ranges[0], {**ranges[1], "end": 20}]
+    for bad in (
+        gap,
+        overlap,
+        past,
+        [],
+        "[",
+        [{"start": 0, "end": 16}],
+        [{**ranges[0], "end": 16, "prompt": ""}],
+    ):
+        assert_error(http.post("/v1/videos", json={**body, "prompts": bad}), 400, "prompts")
+    plain = {k: v for k, v in body.items() if not k.startswith("context_")}
+    assert_error(
+        http.post("/v1/videos", json={**plain, "prompts": [{**ranges[0], "end": 16}]}), 400, "prompts"
+    )
+    schema = http.get("/openapi.json").json()
+    assert "prompts" in json.dumps(schema)

@@ -44,7 +44,7 @@ def resolve_prompts(request: WanRequest, num_frames: int) -> dict[str, Any]:
         return {"prompts": None}
     if request.context_frames is None:
         raise InvalidRequestError(
-            "prompts (per-window prompts) need context windows: give context_frames too", "prompts"
+            "prompts: per-window prompts need context windows: give context_frames too", "prompts"
         )
     if isinstance(given, str | bytes) or not isinstance(given, Sequence) or not given:
         raise InvalidRequestError("prompts must be a non-empty list of (start, end, prompt)", "prompts")

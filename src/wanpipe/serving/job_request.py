@@ -96,6 +96,7 @@ def job_request(
         context_blend=spec.context_blend,
         decoder=spec.decoder,
         preview_every=spec.preview_every,
+        prompts=None if spec.prompts is None else [tuple(r) for r in spec.prompts],  # type: ignore[misc]
     )
 
 

@@ -324,7 +324,33 @@ def window_properties(*, json: bool) -> dict[str, Any]:
             {"type": "string", "enum": list(CONTEXT_BLENDS)},
             nullable=json,
         ),
+        "prompts": prompts_schema(json=json),
     }
+
+
+def prompts_schema(*, json: bool) -> dict[str, Any]:
+    """``prompts``: prompt travel, a prompt per range of video frames (with context_frames)."""
+    description = (
+        "Long videos (with context_frames): a prompt per range of video frames, [{start, end, prompt}] "
+        "(inclusive, from 0 to num_frames - 1 without gaps or overlaps); each window takes the prompt of "
+        "its middle frame, instead of prompt. "
+        + ("A list, or its JSON text." if json else "The list's JSON text.")
+    )
+    if not json:
+        return {"type": "string", "description": description}
+    item = {
+        "type": "object",
+        "properties": {
+            "start": {"type": "integer", "minimum": 0},
+            "end": {"type": "integer", "minimum": 0},
+            "prompt": {"type": "string", "minLength": 1},
+        },
+        "required": ["start", "end", "prompt"],
+        "additionalProperties": False,
+    }
+    return field_schema(
+        description, {"type": "array", "items": item, "minItems": 1}, {"type": "string"}, nullable=True
+    )
 
 
 def loras_schema(names: list[str] | None, *, json: bool) -> dict[str, Any]:

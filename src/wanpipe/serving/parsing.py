@@ -55,6 +55,7 @@ from wanpipe.serving.scalars import (
     parse_loras,
     parse_number_list,
     parse_preset,
+    parse_prompts,
     parse_sampler,
     parse_size,
     parse_str,
@@ -158,6 +159,7 @@ class JobSpec:
     # preview_every steps (the resolved spec holds the engine's default)
     preview: bool = True
     preview_every: int | None = None
+    prompts: tuple[tuple[int, int, str], ...] | None = None  # prompt travel: (start, end, prompt) ranges
 
     def __post_init__(self) -> None:
         for name in ("sigmas", "timesteps"):  # a list read back from the job store: a tuple again
@@ -236,6 +238,7 @@ VIDEO_CREATE_FIELDS = (
     "decoder",
     "preview",
     "preview_every",
+    "prompts",
 )
 REPEATED_FORM_FIELDS = ("reference_image",)
 """Form fields that may be given several times (a list)."""
@@ -384,6 +387,7 @@ def parse_video_create(
         context_blend=opt("context_blend", parse_str),
         preview=opt("preview", parse_bool) is not False,
         preview_every=opt("preview_every", parse_int, 1),
+        prompts=opt("prompts", parse_prompts),
     )
     return NewJob(
         spec,

@@ -254,3 +254,24 @@ def parse_loras(value: Any, param: str = "loras") -> tuple[tuple[str, float], ..
             raise invalid(f"{param}: {name!r} is given twice", param)
         out[name] = float(scale)
     return tuple(sorted(out.items()))
+
+
+def parse_prompts(value: Any, name: str = "prompts") -> tuple[tuple[int, int, str], ...]:
+    """``prompts`` (prompt travel, docs/long-video.md): a list of ``{"start": int, "end": int, "prompt":
+    str}`` (inclusive video frames), or in a form its JSON text -> (start, end, prompt) tuples. The
+    engine checks that they cover the video (``wanpipe.prompt_travel.resolve_prompts``)."""
+    shape = '{"start": int, "end": int, "prompt": str}'
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise invalid(f"{name} must be a JSON list of {shape} objects", name) from None
+    if not isinstance(value, list) or not value:
+        raise invalid(f"{name} must be a non-empty list of {shape} objects, got {shown(value)}", name)
+    out = []
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) != {"start", "end", "prompt"}:
+            raise invalid(f"{name}: each item must be an object {shape}, got {shown(item)}", name)
+        start, end = (parse_int(item[key], name, 0) for key in ("start", "end"))
+        out.append((start, end, parse_str(item["prompt"], name)))
+    return tuple(out)
