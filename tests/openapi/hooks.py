@@ -51,6 +51,9 @@ RULES_IN_WORDS: dict[str, dict[str, set[str]]] = {
         ),
         # a LoRA the server serves (--lora-dir), each name once; a JSON text that is the list
         "loras": {"invalid_value"},
+        # prompt travel: only with context_frames, ranges covering the video in order without gaps or
+        # overlaps, non-empty prompts; in a form, a JSON text that is the list
+        "prompts": {"invalid_value"},
     },
     "POST /v1/responses": {
         "input": IMAGE,  # an image that is not one, more than two, or on a text-to-video checkpoint
