@@ -114,6 +114,13 @@ CASES: list[tuple[list[str], str, list[str], str]] = [
     (GENERATE, "--context-overlap", ["--context-overlap", "4"], r"needs --context-frames"),
     (GENERATE, "--context-schedule", ["--context-frames", "5", "--context-schedule", "x"], r"uniform_looped"),
     (GENERATE, "--context-blend", ["--context-frames", "5", "--context-blend", "x"], r"linear, pyramid"),
+    (GENERATE, "--prompt-at", ["--prompt-at", "0-4"], r"expected START-END:TEXT"),
+    (
+        GENERATE,
+        "--prompt-at",
+        ["--prompt-at", "0-8:a"],
+        r"--prompt-at: per-window prompts need .*--context-frames",
+    ),
     (GENERATE, "--preprocessed", ["--preprocessed", "{missing}"], r"no such preprocessed folder"),
     (GENERATE, "--preprocessed", ["--preprocessed", "{empty}"], r"--preprocessed: .*lacks src_ref.png"),
     (GENERATE, "--strength", ["--strength", "0"], r"a number above 0, at most 1"),

@@ -36,6 +36,26 @@ def test_frame_prompts_and_the_middle_frame() -> None:
     assert travel.prompt_of([2, 3, 4, 5]) == 0  # even length: the later of the two middle frames (4)
 
 
+def test_text_context_per_window_and_select() -> None:
+    """A batch of 2 rows with guidance: each prompt's rows, picked per window; a cancelled row dropped
+    from every prompt's text."""
+    from wanpipe.stages.text import TextContext
+
+    parts = tuple(
+        TextContext(torch.full((4, 3, 2), float(k)) + torch.arange(4.0).view(4, 1, 1), None, 2)
+        for k in range(2)
+    )
+    travel = PromptTravel(("a", "b"), np.zeros((2, 3)), np.zeros((2, 3)), (0, 0, 1, 1, 1))
+    text = replace(parts[0], travel=parts, prompts=travel)
+    pick = text.per_window(guided=True)
+    assert pick is not None and parts[0].per_window(True) is None
+    assert torch.equal(pick([0, 1, 2])["context"], parts[0].embeds)
+    assert torch.equal(pick([2, 3, 4])["context"], parts[1].embeds)
+    assert torch.equal(text.per_window(guided=False)([2, 3, 4])["context"], parts[1].embeds[:2])
+    kept = text.select([1]).per_window(guided=True)
+    assert torch.equal(kept([2, 3, 4])["context"], parts[1].embeds[[1, 3]])  # row 1 and its unconditional row
+
+
 # -- one range covering the video == no prompts --------------------------------------------------------------
 def test_one_range_over_the_video_is_the_run_without_prompts(wan_pipe) -> None:
     plain = wan_pipe.generate(**SMALL, **WINDOWS).frames
