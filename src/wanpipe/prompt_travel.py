@@ -18,12 +18,14 @@ window's LAST latent frame; here the ranges are explicit and a window takes the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from wanpipe.context import InvalidRequestError, PromptTravel, WanRequest
 
 PromptRange = tuple[int, int, str]
+logger = logging.getLogger(__name__)
 
 
 def _integer(value: Any) -> int:
@@ -108,5 +110,10 @@ def make_travel(
     ranges = [tuple(r) for r in request.prompts]
     distinct = tuple(dict.fromkeys(p for _, _, p in ranges))
     tokens = tokenize(list(distinct))
+    for prompt, truncated in zip(distinct, tokens.truncated):
+        if truncated:
+            logger.warning(
+                "prompts: %r is longer than the text encoder's tokens and was truncated", prompt[:60]
+            )
     frames = frame_prompts(ranges, latent_frames, temporal_stride)  # type: ignore[arg-type]
     return PromptTravel(distinct, tokens.ids, tokens.mask, frames)
