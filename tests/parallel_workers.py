@@ -462,11 +462,23 @@ def _serve_worker(rank: int, world: int, port: int, argv: list[str], outdir: str
     run_contexts = WanPipeline.run_contexts
 
     def recording(self, contexts, *args, **kwargs):
+        # the float frames (before the server's streaming into its sinks rounds them), written into the
+        # sinks here so the server still stores its videos
+        import torch
+
+        from wanpipe.stages.stream import write_frames
+
+        sinks = kwargs.pop("sinks", None)
         frames, timings = run_contexts(self, contexts, *args, **kwargs)
         for ctx, made in zip(contexts, frames):
             if made is not None:  # None: a row dropped mid-batch (its job deleted)
                 np.save(Path(outdir, f"frames-{rank}-{ctx.seed}.npy"), made)
-        return frames, timings
+        if sinks is None:
+            return frames, timings
+        for sink, made in zip(sinks, frames):
+            if made is not None:
+                write_frames(torch.from_numpy(made)[None], [sink])
+        return [None if made is None else sink for sink, made in zip(sinks, frames)], timings
 
     WanPipeline.run_contexts = recording  # this spawned process only
     join_world(rank, world, port)

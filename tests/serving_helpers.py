@@ -206,3 +206,32 @@ def assert_error(
     if code is not None:
         assert error["code"] == code, error
     return error
+
+
+def record_served_frames(
+    pipe: Any, setattr_: Callable[[Any, str, Any], None] = setattr
+) -> dict[str, np.ndarray]:
+    """Spy on ``pipe.run_contexts`` as the server calls it: each job's float32 frames (F, H, W, 3), by job
+    id, before any 8-bit rounding; the spy then writes them into the job's sinks itself, so the server
+    still stores the video. (The server streams uint8 into its sinks: this keeps the float frames for
+    the tests that compare them with an engine run at 1e-5.) ``setattr_``: e.g. ``monkeypatch.setattr``."""
+    import torch
+
+    from wanpipe.stages.stream import write_frames
+
+    seen: dict[str, np.ndarray] = {}
+    run_contexts = pipe.run_contexts
+
+    def spy(contexts: list, *args: Any, **kwargs: Any) -> tuple[list, Any]:
+        sinks = kwargs.pop("sinks", None)
+        frames, timings = run_contexts(contexts, *args, **kwargs)
+        if sinks is None:
+            return frames, timings
+        for sink, made in zip(sinks, frames):
+            if made is not None:
+                seen[sink.sink.job_id] = made  # DeferredErrors(VideoFiles(media, job_id, ...))
+                write_frames(torch.from_numpy(made)[None], [sink])
+        return [None if made is None else sink for sink, made in zip(sinks, frames)], timings
+
+    setattr_(pipe, "run_contexts", spy)
+    return seen

@@ -19,7 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serving_helpers import Gate, ThreadServer, assert_error, png_bytes, read_mp4, wait_until
+from tests.serving_helpers import (
+    Gate,
+    ThreadServer,
+    assert_error,
+    png_bytes,
+    read_mp4,
+    record_served_frames,
+    wait_until,
+)
 from wanpipe.media import Video
 from wanpipe.serving.app import create_app
 from wanpipe.serving.manager import JobManager
@@ -190,19 +198,14 @@ def test_openai_sdk_image_to_video(tmp_path_factory, tmp_path: Path) -> None:
     tiny_family.i2v_14b(folder)
     pipe = WanPipeline.from_pretrained(folder, device="cpu", dtype="float32")
     seen_images: list[np.ndarray] = []
-    made_frames: list[np.ndarray] = []
     make_context, run_contexts = pipe.tokenizer.make_context, pipe.run_contexts
 
     def spy_make_context(request):
         seen_images.append(request.image)
         return make_context(request)
 
-    def spy_run_contexts(contexts, *args, **kwargs):
-        frames, timings = run_contexts(contexts, *args, **kwargs)
-        made_frames.extend(frames)
-        return frames, timings
-
-    pipe.tokenizer.make_context, pipe.run_contexts = spy_make_context, spy_run_contexts
+    pipe.tokenizer.make_context = spy_make_context
+    by_job = record_served_frames(pipe)
     picture = png_bytes(32, 48, seed=5)
     manager = JobManager(JobStore(tmp_path / "out"), lambda: pipe, model_name="wan-i2v-tiny")
     with ThreadServer(create_app(manager)) as srv:
@@ -242,7 +245,7 @@ def test_openai_sdk_image_to_video(tmp_path_factory, tmp_path: Path) -> None:
     expected = decode_image(picture, "image")
     images = [image for image in seen_images if image is not None]
     # One context per job, made by the worker: submitting resolves the request without tokens or noise.
-    assert len(seen_images) == len(made_frames) == 2
+    assert len(seen_images) == len(by_job) == 2
     assert len(images) == 2 and all(np.array_equal(image, expected) for image in images)
     direct = pipe.generate(
         "the picture comes alive",
@@ -255,8 +258,8 @@ def test_openai_sdk_image_to_video(tmp_path_factory, tmp_path: Path) -> None:
         image=expected,
         progress=False,
     ).frames
-    assert len(made_frames) == 2
-    for frames in made_frames:  # the served jobs computed exactly the engine's video for the upload
+    assert len(by_job) == 2
+    for frames in by_job.values():  # the served jobs computed exactly the engine's video for the upload
         np.testing.assert_array_equal(frames, direct)
 
 

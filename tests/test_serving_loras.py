@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests import tiny_formats
-from tests.serving_helpers import ThreadServer, assert_error, wait_until
+from tests.serving_helpers import ThreadServer, assert_error, record_served_frames, wait_until
 from wanpipe import WanPipeline
 from wanpipe.serving.app import create_app
 from wanpipe.serving.loras import LoraLibrary
@@ -59,18 +59,6 @@ def expected_frames(reference: WanPipeline, folder: Path, loras: list[tuple[str,
         reference.unload_lora()
 
 
-def capture_frames(manager: JobManager) -> dict[str, np.ndarray]:
-    seen: dict[str, np.ndarray] = {}
-    save = manager._save
-
-    def saving(job, frames, batch_size):
-        seen[job.id] = frames
-        save(job, frames, batch_size)
-
-    manager._save = saving
-    return seen
-
-
 def assert_base(pipe: WanPipeline, base: dict[str, torch.Tensor]) -> None:
     state = pipe.executor.transformer.state_dict()
     assert set(state) == set(base)
@@ -87,13 +75,13 @@ def wait_done(http: httpx.Client, video_id: str) -> dict:
     return wait_until(done, 120, f"{video_id} to complete", interval=0.05)
 
 
-def test_jobs_switch_lora_sets_batch_by_set_and_restore_the_base(setup, tmp_path: Path) -> None:
+def test_jobs_switch_lora_sets_batch_by_set_and_restore_the_base(setup, tmp_path: Path, monkeypatch) -> None:
     served, reference, folder, base = setup
     store = JobStore(tmp_path / "out")
     manager = JobManager(
         store, lambda: served, model_name="wan-tiny", limits=LIMITS, loras=LoraLibrary(folder, cache_size=1)
     )
-    frames = capture_frames(manager)
+    frames = record_served_frames(served, monkeypatch.setattr)
     sets = {
         "none": [],
         "a": [{"name": "alpha", "scale": 0.8}],
@@ -200,7 +188,7 @@ def test_bad_sets_are_refused_with_param_loras(setup, tmp_path: Path) -> None:
     assert_base(served, base)
 
 
-def test_a_queued_job_keeps_its_set_across_a_restart(setup, tmp_path: Path) -> None:
+def test_a_queued_job_keeps_its_set_across_a_restart(setup, tmp_path: Path, monkeypatch) -> None:
     served, reference, folder, base = setup
     out = tmp_path / "out"
     first = JobManager(
@@ -215,7 +203,7 @@ def test_a_queued_job_keeps_its_set_across_a_restart(setup, tmp_path: Path) -> N
     second = JobManager(
         JobStore(out), lambda: served, model_name="wan-tiny", limits=LIMITS, loras=LoraLibrary(folder)
     )
-    frames = capture_frames(second)
+    frames = record_served_frames(served, monkeypatch.setattr)
     second.start()
     try:
         wait_until(lambda: second.store.get(job.id).status == JobStatus.COMPLETED, 120, "the job to run")
