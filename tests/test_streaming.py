@@ -130,7 +130,11 @@ def test_generate_to_file_equals_generate_then_save(
     from wanpipe.runtime import RuntimeOptions
 
     before = wan_pipe.executor.runtime
-    wan_pipe.set_runtime(RuntimeOptions(**{**runtime, "vae_memory": None}))  # the whole frame at once
+    # The reference: the whole frame at once; with a VAE budget, the same budget (on the CPU it also
+    # switches to the low-memory decode, whose direct convolutions round differently from time-Winograd:
+    # a one-level change in a few pixels moves an mp4 encoder's decisions; tiled vs untiled is
+    # tests/test_vae_tiled.py's).
+    wan_pipe.set_runtime(RuntimeOptions(**{**runtime, "vae_memory": None} if name != "v.mp4" else runtime))
     try:
         whole = wan_pipe.generate(**REQUEST, progress=False).save(tmp_path / "whole" / name)
         wan_pipe.set_runtime(RuntimeOptions(**runtime))

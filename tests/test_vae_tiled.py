@@ -279,3 +279,27 @@ def test_exact_parallel_decode_under_gloo(tmp_path) -> None:
         for case, diff in results.items():
             print(f"rank {rank} {case}: parallel vs one process, worst diff {diff:.3e}")
             assert diff <= TILE_TOL, case
+
+
+@pytest.mark.parametrize("memory", [None, 10**9, 1000])
+def test_low_memory_cpu_decode_same_frames(wan21: WanVAE, memory: int | None) -> None:
+    """``--vae-memory`` on the CPU decodes in 1-frame pieces with glibc lean during the decode only: the
+    frames of the default decode (<= TILE_TOL), and the decoder's piece setting and the process's host
+    memory mode are restored after it."""
+    from wanpipe.runtime.memory import configure_host_memory, host_memory_mode
+    from wanpipe.stages.decode import decode, low_memory
+    from wanpipe.stages.placement import Placement
+
+    configure_host_memory("cache")
+    z = torch.randn(1, 16, 4, 9, 11, generator=torch.Generator().manual_seed(3))
+    placement = Placement(torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        ref = decode(wan21, z, placement, vae_dtype=torch.float32)
+        out = decode(wan21, z, placement, vae_dtype=torch.float32, memory=memory)
+    diff = (out - ref).abs().max().item()
+    print(f"low-memory CPU decode (memory={memory}) vs default: worst diff {diff:.3e}")
+    assert low_memory(z, memory) == (memory is not None)
+    assert out.shape == ref.shape == (1, 13, 36, 44, 3)
+    assert diff <= TILE_TOL
+    assert wan21.decoder.piece_frames == 4
+    assert host_memory_mode() in ("cache", None)

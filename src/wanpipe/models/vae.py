@@ -345,9 +345,11 @@ class Decoder3d(nn.Module):
         self.up_blocks = nn.ModuleList(blocks)
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], config.out_channels, 3, padding=1)
+        self.piece_frames: int | None = 4
+        """The default of ``forward``/``upper``'s ``piece_frames`` (``low_memory_decode`` sets 1)."""
         _register_cache_keys(self)
 
-    def forward(self, x: Tensor, cache: CausalCache, piece_frames: int | None = 4) -> Tensor:
+    def forward(self, x: Tensor, cache: CausalCache, piece_frames: int | None | str = "default") -> Tensor:
         """(B, z_dim, t, h, w) -> (B, out_channels, T, s h, s w), s = 2 ** (len(dim_mult) - 1).
 
         One chunk of latents: T = 1 + 4(t - 1) in the first chunk, T = 4t after. After the video's first
@@ -355,6 +357,7 @@ class Decoder3d(nn.Module):
         on consecutive pieces of that many frames: every layer is causal with its own cache, so the
         result is the same, while the wide high-resolution levels hold a few frames at a time and the
         narrow low-resolution ones take the whole chunk (bigger time groups for the CPU convolutions).
+        ``"default"``: :attr:`piece_frames` (4; 1 in a low-memory CPU decode).
         """
         frames = x.shape[2]
         x = self.upper(self.head(x, cache), cache, piece_frames)
@@ -366,10 +369,13 @@ class Decoder3d(nn.Module):
         (B, z_dim, t, h, w) -> (B, C, t, h, w). Does not advance ``cache.seen``."""
         return self.mid_block(self.conv_in(x, cache), cache)
 
-    def upper(self, x: Tensor, cache: CausalCache, piece_frames: int | None = 4) -> Tensor:
+    def upper(self, x: Tensor, cache: CausalCache, piece_frames: int | None | str = "default") -> Tensor:
         """The upsampling levels and the output head, convolutions only (no attention), so exact on
         a spatial tile given enough halo (:mod:`wanpipe.models.vae_tiling`):
         (B, C, t, h, w) -> (B, out_channels, T, s h, s w). Does not advance ``cache.seen``."""
+        if piece_frames == "default":
+            piece_frames = self.piece_frames
+        assert piece_frames is None or isinstance(piece_frames, int)
         return self._upper(x, cache, 0, None if cache.first_chunk else piece_frames)
 
     def _upper(self, x: Tensor, cache: CausalCache, start: int, piece_frames: int | None) -> Tensor:

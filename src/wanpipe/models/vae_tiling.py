@@ -197,16 +197,17 @@ def split_tiles(
 
 
 def plan_tiles(
-    decoder: Decoder3d, height: int, width: int, budget: int, itemsize: int
+    decoder: Decoder3d, height: int, width: int, budget: int, itemsize: int, piece_frames: int = 4
 ) -> tuple[int, int] | None:
     """The tile (rows, cols) in latent pixels for a ``budget`` in bytes of the upper part's working
     memory, or None when the whole ``height`` x ``width`` latent fits (no tiling).
 
     The fewest tiles whose largest region (tile plus halo) fits; ties go to the least decoded area.
     When not even the smallest tiles fit, tiles of ``halo`` x ``halo`` (where the halo stops
-    dominating the work).
+    dominating the work). ``piece_frames``: as the decoder runs its upper levels (:meth:`Decoder3d.upper`).
     """
-    return _plan(upper_bytes_per_pixel(decoder, itemsize), decoder_halo(decoder), height, width, budget)
+    per_pixel = upper_bytes_per_pixel(decoder, itemsize, piece_frames)
+    return _plan(per_pixel, decoder_halo(decoder), height, width, budget)
 
 
 def lower_bytes_per_pixel(encoder: Encoder3d, itemsize: int, piece_frames: int = 4) -> int:

@@ -3,6 +3,9 @@ through the tiny autoencoder TAEHV (``decoder="tiny"``, :func:`decode_tiny`)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -10,11 +13,47 @@ from wanpipe.context import InvalidRequestError
 from wanpipe.models.taehv import TAEHV
 from wanpipe.models.vae import WanVAE
 from wanpipe.models.vae_tiling import decode_tiled, encode_tiled, plan_encode_tiles, plan_tiles
+from wanpipe.runtime.memory import lean_while
 from wanpipe.stages.placement import Placement
 
 AUTO_FRACTION = 0.8
 """With no ``vae_memory`` on a GPU: the budget is this fraction of the device's free memory, less the
 output video and the head's outputs (which the tiled decode holds whole)."""
+
+
+LOW_MEMORY_PIECE_FRAMES = 1
+"""Frames per piece of the decoder's upper levels in a low-memory CPU decode (4 otherwise): 1-frame
+pieces run the last levels' convolutions directly instead of by time-Winograd (~1.5x their time)."""
+
+CPU_MEASURED_OVER_ESTIMATE = 1.6
+"""The CPU decode's measured peak over :func:`~wanpipe.models.vae_tiling.upper_bytes_per_pixel`'s
+estimate (bench/bench_vae_memory.py, mid-size checkpoint, 256 x 256 x 17: 386 MB measured against 244 MB
+estimated with 1-frame pieces, 555 against 370 with 4): the oneDNN convolutions' own buffers and the
+allocator's slack, not in the estimate. The tile plan on the CPU divides the budget by it."""
+
+
+def low_memory(z: Tensor, memory: int | None) -> bool:
+    """Whether the decode of ``z`` runs in the low-memory way (:func:`low_memory_decode`): on the CPU
+    when a VAE budget (``--vae-memory``) is given."""
+    return memory is not None and z.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def low_memory_decode(vae: WanVAE, active: bool) -> Iterator[None]:
+    """When ``active``: the decoder's upper levels in :data:`LOW_MEMORY_PIECE_FRAMES`-frame pieces and
+    glibc returning freed blocks during the block (:func:`~wanpipe.runtime.memory.lean_while`): half the
+    CPU decode's peak (mid-size checkpoint at 256 x 256: 790 -> 386 MB above the loaded process) for
+    ~2x its time (page faults, direct convolutions). The same frames up to rounding (<= 1e-6)."""
+    if not active:
+        yield
+        return
+    old = vae.decoder.piece_frames
+    vae.decoder.piece_frames = LOW_MEMORY_PIECE_FRAMES
+    try:
+        with lean_while():
+            yield
+    finally:
+        vae.decoder.piece_frames = old
 
 
 def vae_budget(z: Tensor, memory: int | None) -> int | None:
@@ -43,7 +82,11 @@ def vae_tile(vae: WanVAE, z: Tensor, memory: int | None) -> tuple[int, int] | No
         held = b * cfg.video_out_channels * frames * h * w * cfg.spatial_stride**2
         held += b * vae.decoder.conv_in.out_channels * f * h * w
         budget = max(1, budget - held * z.element_size())
-    return plan_tiles(vae.decoder, z.shape[3], z.shape[4], budget, z.element_size())
+    piece = vae.decoder.piece_frames or 4
+    if z.device.type == "cpu":
+        budget = max(1, int(budget / CPU_MEASURED_OVER_ESTIMATE))
+        piece = LOW_MEMORY_PIECE_FRAMES if low_memory(z, memory) else piece
+    return plan_tiles(vae.decoder, z.shape[3], z.shape[4], budget, z.element_size(), piece)
 
 
 def encode_tile(vae: WanVAE, video: Tensor, memory: int | None) -> tuple[int, int] | None:
@@ -83,9 +126,9 @@ def decode(
     neighbours and the bands are all-gathered (``--vae-halo``, an approximation), or -1: exact bands
     (``--vae-parallel``, :func:`wanpipe.parallel.vae.exact_parallel_decode`); None decodes
     the whole frame on every rank. ``memory``: the VAE budget in bytes (``--vae-memory``): tiled, exact,
-    when the whole frame does not fit (:func:`vae_tile`)."""
+    when the whole frame does not fit (:func:`vae_tile`); on the CPU also :func:`low_memory_decode`."""
     z = vae.denormalize_latents(latents.to(placement.device, vae_dtype))
-    with placement.on_device(vae):
+    with placement.on_device(vae), low_memory_decode(vae, low_memory(z, memory)):
         if halo is not None and placement.rank0_encodes:
             from wanpipe.parallel.vae import EXACT_HALO, exact_parallel_decode, parallel_decode
 
