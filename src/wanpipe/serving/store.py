@@ -252,7 +252,8 @@ class JobStore:
 
     # -- rows ---------------------------------------------------------------------------------
     @staticmethod
-    def _job(row: sqlite3.Row) -> Job:
+    def _job(row: Any) -> Job:
+        """A row (sqlite3.Row or PostgreSQL's dict row: the same columns) -> Job."""
         return Job(
             id=row["id"],
             status=JobStatus(row["status"]),

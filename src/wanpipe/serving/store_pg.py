@@ -259,26 +259,7 @@ class PgJobStore(JobStore):
         with self._connection() as conn:
             return conn.execute(sql, args).fetchall()
 
-    # -- rows -----------------------------------------------------------------------------------
-    @staticmethod
-    def _job(row: Any) -> Job:
-        return Job(
-            id=row["id"],
-            status=JobStatus(row["status"]),
-            model=row["model"],
-            spec=JobSpec.from_json(json.loads(row["params"])),
-            batch_key=row["batch_key"],
-            source=row["source"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            completed_at=row["completed_at"],
-            progress=row["progress"],
-            error=json.loads(row["error"]) if row["error"] else None,
-            batch_size=row["batch_size"],
-            attempts=row["attempts"],
-            seq=row["seq"],
-        )
-
+    # -- rows: JobStore._job reads them (the same columns) ----------------------------------------
     def add(self, job: Job, images: dict[str, Any] | None = None) -> Job:
         """Insert a queued job; its input files are written before the row exists."""
         written = []
