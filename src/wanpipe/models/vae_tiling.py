@@ -148,12 +148,8 @@ def upper_bytes_per_pixel(decoder: Decoder3d, itemsize: int, piece_frames: int =
     work = 0
     scale = 1
     for block in decoder.up_blocks:
-        widest = 0
-        for m in block.modules():
-            if isinstance(m, CausalConv3d):
-                widest = max(widest, m.in_channels, m.out_channels)
-                if m.time_pad > 0:
-                    caches += m.time_pad * m.in_channels * scale**2
+        widest, cached = _widest_and_caches(block)
+        caches += cached * scale**2
         level = 5 * widest * piece_frames * scale**2
         if block.upsampler is not None:
             level += block.upsampler.conv.out_channels * 2 * piece_frames * (2 * scale) ** 2
@@ -210,6 +206,17 @@ def plan_tiles(
     return _plan(per_pixel, decoder_halo(decoder), height, width, budget)
 
 
+def _widest_and_caches(block: nn.Module) -> tuple[int, int]:
+    """A block's widest causal convolution (channels) and its causal caches' elements per pixel (the
+    frames each temporal convolution keeps of its input)."""
+    widest = cached = 0
+    for m in block.modules():
+        if isinstance(m, CausalConv3d):
+            widest = max(widest, m.in_channels, m.out_channels)
+            cached += m.time_pad * m.in_channels
+    return widest, cached
+
+
 def lower_bytes_per_pixel(encoder: Encoder3d, itemsize: int, piece_frames: int = 4) -> int:
     """Bytes the encoder's lower part (:meth:`Encoder3d.lower`) needs per latent pixel of its output,
     the estimate of :func:`upper_bytes_per_pixel` run downwards: per level at scale s (s^2 input pixels
@@ -220,12 +227,8 @@ def lower_bytes_per_pixel(encoder: Encoder3d, itemsize: int, piece_frames: int =
     caches = conv_in.time_pad * conv_in.in_channels * scale**2
     work = 3 * conv_in.out_channels * piece_frames * scale**2
     for block in encoder.down_blocks:
-        widest = 0
-        for m in block.modules():
-            if isinstance(m, CausalConv3d):
-                widest = max(widest, m.in_channels, m.out_channels)
-                if m.time_pad > 0:
-                    caches += m.time_pad * m.in_channels * scale**2
+        widest, cached = _widest_and_caches(block)
+        caches += cached * scale**2
         work = max(work, 5 * widest * piece_frames * scale**2)
         downsamples = sum(
             isinstance(m, Resample) and m.mode.startswith("downsample") for m in block.modules()
