@@ -125,6 +125,12 @@ def check_readable(path: Path) -> None:
         )
 
 
+def upload_key(job_id: str, name: str) -> str:
+    """The media key of an upload: arrays (VACE's, Animate's videos) as .npy, images as .png."""
+    arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
+    return array_key(job_id, name) if name in arrays else input_key(job_id, name)
+
+
 class JobStore:
     """Jobs in SQLite, videos and input images as files beside it. Safe to use from several threads."""
 
@@ -272,33 +278,33 @@ class JobStore:
         )
 
     def add(self, job: Job, images: dict[str, np.ndarray] | None = None) -> Job:
-        """Insert a queued job; its input images are on disk before the row exists."""
+        """Insert a queued job; its inputs are in the media store before the row exists (and removed
+        again when the insert fails)."""
         written = []
         try:
             for name, array in (images or {}).items():
-                arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
-                key = array_key(job.id, name) if name in arrays else input_key(job.id, name)
+                key = upload_key(job.id, name)
                 write_input(self.media, key, array)
                 written.append(key)
-            with self._transaction() as db:
-                cursor = db.execute(
-                    "INSERT INTO jobs (id, status, model, params, batch_key, source, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job.id,
-                        JobStatus.QUEUED.value,
-                        job.model,
-                        json.dumps(job.spec.to_json()),
-                        job.batch_key,
-                        job.source,
-                        job.created_at,
-                    ),
-                )
+            seq = self._insert(
+                (job.id, JobStatus.QUEUED.value, job.model, json.dumps(job.spec.to_json()))
+                + (job.batch_key, job.source, job.created_at)
+            )
         except BaseException:
             for key in written:
                 self.media.delete(key)
             raise
-        return replace(job, status=JobStatus.QUEUED, seq=cursor.lastrowid)
+        return replace(job, status=JobStatus.QUEUED, seq=seq)
+
+    def _insert(self, row: tuple) -> int:
+        """Insert a queued job's row (id, status, model, params, batch_key, source, created_at) -> its seq."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO jobs (id, status, model, params, batch_key, source, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+        return int(cursor.lastrowid)
 
     def add_if_room(self, job: Job, images: dict[str, np.ndarray] | None, max_queue: int) -> Job | None:
         """:meth:`add` unless ``max_queue`` jobs already wait (None then); one process owns this store, so

@@ -37,16 +37,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from wanpipe.serving.media_store import LocalMedia, MediaStore, array_key, input_key, write_input
+from wanpipe.serving.media_store import LocalMedia, MediaStore, write_input
 from wanpipe.serving.parsing import JobSpec
 from wanpipe.serving.store import (
-    ANIMATE_ARRAY_NAMES,
-    ARRAY_NAMES,
     MAX_ATTEMPTS,
     Job,
     JobStatus,
     JobStore,
     _error_json,
+    upload_key,
 )
 
 SCHEMA_VERSION = 1
@@ -116,12 +115,6 @@ def redact(url: str) -> str:
     port = parts.get("port") or "5432"
     db = parts.get("dbname") or user or ""
     return f"postgresql://{f'{user}@' if user else ''}{host}:{port}/{db}"
-
-
-def _input_key(job_id: str, name: str) -> str:
-    """The media key of an upload: arrays (VACE's, Animate's) as .npy, images as .png."""
-    arrays = ARRAY_NAMES + ANIMATE_ARRAY_NAMES
-    return array_key(job_id, name) if name in arrays else input_key(job_id, name)
 
 
 def _first_line(error: BaseException) -> str:
@@ -260,33 +253,13 @@ class PgJobStore(JobStore):
             return conn.execute(sql, args).fetchall()
 
     # -- rows: JobStore._job reads them (the same columns) ----------------------------------------
-    def add(self, job: Job, images: dict[str, Any] | None = None) -> Job:
-        """Insert a queued job; its input files are written before the row exists."""
-        written = []
-        try:
-            for name, array in (images or {}).items():
-                key = _input_key(job.id, name)
-                write_input(self.media, key, array)
-                written.append(key)
-            with self._connection() as conn:
-                seq = conn.execute(
-                    "INSERT INTO wanpipe_jobs (id, status, model, params, batch_key, source, created_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING seq",
-                    (
-                        job.id,
-                        JobStatus.QUEUED.value,
-                        job.model,
-                        json.dumps(job.spec.to_json()),
-                        job.batch_key,
-                        job.source,
-                        job.created_at,
-                    ),
-                ).fetchone()["seq"]
-        except BaseException:
-            for key in written:
-                self.media.delete(key)
-            raise
-        return replace(job, status=JobStatus.QUEUED, seq=seq)
+    def _insert(self, row: tuple) -> int:
+        with self._connection() as conn:
+            return conn.execute(
+                "INSERT INTO wanpipe_jobs (id, status, model, params, batch_key, source, created_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING seq",
+                row,
+            ).fetchone()["seq"]
 
     def add_if_room(self, job: Job, images: dict[str, Any] | None, max_queue: int) -> Job | None:
         """Insert a queued job unless ``max_queue`` jobs already wait across every replica (None then):
@@ -504,7 +477,7 @@ class PgJobStore(JobStore):
                     )
                     continue
                 for name, array in images.items():
-                    write_input(self.media, _input_key(job.id, name), array)
+                    write_input(self.media, upload_key(job.id, name), array)
                 conn.execute(
                     "UPDATE wanpipe_jobs SET params = %s, batch_key = %s WHERE id = %s",
                     (json.dumps(spec.to_json()), batch_key, job.id),
