@@ -17,7 +17,7 @@ import wanpipe.stages.decode as stage
 from tests import tiny_family
 from wanpipe import WanPipeline, WanRequest
 from wanpipe.batch import collate
-from wanpipe.models.vae_tiling import encoder_halo, plan_encode_tiles
+from wanpipe.models.vae_tiling import TileGrid, encoder_halo, plan_encode_tiles, split_tiles
 from wanpipe.runtime import RuntimeOptions
 from wanpipe.stages.conditioning import prepare_conditioning
 from wanpipe.tokenizer import WanTokenizer
@@ -27,7 +27,7 @@ SIZE = dict(height=160, width=160)  # 20 x 20 latent pixels: 16 tiles of 5 x 5 (
 
 
 @pytest.fixture
-def tiles(monkeypatch) -> list[tuple[int, int]]:
+def tiles(monkeypatch) -> list[TileGrid]:
     """The tiles of every tiled encode."""
     seen: list[tuple[int, int]] = []
     encode_tiled = stage.encode_tiled
@@ -48,8 +48,7 @@ def _compare(tokenizer: WanTokenizer, encoders, request: WanRequest, tiles: list
     plain, plain_latents = prepare_conditioning(inputs, replace(encoders, vae_memory=None))
     assert tiles == []
     tiled, tiled_latents = prepare_conditioning(inputs, replace(encoders, vae_memory=1000))
-    halo = encoder_halo(encoders.vae.encoder)
-    assert tiles and all(t == (halo, halo) for t in tiles), tiles
+    assert tiles and all(isinstance(t, TileGrid) and t.count > 1 for t in tiles), tiles
     # the encodes are in the initial latents (video-to-video) or in the mode's tensors (the rest)
     worst = float((plain_latents - tiled_latents).abs().max())
     for name, value in vars(plain).items():
@@ -62,9 +61,15 @@ def test_encode_budget_plans_tiles(wan_pipe) -> None:
     encoder = wan_pipe.executor.vae.encoder
     halo = encoder_halo(encoder)
     assert plan_encode_tiles(encoder, 20, 20, 10**12, 4) is None  # it fits: no tiling
-    assert plan_encode_tiles(encoder, 20, 20, 1000, 4) == (halo, halo)  # nothing fits: the smallest tiles
-    rows, cols = plan_encode_tiles(encoder, 64, 64, 4 * 10**7, 4)
-    assert 0 < rows <= 64 and 0 < cols <= 64 and (rows, cols) != (64, 64)
+    smallest = plan_encode_tiles(encoder, 20, 20, 1000, 4)  # nothing fits: the smallest sensible tiles
+    assert smallest is not None and smallest.count > 1
+    for t in split_tiles(20, 20, smallest, halo):
+        assert (
+            t.region_rows[1] - t.region_rows[0] <= 3 * halo
+            and t.region_cols[1] - t.region_cols[0] <= 3 * halo
+        )
+    grid = plan_encode_tiles(encoder, 64, 64, 4 * 10**7, 4)
+    assert grid is not None and sum(grid.rows) == 64 and sum(grid.cols) == 64 and grid.count > 1
 
 
 def test_video_to_video_tiled_encode_is_exact(wan_pipe, tiles) -> None:

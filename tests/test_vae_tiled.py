@@ -11,18 +11,20 @@ import torch
 
 from wanpipe.models.vae import VAEConfig, WanVAE
 from wanpipe.models.vae_tiling import (
+    TileGrid,
+    balanced_sizes,
     decode_tiled,
     decoder_halo,
     encode_tiled,
     encoder_halo,
     iter_decode_tiled,
-    parse_memory,
     plan_tiles,
     split_tiles,
     upper_bytes_per_pixel,
     upper_reach,
     upper_scale,
 )
+from wanpipe.runtime.memory import parse_memory
 from wanpipe.weights.vae_keys import prepare_vae_state
 
 diffusers = pytest.importorskip("diffusers")
@@ -112,12 +114,46 @@ def test_split_tiles_cover_the_latent_once() -> None:
         split_tiles(7, 5, (0, 2), halo=2)
 
 
+def _uniform_regions(length: int, n: int, halo: int) -> list[int]:
+    size = -(-length // n)
+    return [min(length, a + size + halo) - max(0, a - halo) for a in range(0, length, size)]
+
+
+def test_balanced_sizes_even_out_the_regions() -> None:
+    """Edge tiles one halo wider than inner ones: every region within a pixel of the others, never
+    larger than a uniform split's, a halo smaller with three tiles or more."""
+    for length in range(1, 70):
+        for halo in (0, 1, 5, 13):
+            for n in range(1, 9):
+                sizes = balanced_sizes(length, n, halo)
+                if sizes is None:
+                    assert n > min(2, length), (length, n, halo)  # too many tiles for the halo
+                    continue
+                assert len(sizes) == n and sum(sizes) == length and min(sizes) >= 1
+                tiles = split_tiles(1, length, TileGrid((1,), sizes), halo)
+                regions = [t.region_cols[1] - t.region_cols[0] for t in tiles]
+                assert max(regions) - min(regions) <= 1, (length, n, halo, sizes)
+                if len(_uniform_regions(length, n, halo)) == n:
+                    assert max(regions) <= max(_uniform_regions(length, n, halo))
+    # The mid-size checkpoint at 512 x 512 (64 latent pixels, halo 13), three tiles a side: regions of
+    # 39 instead of a uniform split's 22 + 2 x 13 = 48.
+    assert balanced_sizes(64, 3, 13) == (26, 12, 26)
+    assert max(_uniform_regions(64, 3, 13)) == 48
+
+
+def test_tile_grid_must_cover_the_side() -> None:
+    with pytest.raises(ValueError, match="add up to 7"):
+        split_tiles(7, 5, TileGrid((3, 3), (5,)), halo=2)
+    with pytest.raises(ValueError, match="must be positive"):
+        split_tiles(7, 5, TileGrid((7,), (6, -1)), halo=2)
+
+
 @pytest.mark.parametrize("which", ["wan21", "wan22"])
 @pytest.mark.parametrize(("frames", "chunk_frames"), [(1, 1), (4, 1), (4, 2)])
 def test_tiled_decode_equals_untiled(request, which: str, frames: int, chunk_frames: int) -> None:
     vae = request.getfixturevalue(which)
     z = _latents(vae, frames, 23, 21)  # odd sizes, more than a tile plus two halos (8) each way
-    tiles = [(5, 7), (11, 10), (23, 6), (8, 21), (23, 21)]
+    tiles = [(5, 7), (11, 10), (23, 6), (8, 21), (23, 21), TileGrid((10, 3, 10), (9, 3, 9))]
     with torch.inference_mode():
         full = vae.decode(z, chunk_frames=chunk_frames)
         worst = 0.0
@@ -164,8 +200,11 @@ def test_plan_tiles_from_a_budget(wan21: WanVAE) -> None:
     for t in split_tiles(30, 40, tile, halo):
         area = (t.region_rows[1] - t.region_rows[0]) * (t.region_cols[1] - t.region_cols[0])
         assert per_pixel * area <= per_pixel * 30 * 40 // 3
-    # Nothing fits: the smallest sensible tiles.
-    assert plan_tiles(decoder, 30, 40, 1, 4) == (halo, halo)
+    # Nothing fits: the smallest sensible tiles (inner tiles about one halo wide).
+    smallest = plan_tiles(decoder, 30, 40, 1, 4)
+    assert smallest is not None and smallest.count > 1
+    for t in split_tiles(30, 40, smallest, halo):
+        assert max(t.region_rows[1] - t.region_rows[0], t.region_cols[1] - t.region_cols[0]) <= 3 * halo
 
 
 @pytest.mark.parametrize(
@@ -202,7 +241,7 @@ def test_generate_with_a_small_vae_budget_gives_the_same_frames(tiny_ckpt, monke
     pipe = WanPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="float32")
     request = WanRequest(prompt="a cat", height=160, width=160, num_frames=5, num_inference_steps=2, seed=1)
     plain = pipe.generate_batch([request], progress=False)[0].frames
-    tiles: list[tuple[int, int]] = []
+    tiles: list[TileGrid] = []
 
     def spy(vae, z, tile, **kw):
         tiles.append(tile)
@@ -211,8 +250,8 @@ def test_generate_with_a_small_vae_budget_gives_the_same_frames(tiny_ckpt, monke
     monkeypatch.setattr(stage, "decode_tiled", spy)
     pipe.set_runtime(RuntimeOptions(vae_memory="1KB"))
     tiled = pipe.generate_batch([request], progress=False)[0].frames
-    halo = decoder_halo(pipe.executor.vae.decoder)
-    assert tiles == [(halo, halo)]  # nothing fits 1 KB: the smallest tiles, 3 x 3 of them here
+    # nothing fits 1 KB: the smallest sensible tiles, several of them
+    assert len(tiles) == 1 and isinstance(tiles[0], TileGrid) and tiles[0].count > 1, tiles
     diff = float(np.abs(tiled.astype(np.float64) - plain.astype(np.float64)).max())
     print(f"generate, vae_memory=1KB vs untiled: worst frame diff {diff:.3e}")
     assert diff <= TILE_TOL
@@ -281,25 +320,74 @@ def test_exact_parallel_decode_under_gloo(tmp_path) -> None:
             assert diff <= TILE_TOL, case
 
 
-@pytest.mark.parametrize("memory", [None, 10**9, 1000])
-def test_low_memory_cpu_decode_same_frames(wan21: WanVAE, memory: int | None) -> None:
-    """``--vae-memory`` on the CPU decodes in 1-frame pieces with glibc lean during the decode only: the
-    frames of the default decode (<= TILE_TOL), and the decoder's piece setting and the process's host
-    memory mode are restored after it."""
+def _mode_budgets(vae: WanVAE, z: torch.Tensor) -> list[int]:
+    """A budget for each CPU decode mode (the whole frame just fits it), then one that fits none."""
+    from wanpipe.stages.decode import CPU_DECODE_MODES
+
+    area = z.shape[3] * z.shape[4]
+    needs = [
+        int(upper_bytes_per_pixel(vae.decoder, 4, m.piece_frames) * m.over_estimate * area) + 1
+        for m in CPU_DECODE_MODES
+    ]
+    return [*needs, min(needs) // 3]
+
+
+def test_cpu_decode_modes_same_frames(wan21: WanVAE) -> None:
+    """``--vae-memory`` on the CPU picks the fastest decode mode whose whole frame fits the budget (fewer
+    frames per piece, glibc lean during the decode only), and tiles in the leanest mode when none fits:
+    the frames of the default decode every way (<= TILE_TOL); the decoder's piece setting and the
+    process's host memory mode are restored after it."""
     from wanpipe.runtime.memory import configure_host_memory, host_memory_mode
-    from wanpipe.stages.decode import decode, low_memory
+    from wanpipe.stages.decode import CPU_DECODE_MODES, decode, plan_decode
     from wanpipe.stages.placement import Placement
 
     configure_host_memory("cache")
     z = torch.randn(1, 16, 4, 9, 11, generator=torch.Generator().manual_seed(3))
+    raw = wan21.denormalize_latents(z)
     placement = Placement(torch.device("cpu"), torch.float32)
+    budgets = _mode_budgets(wan21, raw)
+    plans = [plan_decode(wan21, raw, b) for b in budgets]
+    assert [p.mode for p in plans] == [None, *CPU_DECODE_MODES[1:], CPU_DECODE_MODES[-1]]
+    assert [p.tile is None for p in plans] == [True] * len(CPU_DECODE_MODES) + [False]
     with torch.inference_mode():
         ref = decode(wan21, z, placement, vae_dtype=torch.float32)
-        out = decode(wan21, z, placement, vae_dtype=torch.float32, memory=memory)
+        for budget, plan in zip(budgets, plans):
+            out = decode(wan21, z, placement, vae_dtype=torch.float32, memory=budget)
+            diff = (out - ref).abs().max().item()
+            print(f"CPU decode {plan} vs default: worst diff {diff:.3e}")
+            assert out.shape == ref.shape == (1, 13, 36, 44, 3)
+            assert diff <= TILE_TOL
+            assert wan21.decoder.piece_frames == 4
+            assert host_memory_mode() in ("cache", None)
+
+
+def test_cpu_tiles_by_itself_when_available_memory_is_short(wan21: WanVAE, monkeypatch) -> None:
+    """No ``--vae-memory`` on the CPU: the budget is a fraction of the system's available memory. When
+    plenty is available the decode is the plain one; when little is, it is tiled and low-memory by
+    itself, with the same frames; where the available memory is not known, nothing changes."""
+    import wanpipe.stages.decode as stage
+    from wanpipe.stages.placement import Placement
+
+    z = torch.randn(1, 16, 4, 9, 11, generator=torch.Generator().manual_seed(4))
+    raw = wan21.denormalize_latents(z)
+    placement = Placement(torch.device("cpu"), torch.float32)
+    grids: list[TileGrid] = []
+
+    def spy(vae, latents, tile, **kw):
+        grids.append(tile)
+        return decode_tiled(vae, latents, tile, **kw)
+
+    monkeypatch.setattr(stage, "decode_tiled", spy)
+    with torch.inference_mode():
+        ref = stage.decode(wan21, z, placement, vae_dtype=torch.float32)
+        assert grids == [] and stage.plan_decode(wan21, raw, None) == stage.DecodePlan(None)  # it fits
+        monkeypatch.setattr(stage, "available_memory", lambda: 1_000_000)
+        plan = stage.plan_decode(wan21, raw, None)
+        assert plan.tile is not None and plan.mode == stage.CPU_DECODE_MODES[-1]
+        out = stage.decode(wan21, z, placement, vae_dtype=torch.float32)
+        monkeypatch.setattr(stage, "available_memory", lambda: None)
+        assert stage.plan_decode(wan21, raw, None) == stage.DecodePlan(None)
     diff = (out - ref).abs().max().item()
-    print(f"low-memory CPU decode (memory={memory}) vs default: worst diff {diff:.3e}")
-    assert low_memory(z, memory) == (memory is not None)
-    assert out.shape == ref.shape == (1, 13, 36, 44, 3)
-    assert diff <= TILE_TOL
-    assert wan21.decoder.piece_frames == 4
-    assert host_memory_mode() in ("cache", None)
+    print(f"automatic CPU tiling ({grids[0]}) vs plain: worst diff {diff:.3e}")
+    assert grids == [plan.tile] and plan.tile.count > 1
+    assert diff <= TILE_TOL and wan21.decoder.piece_frames == 4

@@ -346,7 +346,7 @@ class Decoder3d(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], config.out_channels, 3, padding=1)
         self.piece_frames: int | None = 4
-        """The default of ``forward``/``upper``'s ``piece_frames`` (``low_memory_decode`` sets 1)."""
+        """The default of ``forward``/``upper``'s ``piece_frames`` (a low-memory CPU decode sets fewer, ``stages.decode.DecodePlan``)."""
         _register_cache_keys(self)
 
     def forward(self, x: Tensor, cache: CausalCache, piece_frames: int | None | str = "default") -> Tensor:

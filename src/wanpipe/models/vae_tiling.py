@@ -22,7 +22,6 @@ an estimate from the layer list of the upper part's activations and caches per l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -172,35 +171,92 @@ class Tile:
     region_cols: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles' edges fall, in latent pixels: ``rows`` the heights of the rows of tiles (top to
+    bottom), ``cols`` the widths of the columns of tiles (left to right); they sum to the latent's height
+    and width (or a band's height). What :func:`plan_tiles` returns: the edge tiles are wider than the
+    inner ones by a halo, so that every tile's region (its pixels plus the halo) is about the same."""
+
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+
+TileSpec = tuple[int, int] | TileGrid
+"""A tiling: (rows, cols) latent pixels per tile (the last row and column of tiles may be smaller), or a
+:class:`TileGrid`."""
+
+
+def _sizes(length: int, tile: int | tuple[int, ...], side: str) -> tuple[int, ...]:
+    if isinstance(tile, int):
+        if tile < 1:
+            raise ValueError(f"tiles must be at least 1x1 latent pixels, got {tile} {side}")
+        return tuple(min(tile, length - a) for a in range(0, length, tile))
+    if sum(tile) != length or min(tile, default=0) < 1:
+        raise ValueError(f"tile {side} {tile} must be positive and add up to {length}")
+    return tuple(tile)
+
+
 def split_tiles(
-    height: int, width: int, tile: tuple[int, int], halo: int, band: tuple[int, int] | None = None
+    height: int, width: int, tile: TileSpec, halo: int, band: tuple[int, int] | None = None
 ) -> list[Tile]:
-    """The tiles of a ``height`` x ``width`` latent in ``tile`` = (rows, cols) latent pixels (the last
-    row and column of tiles may be smaller), row-major, each with ``halo`` pixels borrowed per side;
-    ``band`` = (first, end) row: only the tiles of those rows (a parallel rank's share)."""
-    th, tw = tile
-    if th < 1 or tw < 1:
-        raise ValueError(f"tiles must be at least 1x1 latent pixels, got {th}x{tw}")
+    """The tiles of a ``height`` x ``width`` latent, row-major, each with ``halo`` pixels borrowed per
+    side (cut at the picture's edges): ``tile`` (rows, cols) latent pixels per tile or a
+    :class:`TileGrid`; ``band`` = (first, end) row: only the tiles of those rows (a parallel rank's share)."""
     top, bottom = band if band is not None else (0, height)
+    if isinstance(tile, TileGrid):
+        row_sizes, col_sizes = _sizes(bottom - top, tile.rows, "rows"), _sizes(width, tile.cols, "cols")
+    else:
+        row_sizes, col_sizes = _sizes(bottom - top, tile[0], "rows"), _sizes(width, tile[1], "cols")
     tiles = []
-    for a in range(top, bottom, th):
-        b = min(bottom, a + th)
-        for c in range(0, width, tw):
-            d = min(width, c + tw)
+    a = top
+    for th in row_sizes:
+        b = a + th
+        c = 0
+        for tw in col_sizes:
+            d = c + tw
             region = ((max(0, a - halo), min(height, b + halo)), (max(0, c - halo), min(width, d + halo)))
             tiles.append(Tile((a, b), (c, d), *region))
+            c = d
+        a = b
     return tiles
+
+
+def balanced_sizes(length: int, n: int, halo: int) -> tuple[int, ...] | None:
+    """``n`` tile sizes along a side of ``length`` latent pixels whose regions (the tile plus ``halo`` per
+    neighbour) are equal up to one pixel: edge tiles one halo wider than inner ones, as a region is
+    ``ceil((length + 2 halo (n - 1)) / n)``, not a uniform split's ``ceil(length / n) + 2 halo``. None when
+    the inner tiles would be empty (``n`` too many for the halo)."""
+    if n == 1:
+        return (length,)
+    region = -(-(length + 2 * halo * (n - 1)) // n)
+    sizes = [region - halo, *[region - 2 * halo] * (n - 2), region - halo]
+    excess = sum(sizes) - length  # 0 <= excess < n: one pixel less for that many tiles, inner ones first
+    for i in [*range(1, n - 1), 0, n - 1]:
+        if excess and sizes[i] > 1:
+            sizes[i] -= 1
+            excess -= 1
+    return tuple(sizes) if excess == 0 and min(sizes) >= 1 else None
+
+
+def _regions(length: int, sizes: tuple[int, ...], halo: int) -> list[int]:
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [min(length, a + n + halo) - max(0, a - halo) for a, n in zip(starts, sizes)]
 
 
 def plan_tiles(
     decoder: Decoder3d, height: int, width: int, budget: int, itemsize: int, piece_frames: int = 4
-) -> tuple[int, int] | None:
-    """The tile (rows, cols) in latent pixels for a ``budget`` in bytes of the upper part's working
+) -> TileGrid | None:
+    """The :class:`TileGrid` (latent pixels) for a ``budget`` in bytes of the upper part's working
     memory, or None when the whole ``height`` x ``width`` latent fits (no tiling).
 
-    The fewest tiles whose largest region (tile plus halo) fits; ties go to the least decoded area.
-    When not even the smallest tiles fit, tiles of ``halo`` x ``halo`` (where the halo stops
-    dominating the work). ``piece_frames``: as the decoder runs its upper levels (:meth:`Decoder3d.upper`).
+    The fewest tiles whose largest region (tile plus halo) fits, with :func:`balanced_sizes` along each
+    side; ties go to the least decoded area. When not even the smallest tiles fit, inner tiles about
+    ``halo`` wide (where the halo stops dominating the work). ``piece_frames``: as the decoder runs its upper levels (:meth:`Decoder3d.upper`).
     """
     per_pixel = upper_bytes_per_pixel(decoder, itemsize, piece_frames)
     return _plan(per_pixel, decoder_halo(decoder), height, width, budget)
@@ -239,59 +295,49 @@ def lower_bytes_per_pixel(encoder: Encoder3d, itemsize: int, piece_frames: int =
 
 def plan_encode_tiles(
     encoder: Encoder3d, height: int, width: int, budget: int, itemsize: int
-) -> tuple[int, int] | None:
-    """:func:`plan_tiles` for :func:`encode_tiled`: the tile (rows, cols) in latent pixels of a
+) -> TileGrid | None:
+    """:func:`plan_tiles` for :func:`encode_tiled`: the :class:`TileGrid` of a
     ``height`` x ``width`` latent whose lower-part working memory fits ``budget`` bytes (None: no
     tiling needed), the halo :func:`encoder_halo`."""
     return _plan(lower_bytes_per_pixel(encoder, itemsize), encoder_halo(encoder), height, width, budget)
 
 
-def _plan(per_pixel: int, halo: int, height: int, width: int, budget: int) -> tuple[int, int] | None:
+def _plan(per_pixel: int, halo: int, height: int, width: int, budget: int) -> TileGrid | None:
     if per_pixel * height * width <= budget:
         return None
-    best: tuple[int, int, int, int] | None = None  # (tiles, decoded area, rows, cols)
-    for nr in range(1, height + 1):
-        rows = -(-height // nr)
-        region_rows = min(height, rows + halo * min(nr - 1, 2))  # an inner tile borrows on both sides
-        for nc in range(1, width + 1):
-            cols = -(-width // nc)
-            region_cols = min(width, cols + halo * min(nc - 1, 2))
-            if per_pixel * region_rows * region_cols > budget:
+    sides = [_side_options(height, halo), _side_options(width, halo)]
+    best: tuple[int, int, TileGrid] | None = None  # (tiles, decoded area, grid)
+    for rows, row_region, row_area in sides[0]:
+        for cols, col_region, col_area in sides[1]:
+            if per_pixel * row_region * col_region > budget:
                 continue
-            key = (nr * nc, nr * nc * region_rows * region_cols, rows, cols)
-            if best is None or key < best:
-                best = key
+            key = (len(rows) * len(cols), row_area * col_area)
+            if best is None or key < best[:2]:
+                best = (*key, TileGrid(rows, cols))
             break  # more columns only cost more tiles
-    if best is None:
-        side = max(1, halo)
-        return (min(height, side), min(width, side))
-    return best[2], best[3]
+    if best is not None:
+        return best[2]
+    # Nothing fits: inner tiles about one halo wide, where the halo stops dominating the work.
+    return TileGrid(*(_fallback(length, halo) for length in (height, width)))
 
 
-MEMORY_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+def _side_options(length: int, halo: int) -> list[tuple[tuple[int, ...], int, int]]:
+    """For 1, 2, ... tiles along a side: (the balanced sizes, the largest region, the regions' sum)."""
+    options = []
+    for n in range(1, length + 1):
+        sizes = balanced_sizes(length, n, halo)
+        if sizes is None:
+            break
+        regions = _regions(length, sizes, halo)
+        options.append((sizes, max(regions), sum(regions)))
+    return options
 
 
-def parse_memory(text: str | int) -> int:
-    """A memory size: bytes as an int, or text such as ``"2GB"``, ``"512MB"``, ``"1.5G"``, ``"2GiB"``
-    (decimal K/M/G/T, binary with ``i``) -> bytes (> 0). ValueError says what is allowed."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise ValueError(f"a memory size must be positive, got {text}")
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number) :]
-    binary = unit.endswith("IB") or (unit.endswith("I"))
-    letter = unit[:1] if unit not in ("", "B") else ""
-    allowed = unit in ("", "B") or (letter in "KMGT" and unit[1:] in ("", "B", "I", "IB"))
-    try:
-        value = float(number)
-    except ValueError:
-        value = math.nan
-    if not allowed or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"expected a memory size such as 2GB, 512MB or 1.5GiB, got {text!r}")
-    scale = 1024 ** "KMGT".index(letter) * 1024 if binary and letter else MEMORY_UNITS[letter]
-    return int(value * scale)
+def _fallback(length: int, halo: int) -> tuple[int, ...]:
+    n = max(1, -(-length // max(1, halo)))
+    while (sizes := balanced_sizes(length, n, halo)) is None:
+        n -= 1
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,12 +381,12 @@ def _region(x: Tensor, tile: Tile) -> Tensor:
 def decode_tiled(
     vae: WanVAE,
     z: Tensor,
-    tile: tuple[int, int],
+    tile: TileSpec,
     chunk_frames: int = 1,
     after_chunk: Callable[[], None] | None = None,
 ) -> Tensor:
     """Raw latents (B, z_dim, f, h, w) -> video (B, 3, 4(f - 1) + 1, s h, s w), s = spatial_stride: the
-    same frames as :meth:`WanVAE.decode`, decoded in ``tile`` = (rows, cols) latent-pixel tiles.
+    same frames as :meth:`WanVAE.decode`, decoded in the tiles of ``tile`` (a :data:`TileSpec`).
 
     The head runs on every chunk of the whole latent first (its outputs, at the latent resolution,
     are kept); then each tile runs all its chunks with its own causal cache, and its cropped pixels
@@ -422,19 +468,17 @@ def upper_cache_bytes(decoder: Decoder3d, tiles: list[Tile], itemsize: int) -> i
     return per_pixel * area * itemsize
 
 
-def iter_decode_tiled(
-    vae: WanVAE, z: Tensor, tile: tuple[int, int], chunk_frames: int = 1
-) -> Iterator[Tensor]:
+def iter_decode_tiled(vae: WanVAE, z: Tensor, tile: TileSpec, chunk_frames: int = 1) -> Iterator[Tensor]:
     """:meth:`WanVAE.iter_decode`, tiled: the pixel frames of raw latents (B, z_dim, f, h, w) in order,
     (B, 3, 1, s h, s w) for the first latent frame, then (B, 3, 4c, s h, s w) per ``chunk_frames`` (c)
     latent frames, each chunk decoded tile by tile (every tile with its own causal cache, kept from
     chunk to chunk). Bad input raises here, not at the first ``next``."""
     _check(vae, z, chunk_frames)
-    split_tiles(1, 1, tile, 0)  # checks the tile size
+    split_tiles(z.shape[3], z.shape[4], tile, 0)  # checks the tiling
     return _iter_decode_tiled(vae, z, tile, chunk_frames)
 
 
-def _iter_decode_tiled(vae: WanVAE, z: Tensor, tile: tuple[int, int], chunk_frames: int) -> Iterator[Tensor]:
+def _iter_decode_tiled(vae: WanVAE, z: Tensor, tile: TileSpec, chunk_frames: int) -> Iterator[Tensor]:
     decoder = vae.decoder
     tiles = split_tiles(z.shape[3], z.shape[4], tile, decoder_halo(decoder))
     stride = vae.config.spatial_stride
@@ -457,14 +501,12 @@ def _iter_decode_tiled(vae: WanVAE, z: Tensor, tile: tuple[int, int], chunk_fram
         yield frames
 
 
-def encode_tiled(
-    vae: WanVAE, video: Tensor, tile: tuple[int, int], chunk_latents: int = 1
-) -> LatentDistribution:
+def encode_tiled(vae: WanVAE, video: Tensor, tile: TileSpec, chunk_latents: int = 1) -> LatentDistribution:
     """:meth:`WanVAE.encode`, tiled: (B, 3, F, H, W) in [-1, 1] -> the same posterior over
     (B, z_dim, (F - 1)/4 + 1, H/s, W/s), s = spatial_stride, up to float rounding.
 
     The encoder's high-resolution part (``conv_in`` and the downsampling levels, convolutions only)
-    runs tile by tile, ``tile`` = (rows, cols) in latent pixels plus :func:`encoder_halo` latent pixels
+    runs tile by tile, ``tile`` (a :data:`TileSpec`, in latent pixels) plus :func:`encoder_halo` latent pixels
     per side (all chunks of a tile with its own causal cache), and its latent-resolution outputs are
     put together; the mid block (attention over the whole frame) and the output head then run on the
     whole latent, chunk by chunk.
@@ -510,6 +552,9 @@ def encode_tiled(
 
 __all__ = [
     "Tile",
+    "TileGrid",
+    "TileSpec",
+    "balanced_sizes",
     "decode_heads",
     "decode_tiled",
     "decode_tiles",
@@ -518,7 +563,6 @@ __all__ = [
     "encoder_halo",
     "iter_decode_tiled",
     "iter_tile_pixels",
-    "parse_memory",
     "lower_bytes_per_pixel",
     "plan_encode_tiles",
     "plan_tiles",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import math
 import sys
 from collections.abc import Iterator
 
@@ -140,3 +141,42 @@ def peak_rss_mb() -> float:
 def current_rss_mb() -> float:
     """This process's resident set size now, in MB (0 where /proc is missing)."""
     return _proc_status_mb("VmRSS") or 0.0
+
+
+MEMORY_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_memory(text: str | int) -> int:
+    """A memory size: bytes as an int, or text such as ``"2GB"``, ``"512MB"``, ``"1.5G"``, ``"2GiB"``
+    (decimal K/M/G/T, binary with ``i``) -> bytes (> 0). ValueError says what is allowed."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"a memory size must be positive, got {text}")
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    unit = s[len(number) :]
+    binary = unit.endswith("IB") or (unit.endswith("I"))
+    letter = unit[:1] if unit not in ("", "B") else ""
+    allowed = unit in ("", "B") or (letter in "KMGT" and unit[1:] in ("", "B", "I", "IB"))
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not allowed or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a memory size such as 2GB, 512MB or 1.5GiB, got {text!r}")
+    scale = 1024 ** "KMGT".index(letter) * 1024 if binary and letter else MEMORY_UNITS[letter]
+    return int(value * scale)
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give this process now without swapping (``MemAvailable`` of
+    /proc/meminfo), or None where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

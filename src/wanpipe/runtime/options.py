@@ -127,7 +127,7 @@ class RuntimeOptions:
         if self.preview_decoder not in ("auto", "linear", "tiny"):
             raise ValueError(f"preview_decoder must be auto, linear or tiny, got {self.preview_decoder!r}")
         if self.vae_memory is not None:
-            from wanpipe.models.vae_tiling import parse_memory
+            from wanpipe.runtime.memory import parse_memory
 
             try:
                 object.__setattr__(self, "vae_memory", parse_memory(self.vae_memory))
@@ -271,7 +271,7 @@ def _coefficients(text: str) -> tuple[float, ...]:
 
 def _memory(text: str) -> int:
     """``--vae-memory 2GB``: a memory size in bytes."""
-    from wanpipe.models.vae_tiling import parse_memory
+    from wanpipe.runtime.memory import parse_memory
 
     try:
         return parse_memory(text)

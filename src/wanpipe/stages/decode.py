@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -12,86 +13,117 @@ from torch import Tensor
 from wanpipe.context import InvalidRequestError
 from wanpipe.models.taehv import TAEHV
 from wanpipe.models.vae import WanVAE
-from wanpipe.models.vae_tiling import decode_tiled, encode_tiled, plan_encode_tiles, plan_tiles
-from wanpipe.runtime.memory import lean_while
+from wanpipe.models.vae_tiling import (
+    TileGrid,
+    decode_tiled,
+    encode_tiled,
+    plan_encode_tiles,
+    plan_tiles,
+    upper_bytes_per_pixel,
+)
+from wanpipe.runtime.memory import available_memory, lean_while
 from wanpipe.stages.placement import Placement
 
 AUTO_FRACTION = 0.8
-"""With no ``vae_memory`` on a GPU: the budget is this fraction of the device's free memory, less the
-output video and the head's outputs (which the tiled decode holds whole)."""
+"""With no ``vae_memory``: the budget is this fraction of the GPU's free memory (on the CPU, of the
+system's available memory), less the output video and the head's outputs (which the tiled decode holds
+whole)."""
 
 
-LOW_MEMORY_PIECE_FRAMES = 1
-"""Frames per piece of the decoder's upper levels in a low-memory CPU decode (4 otherwise): 1-frame
-pieces run the last levels' convolutions directly instead of by time-Winograd (~1.5x their time)."""
+@dataclass(frozen=True)
+class CpuDecodeMode:
+    """One way to run the CPU decode: the decoder's upper levels in ``piece_frames``-frame pieces, with
+    glibc returning freed blocks during the decode (``lean``, :func:`~wanpipe.runtime.memory.lean_while`)
+    or not; ``over_estimate``: its measured peak over :func:`~wanpipe.models.vae_tiling.upper_bytes_per_pixel`'s
+    estimate (the oneDNN convolutions' own buffers and the allocator's slack, not in the estimate)."""
 
-CPU_MEASURED_OVER_ESTIMATE = 1.6
-"""The CPU decode's measured peak over :func:`~wanpipe.models.vae_tiling.upper_bytes_per_pixel`'s
-estimate (bench/bench_vae_memory.py, mid-size checkpoint, 256 x 256 x 17: 386 MB measured against 244 MB
-estimated with 1-frame pieces, 555 against 370 with 4): the oneDNN convolutions' own buffers and the
-allocator's slack, not in the estimate. The tile plan on the CPU divides the budget by it."""
-
-
-def low_memory(z: Tensor, memory: int | None) -> bool:
-    """Whether the decode of ``z`` runs in the low-memory way (:func:`low_memory_decode`): on the CPU
-    when a VAE budget (``--vae-memory``) is given."""
-    return memory is not None and z.device.type == "cpu"
+    piece_frames: int
+    lean: bool
+    over_estimate: float
 
 
-@contextlib.contextmanager
-def low_memory_decode(vae: WanVAE, active: bool) -> Iterator[None]:
-    """When ``active``: the decoder's upper levels in :data:`LOW_MEMORY_PIECE_FRAMES`-frame pieces and
-    glibc returning freed blocks during the block (:func:`~wanpipe.runtime.memory.lean_while`): half the
-    CPU decode's peak (mid-size checkpoint at 256 x 256: 790 -> 386 MB above the loaded process) for
-    ~2x its time (page faults, direct convolutions). The same frames up to rounding (<= 1e-6)."""
-    if not active:
-        yield
-        return
-    old = vae.decoder.piece_frames
-    vae.decoder.piece_frames = LOW_MEMORY_PIECE_FRAMES
-    try:
-        with lean_while():
+CPU_DECODE_MODES = (
+    CpuDecodeMode(4, False, 1.95),
+    CpuDecodeMode(4, True, 1.45),
+    CpuDecodeMode(2, True, 1.55),
+    CpuDecodeMode(1, True, 1.55),
+)
+"""Fastest first. Measured on the mid-size bench checkpoint, 256 x 256 x 33, decode alone above the loaded
+process (bench/bench_vae_memory.py): 712 MB in 8.7 s, 529 MB in 11.8 s, 433 MB in 13.9 s, 369 MB in
+23.5 s, against estimates of 370, 370, 286 and 244 MB. 1-frame pieces run the convolutions directly
+instead of by time-Winograd; ``lean`` pays a page fault for every large block."""
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How :func:`decode` runs for one latent: ``tile`` (None: the whole frame), and on the CPU the
+    :class:`CpuDecodeMode` (None: the decoder as it is)."""
+
+    tile: TileGrid | None
+    mode: CpuDecodeMode | None = None
+
+    @contextlib.contextmanager
+    def applied(self, vae: WanVAE) -> Iterator[None]:
+        """Within the block, the decoder runs in :attr:`mode` (restored after)."""
+        if self.mode is None:
             yield
-    finally:
-        vae.decoder.piece_frames = old
+            return
+        old = vae.decoder.piece_frames
+        vae.decoder.piece_frames = self.mode.piece_frames
+        try:
+            with lean_while(self.mode.lean):
+                yield
+        finally:
+            vae.decoder.piece_frames = old
 
 
 def vae_budget(z: Tensor, memory: int | None) -> int | None:
     """The tiled decode's (or encode's) budget in bytes for raw latents ``z`` (B, z, f, h, w) (or a video
-    on the same device): ``memory`` when given,
-    else on a CUDA device :data:`AUTO_FRACTION` of its free memory (less what the decode holds whole),
-    else None (no tiling)."""
+    on the same device): ``memory`` when given, else :data:`AUTO_FRACTION` of a CUDA device's free
+    memory or of the system's available memory for the CPU (:func:`~wanpipe.runtime.memory.available_memory`),
+    else None (not known: no tiling)."""
     if memory is not None:
         return memory
-    if z.device.type != "cuda":
+    if z.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(z.device)
+    elif z.device.type == "cpu" and (available := available_memory()) is not None:
+        free = available
+    else:
         return None
-    free, _ = torch.cuda.mem_get_info(z.device)
     return max(1, int(free * AUTO_FRACTION))
 
 
-def vae_tile(vae: WanVAE, z: Tensor, memory: int | None) -> tuple[int, int] | None:
-    """The tile (latent rows, cols) for decoding raw latents ``z`` (B, z, f, h, w) within ``memory``
-    bytes (see :func:`vae_budget`), or None when the whole frame fits."""
+def plan_decode(vae: WanVAE, z: Tensor, memory: int | None) -> DecodePlan:
+    """How to decode raw latents ``z`` (B, z, f, h, w) within ``memory`` bytes of working memory
+    (``--vae-memory``; None: a share of the free memory, :func:`vae_budget`). On the CPU the fastest of
+    :data:`CPU_DECODE_MODES` whose whole frame fits, else tiles in the leanest mode; on a GPU tiles when
+    the whole frame does not fit. The same frames every way (up to float rounding)."""
     budget = vae_budget(z, memory)
     if budget is None:
-        return None
+        return DecodePlan(None)
+    decoder, (h, w), itemsize = vae.decoder, z.shape[3:], z.element_size()
     if memory is None:  # automatic: the video and the head outputs come out of the free memory too
-        b, _, f, h, w = z.shape
+        b, _, f = z.shape[:3]
         cfg = vae.config
-        frames = cfg.temporal_stride * (f - 1) + 1
-        held = b * cfg.video_out_channels * frames * h * w * cfg.spatial_stride**2
-        held += b * vae.decoder.conv_in.out_channels * f * h * w
-        budget = max(1, budget - held * z.element_size())
-    piece = vae.decoder.piece_frames or 4
-    if z.device.type == "cpu":
-        budget = max(1, int(budget / CPU_MEASURED_OVER_ESTIMATE))
-        piece = LOW_MEMORY_PIECE_FRAMES if low_memory(z, memory) else piece
-    return plan_tiles(vae.decoder, z.shape[3], z.shape[4], budget, z.element_size(), piece)
+        held = (
+            b * cfg.video_out_channels * (cfg.temporal_stride * (f - 1) + 1) * h * w * cfg.spatial_stride**2
+        )
+        held += b * decoder.conv_in.out_channels * f * h * w
+        budget = max(1, budget - held * itemsize)
+    if z.device.type != "cpu":
+        return DecodePlan(plan_tiles(decoder, h, w, budget, itemsize, decoder.piece_frames or 4))
+    for i, mode in enumerate(CPU_DECODE_MODES):
+        if upper_bytes_per_pixel(decoder, itemsize, mode.piece_frames) * mode.over_estimate * h * w <= budget:
+            return DecodePlan(None, None if i == 0 else mode)
+    mode = CPU_DECODE_MODES[-1]
+    return DecodePlan(
+        plan_tiles(decoder, h, w, int(budget / mode.over_estimate), itemsize, mode.piece_frames), mode
+    )
 
 
-def encode_tile(vae: WanVAE, video: Tensor, memory: int | None) -> tuple[int, int] | None:
-    """The tile (latent rows, cols) for encoding ``video`` (B, 3, F, H, W) within ``memory`` bytes
-    (on a GPU without ``memory``: :data:`AUTO_FRACTION` of the free memory), or None when it fits."""
+def encode_tile(vae: WanVAE, video: Tensor, memory: int | None) -> TileGrid | None:
+    """The tiles (latent pixels) for encoding ``video`` (B, 3, F, H, W) within ``memory`` bytes
+    (without ``memory``: :data:`AUTO_FRACTION` of the free memory, :func:`vae_budget`), or None when it fits."""
     budget = vae_budget(video, memory)
     if budget is None:
         return None
@@ -126,9 +158,10 @@ def decode(
     neighbours and the bands are all-gathered (``--vae-halo``, an approximation), or -1: exact bands
     (``--vae-parallel``, :func:`wanpipe.parallel.vae.exact_parallel_decode`); None decodes
     the whole frame on every rank. ``memory``: the VAE budget in bytes (``--vae-memory``): tiled, exact,
-    when the whole frame does not fit (:func:`vae_tile`); on the CPU also :func:`low_memory_decode`."""
+    when the whole frame does not fit, and on the CPU the decode mode that fits (:func:`plan_decode`)."""
     z = vae.denormalize_latents(latents.to(placement.device, vae_dtype))
-    with placement.on_device(vae), low_memory_decode(vae, low_memory(z, memory)):
+    plan = plan_decode(vae, z, memory)
+    with placement.on_device(vae), plan.applied(vae):
         if halo is not None and placement.rank0_encodes:
             from wanpipe.parallel.vae import EXACT_HALO, exact_parallel_decode, parallel_decode
 
@@ -136,8 +169,8 @@ def decode(
                 video = exact_parallel_decode(vae, z, chunk_frames=chunk_frames)
             else:
                 video = parallel_decode(vae, z, halo, chunk_frames=chunk_frames)
-        elif (tile := vae_tile(vae, z, memory)) is not None:
-            video = decode_tiled(vae, z, tile, chunk_frames=chunk_frames)
+        elif plan.tile is not None:
+            video = decode_tiled(vae, z, plan.tile, chunk_frames=chunk_frames)
         else:
             # No trim between chunks: the next chunk would fault the same pages back in (measured
             # 25-30% of the CPU decode time for ~15 MB less peak RSS); stages still trim.

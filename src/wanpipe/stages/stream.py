@@ -30,7 +30,7 @@ from wanpipe.models.vae_tiling import (
     split_tiles,
     upper_cache_bytes,
 )
-from wanpipe.stages.decode import decode, low_memory, low_memory_decode, vae_tile
+from wanpipe.stages.decode import decode, plan_decode
 from wanpipe.stages.placement import Placement
 from wanpipe.video_writer import FrameSink
 
@@ -93,8 +93,9 @@ def decode_into(
         return min(limit, frames.shape[1])
     z = vae.denormalize_latents(latents.to(placement.device, vae_dtype))
     written = 0
-    with placement.on_device(vae), low_memory_decode(vae, low_memory(z, memory)):
-        tile = vae_tile(vae, z, memory)
+    plan = plan_decode(vae, z, memory)
+    with placement.on_device(vae), plan.applied(vae):
+        tile = plan.tile
         if tile is not None:
             tiles = split_tiles(z.shape[3], z.shape[4], tile, decoder_halo(vae.decoder))
             s = vae.config.spatial_stride
