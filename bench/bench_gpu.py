@@ -7,9 +7,11 @@ the same process, one after the other:
 - DiT step with classifier-free guidance: wanpipe runs cond + uncond as one batch of 2, diffusers as two
   forwards (what its pipeline does); seconds per step (median of --repeats after a warm-up) and the
   largest difference between the two engines' guided predictions;
-- VAE decode of 81 frames at 480p (Wan 2.1 VAE, real width): seconds and peak memory.
+- VAE decode of 81 frames at 480p (Wan 2.1 VAE, real width): seconds and peak memory;
+- ``vae720``: the exact tiled decode of 81 frames at 1280 x 720 within 6 GiB against the untiled one
+  (issue 21), bf16, and fp32 without TF32 on 5 frames for exactness.
 
-    python bench/bench_gpu.py [--cases 1.3b,14b-i2v,vae] [--repeats 3]
+    python bench/bench_gpu.py [--cases 1.3b,14b-i2v,vae,vae720] [--repeats 3]
 
 Writes bench/results/gpu-<device>-<date>.json and prints it.
 """
@@ -204,9 +206,66 @@ def vae_case(repeats: int) -> dict:
     return out
 
 
+@torch.inference_mode()
+def vae720_case(repeats: int) -> dict:
+    """Issue 21's GPU target: 81 frames at 1280 x 720 (21 x 90 x 160 latents), Wan 2.1 VAE at the real
+    width, bf16, decoded tiled (exact) within a budget so that the whole decode peaks under 6 GiB, against
+    the untiled decode (which fits an H100/H200): seconds, peak memory, the tile grid and the largest
+    difference. Then the exactness check in fp32 without TF32 on 5 frames (<= 1e-5 expected: only
+    summation order differs)."""
+    from wanpipe.models.vae import VAEConfig, WanVAE
+    from wanpipe.stages.decode import plan_decode
+
+    dev = DEVICE
+    latent = (3, 12, 20) if SMOKE else (21, 90, 160)
+    budget = 200_000 if SMOKE else 4 * 2**30  # the upper part's share of the 6 GiB
+    with dev:
+        vae = WanVAE(VAEConfig(base_dim=8) if SMOKE else VAEConfig())
+    for n, p in vae.named_parameters():
+        p.data.normal_(0, 0.02) if p.ndim >= 2 else p.data.fill_(1.0 if "gamma" in n else 0.0)
+    out: dict = {"latent": list(latent), "budget_gib": round(budget / 2**30, 2)}
+    for dtype, frames in ((torch.bfloat16, latent[0]), (torch.float32, 2)):
+        vae.to(dtype)
+        g = torch.Generator(dev).manual_seed(0)
+        z = torch.randn(1, 16, frames, *latent[1:], device=dev, generator=g).to(dtype)
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        out.update(_tiled_vs_untiled(vae, z, plan_decode(vae, z, budget).tile, name, repeats))
+    return out
+
+
+def _tiled_vs_untiled(vae, z: torch.Tensor, tile, name: str, repeats: int) -> dict:
+    """One dtype of :func:`vae720_case`: the tiled decode (seconds, peak), the untiled one, their difference."""
+    from wanpipe.models.vae_tiling import decode_tiled
+
+    def run(fn) -> tuple[torch.Tensor, float, float]:
+        """A warm-up, then ``repeats`` timed calls -> the last output, the median seconds, the peak GiB."""
+        fn()
+        _reset_peak()
+        times = []
+        for _ in range(repeats):
+            _sync()
+            t0 = time.perf_counter()
+            video = fn()
+            _sync()
+            times.append(time.perf_counter() - t0)
+        return video, round(statistics.median(times), 3), round(_peak_gib(), 2)
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    out: dict = {
+        f"{name}_tiles": None if tile is None else {"rows": list(tile.rows), "cols": list(tile.cols)}
+    }
+    tiled, out[f"{name}_tiled_s"], out[f"{name}_tiled_peak_gib"] = run(
+        lambda: decode_tiled(vae, z, tile) if tile is not None else vae.decode(z)
+    )
+    whole, out[f"{name}_untiled_s"], out[f"{name}_untiled_peak_gib"] = run(lambda: vae.decode(z))
+    out[f"{name}_max_abs_diff"] = float((tiled.float() - whole.float()).abs().max())
+    out[f"{name}_frames"] = tiled.shape[2]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--cases", default="1.3b,14b-i2v,vae")
+    ap.add_argument("--cases", default="1.3b,14b-i2v,vae,vae720")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if not SMOKE and not torch.cuda.is_available():
@@ -215,7 +274,12 @@ def main() -> None:
         )
     results = {}
     for case in args.cases.split(","):
-        results[case] = vae_case(args.repeats) if case == "vae" else dit_case(case, args.repeats)
+        if case == "vae":
+            results[case] = vae_case(args.repeats)
+        elif case == "vae720":
+            results[case] = vae720_case(1)
+        else:
+            results[case] = dit_case(case, args.repeats)
         print(case, json.dumps(results[case]), flush=True)
     if SMOKE:
         print("smoke run: nothing written")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 5 as one command for a lent H100/H200 (see /work/.library/device/README.md).
+# The GPU checks of issues 5/19 and 21 as one command for a lent H100/H200 (see /work/.library/device/README.md).
 #
 # The device image has PyTorch, transformers, safetensors, tokenizers and pytest, but not diffusers, PyAV
 # or ftfy. Before the device call, on the CPU machine, in the repo root:
@@ -10,6 +10,7 @@
 #     -d .whl diffusers==0.42.1 av==18.1.0 ftfy==6.3.1 wcwidth==0.9.4
 #
 # then run it there:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=590)
+# (all steps: at most 590 s; a step cut short can be rerun alone: bash bench/gpu_session.sh vae720)
 # It prints a CPU-side smoke check of bench_gpu.py, the gpu-marked tests, and the GPU benchmark, and
 # leaves the benchmark's JSON and the logs in $OUT (or bench/results when $OUT is unset).
 set -u
@@ -23,14 +24,24 @@ fi
 export PYTHONPATH="$PWD/src:$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
-echo "== bench_gpu.py smoke (tiny shapes, CPU)"
-BENCH_GPU_SMOKE=1 timeout 60 python3 bench/bench_gpu.py --repeats 1 2>&1 | tail -4
+steps=" ${*:-smoke tests bench vae720} "  # a subset: bash bench/gpu_session.sh vae720
 
-echo "== gpu-marked tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests 2>&1 | tee "$out/gpu-tests.log" | tail -25
-
-echo "== GPU benchmark (real shapes, bf16)"
-timeout 330 python3 bench/bench_gpu.py --repeats 3 2>&1 | tee "$out/gpu-bench.log" | tail -12
+if [[ $steps == *" smoke "* ]]; then
+  echo "== bench_gpu.py smoke (tiny shapes, CPU)"
+  BENCH_GPU_SMOKE=1 timeout 60 python3 bench/bench_gpu.py --repeats 1 2>&1 | tail -4
+fi
+if [[ $steps == *" tests "* ]]; then
+  echo "== gpu-marked tests"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests 2>&1 | tee "$out/gpu-tests.log" | tail -25
+fi
+if [[ $steps == *" bench "* ]]; then
+  echo "== GPU benchmark (real shapes, bf16)"
+  timeout 270 python3 bench/bench_gpu.py --cases 1.3b,14b-i2v,vae --repeats 3 2>&1 | tee "$out/gpu-bench.log" | tail -12
+fi
+if [[ $steps == *" vae720 "* ]]; then
+  echo "== exact tiled VAE decode at 1280 x 720 x 81 within 6 GiB (issue 21)"
+  timeout 110 python3 bench/bench_gpu.py --cases vae720 2>&1 | tee "$out/gpu-vae720.log" | tail -4
+fi
 if [ "$out" != bench/results ]; then
   cp bench/results/gpu-*.json "$out"/ 2>/dev/null || true
 fi
