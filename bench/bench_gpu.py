@@ -79,17 +79,20 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else float("nan")
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    fn()
+def _timed(fn, repeats: int, after_warmup=None) -> tuple[list[float], object]:
+    """A warm-up call (then ``after_warmup()``), then ``repeats`` timed calls -> their seconds, the last output."""
+    out = fn()
     _sync()
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(repeats):
         _sync()
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         _sync()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, out
 
 
 @torch.inference_mode()
@@ -136,10 +139,10 @@ def dit_case(name: str, repeats: int) -> dict:
         return pred[1] + 5.0 * (pred[0] - pred[1])
 
     _reset_peak()
-    ours_times = _timed(ours_step, repeats)
+    ours_times, _ = _timed(ours_step, repeats)
     ours_peak = _peak_gib()
     ours_out = ours_step().float()
-    full_text_times = _timed(lambda: ours_step(full_text=True), repeats)
+    full_text_times, _ = _timed(lambda: ours_step(full_text=True), repeats)
     full_text_diff = (ours_step(full_text=True).float() - ours_out).abs().max().item()
     state = remap_state_dict(ours.state_dict(), TRANSFORMER_TO_DIFFUSERS_KEYS)  # views of our weights
 
@@ -169,7 +172,7 @@ def dit_case(name: str, repeats: int) -> dict:
         return uncond + 5.0 * (cond - uncond)
 
     _reset_peak()
-    ref_times = _timed(ref_step, repeats)
+    ref_times, _ = _timed(ref_step, repeats)
     ref_peak = _peak_gib()
     diff = (ref_step().float() - ours_out).abs().max().item()
     ours_s, ref_s = statistics.median(ours_times), statistics.median(ref_times)
@@ -200,7 +203,7 @@ def vae_case(repeats: int) -> dict:
     out = {}
     for frames in (5, LATENT[0]):
         _reset_peak()
-        times = _timed(lambda frames=frames: vae.decode(z[:, :, :frames]), repeats)
+        times, _ = _timed(lambda frames=frames: vae.decode(z[:, :, :frames]), repeats)
         out[f"decode_{4 * (frames - 1) + 1}_frames_s"] = round(statistics.median(times), 3)
         out[f"decode_{4 * (frames - 1) + 1}_frames_peak_gib"] = round(_peak_gib(), 2)
     return out
@@ -239,15 +242,7 @@ def _tiled_vs_untiled(vae, z: torch.Tensor, tile, name: str, repeats: int) -> di
 
     def run(fn) -> tuple[torch.Tensor, float, float]:
         """A warm-up, then ``repeats`` timed calls -> the last output, the median seconds, the peak GiB."""
-        fn()
-        _reset_peak()
-        times = []
-        for _ in range(repeats):
-            _sync()
-            t0 = time.perf_counter()
-            video = fn()
-            _sync()
-            times.append(time.perf_counter() - t0)
+        times, video = _timed(fn, repeats, after_warmup=_reset_peak)
         return video, round(statistics.median(times), 3), round(_peak_gib(), 2)
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
