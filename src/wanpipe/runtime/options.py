@@ -83,7 +83,9 @@ class RuntimeOptions:
     vae_memory: int | str | None = None
     """Memory budget (bytes, or text such as "2GB") for the VAE decoder's upsampling levels: when the
     whole frame does not fit, they run tile by tile with an exact halo (the same frames up to float
-    rounding, see ``wanpipe.models.vae_tiling``). None: on a GPU, from its free memory; on the CPU, off."""
+    rounding, see ``wanpipe.models.vae_tiling``); on the CPU it also picks the fastest decode mode that
+    fits (``wanpipe.stages.decode.plan_decode``). None: from a GPU's free memory, or the CPU's available
+    memory (so the default decode unless the machine cannot hold it)."""
     preview_decoder: Literal["auto", "linear", "tiny"] = "auto"
     """Live previews' decoder (docs/previews.md): "linear" the latent-to-RGB factors, "tiny" the tiny VAE
     (TAEHV, loaded with ``tiny_vae=``), "auto" the tiny VAE when one is loaded and the device is a GPU."""
@@ -229,8 +231,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         type=_memory,
         default=None,
         metavar="SIZE",
-        help="memory budget for the VAE decode, e.g. 2GB: tiled (exact) when the frame does not fit "
-        "(default: from free GPU memory; off on the CPU)",
+        help="memory budget for the VAE decode, e.g. 2GB: tiled (exact) when the frame does not fit; on the "
+        "CPU also the fastest decode mode that fits (default: from free GPU memory or available RAM)",
     )
     g.add_argument(
         "--text-cache-size",
