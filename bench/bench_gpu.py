@@ -127,7 +127,7 @@ def dit_step_flops(
 
     Per forward, with L = f * (h / 2) * (w / 2) video tokens (``latent`` (f, h, w), patch 1 x 2 x 2),
     Lt the prompt's real text tokens, Li the image tokens (I2V; 0 for T2V), d = heads * head_dim,
-    F = ffn_dim, and per block (times num_layers):
+    F = ffn_dim, these multiply-adds per block (times num_layers):
 
     - self-attention projections q, k, v, o: 4 L d^2; cross-attention q, o: 2 L d^2, k, v on the text:
       2 Lt d^2, I2V's k_img, v_img on the image tokens: 2 Li d^2; feed-forward: 2 L d F;
