@@ -43,14 +43,14 @@ class CpuDecodeMode:
 
 
 CPU_DECODE_MODES = (
-    CpuDecodeMode(4, False, 1.95),
+    CpuDecodeMode(4, False, 2.0),
     CpuDecodeMode(4, True, 1.45),
     CpuDecodeMode(2, True, 1.55),
     CpuDecodeMode(1, True, 1.55),
 )
 """Fastest first. Measured on the mid-size bench checkpoint, 256 x 256 x 33, decode alone above the loaded
-process (bench/bench_vae_memory.py): 712 MB in 8.7 s, 529 MB in 11.8 s, 433 MB in 13.9 s, 369 MB in
-23.5 s, against estimates of 370, 370, 286 and 244 MB. 1-frame pieces run the convolutions directly
+process (bench/results/vae-memory-vm-20261129-184438.json): 741 MB in 7.6 s, 529 MB in 12.4 s, 433 MB in
+13.4 s, 369 MB in 23.1 s, against estimates of 370, 370, 286 and 244 MB. 1-frame pieces run the convolutions directly
 instead of by time-Winograd; ``lean`` pays a page fault for every large block."""
 
 
